@@ -1,0 +1,128 @@
+"""Batched autoregressive generation with a WandCache (or full attention for comparison)."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .cache import WandCache
+from .masks import validate_prefix_lengths, validate_window
+from .patch import enable_wand
+
+__all__ = ["generate", "cache_kwarg_name", "sample_next_token"]
+
+
+def cache_kwarg_name(model: torch.nn.Module) -> str:
+    """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever forward takes."""
+    forward = getattr(model, "_wand_original_forward", model.forward)
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
+
+
+def sample_next_token(
+    logits: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row of ``logits`` [B, V]: argmax, or sampling with temperature/top-k/top-p."""
+    if not do_sample:
+        return logits.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
+    logits = logits.float() / temperature
+    if top_k is not None and top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
+        drop = cumulative - torch.softmax(sorted_logits, -1) > top_p  # keep the token that crosses top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    probs = torch.softmax(logits, -1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    prefix_lengths: torch.Tensor | list[int],
+    window: int | None,
+    max_new_tokens: int,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    return_cache: bool = False,
+):
+    """Generate ``max_new_tokens`` tokens per sample with a constant-size WandCache.
+
+    Args:
+        model: a supported decoder; patched with ``enable_wand(model, window)`` if it is not yet.
+        input_ids: LongTensor[B, T], the prompts. Batches of different lengths must be
+            left-padded, with ``attention_mask`` marking real tokens.
+        prefix_lengths: LongTensor[B], conditioning prefix length per sample (<= its real length).
+        window: W; ``None`` runs full attention with transformers' DynamicCache (the baseline).
+        eos_token_id: stop id(s); finished samples are padded with ``pad_token_id``
+            (default: the first eos id).
+
+    Returns:
+        LongTensor[B, T + n]: prompt and generated tokens, as ``model.generate`` returns them
+        (n <= max_new_tokens; fewer when every sample stopped). With ``return_cache=True``, a tuple
+        (tokens, cache).
+    """
+    window = validate_window(window)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    batch, length = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+    if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
+        raise ValueError("attention_mask must be left-padded for generation (padding first, then tokens)")
+    prefix_lengths = validate_prefix_lengths(prefix_lengths, attention_mask.sum(-1), batch_size=batch)
+
+    if getattr(model, "_wand_original_forward", None) is None:
+        enable_wand(model, window)
+    eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
+    if pad_token_id is None:
+        pad_token_id = eos_ids[0] if eos_ids else 0
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
+
+    cache = WandCache(prefix_lengths, window) if window is not None else DynamicCache()
+    cache_kw = cache_kwarg_name(model)
+    tokens = input_ids
+    mask = attention_mask
+    step_input = input_ids
+    finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    for _ in range(max_new_tokens):
+        out = model(
+            input_ids=step_input,
+            attention_mask=mask,
+            prefix_lengths=prefix_lengths,
+            window=window,
+            use_cache=True,
+            **{cache_kw: cache},
+        )
+        next_token = sample_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
+        tokens = torch.cat([tokens, next_token[:, None]], dim=-1)
+        if eos.numel():
+            finished |= torch.isin(next_token, eos)
+        if bool(finished.all()):
+            break
+        mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=-1)
+        step_input = next_token[:, None]
+    return (tokens, cache) if return_cache else tokens

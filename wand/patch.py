@@ -1,0 +1,250 @@
+"""Enable WAND attention on a transformers decoder without copying model code.
+
+``enable_wand(model, window)`` wraps the instance's ``forward`` so it accepts
+``prefix_lengths=`` (and ``tau=`` for the soft curriculum mask). The wrapper turns them into a
+4-D mask and passes it as ``attention_mask``: transformers' ``masking_utils`` returns a 4-D mask
+unchanged (its documented extension point for custom masks), so the model's own attention code
+runs untouched for every backend:
+
+* ``eager`` / ``sdpa``: an additive float mask (hard, or ``-tau`` on out-of-window keys);
+* ``flex_attention``: a ``BlockMask`` built from :func:`wand.masks.wand_mask_mod`, and for the
+  soft form the ``wand_flex`` attention function registered below (FlexAttention with a
+  ``score_mod``), because transformers' own flex path only adds dense score masks.
+
+Positions are always passed explicitly, computed from the 2-D padding mask, so left-padded
+batches keep absolute positions (RoPE / learned position embeddings at the true position).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from typing import Any
+
+import torch
+
+from .cache import WandCache
+from .masks import additive_mask, validate_prefix_lengths, validate_window, visibility, wand_mask_mod, wand_score_mod
+
+# Model classes whose attention takes the 4-D mask path (checked by tests). Keys are class names
+# so the list can be printed in errors without importing every architecture.
+SUPPORTED_MODEL_CLASSES = (
+    "Qwen2ForCausalLM",
+    "Qwen2Model",
+    "LlamaForCausalLM",
+    "LlamaModel",
+    "GPT2LMHeadModel",
+    "GPT2Model",
+)
+DENSE_ATTENTION = ("eager", "sdpa")
+FLEX_ATTENTION = ("flex_attention", "wand_flex")
+_UNSET: Any = object()
+
+
+def _check_supported(model: torch.nn.Module) -> None:
+    name = type(model).__name__
+    if name not in SUPPORTED_MODEL_CLASSES:
+        raise ValueError(
+            f"enable_wand: unsupported model class {name}; supported: {', '.join(SUPPORTED_MODEL_CLASSES)} "
+            "(WAND model specs in wand.models wrap the TTS-specific ones)"
+        )
+    impl = getattr(model.config, "_attn_implementation", None)
+    if impl not in DENSE_ATTENTION + FLEX_ATTENTION:
+        raise ValueError(
+            f"enable_wand: attn_implementation={impl!r} cannot take a custom mask; load the model with "
+            f"attn_implementation one of {DENSE_ATTENTION + ('flex_attention',)}"
+        )
+
+
+def enable_wand(model: torch.nn.Module, window: int | None) -> torch.nn.Module:
+    """Make ``model(input_ids=..., prefix_lengths=..., tau=None)`` use the WAND mask.
+
+    Args:
+        model: a supported transformers decoder (see ``SUPPORTED_MODEL_CLASSES``).
+        window: W, the number of most recent generated tokens each token sees (besides the
+            whole prefix). ``None`` keeps full causal attention (useful for a teacher that should
+            share the same calling convention).
+
+    Returns the same model object (patched in place). Calling it again only changes the window.
+    Per call, ``window=`` overrides the model's window (the curriculum shrinks it while training).
+    """
+    _check_supported(model)
+    model.wand_window = validate_window(window)
+    if model.config._attn_implementation == "flex_attention":
+        # Our FlexAttention function also takes the soft-mask score_mod (see module docstring).
+        model.set_attn_implementation("wand_flex")
+    if getattr(model, "_wand_original_forward", None) is not None:
+        return model
+
+    original_forward = model.forward
+    model._wand_original_forward = original_forward
+    accepts_position_ids = "position_ids" in inspect.signature(original_forward).parameters
+
+    @functools.wraps(original_forward)
+    def wand_forward(*args, prefix_lengths=None, tau=None, window=_UNSET, **kwargs):
+        if args:
+            raise ValueError("a WAND-enabled model takes keyword arguments only (input_ids=..., prefix_lengths=...)")
+        window = model.wand_window if window is _UNSET else validate_window(window)
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if isinstance(cache, WandCache):
+            if prefix_lengths is None:
+                prefix_lengths = cache.prefix_lengths
+            if tau is not None:
+                raise ValueError(
+                    "tau (the soft curriculum mask) is a training-time form; a WandCache keeps only the "
+                    "window, so decode with the hard mask (tau=None)"
+                )
+            if window != cache.window:
+                raise ValueError(f"window={window} differs from the WandCache's window={cache.window}")
+        if prefix_lengths is None:
+            raise ValueError(
+                "a WAND-enabled model needs prefix_lengths= (LongTensor[batch], length of each sample's "
+                "conditioning prefix), or a WandCache as past_key_values"
+            )
+        mask, position_ids = build_wand_inputs(model, kwargs, cache, prefix_lengths, window, tau)
+        kwargs["attention_mask"] = mask
+        if accepts_position_ids and kwargs.get("position_ids") is None:
+            kwargs["position_ids"] = position_ids
+        return original_forward(**kwargs)
+
+    model.forward = wand_forward
+    return model
+
+
+def disable_wand(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`enable_wand` (restores the original forward)."""
+    original = getattr(model, "_wand_original_forward", None)
+    if original is not None:
+        model.forward = original
+        del model._wand_original_forward
+        del model.wand_window
+    return model
+
+
+def _input_shape(kwargs: dict) -> tuple[int, int, torch.device]:
+    if kwargs.get("input_ids") is not None:
+        ids = kwargs["input_ids"]
+        return ids.shape[0], ids.shape[1], ids.device
+    if kwargs.get("inputs_embeds") is not None:
+        emb = kwargs["inputs_embeds"]
+        return emb.shape[0], emb.shape[1], emb.device
+    raise ValueError("pass input_ids or inputs_embeds")
+
+
+def positions_from_padding(valid: torch.Tensor, start: torch.Tensor | int = 0) -> torch.Tensor:
+    """Absolute positions of tokens given a [B, T] validity mask (left or right padding).
+
+    Padding gets the position of its neighbour (clamped at 0); it is masked out as a key anyway.
+    """
+    positions = torch.cumsum(valid.long(), dim=-1) - 1
+    if isinstance(start, torch.Tensor):
+        positions = positions + start.view(-1, 1)
+    else:
+        positions = positions + start
+    return positions.clamp(min=0)
+
+
+def build_wand_inputs(
+    model: torch.nn.Module,
+    kwargs: dict,
+    cache: Any,
+    prefix_lengths: torch.Tensor | list[int],
+    window: int | None,
+    tau: float | torch.Tensor | None,
+):
+    """Return (attention_mask for the model, query position_ids [B, T])."""
+    batch, length, device = _input_shape(kwargs)
+    padding = kwargs.get("attention_mask")
+    if padding is not None and padding.dim() != 2:
+        raise ValueError(
+            "a WAND-enabled model builds its own 4-D mask; pass the usual 2-D attention_mask (1 = token, 0 = padding)"
+        )
+    prefix_lengths = validate_prefix_lengths(prefix_lengths, batch_size=batch).to(device)
+
+    if isinstance(cache, WandCache):
+        q_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
+        if padding is not None:
+            q_valid = padding[:, -length:].bool().to(device)
+        query_positions, key_positions, key_valid = cache.plan(q_valid, prefix_lengths)
+    else:
+        past = cache.get_seq_length() if cache is not None else 0
+        if padding is not None:
+            if padding.shape[1] != past + length:
+                raise ValueError(
+                    f"attention_mask has {padding.shape[1]} columns; expected cached {past} + new {length}"
+                )
+            key_valid = padding.bool().to(device)
+        else:
+            key_valid = torch.ones(batch, past + length, dtype=torch.bool, device=device)
+        key_positions = positions_from_padding(key_valid)
+        query_positions = key_positions[:, past:]
+        if past == 0:
+            validate_prefix_lengths(prefix_lengths, key_valid.sum(-1))
+
+    impl = model.config._attn_implementation
+    if impl in FLEX_ATTENTION:
+        mask = _flex_mask(model, cache, prefix_lengths, length, window, tau, key_valid, device)
+    else:
+        visible, outside = visibility(query_positions, key_positions, prefix_lengths, window, key_valid)
+        mask = additive_mask(visible, outside, _model_dtype(model), tau)
+    return mask, query_positions
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
+
+
+def _flex_mask(model, cache, prefix_lengths, length, window, tau, key_valid, device):
+    """BlockMask for a training forward (no cache) on the FlexAttention backend."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    if cache is not None and cache.get_seq_length() > 0:
+        raise ValueError("the FlexAttention path is for training forwards; decode with sdpa/eager and a WandCache")
+    if not bool(key_valid.all()):
+        # Right padding needs no key mask (padding comes after every real token), left padding does.
+        if bool((key_valid[:, :-1] < key_valid[:, 1:]).any()):
+            raise ValueError("FlexAttention training batches must be right-padded")
+    hard_window = window if tau is None else None
+    block_mask = create_block_mask(
+        wand_mask_mod(prefix_lengths, hard_window),
+        B=prefix_lengths.shape[0],
+        H=None,
+        Q_LEN=length,
+        KV_LEN=length,
+        device=device,
+    )
+    if tau is not None:
+        block_mask.wand_score_mod = wand_score_mod(prefix_lengths, window, tau)
+    return block_mask
+
+
+def wand_flex_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """FlexAttention with the soft WAND score_mod attached to the BlockMask (see ``_flex_mask``)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    score_mod = getattr(attention_mask, "wand_score_mod", None)
+    if key.shape[1] != query.shape[1]:  # grouped-query attention: expand KV heads
+        groups = query.shape[1] // key.shape[1]
+        key = key.repeat_interleave(groups, dim=1)
+        value = value.repeat_interleave(groups, dim=1)
+    kernel = flex_attention
+    if query.device.type == "cuda":
+        kernel = _compiled_flex_attention()
+    out = kernel(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling)
+    return out.transpose(1, 2).contiguous(), None
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_flex_attention():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _register_flex() -> None:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("wand_flex", wand_flex_attention_forward)
+
+
+_register_flex()
