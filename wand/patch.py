@@ -56,7 +56,7 @@ def _check_supported(model: torch.nn.Module) -> None:
         )
 
 
-def enable_wand(model: torch.nn.Module, window: int | None) -> torch.nn.Module:
+def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None = None) -> torch.nn.Module:
     """Make ``model(input_ids=..., prefix_lengths=..., tau=None)`` use the WAND mask.
 
     Args:
@@ -64,10 +64,17 @@ def enable_wand(model: torch.nn.Module, window: int | None) -> torch.nn.Module:
         window: W, the number of most recent generated tokens each token sees (besides the
             whole prefix). ``None`` keeps full causal attention (useful for a teacher that should
             share the same calling convention).
+        backend: ``None`` keeps the model's ``attn_implementation`` (``flex_attention`` is routed to
+            ``wand_flex``); ``"flex"`` switches to FlexAttention (the GPU training path; on CPU it
+            runs unfused and forward-only); ``"sdpa"`` or ``"eager"`` switch to the dense mask.
 
     Returns the same model object (patched in place). Calling it again only changes the window.
     Per call, ``window=`` overrides the model's window (the curriculum shrinks it while training).
     """
+    if backend is not None:
+        if backend not in ("flex",) + DENSE_ATTENTION:
+            raise ValueError(f"backend must be None, 'flex', 'sdpa' or 'eager', got {backend!r}")
+        model.set_attn_implementation("wand_flex" if backend == "flex" else backend)
     _check_supported(model)
     model.wand_window = validate_window(window)
     if model.config._attn_implementation == "flex_attention":
@@ -213,6 +220,10 @@ def _flex_mask(model, cache, prefix_lengths, length, window, tau, key_valid, dev
         KV_LEN=length,
         device=device,
     )
+    # GPT-2's forward reads attention_mask.ndim before masking_utils sees it; a BlockMask has
+    # .shape but no .ndim, so give it one (4, as its shape says).
+    if not hasattr(block_mask, "ndim"):
+        block_mask.ndim = len(block_mask.shape)
     if tau is not None:
         block_mask.wand_score_mod = wand_score_mod(prefix_lengths, window, tau)
     return block_mask

@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny random-weight models of the real backbone classes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+VOCAB = 96
+
+
+def tiny_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
+    """A tiny fp32 model of the given backbone class, eval mode, deterministic weights."""
+    torch.manual_seed(seed)
+    if family == "qwen2":
+        config = Qwen2Config(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        )
+        model = Qwen2ForCausalLM(config)
+    elif family == "llama":
+        config = LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
+        )
+        model = LlamaForCausalLM(config)
+    elif family == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=1024)
+        model = GPT2LMHeadModel(config)
+    else:
+        raise ValueError(family)
+    model.set_attn_implementation(attn)
+    return model.eval()
+
+
+FAMILIES = ["qwen2", "llama", "gpt2"]
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request):
+    return request.param

@@ -1,0 +1,111 @@
+"""enable_wand forward == the same model run with a hand-built 4-D additive mask from the rule."""
+
+import pytest
+import torch
+from transformers import BertConfig, BertModel
+
+import wand
+from conftest import VOCAB, tiny_model
+
+
+def rule_mask(prefix_lengths, seq_len, window, tau=None):
+    """Independent additive mask: a Python loop over (b, i, j), not wand.masks."""
+    batch = len(prefix_lengths)
+    neg = torch.finfo(torch.float32).min
+    mask = torch.full((batch, 1, seq_len, seq_len), neg)
+    for b in range(batch):
+        for i in range(seq_len):
+            for j in range(i + 1):
+                if window is None or j < int(prefix_lengths[b]) or i - j < window:
+                    mask[b, 0, i, j] = 0.0
+                elif tau is not None:
+                    mask[b, 0, i, j] = -tau
+    return mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_forward_equals_hand_built_mask(family, attn):
+    torch.manual_seed(1)
+    model = tiny_model(family, attn)
+    ids = torch.randint(0, VOCAB, (3, 24))
+    prefix = torch.tensor([4, 0, 11])
+    positions = torch.arange(24).expand(3, -1)
+    for window, tau in [(3, None), (8, None), (None, None), (3, 0.7)]:
+        expected = model(input_ids=ids, attention_mask=rule_mask(prefix, 24, window, tau), position_ids=positions).logits
+        wand.enable_wand(model, window)
+        got = model(input_ids=ids, prefix_lengths=prefix, tau=tau).logits
+        wand.disable_wand(model)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_window_really_changes_the_output(family):
+    model = wand.enable_wand(tiny_model(family), 2)
+    ids = torch.randint(0, VOCAB, (1, 16))
+    windowed = model(input_ids=ids, prefix_lengths=torch.tensor([3])).logits
+    full = model(input_ids=ids, prefix_lengths=torch.tensor([3]), window=None).logits
+    # Positions inside prefix + window agree, later ones differ.
+    torch.testing.assert_close(windowed[:, :5], full[:, :5], atol=1e-5, rtol=0)
+    assert (windowed[:, 6:] - full[:, 6:]).abs().max() > 1e-3
+
+
+def test_soft_mask_limits_through_the_model(family):
+    model = wand.enable_wand(tiny_model(family), 3)
+    ids = torch.randint(0, VOCAB, (2, 20))
+    prefix = torch.tensor([4, 6])
+    full = model(input_ids=ids, prefix_lengths=prefix, window=None).logits
+    hard = model(input_ids=ids, prefix_lengths=prefix).logits
+    torch.testing.assert_close(model(input_ids=ids, prefix_lengths=prefix, tau=0.0).logits, full, atol=1e-5, rtol=0)
+    torch.testing.assert_close(model(input_ids=ids, prefix_lengths=prefix, tau=1e9).logits, hard, atol=1e-5, rtol=0)
+
+
+def test_right_padding_does_not_change_real_tokens(family):
+    model = wand.enable_wand(tiny_model(family), 4)
+    ids = torch.randint(0, VOCAB, (2, 18))
+    padding = torch.ones_like(ids)
+    padding[0, 12:] = 0
+    prefix = torch.tensor([5, 5])
+    batched = model(input_ids=ids, attention_mask=padding, prefix_lengths=prefix).logits
+    alone = model(input_ids=ids[:1, :12], prefix_lengths=prefix[:1]).logits
+    torch.testing.assert_close(batched[:1, :12], alone, atol=1e-5, rtol=0)
+
+
+def test_gradients_flow_with_soft_mask(family):
+    model = wand.enable_wand(tiny_model(family), 3).train()
+    ids = torch.randint(0, VOCAB, (2, 16))
+    out = model(input_ids=ids, prefix_lengths=torch.tensor([4, 2]), tau=1.0, labels=ids)
+    out.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_bad_inputs_name_the_argument():
+    model = wand.enable_wand(tiny_model("qwen2"), 4)
+    ids = torch.randint(0, VOCAB, (2, 10))
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        model(input_ids=ids, prefix_lengths=torch.tensor([3]))  # wrong batch size
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        model(input_ids=ids, prefix_lengths=torch.tensor([3, 11]))  # longer than the sequence
+    with pytest.raises(ValueError, match="prefix_lengths"):
+        model(input_ids=ids, prefix_lengths=torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="window"):
+        wand.enable_wand(tiny_model("qwen2"), 0)
+    with pytest.raises(ValueError, match="window"):
+        model(input_ids=ids, prefix_lengths=torch.tensor([3, 3]), window=-2)
+    bert = BertModel(BertConfig(vocab_size=10, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=8))
+    with pytest.raises(ValueError, match="Qwen2ForCausalLM.*GPT2LMHeadModel"):
+        wand.enable_wand(bert, 4)
+
+
+@pytest.mark.parametrize("tau", [None, 0.9])
+def test_flex_backend_matches_dense(family, tau):
+    """The FlexAttention path (BlockMask + score_mod) gives the dense path's logits (CPU, unfused)."""
+    ids = torch.randint(0, VOCAB, (2, 40))
+    prefix = torch.tensor([5, 12])
+    with torch.no_grad():  # FlexAttention has no CPU backward
+        dense = wand.enable_wand(tiny_model(family, "sdpa"), 6)(input_ids=ids, prefix_lengths=prefix, tau=tau).logits
+        flex_model = wand.enable_wand(tiny_model(family, "sdpa"), 6, backend="flex")
+        assert flex_model.config._attn_implementation == "wand_flex"
+        flex = flex_model(input_ids=ids, prefix_lengths=prefix, tau=tau).logits
+    torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
