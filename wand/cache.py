@@ -40,7 +40,11 @@ class _StepPlan:
 
 
 class _WandLayer:
-    """K/V storage of one attention layer."""
+    """K/V storage of one attention layer: one buffer ``[B, H, n_prefix + W, D]``.
+
+    The prefix slots come first and the W ring slots last, in one tensor, so a decode step
+    writes one slot in place and hands the buffer to attention with no copy.
+    """
 
     is_sliding = False
     is_compileable = False
@@ -48,47 +52,44 @@ class _WandLayer:
     supports_early_init = False
 
     def __init__(self):
-        self.prefix_keys: torch.Tensor | None = None
-        self.prefix_values: torch.Tensor | None = None
-        self.ring_keys: torch.Tensor | None = None
-        self.ring_values: torch.Tensor | None = None
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.num_prefix = 0
         self.is_initialized = False
 
     def lazy_initialization(self, keys: torch.Tensor, window: int) -> None:
         batch, heads, _, head_dim = keys.shape
-        shape_prefix = (batch, heads, 0, head_dim)
-        shape_ring = (batch, heads, window, head_dim)
-        kw = dict(dtype=keys.dtype, device=keys.device)
-        self.prefix_keys, self.prefix_values = torch.zeros(shape_prefix, **kw), torch.zeros(shape_prefix, **kw)
         # The ring is allocated whole up front: its size is the promise (constant memory).
-        self.ring_keys, self.ring_values = torch.zeros(shape_ring, **kw), torch.zeros(shape_ring, **kw)
+        self.keys = torch.zeros(batch, heads, window, head_dim, dtype=keys.dtype, device=keys.device)
+        self.values = torch.zeros_like(self.keys)
         self.is_initialized = True
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, plan: _StepPlan):
+        ring_slots = plan.ring_slots + self.num_prefix
         if plan.decode:
-            self.ring_keys[:, :, plan.ring_slots] = keys
-            self.ring_values[:, :, plan.ring_slots] = values
-            return (
-                torch.cat([self.prefix_keys, self.ring_keys], dim=-2),
-                torch.cat([self.prefix_values, self.ring_values], dim=-2),
-            )
+            self.keys[:, :, ring_slots] = keys
+            self.values[:, :, ring_slots] = values
+            return self.keys, self.values
         # Several columns (prefill, or a chunk): this step's queries need all of this step's keys,
         # so return them whole and only then keep what the cache must keep.
-        out_keys = torch.cat([self.prefix_keys, self.ring_keys, keys], dim=-2)
-        out_values = torch.cat([self.prefix_values, self.ring_values, values], dim=-2)
+        out_keys = torch.cat([self.keys, keys], dim=-2)
+        out_values = torch.cat([self.values, values], dim=-2)
         if plan.prefix_columns.numel():
-            self.prefix_keys = torch.cat([self.prefix_keys, keys[:, :, plan.prefix_columns]], dim=-2)
-            self.prefix_values = torch.cat([self.prefix_values, values[:, :, plan.prefix_columns]], dim=-2)
+            n = self.num_prefix
+            cols = plan.prefix_columns
+            self.keys = torch.cat([self.keys[:, :, :n], keys[:, :, cols], self.keys[:, :, n:]], dim=-2)
+            self.values = torch.cat([self.values[:, :, :n], values[:, :, cols], self.values[:, :, n:]], dim=-2)
+            self.num_prefix += cols.numel()
+            ring_slots = plan.ring_slots + self.num_prefix
         if plan.ring_columns.numel():
-            self.ring_keys[:, :, plan.ring_slots] = keys[:, :, plan.ring_columns]
-            self.ring_values[:, :, plan.ring_slots] = values[:, :, plan.ring_columns]
+            self.keys[:, :, ring_slots] = keys[:, :, plan.ring_columns]
+            self.values[:, :, ring_slots] = values[:, :, plan.ring_columns]
         return out_keys, out_values
 
     def nbytes(self) -> int:
         if not self.is_initialized:
             return 0
-        tensors = (self.prefix_keys, self.prefix_values, self.ring_keys, self.ring_values)
-        return sum(t.numel() * t.element_size() for t in tensors)
+        return (self.keys.numel() + self.values.numel()) * self.keys.element_size()
 
 
 class WandCache(Cache):

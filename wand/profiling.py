@@ -1,0 +1,104 @@
+"""Per-step decode latency and KV-cache bytes, full attention vs WAND (shared by benchmarks and evals)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers.cache_utils import DynamicCache
+
+from .cache import WandCache
+from .generate import cache_kwarg_name
+from .patch import enable_wand
+
+__all__ = ["DecodeProfile", "profile_decode", "cache_nbytes", "bucket_stats"]
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes of keys and values held by a WandCache or a transformers DynamicCache."""
+    if isinstance(cache, WandCache):
+        return cache.nbytes()
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if getattr(layer, "keys", None) is not None:
+            total += layer.keys.numel() * layer.keys.element_size()
+            total += layer.values.numel() * layer.values.element_size()
+    return total
+
+
+@dataclass
+class DecodeProfile:
+    window: int | None
+    prefix_length: int
+    step_seconds: list[float] = field(default_factory=list)  # step s = generating token s+1
+    cache_bytes: dict[int, int] = field(default_factory=dict)  # step -> bytes after it
+
+    def latency_at(self, step: int, half_width: int = 25) -> float:
+        """Median step time over [step - half_width, step + half_width] (robust to timer noise)."""
+        lo, hi = max(0, step - half_width), min(len(self.step_seconds), step + half_width + 1)
+        return statistics.median(self.step_seconds[lo:hi])
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def profile_decode(
+    model: torch.nn.Module,
+    prefix_length: int,
+    window: int | None,
+    steps: int,
+    record_bytes_at: list[int] | tuple[int, ...] = (),
+    seed: int = 0,
+    vocab_limit: int | None = None,
+) -> DecodeProfile:
+    """Prefill a random prefix, then decode ``steps`` tokens one at a time, timing every step.
+
+    Tokens are fed back greedily (random weights: the content is irrelevant, the shapes are not).
+    ``window=None`` is the full-attention baseline with transformers' DynamicCache.
+    """
+    device = next(model.parameters()).device
+    if window is not None and getattr(model, "_wand_original_forward", None) is None:
+        enable_wand(model, window)
+    vocab = vocab_limit or model.config.vocab_size
+    gen = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(0, vocab, (1, prefix_length), generator=gen).to(device)
+    prefix = torch.tensor([prefix_length], device=device)
+    if window is None:
+        # The baseline is the model's own forward (no WAND wrapper, no custom mask), so it gets
+        # transformers' fastest full-attention path.
+        cache = DynamicCache()
+        forward = getattr(model, "_wand_original_forward", model.forward)
+        kw = {cache_kwarg_name(model): cache}
+    else:
+        cache = WandCache(prefix, window)
+        forward = model.forward
+        kw = {cache_kwarg_name(model): cache, "prefix_lengths": prefix, "window": window}
+    out = forward(input_ids=prompt, use_cache=True, **kw)
+    token = out.logits[:, -1:].argmax(-1) % vocab
+    profile = DecodeProfile(window, prefix_length)
+    wanted = set(record_bytes_at)
+    for step in range(steps):
+        _sync(device)
+        start = time.perf_counter()
+        out = forward(input_ids=token, use_cache=True, **kw)
+        token = out.logits[:, -1:].argmax(-1) % vocab
+        _sync(device)
+        profile.step_seconds.append(time.perf_counter() - start)
+        if step + 1 in wanted:
+            profile.cache_bytes[step + 1] = cache_nbytes(cache)
+    return profile
+
+
+def bucket_stats(step_seconds: list[float], bucket: int) -> list[tuple[int, float, float]]:
+    """(bucket start, p50, p90) of step times per bucket of ``bucket`` steps."""
+    rows = []
+    for start in range(0, len(step_seconds), bucket):
+        chunk = sorted(step_seconds[start : start + bucket])
+        if chunk:
+            rows.append((start, chunk[len(chunk) // 2], chunk[min(len(chunk) - 1, int(0.9 * len(chunk)))]))
+    return rows
