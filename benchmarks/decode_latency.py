@@ -37,7 +37,7 @@ CONFIGS = {
         vocab_size=166000, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
         num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6)),
     "indextts": lambda: GPT2LMHeadModel(GPT2Config(  # IndexTTS 1.5 GPT: 1280-d, 24 layers, 20 heads
-        vocab_size=8194, n_embd=1280, n_layer=24, n_head=20, n_positions=8192)),
+        vocab_size=8194, n_embd=1280, n_layer=24, n_head=20, n_positions=8192, bos_token_id=8192, eos_token_id=8193)),
 }
 DEFAULT_WINDOW = {"small": 32, "cosyvoice2": 32, "sparktts": 64, "indextts": 32}
 DEFAULT_PREFIX = {"small": 128, "cosyvoice2": 182, "sparktts": 227, "indextts": 74}
@@ -59,7 +59,9 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=None, help="W (default: the paper's for the config)")
     parser.add_argument("--prefix", type=int, default=None, help="prefix length P (default: the paper's)")
     parser.add_argument("--points", default="100,500,1000,2000,3000,4000",
-                        help="steps at which latency (median of +-25 steps) and bytes are reported")
+                        help="steps at which latency (median of +-HALF steps) and bytes are reported")
+    parser.add_argument("--half", type=int, default=100,
+                        help="half width of the median window per reported step (CPU timers are noisy)")
     parser.add_argument("--out-dir", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
@@ -87,8 +89,8 @@ def main() -> None:
     for p in points:
         row = {
             "step": p,
-            "full_ms": 1e3 * results["full"].latency_at(p - 1),
-            "wand_ms": 1e3 * results["wand"].latency_at(p - 1),
+            "full_ms": 1e3 * results["full"].latency_at(p - 1, args.half),
+            "wand_ms": 1e3 * results["wand"].latency_at(p - 1, args.half),
             "full_bytes": results["full"].cache_bytes[p],
             "wand_bytes": results["wand"].cache_bytes[p],
         }
@@ -97,7 +99,7 @@ def main() -> None:
               f"{row['full_bytes'] / 2**20:11.2f} | {row['wand_bytes'] / 2**20:11.2f}")
     late = 3000 if 3000 in points else points[-1]
     first = points[0]
-    ratio = {m: results[m].latency_at(late - 1) / results[m].latency_at(first - 1) for m in results}
+    ratio = {m: results[m].latency_at(late - 1, args.half) / results[m].latency_at(first - 1, args.half) for m in results}
     print(f"latency ratio step {late} / step {first}: full {ratio['full']:.3f}, wand {ratio['wand']:.3f} "
           f"(target wand <= 1.05)")
 
@@ -106,7 +108,7 @@ def main() -> None:
     stem = f"decode_latency_{args.config}_{device.type}"
     summary = {
         "config": args.config, "device": device_name(device), "dtype": str(dtype), "prefix": prefix,
-        "window": window, "steps": args.steps, "rows": rows, "ratio_late_over_early": ratio,
+        "window": window, "steps": args.steps, "median_half_width": args.half, "rows": rows, "ratio_late_over_early": ratio,
         "ratio_steps": [late, first],
     }
     (out_dir / f"{stem}.json").write_text(json.dumps(summary, indent=2))

@@ -25,7 +25,7 @@ def tiny_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Modul
         )
         model = LlamaForCausalLM(config)
     elif family == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=1024)
+        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=1024, bos_token_id=0, eos_token_id=1)
         model = GPT2LMHeadModel(config)
     else:
         raise ValueError(family)
