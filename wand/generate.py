@@ -63,6 +63,7 @@ def generate(
     attention_mask: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     return_cache: bool = False,
+    prefill_kwargs: dict | None = None,
 ):
     """Generate ``max_new_tokens`` tokens per sample with a constant-size WandCache.
 
@@ -74,6 +75,8 @@ def generate(
         window: W; ``None`` runs full attention with transformers' DynamicCache (the baseline).
         eos_token_id: stop id(s); finished samples are padded with ``pad_token_id``
             (default: the first eos id).
+        prefill_kwargs: extra keyword arguments for the first forward only (the prompt), e.g.
+            IndexTTS's ``conditioning_latents``.
 
     Returns:
         LongTensor[B, T + n]: prompt and generated tokens, as ``model.generate`` returns them
@@ -107,6 +110,7 @@ def generate(
     mask = attention_mask
     step_input = input_ids
     finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
+    extra = dict(prefill_kwargs or {})
     for _ in range(max_new_tokens):
         out = model(
             input_ids=step_input,
@@ -115,7 +119,9 @@ def generate(
             window=window,
             use_cache=True,
             **{cache_kw: cache},
+            **extra,
         )
+        extra = {}
         next_token = sample_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
         tokens = torch.cat([tokens, next_token[:, None]], dim=-1)

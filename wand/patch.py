@@ -35,6 +35,8 @@ SUPPORTED_MODEL_CLASSES = (
     "LlamaModel",
     "GPT2LMHeadModel",
     "GPT2Model",
+    "CosyVoice2LM",  # wand.models.cosyvoice2: Qwen2 backbone with CosyVoice's own embeddings/head
+    "IndexTTSGPT",  # wand.models.indextts: GPT-2 backbone with IndexTTS's embeddings/head
 )
 DENSE_ATTENTION = ("eager", "sdpa")
 FLEX_ATTENTION = ("flex_attention", "wand_flex")
@@ -85,7 +87,10 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
 
     original_forward = model.forward
     model._wand_original_forward = original_forward
-    accepts_position_ids = "position_ids" in inspect.signature(original_forward).parameters
+    parameters = inspect.signature(original_forward).parameters
+    accepts_position_ids = "position_ids" in parameters
+    # TTS wrappers with segment-relative positions (IndexTTS) also need the prefix lengths.
+    accepts_prefix_lengths = "prefix_lengths" in parameters
 
     @functools.wraps(original_forward)
     def wand_forward(*args, prefix_lengths=None, tau=None, window=_UNSET, **kwargs):
@@ -112,6 +117,8 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
         kwargs["attention_mask"] = mask
         if accepts_position_ids and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = position_ids
+        if accepts_prefix_lengths:
+            kwargs["prefix_lengths"] = torch.as_tensor(prefix_lengths, device=position_ids.device)
         return original_forward(**kwargs)
 
     model.forward = wand_forward

@@ -1,0 +1,40 @@
+"""WAND-ready model specs of the target AR-TTS models.
+
+    from wand.models import get_spec
+    spec = get_spec("cosyvoice2", size="tiny")     # or size="real" (published architecture)
+    model = spec.build()                           # random weights, no download
+    model = spec.load("/path/to/CosyVoice2-0.5B")  # released weights: folder, s3://..., or HF id
+"""
+
+from __future__ import annotations
+
+from .causal_lm import CausalLMSpec
+from .cosyvoice2 import CosyVoice2LM, CosyVoice2Spec
+from .indextts import IndexTTSGPT, IndexTTSSpec
+from .presets import BUILDERS
+from .spec import ModelSpec
+from .weights import WeightsNotFound
+
+__all__ = [
+    "MODEL_NAMES", "get_spec", "kv_bytes_per_token", "ModelSpec", "CausalLMSpec", "CosyVoice2Spec",
+    "CosyVoice2LM", "IndexTTSSpec", "IndexTTSGPT", "WeightsNotFound",
+]
+
+MODEL_NAMES = tuple(BUILDERS)
+SIZES = ("real", "tiny")
+
+
+def get_spec(name: str, size: str = "real") -> ModelSpec:
+    """The spec of a target model: one of MODEL_NAMES, at size "real" or "tiny"."""
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if size not in SIZES:
+        raise ValueError(f"unknown size {size!r} for {name}; known: {', '.join(SIZES)}")
+    return BUILDERS[name](size)
+
+
+def kv_bytes_per_token(spec: ModelSpec, dtype=None) -> int:
+    """2 x layers x kv_heads x head_dim x bytes per element (bf16 by default)."""
+    import torch
+
+    return spec.kv_bytes_per_token(dtype or torch.bfloat16)

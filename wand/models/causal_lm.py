@@ -1,0 +1,89 @@
+"""Plain causal-LM TTS models: SparkTTS (Qwen2), Llasa 1B/3B/8B and Orpheus-3B (Llama).
+
+Their sequences are ordinary token ids of one extended vocabulary, so the backbone is the
+transformers class itself (``Qwen2ForCausalLM`` / ``LlamaForCausalLM``), loaded with
+``from_pretrained`` from the released folder, and ``wand.enable_wand`` applies directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+from .spec import ModelSpec
+from .weights import WeightsNotFound, resolve_source
+
+__all__ = ["CausalLMSpec", "SPARK_SPECIAL_TOKENS"]
+
+_BACKBONES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+# Spark's prompt layout (cli/SparkTTS.py upstream); ids come from the checkpoint's tokenizer.
+SPARK_SPECIAL_TOKENS = (
+    "<|task_tts|>", "<|start_content|>", "<|end_content|>", "<|start_global_token|>",
+    "<|end_global_token|>", "<|start_semantic_token|>", "<|im_end|>",
+)
+# Fields of the backbone config that must match the spec when loading a released folder.
+_ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+@dataclass(frozen=True)
+class CausalLMSpec(ModelSpec):
+    backbone: str = "qwen2"
+
+    def backbone_config(self):
+        config_cls, _ = _BACKBONES[self.backbone]
+        return config_cls(**self.config)
+
+    def build(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        _, model_cls = _BACKBONES[self.backbone]
+        model = model_cls(self.backbone_config())
+        model.set_attn_implementation("sdpa")
+        return model.to(dtype) if dtype is not None else model
+
+    def save(self, model: torch.nn.Module, directory: str | Path) -> Path:
+        """Write ``model`` as the released models ship it (config.json + model.safetensors)."""
+        model.save_pretrained(str(directory), safe_serialization=True)
+        return Path(directory)
+
+    def load(self, source: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """Load released weights. ``source``: local folder, ``s3://`` URI, or Hugging Face id
+        (default: this spec's ``source``). Spark keeps its LLM in the ``LLM/`` subfolder."""
+        source = source or self.source
+        if source is None:
+            raise WeightsNotFound(f"{self.name}: pass source= a local directory or s3:// URI")
+        path = resolve_source(source, self.name, self.source)
+        if (path / "LLM" / "config.json").exists():
+            path = path / "LLM"
+        if not (path / "config.json").exists():
+            raise WeightsNotFound(f"{self.name}: {path} has no config.json (expected a transformers model folder)")
+        config_cls, model_cls = _BACKBONES[self.backbone]
+        loaded_config = config_cls.from_pretrained(str(path))
+        expected = self.backbone_config()
+        diffs = {f: (getattr(loaded_config, f, None), getattr(expected, f, None)) for f in _ARCH_FIELDS}
+        diffs = {f: v for f, v in diffs.items() if v[0] != v[1]}
+        if diffs:
+            detail = ", ".join(f"{f}: checkpoint {a} vs preset {b}" for f, (a, b) in diffs.items())
+            raise ValueError(f"{self.name} ({self.size}): {path} is a different architecture ({detail})")
+        model = model_cls.from_pretrained(str(path), dtype=dtype or torch.float32, attn_implementation="sdpa")
+        return model.eval()
+
+    def with_tokenizer(self, tokenizer) -> "CausalLMSpec":
+        """The same spec with token ids read from the checkpoint's own tokenizer (needed for
+        SparkTTS, whose special-token ids are only known from its ``LLM/tokenizer.json``)."""
+        if self.family != "sparktts":
+            return self
+        ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPARK_SPECIAL_TOKENS}
+        first = tokenizer.convert_tokens_to_ids("<|bicodec_semantic_0|>")
+        last = tokenizer.convert_tokens_to_ids(f"<|bicodec_semantic_{self.extra['semantic_codes'] - 1}|>")
+        missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
+        if missing or first is None or last is None or last - first + 1 != self.extra["semantic_codes"]:
+            raise ValueError(f"{self.name}: this tokenizer lacks Spark's tokens ({missing or 'bicodec_semantic_*'})")
+        return replace(
+            self,
+            prefix_end_token_id=ids["<|start_semantic_token|>"],
+            speech_range=(first, last + 1),
+            stop_token_ids=(ids["<|im_end|>"],),
+            extra={**self.extra, "token_ids": ids, "ids_from_tokenizer": True},
+        )

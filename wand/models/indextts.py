@@ -1,0 +1,153 @@
+"""IndexTTS 1.5's GPT as a WAND-ready module with the parameter names of its released ``gpt.pth``.
+
+Upstream (index-tts/index-tts, ``indextts/gpt/model.py``, class ``UnifiedVoice``) holds a
+transformers ``GPT2Model`` under ``gpt`` whose own token and position embeddings are removed
+(``wte`` deleted, ``wpe`` returns zeros), plus ``text_embedding`` (12000 + 1 ids),
+``mel_embedding`` (8192 codes + start 8192 + stop 8193), learned ``text_pos_embedding.emb`` and
+``mel_pos_embedding.emb`` tables, ``final_norm``, ``text_head`` and ``mel_head``. Positions are
+relative to each segment: text from ``start_text`` = 0, mel codes from ``start_mel`` = 0; the 32
+perceiver conditioning latents carry none.
+
+The conditioning encoder (conformer + perceiver) that turns reference mel frames into the 32
+latents is not part of this spec: the latents are an input (precomputed by the model's own
+encoder), and its ``conditioning_encoder.*`` / ``perceiver_encoder.*`` keys in ``gpt.pth`` are
+skipped on load (reported, never silently).
+
+Unified id space: mel codes keep ids 0..8193 (``mel_head``'s argmax is a valid next input id);
+8194 marks a conditioning-latent slot; text token t is ``8195 + t``. Prefix =
+``[32 latents, start_text, text, stop_text, start_mel]``; it ends with ``start_mel`` (8192).
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2Model
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from .spec import ModelSpec
+from .weights import WeightsNotFound, load_checked, read_state_dict, resolve_source
+
+__all__ = ["IndexTTSGPT", "IndexTTSSpec"]
+
+CONDITIONING_PREFIXES = ("conditioning_encoder.", "perceiver_encoder.")
+
+
+class _NoPositions(nn.Module):
+    """Stands in for GPT-2's ``wpe``: IndexTTS adds its own segment positions before the GPT.
+
+    Returns a 0-d zero so adding it keeps the hidden states' dtype (bf16 stays bf16)."""
+
+    def forward(self, position_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros((), device=position_ids.device)
+
+
+class _LearnedPositions(nn.Module):
+    def __init__(self, length: int, dim: int):
+        super().__init__()
+        self.emb = nn.Embedding(length, dim)
+
+
+class IndexTTSGPT(nn.Module):
+    def __init__(self, config: GPT2Config, number_text_tokens: int, number_mel_codes: int,
+                 max_text_tokens: int, max_mel_tokens: int, num_latents: int = 32):
+        super().__init__()
+        dim = config.n_embd
+        self.number_mel_codes = number_mel_codes
+        self.start_mel, self.stop_mel = number_mel_codes - 2, number_mel_codes - 1
+        self.latent_id = number_mel_codes
+        self.text_offset = number_mel_codes + 1
+        self.num_latents = num_latents
+        self.text_embedding = nn.Embedding(number_text_tokens + 1, dim)
+        self.mel_embedding = nn.Embedding(number_mel_codes, dim)
+        self.gpt = GPT2Model(config)
+        del self.gpt.wte  # upstream deletes it too: embeddings come from the tables above
+        self.gpt.wpe = _NoPositions()
+        self.mel_pos_embedding = _LearnedPositions(max_mel_tokens + 2 + 1, dim)
+        self.text_pos_embedding = _LearnedPositions(max_text_tokens + 2, dim)
+        self.final_norm = nn.LayerNorm(dim)
+        self.text_head = nn.Linear(dim, number_text_tokens + 1)
+        self.mel_head = nn.Linear(dim, number_mel_codes)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.gpt.forward).parameters else "past_key_values"
+
+    @property
+    def config(self):
+        return self.gpt.config
+
+    def set_attn_implementation(self, implementation: str) -> None:
+        self.gpt.set_attn_implementation(implementation)
+
+    def embed(self, input_ids, position_ids, prefix_lengths, conditioning_latents=None):
+        """Token embedding + the segment's learned position; latent slots take the latents."""
+        text_vocab = self.text_embedding.num_embeddings
+        if bool(((input_ids < 0) | (input_ids >= self.text_offset + text_vocab)).any()):
+            raise ValueError(f"IndexTTSGPT: token ids must be in [0, {self.text_offset + text_vocab})")
+        is_mel = (input_ids < self.number_mel_codes).unsqueeze(-1)
+        is_latent = input_ids == self.latent_id
+        # Text starts right after the latents; mel codes at start_mel, the prefix's last token.
+        text_pos = (position_ids - self.num_latents).clamp(0, self.text_pos_embedding.emb.num_embeddings - 1)
+        mel_pos = (position_ids - (prefix_lengths.view(-1, 1) - 1)).clamp(0, self.mel_pos_embedding.emb.num_embeddings - 1)
+        mel = self.mel_embedding(input_ids.clamp(max=self.number_mel_codes - 1)) + self.mel_pos_embedding.emb(mel_pos)
+        text = self.text_embedding((input_ids - self.text_offset).clamp(min=0)) + self.text_pos_embedding.emb(text_pos)
+        emb = torch.where(is_mel, mel, text)
+        if bool(is_latent.any()):
+            if conditioning_latents is None:
+                raise ValueError("IndexTTSGPT: the input has conditioning-latent slots; pass conditioning_latents=[B, 32, dim]")
+            slot = (torch.cumsum(is_latent.long(), -1) - 1).clamp(min=0)
+            if int(slot.max()) >= conditioning_latents.shape[1]:
+                raise ValueError(f"IndexTTSGPT: more latent slots than the {conditioning_latents.shape[1]} latents given")
+            gathered = torch.gather(conditioning_latents.to(emb.dtype), 1,
+                                    slot.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
+            emb = torch.where(is_latent.unsqueeze(-1), gathered, emb)
+        return emb
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                use_cache=None, prefix_lengths=None, conditioning_latents=None, **kwargs) -> CausalLMOutputWithPast:
+        cache = cache if cache is not None else past_key_values
+        if position_ids is None or prefix_lengths is None:
+            raise ValueError("IndexTTSGPT needs position_ids and prefix_lengths: call it through wand.enable_wand")
+        emb = self.embed(input_ids, position_ids, prefix_lengths.to(input_ids.device), conditioning_latents)
+        out = self.gpt(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=use_cache, **{self._cache_kw: cache})
+        logits = self.mel_head(self.final_norm(out.last_hidden_state))
+        return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
+
+
+@dataclass(frozen=True)
+class IndexTTSSpec(ModelSpec):
+    def backbone_config(self) -> GPT2Config:
+        return GPT2Config(**self.config)
+
+    def build(self, dtype: torch.dtype | None = None) -> IndexTTSGPT:
+        e = self.extra
+        model = IndexTTSGPT(self.backbone_config(), e["number_text_tokens"], e["number_mel_codes"],
+                            e["max_text_tokens"], e["max_mel_tokens"], e["num_latents"])
+        model.set_attn_implementation("sdpa")
+        return model.to(dtype) if dtype is not None else model
+
+    def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
+        """Map IndexTTS BPE ids (start_text 0, stop_text 1 included) into this spec's id space."""
+        return text_token_ids + self.extra["number_mel_codes"] + 1
+
+    def save(self, model: IndexTTSGPT, directory: str | Path) -> Path:
+        path = Path(directory) / "gpt.pth"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        return path
+
+    def load(self, source: str | None = None, dtype: torch.dtype | None = None) -> IndexTTSGPT:
+        """Load the released ``gpt.pth`` (an IndexTTS-1.5 folder, the file itself, or s3://)."""
+        source = source or self.source
+        if source is None:
+            raise WeightsNotFound(f"{self.name}: pass source= a folder holding gpt.pth, or an s3:// URI")
+        state, path = read_state_dict(resolve_source(source, self.name, self.source), ("gpt.pth",))
+        model = self.build()
+        # Upstream GPT-2 blocks of older transformers saved causal-mask buffers; they carry no weights.
+        state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}
+        skipped = load_checked(model, state, path, self.name, ignore_prefixes=CONDITIONING_PREFIXES)
+        model.skipped_keys = skipped  # the conditioning encoder's weights: not part of this spec
+        return (model.to(dtype) if dtype is not None else model).eval()

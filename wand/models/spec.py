@@ -1,0 +1,145 @@
+"""The model-spec interface: what WAND needs to know about one AR-TTS model.
+
+A spec says how to build the network (real size or tiny, random weights, no download), how to
+load released weights, where the conditioning prefix ends in a token sequence, which ids are
+speech tokens (KD and CE apply only there), the stop tokens, and the KV bytes per token.
+
+Every spec works in one *input id space*: a sequence row is a list of ints in
+``[0, vocab_size)``. For plain causal LMs (Spark, Llasa, Orpheus) it is the tokenizer's
+vocabulary. CosyVoice 2 and IndexTTS keep text and speech in separate embedding tables, so their
+specs define an id space with the speech codes first (their head's output ids are then valid
+input ids) and text after; see their modules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..kv import kv_bytes_per_token as _kv_bytes_per_token
+
+__all__ = ["ModelSpec"]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Common interface of all model specs. Subclasses implement ``build`` and ``load``."""
+
+    name: str
+    size: str  # "real" or "tiny"
+    family: str
+    config: dict[str, Any]  # architecture of the backbone (transformers config kwargs)
+    vocab_size: int  # size of the input id space
+    speech_range: tuple[int, int]  # [first, last + 1) speech-token ids (targets of CE / KD)
+    stop_token_ids: tuple[int, ...]
+    prefix_end_token_id: int  # the prefix ends with this marker (then optional prompt speech tokens)
+    token_rate_hz: float
+    target_window: int  # the paper's W for this model
+    paper_prefix_length: int | None = None  # back-solved from the paper's Table 1 (WAND.md)
+    source: str | None = None  # Hugging Face id of the released weights
+    weights_file: str = "model.safetensors"
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ------------------------------------------------------------------ building and loading
+    def backbone_config(self):
+        raise NotImplementedError
+
+    def build(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """The network with random weights at this spec's size (no download)."""
+        raise NotImplementedError
+
+    def load(self, source: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+        """Released weights from a local path, ``s3://`` URI or Hugging Face id (see ``wand.models.weights``)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ sizes
+    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        return _kv_bytes_per_token(self.backbone_config(), dtype)
+
+    @property
+    def speech_vocab_size(self) -> int:
+        return self.speech_range[1] - self.speech_range[0]
+
+    def tokens_for_seconds(self, seconds: float) -> int:
+        return round(seconds * self.token_rate_hz)
+
+    # ------------------------------------------------------------------ token sequences
+    def is_speech(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """BoolTensor: which ids are speech tokens (the only CE / KD targets)."""
+        lo, hi = self.speech_range
+        return (input_ids >= lo) & (input_ids < hi)
+
+    def check_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+        """Raise ``ValueError`` naming the sample and position of any id outside the vocabulary."""
+        valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        bad = valid & ((input_ids < 0) | (input_ids >= self.vocab_size))
+        if bad.any():
+            b, t = (int(x) for x in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"{self.name}: token id {int(input_ids[b, t])} at sample {b}, position {t} is outside the "
+                f"vocabulary [0, {self.vocab_size})"
+            )
+
+    def prefix_lengths(
+        self,
+        input_ids: torch.Tensor,
+        prompt_lengths: torch.Tensor | list[int] | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Prefix length per sample: up to and including the end-of-prefix marker, plus that sample's
+        prompt speech tokens (``prompt_lengths``, default 0: the ids alone cannot tell prompt speech
+        from generated speech, the data pipeline records how many there are).
+
+        Sequences must be right-padded (or unpadded); ``attention_mask`` marks real tokens.
+        """
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        if self.prefix_end_token_id < 0:
+            raise ValueError(
+                f"{self.name} ({self.size}): its token ids come from the checkpoint's tokenizer; use "
+                "spec.with_tokenizer(AutoTokenizer.from_pretrained('<checkpoint>/LLM')) first"
+            )
+        self.check_token_ids(input_ids, attention_mask)
+        batch = input_ids.shape[0]
+        lengths = (
+            torch.full((batch,), input_ids.shape[1], dtype=torch.long)
+            if attention_mask is None
+            else attention_mask.long().sum(-1).cpu()
+        )
+        prompts = torch.zeros(batch, dtype=torch.long) if prompt_lengths is None else torch.as_tensor(prompt_lengths).long().cpu()
+        if prompts.shape != (batch,):
+            raise ValueError(f"prompt_lengths must have one entry per sample ({batch}), got shape {tuple(prompts.shape)}")
+        out = torch.empty(batch, dtype=torch.long)
+        for b in range(batch):
+            row = input_ids[b, : int(lengths[b])].cpu()
+            hits = torch.nonzero(row == self.prefix_end_token_id).flatten()
+            if hits.numel() == 0:
+                raise ValueError(
+                    f"{self.name}: sample {b} has no end-of-prefix marker (id {self.prefix_end_token_id}, "
+                    f"{self.extra.get('prefix_end_token', 'marker')}); every row must hold the conditioning prefix"
+                )
+            end = int(hits[0]) + 1 + int(prompts[b])
+            if end > int(lengths[b]):
+                raise ValueError(
+                    f"{self.name}: sample {b}: prefix ({end} tokens with {int(prompts[b])} prompt tokens) is longer "
+                    f"than the sequence ({int(lengths[b])} tokens)"
+                )
+            out[b] = end
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        """Plain facts for logs and tables."""
+        return {
+            "name": self.name,
+            "size": self.size,
+            "family": self.family,
+            "vocab_size": self.vocab_size,
+            "speech_vocab_size": self.speech_vocab_size,
+            "token_rate_hz": self.token_rate_hz,
+            "target_window": self.target_window,
+            "kv_bytes_per_token_bf16": self.kv_bytes_per_token(torch.bfloat16),
+            "source": self.source,
+        }

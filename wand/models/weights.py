@@ -1,0 +1,124 @@
+"""Finding and reading released weights: local path, ``s3://`` URI, or a Hugging Face id.
+
+Never unpickles arbitrary objects: ``.pt``/``.pth``/``.bin`` go through
+``torch.load(..., weights_only=True)``; safetensors is preferred wherever a model ships it.
+Credentials for S3 come only from the environment or the instance role (s3fs/botocore's own
+chain); an S3-compatible endpoint is taken from ``AWS_ENDPOINT_URL``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["resolve_source", "read_state_dict", "load_checked", "WeightsNotFound"]
+
+
+class WeightsNotFound(ValueError):
+    """The weights could not be found or downloaded; the message says how to point at a copy."""
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("WAND_CACHE_DIR", Path.home() / ".cache" / "wand-tts"))
+
+
+def _how_to(spec_name: str, hf_id: str | None) -> str:
+    hint = (
+        f"download it where there is network (`huggingface-cli download {hf_id} --local-dir DIR`) and pass "
+        "source=DIR (a local directory), or copy it to S3 and pass source='s3://bucket/prefix'"
+        if hf_id
+        else "pass source= a local directory or an s3:// URI holding the checkpoint"
+    )
+    return f"{spec_name}: {hint}"
+
+
+def resolve_source(source: str, spec_name: str, hf_id: str | None = None) -> Path:
+    """Return a local path (file or directory) for ``source``."""
+    if source.startswith("s3://"):
+        return _download_s3(source, spec_name, hf_id)
+    path = Path(source).expanduser()
+    if path.exists():
+        return path
+    if source.startswith(("/", ".", "~")) or os.sep in source.rstrip("/").split("/", 1)[0]:
+        raise WeightsNotFound(f"{spec_name}: no such file or directory: {source}. " + _how_to(spec_name, hf_id))
+    return _download_hf(source, spec_name)
+
+
+def _download_s3(uri: str, spec_name: str, hf_id: str | None) -> Path:
+    import s3fs
+
+    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else None)
+    key = uri[len("s3://"):].rstrip("/")
+    target = _cache_root() / "s3" / key
+    try:
+        if fs.isdir(key):
+            fs.get(key + "/", str(target) + "/", recursive=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(key, str(target))
+    except FileNotFoundError as err:
+        raise WeightsNotFound(f"{spec_name}: {uri} does not exist. " + _how_to(spec_name, hf_id)) from err
+    return target
+
+
+def _download_hf(repo_id: str, spec_name: str) -> Path:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
+        raise WeightsNotFound(
+            f"{spec_name}: '{repo_id}' is a Hugging Face id but HF_HUB_OFFLINE is set (no network). "
+            + _how_to(spec_name, repo_id)
+        )
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id))
+    except Exception as err:  # network errors come in many types; the message says what to do
+        raise WeightsNotFound(
+            f"{spec_name}: could not download '{repo_id}' from the Hugging Face Hub ({type(err).__name__}: "
+            f"{err}). " + _how_to(spec_name, repo_id)
+        ) from err
+
+
+def read_state_dict(path: Path, names: tuple[str, ...]) -> tuple[dict[str, torch.Tensor], Path]:
+    """Read a state dict from ``path`` (a file, or a directory holding one of ``names``)."""
+    if path.is_dir():
+        for name in names:
+            if (path / name).exists():
+                path = path / name
+                break
+        else:
+            raise WeightsNotFound(f"{path} holds none of {', '.join(names)}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path)), path
+    if path.suffix in (".pt", ".pth", ".bin"):
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+            state = state["model"]  # some training checkpoints nest the weights
+        return state, path
+    raise WeightsNotFound(f"{path}: unknown weights format (expected .safetensors, .pt, .pth or .bin)")
+
+
+def load_checked(model: torch.nn.Module, state: dict, path, name: str, ignore_prefixes: tuple[str, ...] = ()) -> list[str]:
+    """``load_state_dict(strict=True)`` with an error that lists what differs; returns ignored keys."""
+    ignored = [k for k in state if k.startswith(ignore_prefixes)] if ignore_prefixes else []
+    state = {k: v for k, v in state.items() if k not in set(ignored)}
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in sorted(set(own) & set(state)) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"missing {len(missing)} (e.g. {missing[:3]})")
+        if unexpected:
+            parts.append(f"unexpected {len(unexpected)} (e.g. {unexpected[:3]})")
+        if shapes:
+            parts.append(f"shape mismatch {len(shapes)} (e.g. {shapes[:3]})")
+        raise ValueError(f"{name}: {path} does not match this preset's architecture: " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+    return ignored
