@@ -39,3 +39,23 @@ FAMILIES = ["qwen2", "llama", "gpt2"]
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server on 127.0.0.1, with the environment pointing boto/s3fs at it."""
+    import os
+
+    from s3_server import MotoServer
+
+    with MotoServer() as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
