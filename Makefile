@@ -34,6 +34,7 @@ test-fast: install
 
 bench: install
 	$(PY) benchmarks/decode_latency.py
+	$(PY) benchmarks/kv_cache_table.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

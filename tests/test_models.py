@@ -146,6 +146,10 @@ def test_save_load_round_trip_reproduces_logits(name, tmp_path):
     torch.manual_seed(0)
     model = wand.enable_wand(spec.build().eval(), spec.target_window)
     ids, prefix, kwargs = tiny_inputs(spec)
+    # The training forward takes the prefix lengths the spec finds in the batch.
+    lengths = torch.tensor([len(make_row(spec, 4, 2, 12, seed=0)[0]), len(make_row(spec, 6, 0, 8, seed=1)[0])])
+    mask = (torch.arange(ids.shape[1]) < lengths[:, None]).long()
+    assert torch.equal(spec.prefix_lengths(ids, prompt_lengths=[2, 0], attention_mask=mask), prefix)
     before = model(input_ids=ids, prefix_lengths=prefix, **kwargs).logits
     spec.save(model, tmp_path)
     loaded = wand.enable_wand(spec.load(str(tmp_path)), spec.target_window)
@@ -224,3 +228,33 @@ def test_wand_generate_equals_masked_forward_through_spec(name):
     if spec.family in ("cosyvoice2", "indextts"):
         # Their heads cover only speech ids, and those ids are valid next inputs.
         assert bool(spec.is_speech(got[:, width:]).all())
+
+
+@pytest.mark.parametrize("name, paper", [("cosyvoice2", 0.499), ("indextts", 0.662), ("sparktts", 0.605)])
+def test_presets_reproduce_paper_reductions_at_10s(name, paper):
+    from wand.kv import cache_bytes
+
+    spec = get_spec(name, "real")
+    per_token = spec.kv_bytes_per_token()
+    generated = spec.tokens_for_seconds(10)
+    full = cache_bytes(per_token, spec.paper_prefix_length, generated, None)
+    windowed = cache_bytes(per_token, spec.paper_prefix_length, generated, spec.target_window)
+    assert abs((1 - windowed / full) - paper) < 0.02
+
+
+def test_measured_wand_cache_matches_analytic_at_tiny_size():
+    """The bytes a filled WandCache / DynamicCache hold equal the analytic (P + W) / (P + G) figures."""
+    from transformers.cache_utils import DynamicCache
+
+    from wand.kv import cache_bytes
+    from wand.profiling import cache_nbytes
+
+    spec = get_spec("cosyvoice2", "tiny")
+    model = wand.enable_wand(spec.build().eval(), 8)
+    prefix, generated = 12, 90
+    ids = torch.randint(0, spec.speech_range[1], (1, prefix + generated))
+    per_token = spec.kv_bytes_per_token(torch.float32)
+    for window, cache in ((None, DynamicCache()), (8, wand.WandCache(torch.tensor([prefix]), 8))):
+        with torch.no_grad():
+            model(input_ids=ids, prefix_lengths=torch.tensor([prefix]), window=window, cache=cache, use_cache=True)
+        assert cache_nbytes(cache) == cache_bytes(per_token, prefix, generated, window)
