@@ -63,6 +63,17 @@ class ModelSpec:
     def speech_vocab_size(self) -> int:
         return self.speech_range[1] - self.speech_range[0]
 
+    def target_ids(self) -> torch.Tensor:
+        """Ids a generated position may hold: the speech codes, then stop ids outside that range.
+
+        This is the vocabulary of the CE / KD losses and of the teacher's top-k; a compact index i
+        into it is stored instead of the id (it fits a smaller integer type)."""
+        lo, hi = self.speech_range
+        if lo < 0:
+            raise ValueError(f"{self.name} ({self.size}): speech ids unknown; use spec.with_tokenizer(...) first")
+        extra = [s for s in self.stop_token_ids if not lo <= s < hi]
+        return torch.cat([torch.arange(lo, hi), torch.tensor(extra, dtype=torch.long)])
+
     def tokens_for_seconds(self, seconds: float) -> int:
         return round(seconds * self.token_rate_hz)
 
