@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import wand
+from helpers import make_row
 from wand.models import MODEL_NAMES, WeightsNotFound, get_spec, kv_bytes_per_token
 
 FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "checkpoint_keys.json").read_text())
@@ -59,33 +60,6 @@ def test_registry_errors_list_the_names():
 
 
 # ----------------------------------------------------------------------------- token sequences
-def make_row(spec, text_len, prompt_len, gen_len, seed=0):
-    """A hand-built sequence in the spec's layout; returns (ids, true prefix length)."""
-    g = torch.Generator().manual_seed(seed)
-    lo, hi = spec.speech_range
-    speech = lambda n: torch.randint(lo, hi - len(spec.stop_token_ids), (n,), generator=g)  # noqa: E731
-    marker = torch.tensor([spec.prefix_end_token_id])
-    if spec.family == "cosyvoice2":
-        text = spec.text_ids(torch.randint(0, spec.config["vocab_size"], (text_len,), generator=g))
-        head = torch.cat([torch.tensor([spec.prefix_end_token_id - 1]), text, marker])  # sos, text, task id
-    elif spec.family == "indextts":
-        e = spec.extra
-        text = spec.text_ids(torch.randint(2, e["number_text_tokens"], (text_len,), generator=g))
-        latents = torch.full((e["num_latents"],), e["number_mel_codes"])
-        head = torch.cat([latents, spec.text_ids(torch.tensor([0])), text, spec.text_ids(torch.tensor([1])), marker])
-    elif spec.family == "sparktts":
-        ids = spec.extra["token_ids"]
-        glob = spec.extra["first_global_id"] + torch.randint(0, spec.extra["global_codes"], (spec.extra["global_codes"],), generator=g)
-        text = torch.randint(0, 64, (text_len,), generator=g)
-        head = torch.cat([torch.tensor([ids["<|task_tts|>"], ids["<|start_content|>"]]), text,
-                          torch.tensor([ids["<|end_content|>"], ids["<|start_global_token|>"]]), glob,
-                          torch.tensor([ids["<|end_global_token|>"]]), marker])
-    else:  # llasa / orpheus: text then the marker
-        head = torch.cat([torch.randint(0, 64, (text_len,), generator=g), marker])
-    row = torch.cat([head, speech(prompt_len), speech(gen_len)])
-    return row, len(head) + prompt_len
-
-
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_prefix_detection_on_hand_built_batches(name):
     spec = get_spec(name, "tiny")

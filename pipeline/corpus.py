@@ -1,0 +1,98 @@
+"""The tokenized TTS corpus: its schema, and the checks every row passes before anything is written.
+
+One row per utterance (Parquet or JSONL, local or ``s3://``):
+
+| column | type | meaning |
+|---|---|---|
+| ``id`` | string | unique utterance id |
+| ``input_ids`` | list<int> | prefix + target speech tokens, in the model spec's id space |
+| ``prefix_length`` | int | conditioning prefix length P (marker + prompt speech included); 1 <= P < len |
+| ``prompt_length`` | int, optional | prompt speech tokens inside the prefix (informational) |
+| ``conditioning_latents`` | list<float>, IndexTTS only | the 32 perceiver latents, flattened (32 x 1280) |
+
+Targets (positions >= P) must be speech or stop ids of the spec (``spec.target_ids()``): the
+losses and the teacher's top-k apply there only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pyarrow as pa
+
+from wand.models import ModelSpec
+
+__all__ = ["REQUIRED_COLUMNS", "CHECK_SCHEMA", "RowChecker", "required_columns", "row_hash"]
+
+REQUIRED_COLUMNS = ("id", "input_ids", "prefix_length")
+CHECK_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("length", pa.int64()),
+                          ("row_hash", pa.string()), ("reason", pa.string())])
+
+
+def required_columns(spec: ModelSpec) -> tuple[str, ...]:
+    return REQUIRED_COLUMNS + (("conditioning_latents",) if spec.family == "indextts" else ())
+
+
+def _latent_size(spec: ModelSpec) -> int | None:
+    if spec.family != "indextts":
+        return None
+    return spec.extra["num_latents"] * spec.config["n_embd"]
+
+
+class RowChecker:
+    """Ray Data map_batches callable: one output row per input row (id, path, hash, reason)."""
+
+    def __init__(self, spec: ModelSpec):
+        self.spec = spec
+        self.vocab = spec.vocab_size
+        self.targets = set(spec.target_ids().tolist())
+        self.latent_size = _latent_size(spec)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        names = set(batch.column_names)
+        n = batch.num_rows
+        col = {c: (batch.column(c).to_pylist() if c in names else [None] * n)
+               for c in required_columns(self.spec) + ("path",)}
+        out = {f: [] for f in CHECK_SCHEMA.names}
+        for i in range(n):
+            row = {c: col[c][i] for c in col}
+            reason = self.reason(row)
+            ids = row["input_ids"] or []
+            out["id"].append(row["id"] if row["id"] is not None else f"<missing id: row {i} of its batch>")
+            out["path"].append(row["path"] or "")
+            out["length"].append(len(ids))
+            out["row_hash"].append(row_hash(row))
+            out["reason"].append(reason)
+        return pa.table(out, schema=CHECK_SCHEMA)
+
+    def reason(self, row: dict) -> str | None:
+        for column in required_columns(self.spec):
+            if row[column] is None or (column == "id" and row[column] == ""):
+                return f"missing column '{column}'"
+        ids = np.asarray(row["input_ids"], dtype=np.int64)
+        prefix = row["prefix_length"]
+        if not 1 <= prefix < len(ids):
+            return f"prefix_length {prefix} outside [1, {len(ids)}) (every row needs a prefix and at least one target token)"
+        outside = np.nonzero((ids < 0) | (ids >= self.vocab))[0]
+        if outside.size:
+            j = int(outside[0])
+            return f"token id {int(ids[j])} at position {j} outside the vocabulary [0, {self.vocab})"
+        for j in range(prefix, len(ids)):
+            if int(ids[j]) not in self.targets:
+                return f"target token {int(ids[j])} at position {j} is not a speech or stop id of {self.spec.name}"
+        if self.latent_size is not None and len(row["conditioning_latents"]) != self.latent_size:
+            return (f"conditioning_latents has {len(row['conditioning_latents'])} values, expected "
+                    f"{self.latent_size} ({self.spec.extra['num_latents']} x {self.spec.config['n_embd']})")
+        return None
+
+
+def row_hash(row: dict) -> str:
+    """Content hash of one row (id, tokens, prefix, latents): the input fingerprint is built from these."""
+    digest = hashlib.sha256()
+    digest.update(str(row.get("id")).encode())
+    digest.update(np.asarray(row.get("input_ids") or [], dtype=np.int64).tobytes())
+    digest.update(str(row.get("prefix_length")).encode())
+    if row.get("conditioning_latents") is not None:
+        digest.update(np.asarray(row["conditioning_latents"], dtype=np.float32).tobytes())
+    return digest.hexdigest()

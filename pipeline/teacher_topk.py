@@ -1,0 +1,442 @@
+"""Ray Data stage: precompute the frozen teacher's top-k log-probabilities and shard them.
+
+    corpus (Parquet/JSONL, local or s3://)
+      -> ray.data.read_parquet / read_json            (include_paths: errors name the file)
+      -> map_batches(RowChecker)                      (every row checked before anything is written)
+      -> map_batches(ShardAssigner) -> groupby(shard)  (sorted ids -> deterministic shard files)
+      -> map_groups(TeacherTopK actors)               (teacher loaded once per actor, GPU or CPU;
+                                                       rows sorted by length, token-budget batches)
+      -> shard-00000.parquet + .json sidecars, then manifest.json
+
+Resumable: a shard counts as done when its sidecar exists and the parquet file's checksum
+matches it; a rerun computes only the missing shards, so every row ends up exactly once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from collections import Counter
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+import wand
+from wand.models import MODEL_NAMES, get_spec
+from wand.topk import sparse_teacher_targets, target_positions
+
+from . import storage
+from .corpus import CHECK_SCHEMA, RowChecker
+
+__all__ = ["PrecomputeConfig", "run_precompute", "load_manifest", "verify_manifest", "MANIFEST", "ShardFault"]
+
+log = logging.getLogger("wand.precompute")
+MANIFEST = "manifest.json"
+RUN_FILE = "_run.json"
+FORMAT = "wand-teacher-topk/1"
+# Test hook: "SHARD:MARKER_FILE" makes the actor fail once on that shard (the marker records it).
+FAULT_ENV = "WAND_FAULT_PRECOMPUTE_SHARD"
+
+
+class ShardFault(RuntimeError):
+    """Raised on purpose by the fault-injection hook (tests)."""
+
+
+class PrecomputeConfig(BaseModel):
+    """Settings of the teacher top-k stage. Shards record them; a resume must match them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str = Field(description="model preset, one of wand.models.MODEL_NAMES")
+    teacher_size: Literal["real", "tiny"] = "real"
+    teacher_source: str | None = Field(None, description="weights: local path, s3:// URI or HF id; None = "
+                                       "random weights from teacher_seed (tests and demos only)")
+    teacher_seed: int = 0
+    input: str = Field(description="corpus: a Parquet/JSONL file or a folder of them, local or s3://")
+    output: str = Field(description="shard folder, local or s3://bucket/prefix")
+    k: int = Field(16, ge=1)
+    temperature: float = Field(1.0, gt=0)
+    value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    rows_per_shard: int = Field(1000, ge=1)
+    max_tokens_per_batch: int = Field(16384, ge=1, description="padded tokens per teacher forward")
+    num_actors: int = Field(1, ge=1)
+    num_gpus_per_actor: float = Field(0.0, ge=0)
+    num_cpus_per_actor: float = Field(0.5, gt=0, description="fractional on small machines: read tasks need CPUs too")
+    read_num_cpus: float = Field(0.5, gt=0)
+    on_bad_rows: Literal["fail", "quarantine"] = "fail"
+    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
+
+    @field_validator("teacher")
+    @classmethod
+    def _known_teacher(cls, value: str) -> str:
+        if value not in MODEL_NAMES:
+            raise ValueError(f"unknown teacher preset {value!r}; known: {', '.join(MODEL_NAMES)}")
+        return value
+
+    @model_validator(mode="after")
+    def _k_fits(self) -> "PrecomputeConfig":
+        spec = get_spec(self.teacher, self.teacher_size)
+        if spec.speech_range[0] >= 0 and self.k > len(spec.target_ids()):
+            raise ValueError(f"k={self.k} exceeds the target vocabulary of {self.teacher} ({len(spec.target_ids())})")
+        return self
+
+    def spec(self):
+        return get_spec(self.teacher, self.teacher_size)
+
+    def resume_key(self) -> dict:
+        """What must be equal for existing shards to be reused."""
+        return self.model_dump(include={"teacher", "teacher_size", "teacher_source", "teacher_seed", "k",
+                                        "temperature", "value_dtype", "rows_per_shard"})
+
+
+def index_type(target_vocab: int) -> pa.DataType:
+    """Smallest unsigned integer type that holds every compact target index."""
+    if target_vocab <= 1 << 8:
+        return pa.uint8()
+    if target_vocab <= 1 << 16:
+        return pa.uint16()
+    return pa.uint32()
+
+
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+# ----------------------------------------------------------------------------- teacher side
+def load_teacher(config: PrecomputeConfig, device: torch.device):
+    spec = config.spec()
+    if config.teacher_source:
+        model = spec.load(config.teacher_source)
+    else:
+        torch.manual_seed(config.teacher_seed)
+        model = spec.build()
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model.to(device=device, dtype=dtype).eval()
+    return wand.enable_wand(model, None), spec  # full attention: the teacher
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class ShardAssigner:
+    """Adds the deterministic shard index of each row; drops rows not to compute this run."""
+
+    def __init__(self, mapping):
+        import ray
+
+        # Passed as an object ref so a large id -> shard map is stored once, not per task.
+        self.mapping = ray.get(mapping) if isinstance(mapping, ray.ObjectRef) else mapping
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ids = batch.column("id").to_pylist()
+        shards = [self.mapping.get(i, -1) for i in ids]
+        keep = pa.array([s >= 0 for s in shards])
+        batch = batch.append_column("shard", pa.array(shards, type=pa.int64()))
+        return batch.filter(keep)
+
+
+class TeacherTopK:
+    """map_groups callable: one group = one shard; computes its top-k and writes it."""
+
+    def __init__(self, config_json: str):
+        self.config = PrecomputeConfig.model_validate_json(config_json)
+        use_gpu = self.config.num_gpus_per_actor > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        self.model, self.spec = load_teacher(self.config, self.device)
+        self.fingerprint = weights_fingerprint(self.model)
+        self.target_ids = self.spec.target_ids().to(self.device)
+        self.fs, self.root = storage.resolve(self.config.output, self.config.s3_endpoint)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        shard = int(batch.column("shard")[0].as_py())
+        rows = batch.drop_columns([c for c in ("shard", "path") if c in batch.column_names]).to_pylist()
+        rows.sort(key=lambda r: r["id"])
+        maybe_fail(shard)
+        results = self.compute(rows)
+        table = build_shard_table(rows, results, self.config, len(self.target_ids))
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        data = sink.getvalue()
+        path = storage.join(self.root, shard_name(shard))
+        storage.write_bytes(self.fs, path, data)
+        sidecar = dict(file=shard_name(shard), shard=shard, rows=len(rows), sha256=hashlib.sha256(data).hexdigest(),
+                       first_id=rows[0]["id"], last_id=rows[-1]["id"], teacher_fingerprint=self.fingerprint,
+                       generated_tokens=int(sum(len(r["input_ids"]) - r["prefix_length"] for r in rows)))
+        # The sidecar is written last: its presence means the shard file is complete.
+        storage.write_json(self.fs, path.replace(".parquet", ".json"), sidecar)
+        return pa.table({k: [v] for k, v in sidecar.items()})
+
+    @torch.no_grad()
+    def compute(self, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Teacher-forced forward in length-sorted, token-budget batches; top-k per generated position."""
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+        results: list = [None] * len(rows)
+        batch: list[int] = []
+        for i in order + [None]:
+            longest = max([len(rows[j]["input_ids"]) for j in batch] + ([len(rows[i]["input_ids"])] if i is not None else [0]))
+            if batch and (i is None or longest * (len(batch) + 1) > self.config.max_tokens_per_batch):
+                for j, res in zip(batch, self._forward([rows[j] for j in batch])):
+                    results[j] = res
+                batch = []
+            if i is not None:
+                batch.append(i)
+        return results
+
+    def _forward(self, rows: list[dict]):
+        lengths = [len(r["input_ids"]) for r in rows]
+        width = max(lengths)
+        pad_id = int(self.target_ids[0])
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, r in enumerate(rows):
+            ids[b, : lengths[b]] = torch.as_tensor(r["input_ids"])
+            mask[b, : lengths[b]] = 1
+        prefix = torch.tensor([r["prefix_length"] for r in rows])
+        kwargs = {}
+        if self.spec.family == "indextts":
+            n, dim = self.spec.extra["num_latents"], self.spec.config["n_embd"]
+            kwargs["conditioning_latents"] = torch.tensor(
+                np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows])
+            ).to(self.device)
+        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
+                            prefix_lengths=prefix.to(self.device), **kwargs).logits
+        out = []
+        for b, r in enumerate(rows):
+            positions = target_positions(r["prefix_length"], lengths[b]).to(self.device)
+            values, index, rest = sparse_teacher_targets(logits[b, positions], self.target_ids, self.config.k,
+                                                         self.config.temperature)
+            out.append((values.cpu(), index.cpu().numpy(), rest.cpu().numpy().astype(np.float32)))
+        return out
+
+
+def maybe_fail(shard: int) -> None:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    target, marker = spec.split(":", 1)
+    if int(target) == shard and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write("failed once\n")
+        raise ShardFault(f"injected failure on shard {shard} ({FAULT_ENV})")
+
+
+def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[np.ndarray, pa.DataType]:
+    if value_dtype == "float16":
+        return values.to(torch.float16).numpy(), pa.float16()
+    if value_dtype == "bfloat16":  # Arrow has no bf16: keep its bits in uint16 (decode with decode_values)
+        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), pa.uint16()
+    return values.to(torch.float32).numpy(), pa.float32()
+
+
+def decode_values(array: np.ndarray, value_dtype: str) -> torch.Tensor:
+    """Inverse of ``encode_values``: stored top-k values -> float32 log-probs."""
+    if value_dtype == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(np.asarray(array)).float()
+
+
+def build_shard_table(rows, results, config: PrecomputeConfig, target_vocab: int) -> pa.Table:
+    k = config.k
+    counts = np.array([len(res[1]) for res in results], dtype=np.int32)
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    values, value_type = encode_values(torch.cat([res[0] for res in results]), config.value_dtype)
+    idx_type = index_type(target_vocab)
+    indices = np.concatenate([res[1] for res in results]).astype(idx_type.to_pandas_dtype())
+    rests = np.concatenate([res[2] for res in results])
+
+    def nested(flat: np.ndarray, dtype: pa.DataType) -> pa.Array:
+        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=dtype), k)
+        return pa.ListArray.from_arrays(offsets, inner)
+
+    columns = {
+        "id": pa.array([r["id"] for r in rows], type=pa.string()),
+        "input_ids": pa.array([r["input_ids"] for r in rows], type=pa.list_(pa.int32())),
+        "prefix_length": pa.array([r["prefix_length"] for r in rows], type=pa.int32()),
+        "topk_indices": nested(indices, idx_type),
+        "topk_logprobs": nested(values, value_type),
+        "rest_logprob": pa.ListArray.from_arrays(offsets, pa.array(rests, type=pa.float32())),
+    }
+    for optional, dtype in (("prompt_length", pa.int32()), ("conditioning_latents", pa.list_(pa.float32()))):
+        if optional in rows[0]:
+            columns[optional] = pa.array([r[optional] for r in rows], type=dtype)
+    table = pa.table(columns)
+    meta = {"format": FORMAT, "k": str(k), "temperature": str(config.temperature), "value_dtype": config.value_dtype,
+            "teacher": config.teacher, "target_vocab_size": str(target_vocab)}
+    return table.replace_schema_metadata({f"wand.{key}": value for key, value in meta.items()})
+
+
+# ----------------------------------------------------------------------------- driver side
+def read_corpus(config: PrecomputeConfig):
+    import ray.data
+
+    fs, path = storage.resolve(config.input, config.s3_endpoint)
+    files = storage.list_files(fs, path, (".parquet", ".jsonl"))
+    if not files:
+        raise ValueError(f"input: no .parquet or .jsonl files under {config.input}")
+    kinds = {f.endswith(".parquet") for f in files}
+    if len(kinds) > 1:
+        raise ValueError(f"input: mixes Parquet and JSONL files under {config.input}; use one format")
+    reader = ray.data.read_parquet if kinds == {True} else ray.data.read_json
+    # One read task per file keeps the `path` column exact.
+    ds = reader(files, filesystem=fs, include_paths=True, ray_remote_args={"num_cpus": config.read_num_cpus})
+    return ds, files
+
+
+def check_corpus(ds, spec, config: PrecomputeConfig) -> tuple[list[dict], list[dict], str]:
+    """Return (good rows' id/hash/length, bad rows with reasons, input fingerprint)."""
+    checks = ds.map_batches(RowChecker, fn_constructor_args=(spec,), batch_format="pyarrow", concurrency=1,
+                            num_cpus=config.read_num_cpus).take_all()
+    seen: Counter = Counter(r["id"] for r in checks)
+    first_path: dict[str, str] = {}
+    good, bad = [], []
+    for r in checks:
+        reason = r["reason"]
+        if reason is None and seen[r["id"]] > 1:
+            other = first_path.setdefault(r["id"], r["path"])
+            reason = f"duplicate id (appears {seen[r['id']]} times; first in {other})"
+        first_path.setdefault(r["id"], r["path"])
+        (bad if reason else good).append({**r, "reason": reason})
+    fingerprint = hashlib.sha256("".join(sorted(r["row_hash"] for r in checks)).encode()).hexdigest()
+    return good, bad, fingerprint
+
+
+def bad_rows_error(bad: list[dict]) -> str:
+    lines = [f"  {r['path']}: id {r['id']!r}: {r['reason']}" for r in bad[:20]]
+    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+    return (f"{len(bad)} bad row(s) in the corpus; nothing was written. Fix them, or set "
+            "on_bad_rows='quarantine' to write them to errors/ and go on:\n" + "\n".join(lines) + more)
+
+
+def run_precompute(config: PrecomputeConfig) -> dict:
+    """Run (or resume) the stage; return the manifest. Ray must be initialised (``ray.init``)."""
+    spec = config.spec()
+    fs, root = storage.resolve(config.output, config.s3_endpoint)
+    ds, files = read_corpus(config)
+    good, bad, fingerprint = check_corpus(ds, spec, config)
+    if bad and config.on_bad_rows == "fail":
+        raise ValueError(bad_rows_error(bad))
+    if not good:
+        raise ValueError(f"input: no valid rows in {config.input}")
+
+    run = {"settings": config.resume_key(), "input_fingerprint": fingerprint, "format": FORMAT}
+    run_path = storage.join(root, RUN_FILE)
+    if storage.exists(fs, run_path):
+        previous = storage.read_json(fs, run_path)
+        if previous != run:
+            raise ValueError(
+                f"output {config.output} holds shards of another run (settings or input differ: "
+                f"{_diff(previous, run)}); use a new output folder"
+            )
+    else:
+        storage.write_json(fs, run_path, run)
+
+    ordered = sorted(r["id"] for r in good)
+    mapping = {row_id: i // config.rows_per_shard for i, row_id in enumerate(ordered)}
+    n_shards = (len(ordered) + config.rows_per_shard - 1) // config.rows_per_shard
+    done = {s for s in range(n_shards) if _shard_done(fs, root, s)}
+    pending = {row_id: s for row_id, s in mapping.items() if s not in done}
+    log.info("precompute: %d rows in %d shards, %d done, %d to compute", len(ordered), n_shards, len(done),
+             n_shards - len(done))
+    if pending:
+        import ray
+
+        assigned = ds.map_batches(ShardAssigner, fn_constructor_args=(ray.put(pending),), batch_format="pyarrow",
+                                  concurrency=1, num_cpus=config.read_num_cpus)
+        summaries = assigned.groupby("shard").map_groups(
+            TeacherTopK, fn_constructor_args=(config.model_dump_json(),), batch_format="pyarrow",
+            concurrency=config.num_actors, num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
+        ).take_all()
+        computed = {int(s["shard"]) for s in summaries}
+        missing = set(range(n_shards)) - done - computed
+        if missing:
+            raise RuntimeError(f"precompute: shards {sorted(missing)} were not produced")
+
+    if bad:
+        _write_bad_rows(fs, root, bad)
+    sidecars = [storage.read_json(fs, storage.join(root, shard_name(s).replace(".parquet", ".json")))
+                for s in range(n_shards)]
+    fingerprints = {s["teacher_fingerprint"] for s in sidecars}
+    if len(fingerprints) != 1:
+        raise RuntimeError(f"precompute: shards were computed by different teacher weights: {sorted(fingerprints)}")
+    manifest = {
+        "format": FORMAT,
+        "teacher": {"preset": config.teacher, "size": config.teacher_size, "source": config.teacher_source,
+                    "seed": None if config.teacher_source else config.teacher_seed,
+                    "fingerprint": fingerprints.pop()},
+        "k": config.k, "temperature": config.temperature, "value_dtype": config.value_dtype,
+        "index_dtype": str(index_type(len(spec.target_ids()))), "target_vocab_size": len(spec.target_ids()),
+        "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint},
+        "rows": len(ordered), "rows_per_shard": config.rows_per_shard,
+        "generated_tokens": sum(s["generated_tokens"] for s in sidecars),
+        "shards": [{k: s[k] for k in ("file", "rows", "sha256", "first_id", "last_id")} for s in sidecars],
+        "bad_rows": {"mode": config.on_bad_rows, "count": len(bad),
+                     "file": "errors/bad_rows.parquet" if bad else None},
+    }
+    storage.write_json(fs, storage.join(root, MANIFEST), manifest)
+    return manifest
+
+
+def _shard_done(fs, root: str, shard: int) -> bool:
+    sidecar = storage.join(root, shard_name(shard).replace(".parquet", ".json"))
+    path = storage.join(root, shard_name(shard))
+    if not (storage.exists(fs, sidecar) and storage.exists(fs, path)):
+        return False
+    return storage.read_json(fs, sidecar)["sha256"] == storage.sha256_file(fs, path)
+
+
+def _write_bad_rows(fs, root: str, bad: list[dict]) -> None:
+    table = pa.table({"id": [r["id"] for r in bad], "path": [r["path"] for r in bad],
+                      "reason": [r["reason"] for r in bad]})
+    sink = io.BytesIO()
+    pq.write_table(table, sink)
+    storage.write_bytes(fs, storage.join(root, "errors", "bad_rows.parquet"), sink.getvalue())
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> str:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            sub = _diff(x, y, f"{prefix}{key}.")
+            if sub:
+                out.append(sub)
+        elif x != y:
+            out.append(f"{prefix}{key}: {x!r} -> {y!r}")
+    return ", ".join(out)
+
+
+def load_manifest(uri: str, endpoint: str | None = None) -> dict:
+    fs, root = storage.resolve(uri, endpoint)
+    path = storage.join(root, MANIFEST)
+    if not storage.exists(fs, path):
+        raise FileNotFoundError(f"no {MANIFEST} under {uri}: run the precompute stage first")
+    return storage.read_json(fs, path)
+
+
+def verify_manifest(manifest: dict, *, teacher: str, k: int | None = None, temperature: float | None = None,
+                    teacher_fingerprint: str | None = None) -> None:
+    """Refuse shards computed with other settings than the training config expects."""
+    problems = []
+    if manifest.get("format") != FORMAT:
+        problems.append(f"format {manifest.get('format')!r} (expected {FORMAT!r})")
+    if manifest["teacher"]["preset"] != teacher:
+        problems.append(f"teacher {manifest['teacher']['preset']!r} (config: {teacher!r})")
+    if k is not None and manifest["k"] < k:
+        problems.append(f"k={manifest['k']} (config needs {k})")
+    if temperature is not None and manifest["temperature"] != temperature:
+        problems.append(f"temperature={manifest['temperature']} (config: {temperature})")
+    if teacher_fingerprint is not None and manifest["teacher"]["fingerprint"] != teacher_fingerprint:
+        problems.append("teacher weights fingerprint differs")
+    if problems:
+        raise ValueError("teacher shards do not match the config: " + "; ".join(problems))
