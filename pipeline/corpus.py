@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from wand.models import ModelSpec
 
-__all__ = ["REQUIRED_COLUMNS", "CHECK_SCHEMA", "RowChecker", "required_columns", "row_hash"]
+__all__ = ["REQUIRED_COLUMNS", "CHECK_SCHEMA", "RowChecker", "check_batch", "required_columns", "row_hash"]
 
 REQUIRED_COLUMNS = ("id", "input_ids", "prefix_length")
 CHECK_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("length", pa.int64()),
@@ -40,8 +40,13 @@ def _latent_size(spec: ModelSpec) -> int | None:
     return spec.extra["num_latents"] * spec.config["n_embd"]
 
 
+def check_batch(batch: pa.Table, spec: ModelSpec) -> pa.Table:
+    """Ray Data map_batches function: one output row per input row (id, path, length, hash, reason)."""
+    return RowChecker(spec)(batch)
+
+
 class RowChecker:
-    """Ray Data map_batches callable: one output row per input row (id, path, hash, reason)."""
+    """Checks rows against the schema and a model spec's vocabulary."""
 
     def __init__(self, spec: ModelSpec):
         self.spec = spec

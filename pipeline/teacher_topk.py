@@ -32,7 +32,7 @@ from wand.models import MODEL_NAMES, get_spec
 from wand.topk import sparse_teacher_targets, target_positions
 
 from . import storage
-from .corpus import CHECK_SCHEMA, RowChecker
+from .corpus import check_batch
 
 __all__ = ["PrecomputeConfig", "run_precompute", "load_manifest", "verify_manifest", "MANIFEST", "ShardFault"]
 
@@ -40,8 +40,6 @@ log = logging.getLogger("wand.precompute")
 MANIFEST = "manifest.json"
 RUN_FILE = "_run.json"
 FORMAT = "wand-teacher-topk/1"
-# Test hook: "SHARD:MARKER_FILE" makes the actor fail once on that shard (the marker records it).
-FAULT_ENV = "WAND_FAULT_PRECOMPUTE_SHARD"
 
 
 class ShardFault(RuntimeError):
@@ -71,6 +69,8 @@ class PrecomputeConfig(BaseModel):
     read_num_cpus: float = Field(0.5, gt=0)
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
+    fail_once: str | None = Field(None, description="testing hook 'SHARD:MARKER_FILE': fail shard SHARD once "
+                                  "(the marker file records that it did) to exercise resume")
 
     @field_validator("teacher")
     @classmethod
@@ -129,21 +129,17 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-class ShardAssigner:
-    """Adds the deterministic shard index of each row; drops rows not to compute this run."""
+def assign_shards(batch: pa.Table, mapping) -> pa.Table:
+    """Add the deterministic shard index of each row; drop rows not to compute this run.
 
-    def __init__(self, mapping):
-        import ray
+    ``mapping`` (id -> shard) arrives as an object ref so a large map is stored once."""
+    import ray
 
-        # Passed as an object ref so a large id -> shard map is stored once, not per task.
-        self.mapping = ray.get(mapping) if isinstance(mapping, ray.ObjectRef) else mapping
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ids = batch.column("id").to_pylist()
-        shards = [self.mapping.get(i, -1) for i in ids]
-        keep = pa.array([s >= 0 for s in shards])
-        batch = batch.append_column("shard", pa.array(shards, type=pa.int64()))
-        return batch.filter(keep)
+    if isinstance(mapping, ray.ObjectRef):
+        mapping = ray.get(mapping)
+    shards = [mapping.get(i, -1) for i in batch.column("id").to_pylist()]
+    keep = pa.array([s >= 0 for s in shards])
+    return batch.append_column("shard", pa.array(shards, type=pa.int64())).filter(keep)
 
 
 class TeacherTopK:
@@ -162,7 +158,7 @@ class TeacherTopK:
         shard = int(batch.column("shard")[0].as_py())
         rows = batch.drop_columns([c for c in ("shard", "path") if c in batch.column_names]).to_pylist()
         rows.sort(key=lambda r: r["id"])
-        maybe_fail(shard)
+        maybe_fail(self.config.fail_once, shard)
         results = self.compute(rows)
         table = build_shard_table(rows, results, self.config, len(self.target_ids))
         sink = io.BytesIO()
@@ -220,15 +216,14 @@ class TeacherTopK:
         return out
 
 
-def maybe_fail(shard: int) -> None:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec:
+def maybe_fail(fail_once: str | None, shard: int) -> None:
+    if not fail_once:
         return
-    target, marker = spec.split(":", 1)
+    target, marker = fail_once.split(":", 1)
     if int(target) == shard and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write("failed once\n")
-        raise ShardFault(f"injected failure on shard {shard} ({FAULT_ENV})")
+        raise ShardFault(f"injected failure on shard {shard} (fail_once)")
 
 
 def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[np.ndarray, pa.DataType]:
@@ -242,7 +237,8 @@ def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[np.ndarray, p
 def decode_values(array: np.ndarray, value_dtype: str) -> torch.Tensor:
     """Inverse of ``encode_values``: stored top-k values -> float32 log-probs."""
     if value_dtype == "bfloat16":
-        return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).float()
+        bits = np.ascontiguousarray(np.asarray(array, dtype=np.uint16)).view(np.int16)
+        return torch.from_numpy(bits).view(torch.bfloat16).float()
     return torch.from_numpy(np.asarray(array)).float()
 
 
@@ -295,7 +291,7 @@ def read_corpus(config: PrecomputeConfig):
 
 def check_corpus(ds, spec, config: PrecomputeConfig) -> tuple[list[dict], list[dict], str]:
     """Return (good rows' id/hash/length, bad rows with reasons, input fingerprint)."""
-    checks = ds.map_batches(RowChecker, fn_constructor_args=(spec,), batch_format="pyarrow", concurrency=1,
+    checks = ds.map_batches(check_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow",
                             num_cpus=config.read_num_cpus).take_all()
     seen: Counter = Counter(r["id"] for r in checks)
     first_path: dict[str, str] = {}
@@ -351,9 +347,13 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     if pending:
         import ray
 
-        assigned = ds.map_batches(ShardAssigner, fn_constructor_args=(ray.put(pending),), batch_format="pyarrow",
-                                  concurrency=1, num_cpus=config.read_num_cpus)
-        summaries = assigned.groupby("shard").map_groups(
+        # Plain functions run as tasks on pooled workers (no new process per run); only the
+        # teacher needs an actor.
+        assigned = ds.map_batches(assign_shards, fn_kwargs={"mapping": ray.put(pending)}, batch_format="pyarrow",
+                                  num_cpus=config.read_num_cpus)
+        # One shuffle partition per pending shard (bounded): Ray's default of 200 is for big data.
+        partitions = max(1, min(len(set(pending.values())), 64))
+        summaries = assigned.groupby("shard", num_partitions=partitions).map_groups(
             TeacherTopK, fn_constructor_args=(config.model_dump_json(),), batch_format="pyarrow",
             concurrency=config.num_actors, num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
         ).take_all()

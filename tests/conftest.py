@@ -59,3 +59,17 @@ def s3_server():
                     os.environ.pop(key, None)
                 else:
                     os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def ray_local(s3_server):
+    """A real local Ray instance with 2 logical CPUs (started after the S3 fixture so its workers
+    inherit the S3 endpoint and the fake credentials from the environment)."""
+    import os
+
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
