@@ -1,7 +1,6 @@
 """Precompute the frozen teacher's top-k log-probabilities as sharded Parquet (a Ray Data stage).
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/precompute.py --config jobs/configs/precompute-tiny.yaml
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/precompute.py --config jobs/configs/precompute-tiny.yaml
     python jobs/precompute.py --config my.yaml --output s3://bucket/topk/cosyvoice2 --k 32
 
 The config is YAML with the fields of pipeline.teacher_topk.PrecomputeConfig; any field can be

@@ -52,7 +52,7 @@ class PrecomputeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     teacher: str = Field(description="model preset, one of wand.models.MODEL_NAMES")
-    teacher_size: Literal["real", "tiny"] = "real"
+    teacher_size: Literal["real", "small", "tiny"] = "real"
     teacher_source: str | None = Field(None, description="weights: local path, s3:// URI or HF id; None = "
                                        "random weights from teacher_seed (tests and demos only)")
     teacher_seed: int = 0
@@ -285,7 +285,7 @@ def read_corpus(config: PrecomputeConfig):
         raise ValueError(f"input: mixes Parquet and JSONL files under {config.input}; use one format")
     reader = ray.data.read_parquet if kinds == {True} else ray.data.read_json
     # One read task per file keeps the `path` column exact.
-    ds = reader(files, filesystem=fs, include_paths=True, ray_remote_args={"num_cpus": config.read_num_cpus})
+    ds = reader(files, filesystem=fs, include_paths=True, num_cpus=config.read_num_cpus)
     return ds, files
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .causal_lm import CausalLMSpec
 from .cosyvoice2 import CosyVoice2LM, CosyVoice2Spec
 from .indextts import IndexTTSGPT, IndexTTSSpec
-from .presets import BUILDERS
+from .presets import BUILDERS, shrink
 from .spec import ModelSpec
 from .weights import WeightsNotFound
 
@@ -21,15 +21,21 @@ __all__ = [
 ]
 
 MODEL_NAMES = tuple(BUILDERS)
-SIZES = ("real", "tiny")
+SIZES = ("real", "small", "tiny")
 
 
 def get_spec(name: str, size: str = "real") -> ModelSpec:
-    """The spec of a target model: one of MODEL_NAMES, at size "real" or "tiny"."""
+    """The spec of a target model: one of MODEL_NAMES, at size "real", "small" or "tiny".
+
+    real: the published architecture. small: the real vocabularies and token layout on a small
+    backbone (4 layers, 256 wide), for CPU benchmarks of the pipeline. tiny: small vocabularies
+    with the same layout shape, for tests."""
     if name not in BUILDERS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_NAMES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r} for {name}; known: {', '.join(SIZES)}")
+    if size == "small":
+        return shrink(BUILDERS[name]("real"))
     return BUILDERS[name](size)
 
 

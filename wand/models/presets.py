@@ -129,6 +129,20 @@ def _orpheus(size: str) -> CausalLMSpec:
     )
 
 
+def shrink(spec):
+    """The same spec (vocabularies, token layout) on a 4-layer, 256-wide backbone."""
+    from dataclasses import replace
+
+    if "n_embd" in spec.config:  # GPT-2 (IndexTTS)
+        config = {**spec.config, "n_embd": 256, "n_layer": 4, "n_head": 8}
+    else:
+        config = {**spec.config, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
+                  "num_attention_heads": 8, "num_key_value_heads": 2}
+        if "head_dim" in config:
+            config["head_dim"] = 32
+    return replace(spec, size="small", config=config)
+
+
 BUILDERS = {
     "cosyvoice2": _cosyvoice2,
     "indextts": _indextts,
