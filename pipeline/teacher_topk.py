@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import wand
 from wand.models import MODEL_NAMES, get_spec
+from wand.models.weights import fingerprint
 from wand.topk import sparse_teacher_targets, target_positions
 
 from . import storage
@@ -122,11 +123,7 @@ def load_teacher(config: PrecomputeConfig, device: torch.device):
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
+    return fingerprint(model.state_dict())
 
 
 def assign_shards(batch: pa.Table, mapping) -> pa.Table:

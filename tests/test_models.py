@@ -232,3 +232,14 @@ def test_measured_wand_cache_matches_analytic_at_tiny_size():
         with torch.no_grad():
             model(input_ids=ids, prefix_lengths=torch.tensor([prefix]), window=window, cache=cache, use_cache=True)
         assert cache_nbytes(cache) == cache_bytes(per_token, prefix, generated, window)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_hidden_and_head_reproduce_the_logits(name):
+    spec = get_spec(name, "tiny")
+    model = wand.enable_wand(spec.build().eval(), 4)
+    ids, prefix, kwargs = tiny_inputs(spec)
+    full = model(input_ids=ids, prefix_lengths=prefix, **kwargs).logits
+    hidden, head = spec.hidden_and_head(model, model, input_ids=ids, prefix_lengths=prefix, **kwargs)
+    torch.testing.assert_close(head(hidden), full, atol=1e-5, rtol=0)
+    assert spec.target_ids().max() < full.shape[-1]  # every target id is a head output

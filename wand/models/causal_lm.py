@@ -42,6 +42,12 @@ class CausalLMSpec(ModelSpec):
         model.set_attn_implementation("sdpa")
         return model.to(dtype) if dtype is not None else model
 
+    def hidden_and_head(self, forward, module: torch.nn.Module, **kwargs):
+        """Final (normed) hidden states [B, T, D] and the LM head; logits only for the last position
+        are computed here, the caller applies the head in chunks (``wand.losses``)."""
+        out = forward(**kwargs, output_hidden_states=True, logits_to_keep=1)
+        return out.hidden_states[-1], module.lm_head
+
     def save(self, model: torch.nn.Module, directory: str | Path) -> Path:
         """Write ``model`` as the released models ship it (config.json + model.safetensors)."""
         model.save_pretrained(str(directory), safe_serialization=True)

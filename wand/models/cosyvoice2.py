@@ -86,8 +86,11 @@ class CosyVoice2LM(nn.Module):
         cache=None,
         past_key_values=None,
         use_cache: bool | None = None,
+        return_hidden: bool = False,
         **kwargs,
     ) -> CausalLMOutputWithPast:
+        """``return_hidden=True`` skips the head and returns the final hidden states as
+        ``hidden_states`` (training applies the head in chunks, see ``wand.losses``)."""
         cache = cache if cache is not None else past_key_values
         if inputs_embeds is None:
             inputs_embeds = self.embed(input_ids)
@@ -98,6 +101,8 @@ class CosyVoice2LM(nn.Module):
             use_cache=use_cache,
             **{self._cache_kw: cache},
         )
+        if return_hidden:
+            return CausalLMOutputWithPast(hidden_states=out.last_hidden_state, cache=cache if use_cache else None)
         logits = self.llm_decoder(out.last_hidden_state)
         return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
 
@@ -111,6 +116,10 @@ class CosyVoice2Spec(ModelSpec):
         model = CosyVoice2LM(self.backbone_config(), speech_token_size=self.extra["speech_token_size"])
         model.set_attn_implementation("sdpa")
         return model.to(dtype) if dtype is not None else model
+
+    def hidden_and_head(self, forward, module: CosyVoice2LM, **kwargs):
+        """Final hidden states [B, T, D] (through ``forward``, e.g. a DeepSpeed engine) and the head."""
+        return forward(**kwargs, return_hidden=True).hidden_states, module.llm_decoder
 
     def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
         """Map Qwen text-tokenizer ids into this spec's id space."""

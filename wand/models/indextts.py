@@ -106,13 +106,16 @@ class IndexTTSGPT(nn.Module):
         return emb
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
-                use_cache=None, prefix_lengths=None, conditioning_latents=None, **kwargs) -> CausalLMOutputWithPast:
+                use_cache=None, prefix_lengths=None, conditioning_latents=None, return_hidden=False,
+                **kwargs) -> CausalLMOutputWithPast:
         cache = cache if cache is not None else past_key_values
         if position_ids is None or prefix_lengths is None:
             raise ValueError("IndexTTSGPT needs position_ids and prefix_lengths: call it through wand.enable_wand")
         emb = self.embed(input_ids, position_ids, prefix_lengths.to(input_ids.device), conditioning_latents)
         out = self.gpt(inputs_embeds=emb, attention_mask=attention_mask, position_ids=position_ids,
                        use_cache=use_cache, **{self._cache_kw: cache})
+        if return_hidden:  # the head (final_norm + mel_head) is applied by the caller, in chunks
+            return CausalLMOutputWithPast(hidden_states=out.last_hidden_state, cache=cache if use_cache else None)
         logits = self.mel_head(self.final_norm(out.last_hidden_state))
         return CausalLMOutputWithPast(logits=logits, cache=cache if use_cache else None)
 
@@ -128,6 +131,10 @@ class IndexTTSSpec(ModelSpec):
                             e["max_text_tokens"], e["max_mel_tokens"], e["num_latents"])
         model.set_attn_implementation("sdpa")
         return model.to(dtype) if dtype is not None else model
+
+    def hidden_and_head(self, forward, module: IndexTTSGPT, **kwargs):
+        hidden = forward(**kwargs, return_hidden=True).hidden_states
+        return hidden, lambda h: module.mel_head(module.final_norm(h))
 
     def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
         """Map IndexTTS BPE ids (start_text 0, stop_text 1 included) into this spec's id space."""

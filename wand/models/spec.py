@@ -51,6 +51,10 @@ class ModelSpec:
         """The network with random weights at this spec's size (no download)."""
         raise NotImplementedError
 
+    def hidden_and_head(self, forward, module: torch.nn.Module, **kwargs):
+        """(final hidden states [B, T, D], head: hidden -> logits) of a forward with ``kwargs``."""
+        raise NotImplementedError
+
     def load(self, source: str | None = None, dtype: torch.dtype | None = None) -> torch.nn.Module:
         """Released weights from a local path, ``s3://`` URI or Hugging Face id (see ``wand.models.weights``)."""
         raise NotImplementedError

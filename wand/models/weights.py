@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_source", "read_state_dict", "load_checked", "WeightsNotFound"]
+__all__ = ["resolve_source", "read_state_dict", "load_checked", "fingerprint", "WeightsNotFound"]
 
 
 class WeightsNotFound(ValueError):
@@ -122,3 +122,14 @@ def load_checked(model: torch.nn.Module, state: dict, path, name: str, ignore_pr
         raise ValueError(f"{name}: {path} does not match this preset's architecture: " + "; ".join(parts))
     model.load_state_dict(state, strict=True)
     return ignored
+
+
+def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
+    """sha256 over names and float32 values: equal iff the weights are equal (any dtype, any device)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(state_dict.items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()

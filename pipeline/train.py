@@ -1,0 +1,457 @@
+"""One curriculum stage = one Ray Train run of the student with DeepSpeed ZeRO.
+
+Each worker: ``deepspeed.initialize`` (ZeRO 1/2/3, torch AdamW as the client optimizer; gloo and
+DeepSpeed's CPU accelerator on CPU, bf16 on GPU) -> streams its split of the teacher top-k shards
+(``ray.train.get_dataset_shard``) -> per global step t, the curriculum's W(t), tau(t) and lr(t),
+the WAND-masked student forward, ``wand.losses.wand_loss`` -> every ``checkpoint_every`` steps
+every rank saves its DeepSpeed checkpoint and reports it with ``ray.train.report``.
+
+Resume: a worker failure restarts the group from the last reported checkpoint
+(``FailureConfig(max_failures)``); a resubmitted driver finds the run by its name
+(``<experiment>-stage<k>``) under the storage path and continues from its latest checkpoint.
+The per-step metrics travel inside each checkpoint (the history up to its step), so the final
+checkpoint holds every step exactly once, however many restarts happened.
+The stage's end writes ``<storage>/<experiment>/stage-<k>.json`` (final checkpoint, checksum);
+stage k + 1 starts from that checkpoint's consolidated ``model.safetensors``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import time
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import torch
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from wand.curriculum import Curriculum, Stage
+from wand.losses import KD_KINDS, wand_loss
+from wand.models import MODEL_NAMES, get_spec
+from wand.models.weights import fingerprint
+
+from . import storage
+from .teacher_topk import decode_values, load_manifest, verify_manifest
+
+__all__ = ["TrainConfig", "plan_stages", "preflight", "run_stage", "stage_record", "param_checksum"]
+
+log = logging.getLogger("wand.train")
+
+
+class TrainConfig(BaseModel):
+    """Student distillation settings (one experiment = a chain of curriculum stages)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str = Field(description="run name prefix; stage k runs as <experiment>-stage<k>")
+    model: str = Field(description="model preset (the teacher's; the student starts from its weights)")
+    model_size: Literal["real", "small", "tiny"] = "real"
+    teacher_source: str | None = Field(None, description="teacher weights (local, s3://, HF id); None = seeded random")
+    teacher_seed: int = 0
+    shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)")
+    storage: str = Field(description="Ray Train storage path for checkpoints: local folder or s3://bucket/prefix")
+    s3_endpoint: str | None = None
+    stages: int = Field(3, ge=1, description="curriculum stages (separate Ray Train runs / resume points)")
+    epochs: float = Field(1.0, gt=0)
+    batch_size: int = Field(8, ge=1, description="sequences per worker per step")
+    window_start: int = Field(128, ge=1)
+    window_target: int | None = Field(None, ge=1, description="default: the preset's target W")
+    tau_start: float = Field(0.5, gt=0)
+    tau_end: float | None = Field(1e4, description="None: hard mask every step (no soft curriculum)")
+    lr: float = Field(1e-5, gt=0)
+    warmup_fraction: float = Field(0.03, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    kd_kind: str = Field("skew_fkl", description=f"one of {', '.join(KD_KINDS)}")
+    kd_weight: float = Field(1.0, ge=0, description="lambda: loss = CE + lambda x KD")
+    skew_alpha: float = Field(0.1, gt=0, lt=1)
+    temperature: float = Field(1.0, gt=0, description="must equal the shards' temperature")
+    zero_stage: Literal[1, 2, 3] = 2
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (Ray Data needs CPUs too)")
+    max_failures: int = Field(2, ge=0)
+    checkpoint_every: int = Field(50, ge=1)
+    loss_chunk_size: int = Field(1024, ge=1)
+    gradient_clipping: float = Field(1.0, ge=0)
+    fail_once: str | None = Field(None, description="testing hook 'STEP:MARKER_FILE': rank 1 dies once at STEP")
+
+    @field_validator("experiment")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", value):
+            raise ValueError("experiment must be letters, digits, '_', '.', '-' (it names runs and folders)")
+        return value
+
+    @field_validator("model")
+    @classmethod
+    def _known_model(cls, value: str) -> str:
+        if value not in MODEL_NAMES:
+            raise ValueError(f"unknown model preset {value!r}; known: {', '.join(MODEL_NAMES)}")
+        return value
+
+    @field_validator("kd_kind")
+    @classmethod
+    def _known_kd(cls, value: str) -> str:
+        if value not in KD_KINDS:
+            raise ValueError(f"unknown kd_kind {value!r}; known: {', '.join(KD_KINDS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _windows(self) -> "TrainConfig":
+        target = self.resolved_window_target()
+        if target > self.window_start:
+            raise ValueError(f"window_target ({target}) must be <= window_start ({self.window_start})")
+        return self
+
+    def spec(self):
+        return get_spec(self.model, self.model_size)
+
+    def resolved_window_target(self) -> int:
+        return self.window_target or self.spec().target_window
+
+    def curriculum(self, total_steps: int) -> Curriculum:
+        return Curriculum(total_steps=total_steps, window_start=self.window_start,
+                          window_target=self.resolved_window_target(), tau_start=self.tau_start,
+                          tau_end=self.tau_end, lr=self.lr, warmup_fraction=self.warmup_fraction)
+
+    def run_name(self, stage: int) -> str:
+        return f"{self.experiment}-stage{stage}"
+
+
+# ----------------------------------------------------------------------------- driver side
+def preflight(config: TrainConfig) -> tuple[dict, Curriculum]:
+    """Everything that can be checked before training: shards, manifest, schedule. Raises with the field."""
+    try:
+        manifest = load_manifest(config.shards, config.s3_endpoint)
+    except FileNotFoundError as err:
+        raise ValueError(f"shards: {err}") from None
+    verify_manifest(manifest, teacher=config.model, temperature=config.temperature)
+    teacher = manifest["teacher"]
+    if teacher["size"] != config.model_size or teacher["source"] != config.teacher_source or (
+        teacher["source"] is None and teacher.get("seed") != config.teacher_seed
+    ):
+        raise ValueError(
+            f"shards: made by teacher {teacher['preset']} size={teacher['size']} source={teacher['source']} "
+            f"seed={teacher.get('seed')}; config has size={config.model_size} source={config.teacher_source} "
+            f"seed={config.teacher_seed}"
+        )
+    steps = math.floor(manifest["rows"] * config.epochs / (config.batch_size * config.num_workers))
+    if steps < config.stages:
+        raise ValueError(
+            f"stages: {config.stages} stages need at least as many steps, but {manifest['rows']} rows x "
+            f"{config.epochs} epochs / (batch_size {config.batch_size} x {config.num_workers} workers) = {steps}"
+        )
+    return manifest, config.curriculum(steps)
+
+
+def plan_stages(config: TrainConfig) -> list[Stage]:
+    return preflight(config)[1].stages(config.stages)
+
+
+def stage_record_path(config: TrainConfig, stage: int) -> tuple:
+    fs, root = storage.resolve(config.storage, config.s3_endpoint)
+    return fs, storage.join(root, config.experiment, f"stage-{stage}.json")
+
+
+def stage_record(config: TrainConfig, stage: int) -> dict | None:
+    """The record a finished stage leaves (None if it has not finished)."""
+    fs, path = stage_record_path(config, stage)
+    return storage.read_json(fs, path) if storage.exists(fs, path) else None
+
+
+def _stage_rows(config: TrainConfig, manifest: dict, stage: Stage, rows_per_step: int):
+    """The Ray dataset of this stage's rows: global positions [start, end) x rows_per_step of the
+    id-sorted corpus, wrapping around for epochs > 1 (a row then appears once per use)."""
+    import pyarrow.parquet as pq
+    import ray
+    import ray.data
+
+    fs, root = storage.resolve(config.shards, config.s3_endpoint)
+    files = [storage.join(root, s["file"]) for s in manifest["shards"]]
+    ids = [i for f in files for i in pq.read_table(f, columns=["id"], filesystem=fs).column("id").to_pylist()]
+    wanted = np.arange(stage.start * rows_per_step, stage.end * rows_per_step) % len(ids)
+    counts: dict[str, int] = {}
+    for position in wanted:
+        counts[ids[position]] = counts.get(ids[position], 0) + 1
+    ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=config.cpus_per_worker)
+    return ds.map_batches(_select_rows, fn_kwargs={"counts": ray.put(counts)}, batch_format="pyarrow",
+                          num_cpus=config.cpus_per_worker)
+
+
+def _select_rows(batch: pa.Table, counts) -> pa.Table:
+    import ray
+
+    if isinstance(counts, ray.ObjectRef):
+        counts = ray.get(counts)
+    take = [i for i, row_id in enumerate(batch.column("id").to_pylist()) for _ in range(counts.get(row_id, 0))]
+    return batch.take(pa.array(take, type=pa.int64()))
+
+
+def _latest_checkpoint(config: TrainConfig, stage: int):
+    """The newest checkpoint a previous submission of this stage left (driver restart), or None."""
+    from ray.train import Checkpoint
+
+    fs, root = storage.resolve(config.storage, config.s3_endpoint)
+    run_dir = storage.join(root, config.run_name(stage))
+    if not storage.exists(fs, run_dir):
+        return None
+    import pyarrow.fs as pafs
+
+    best, best_step = None, -1
+    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
+        state = storage.join(info.path, "state.json")
+        if info.type == pafs.FileType.Directory and storage.exists(fs, state):
+            step = storage.read_json(fs, state)["next_step"]
+            if step > best_step:
+                best, best_step = info.path, step
+    return None if best is None else Checkpoint(best, fs)
+
+
+def run_stage(config: TrainConfig, stage_index: int) -> dict:
+    """Run (or resume, or skip if finished) curriculum stage ``stage_index`` (1-based); return its record."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    manifest, curriculum = preflight(config)
+    stages = curriculum.stages(config.stages)
+    if not 1 <= stage_index <= len(stages):
+        raise ValueError(f"stage: must be in [1, {len(stages)}], got {stage_index}")
+    done = stage_record(config, stage_index)
+    if done is not None:
+        log.info("stage %d already finished: %s", stage_index, done["checkpoint"])
+        return done
+    stage = stages[stage_index - 1]
+    init = None
+    if stage_index > 1:
+        previous = stage_record(config, stage_index - 1)
+        if previous is None:
+            raise ValueError(f"stage: stage {stage_index - 1} has not finished; run it first "
+                             f"(jobs/train_stage.py --stage {stage_index - 1})")
+        init = previous["checkpoint"]
+    fs, root = storage.resolve(config.storage, config.s3_endpoint)
+    resume = _latest_checkpoint(config, stage_index)
+    loop_config = {
+        "config": config.model_dump(), "stage": {"index": stage.index, "start": stage.start, "end": stage.end},
+        "total_steps": curriculum.total_steps, "init_checkpoint": init,
+        "resume_checkpoint": None if resume is None else resume.path,
+        "storage_is_s3": storage.is_remote(config.storage), "k": manifest["k"],
+        "value_dtype": manifest["value_dtype"],
+    }
+    storage_kwargs = ({"storage_path": root, "storage_filesystem": fs} if storage.is_remote(config.storage)
+                      else {"storage_path": root})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        run_config=RunConfig(name=config.run_name(stage_index), failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2), **storage_kwargs),
+        datasets={"train": _stage_rows(config, manifest, stage, config.batch_size * config.num_workers)},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {stage_index}: training ended without a checkpoint ({result.error})")
+    with result.checkpoint.as_directory() as directory:
+        with open(os.path.join(directory, "state.json")) as f:
+            state = json.load(f)
+    record = {"stage": stage_index, "start": stage.start, "end": stage.end, "checkpoint": result.checkpoint.path,
+              "param_checksum": state["param_checksum"], "init_param_checksum": state["init_param_checksum"],
+              "metrics": state["metrics"],
+              "total_steps": curriculum.total_steps}
+    rec_fs, rec_path = stage_record_path(config, stage_index)
+    storage.write_json(rec_fs, rec_path, record)
+    return record
+
+
+# ----------------------------------------------------------------------------- worker side
+def param_checksum(state_dict: dict[str, torch.Tensor]) -> str:
+    """The same fingerprint the precompute manifest records for the teacher."""
+    return fingerprint(state_dict)
+
+
+def _init_weights(config: TrainConfig, spec, init_checkpoint: str | None, filesystem):
+    """Stage 1: the teacher's weights. Stage k + 1: stage k's consolidated model.safetensors."""
+    if init_checkpoint is None:
+        if config.teacher_source:
+            return spec.load(config.teacher_source)
+        torch.manual_seed(config.teacher_seed)
+        return spec.build()
+    from ray.train import Checkpoint
+    from safetensors.torch import load_file
+
+    model = spec.build()
+    with Checkpoint(init_checkpoint, filesystem).as_directory() as directory:
+        state = load_file(os.path.join(directory, "model.safetensors"))
+    model.load_state_dict(state, strict=False)  # tied weights are stored once
+    return model
+
+
+def _collate(rows: list[dict], spec, k: int, value_dtype: str, device):
+    lengths = [len(r["input_ids"]) for r in rows]
+    width = max(lengths)
+    target_ids = spec.target_ids()
+    ids = torch.full((len(rows), width), int(target_ids[0]), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    batch_index, positions = [], []
+    for b, r in enumerate(rows):
+        ids[b, : lengths[b]] = torch.as_tensor(r["input_ids"])
+        mask[b, : lengths[b]] = 1
+        span = torch.arange(r["prefix_length"] - 1, lengths[b] - 1)
+        positions.append(span)
+        batch_index.append(torch.full_like(span, b))
+    batch_index, positions = torch.cat(batch_index), torch.cat(positions)
+    values = decode_values(np.concatenate([np.asarray(r["topk_logprobs"]) for r in rows]).reshape(-1, k), value_dtype)
+    compact = torch.as_tensor(np.concatenate([np.asarray(r["topk_indices"], dtype=np.int64) for r in rows]).reshape(-1, k))
+    rest = torch.as_tensor(np.concatenate([np.asarray(r["rest_logprob"], dtype=np.float32) for r in rows]))
+    kwargs = {}
+    if spec.family == "indextts":
+        n, dim = spec.extra["num_latents"], spec.config["n_embd"]
+        kwargs["conditioning_latents"] = torch.tensor(
+            np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows]))
+    return {
+        "input_ids": ids.to(device), "attention_mask": mask.to(device),
+        "prefix_lengths": torch.tensor([r["prefix_length"] for r in rows], device=device),
+        "batch_index": batch_index.to(device), "positions": positions.to(device),
+        "targets": ids[batch_index, positions + 1].to(device),
+        "teacher_values": values.to(device), "teacher_ids": target_ids[compact].to(device),
+        "teacher_rest": rest.to(device), "extra": {k_: v.to(device) for k_, v in kwargs.items()},
+    }
+
+
+def _batches(shard, batch_size: int, skip: int):
+    """Endless stream of row batches from this worker's split, the first ``skip`` dropped."""
+    seen = 0
+    while True:
+        produced = False
+        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
+            produced = True
+            if seen >= skip:
+                yield batch.to_pylist()
+            seen += 1
+        if not produced:
+            raise RuntimeError("this worker's data split is empty: fewer rows than batch_size x workers")
+
+
+def _maybe_fail(config: TrainConfig, step: int, rank: int) -> None:
+    if not config.fail_once or rank != min(1, config.num_workers - 1):
+        return
+    target, marker = config.fail_once.split(":", 1)
+    if step == int(target) and not os.path.exists(marker):
+        with open(marker, "w") as f:
+            f.write(f"worker {rank} died at step {step}\n")
+        os._exit(1)  # a dead worker, not a Python error: Ray restarts the group from the checkpoint
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    import wand
+
+    config = TrainConfig.model_validate(loop_config["config"])
+    stage = Stage(**loop_config["stage"])
+    curriculum = config.curriculum(loop_config["total_steps"])
+    k, value_dtype = loop_config["k"], loop_config["value_dtype"]
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    device = torch.device("cuda", context.get_local_rank()) if config.use_gpu else torch.device("cpu")
+    fs, _ = storage.resolve(config.storage, config.s3_endpoint)
+    checkpoint_fs = fs if loop_config["storage_is_s3"] else None
+
+    spec = config.spec()
+    model = _init_weights(config, spec, loop_config["init_checkpoint"], checkpoint_fs)
+    init_checksum = param_checksum(model.state_dict())  # proves where the stage started from
+    wand.enable_wand(model, config.window_start)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    ds_config = {
+        "train_micro_batch_size_per_gpu": config.batch_size,
+        "gradient_accumulation_steps": 1,
+        "gradient_clipping": config.gradient_clipping,
+        "zero_optimization": {"stage": config.zero_stage,
+                              "stage3_gather_16bit_weights_on_model_save": True},
+        "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own ones JIT-compile
+        "bf16": {"enabled": config.use_gpu},
+        "steps_per_print": 10**9,
+    }
+    deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config["resume_checkpoint"]:
+        checkpoint = Checkpoint(loop_config["resume_checkpoint"], checkpoint_fs)
+    step, history = stage.start, []
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag="ds")
+            with open(os.path.join(directory, "state.json")) as f:
+                state = json.load(f)
+        step, history, init_checksum = state["next_step"], state["metrics"], state["init_param_checksum"]
+
+    batches = _batches(ray.train.get_dataset_shard("train"), config.batch_size, skip=step - stage.start)
+    while step < stage.end:
+        values = curriculum.at(step)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = values.lr
+        start = time.perf_counter()
+        batch = _collate(next(batches), spec, k, value_dtype, device)
+        hidden, head = spec.hidden_and_head(
+            engine, engine.module, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+            prefix_lengths=batch["prefix_lengths"], window=values.window, tau=values.tau, **batch["extra"])
+        out = wand_loss(hidden[batch["batch_index"], batch["positions"]], head, batch["targets"],
+                        batch["teacher_values"], batch["teacher_ids"], batch["teacher_rest"], kind=config.kd_kind,
+                        kd_weight=config.kd_weight, temperature=config.temperature, skew_alpha=config.skew_alpha,
+                        chunk_size=config.loss_chunk_size)
+        engine.backward(out.loss)
+        engine.step()
+        seconds = time.perf_counter() - start
+        tokens = int(batch["attention_mask"].sum()) * config.num_workers
+        history.append({"step": step, "loss": float(out.loss), "ce": float(out.ce), "kd": float(out.kd),
+                        "window": values.window, "tau": values.tau, "lr": values.lr,
+                        "tokens_per_s": tokens / seconds})
+        _maybe_fail(config, step, rank)
+        step += 1
+        if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
+            _save_and_report(engine, config, step, stage, history, rank, init_checksum)
+
+
+def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, history: list, rank: int,
+                     init_checksum: str) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag="ds")
+        final = step == stage.end
+        state_dict = None
+        if final:  # the consolidated student: every rank takes part in gathering ZeRO-3 shards
+            params = list(engine.module.parameters())
+            with deepspeed.zero.GatheredParameters(params, enabled=config.zero_stage == 3):
+                if rank == 0:
+                    state_dict = {n: t.detach().cpu().clone().contiguous()
+                                  for n, t in engine.module.state_dict().items()}
+        if rank == 0:
+            state = {"next_step": step, "stage": stage.index, "metrics": history,
+                     "init_param_checksum": init_checksum}
+            if state_dict is not None:
+                unique, seen = {}, set()
+                for name, tensor in state_dict.items():  # tied weights are saved once
+                    if tensor.data_ptr() not in seen:
+                        seen.add(tensor.data_ptr())
+                        unique[name] = tensor
+                save_file(unique, os.path.join(directory, "model.safetensors"))
+                state["param_checksum"] = param_checksum(state_dict)
+            with open(os.path.join(directory, "state.json"), "w") as f:
+                json.dump(state, f)
+        last = history[-1] if history else {}
+        ray.train.report({**{k: v for k, v in last.items() if v is not None}, "next_step": step},
+                         checkpoint=Checkpoint.from_directory(directory))
