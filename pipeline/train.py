@@ -235,11 +235,9 @@ def run_stage(config: TrainConfig, stage_index: int) -> dict:
                              f"(jobs/train_stage.py --stage {stage_index - 1})")
         init = previous["checkpoint"]
     fs, root = storage.resolve(config.storage, config.s3_endpoint)
-    resume = _latest_checkpoint(config, stage_index)
     loop_config = {
         "config": config.model_dump(), "stage": {"index": stage.index, "start": stage.start, "end": stage.end},
         "total_steps": curriculum.total_steps, "init_checkpoint": init,
-        "resume_checkpoint": None if resume is None else resume.path,
         "storage_is_s3": storage.is_remote(config.storage), "k": manifest["k"],
         "value_dtype": manifest["value_dtype"],
     }
@@ -262,7 +260,7 @@ def run_stage(config: TrainConfig, stage_index: int) -> dict:
             state = json.load(f)
     record = {"stage": stage_index, "start": stage.start, "end": stage.end, "checkpoint": result.checkpoint.path,
               "param_checksum": state["param_checksum"], "init_param_checksum": state["init_param_checksum"],
-              "metrics": state["metrics"],
+              "metrics": state["metrics"], "starts": state["starts"],
               "total_steps": curriculum.total_steps}
     rec_fs, rec_path = stage_record_path(config, stage_index)
     storage.write_json(rec_fs, rec_path, record)
@@ -349,13 +347,15 @@ def _maybe_fail(config: TrainConfig, step: int, rank: int) -> None:
 
 
 def train_loop_per_worker(loop_config: dict) -> None:
+    config = TrainConfig.model_validate(loop_config["config"])
+    if not config.use_gpu:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
 
     import wand
 
-    config = TrainConfig.model_validate(loop_config["config"])
     stage = Stage(**loop_config["stage"])
     curriculum = config.curriculum(loop_config["total_steps"])
     k, value_dtype = loop_config["k"], loop_config["value_dtype"]
@@ -384,16 +384,18 @@ def train_loop_per_worker(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is None and loop_config["resume_checkpoint"]:
-        checkpoint = Checkpoint(loop_config["resume_checkpoint"], checkpoint_fs)
-    step, history = stage.start, []
+    # A restarted worker group gets its last checkpoint from Ray; if Ray has none registered (the
+    # driver was resubmitted, or the failure raced the registration), the run's storage has it.
+    checkpoint = ray.train.get_checkpoint() or _latest_checkpoint(config, stage.index)
+    step, history, starts = stage.start, [], []
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             engine.load_checkpoint(directory, tag="ds")
             with open(os.path.join(directory, "state.json")) as f:
                 state = json.load(f)
         step, history, init_checksum = state["next_step"], state["metrics"], state["init_param_checksum"]
+        starts = state["starts"]
+    starts = starts + [step]  # where each (re)start of this stage began: resumes are visible
 
     batches = _batches(ray.train.get_dataset_shard("train"), config.batch_size, skip=step - stage.start)
     while step < stage.end:
@@ -419,11 +421,11 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _maybe_fail(config, step, rank)
         step += 1
         if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
-            _save_and_report(engine, config, step, stage, history, rank, init_checksum)
+            _save_and_report(engine, config, step, stage, history, rank, init_checksum, starts)
 
 
 def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, history: list, rank: int,
-                     init_checksum: str) -> None:
+                     init_checksum: str, starts: list[int]) -> None:
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -441,7 +443,7 @@ def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, histo
                                   for n, t in engine.module.state_dict().items()}
         if rank == 0:
             state = {"next_step": step, "stage": stage.index, "metrics": history,
-                     "init_param_checksum": init_checksum}
+                     "init_param_checksum": init_checksum, "starts": starts}
             if state_dict is not None:
                 unique, seen = {}, set()
                 for name, tensor in state_dict.items():  # tied weights are saved once

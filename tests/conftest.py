@@ -69,7 +69,12 @@ def ray_local(s3_server):
 
     import ray
 
+    from pathlib import Path
+
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # DeepSpeed on CPU; its shared-memory comm op is JIT-built once into the repo's ignored cache.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()

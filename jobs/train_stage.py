@@ -1,0 +1,39 @@
+"""Run (or rerun, or resume) one curriculum stage on its own, starting from stage K-1's checkpoint.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train_stage.py --config jobs/configs/tiny.yaml --stage 2
+
+The shards must exist (jobs/precompute.py or jobs/distill.py made them). A finished stage is
+skipped; delete <storage>/<experiment>/stage-K.json to run it again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.chain import DistillConfig  # noqa: E402
+from pipeline.cli import init_ray, load_config_with_overrides  # noqa: E402
+from pipeline.train import run_stage  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--stage", type=int, required=True, help="1-based curriculum stage to run")
+    config, args = load_config_with_overrides(DistillConfig, parser, argv, return_args=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    train = config.train_config()
+    if not 1 <= args.stage <= train.stages:
+        parser.error(f"--stage must be in [1, {train.stages}] (train.stages)")
+    init_ray()
+    record = run_stage(train, args.stage)
+    print(json.dumps({k: record[k] for k in ("stage", "start", "end", "checkpoint", "param_checksum")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

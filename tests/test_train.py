@@ -1,0 +1,113 @@
+"""Curriculum stages on Ray Train + DeepSpeed (2 workers, gloo, CPU), chained into a student."""
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import wand
+from helpers import corpus_rows
+from pipeline.chain import DistillConfig, load_student, run_chain
+from pipeline.teacher_topk import PrecomputeConfig, run_precompute
+from pipeline.train import TrainConfig, plan_stages, preflight, run_stage, stage_record
+from wand.models import get_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    spec = get_spec("cosyvoice2", "tiny")
+    (root / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 32, seed=21, min_gen=10, max_gen=24)),
+                   root / "corpus" / "c.parquet")
+    run_precompute(PrecomputeConfig(teacher="cosyvoice2", teacher_size="tiny", input=str(root / "corpus"),
+                                    output=str(root / "topk"), k=8, rows_per_shard=16))
+    return root
+
+
+def base(root, **train):
+    return DistillConfig(experiment="exp", model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
+                         shards=str(root / "topk"), storage=str(root / "ckpt"), precompute={"k": 8, "rows_per_shard": 16},
+                         train={"stages": 2, "batch_size": 2, "num_workers": 2, "window_start": 16, "window_target": 4,
+                                "lr": 1e-2, "epochs": 3.0, "checkpoint_every": 4, **train})
+
+
+def assert_steps_exactly_once(record, stage):
+    steps = [m["step"] for m in record["metrics"]]
+    assert steps == list(range(stage.start, stage.end))
+
+
+def test_two_chained_zero2_stages_then_student(shards):
+    config = base(shards, zero_stage=2)
+    summary = run_chain(config)
+    train = config.train_config()
+    _, curriculum = preflight(train)
+    first, second = summary["stages"]
+    # Stage 2 starts from stage 1's final weights; stage 1 from the teacher the shards were made with.
+    assert second["init_param_checksum"] == first["param_checksum"]
+    from pipeline.teacher_topk import load_manifest
+
+    assert first["init_param_checksum"] == load_manifest(config.shards)["teacher"]["fingerprint"]
+    metrics = first["metrics"] + second["metrics"]
+    assert [m["step"] for m in metrics] == list(range(curriculum.total_steps))
+    for m in metrics:  # the window and tau each step used follow the schedule
+        assert m["window"] == curriculum.window(m["step"]) and m["tau"] == pytest.approx(curriculum.tau(m["step"]))
+    assert metrics[0]["window"] == 16 and metrics[-1]["window"] == 4
+    losses = [m["loss"] for m in metrics]
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4, losses
+    # The consolidated student loads with one call and decodes with a constant-size cache.
+    assert summary["evals"]["generation_smoke_test"]["generated_tokens"] == 12
+    student = load_student(config)
+    assert wand.models.weights.fingerprint(student.state_dict()) == second["param_checksum"]
+    # Resubmitting the finished chain runs nothing and returns the same records.
+    again = run_chain(config)
+    assert [r["checkpoint"] for r in again["stages"]] == [r["checkpoint"] for r in summary["stages"]]
+
+
+def test_zero3_stage(shards):
+    config = base(shards, zero_stage=3, stages=1, epochs=1.0).model_copy(update={"experiment": "z3"})
+    train = config.train_config()
+    record = run_stage(train, 1)
+    assert_steps_exactly_once(record, plan_stages(train)[0])
+    assert record["init_param_checksum"] != record["param_checksum"]
+
+
+def test_worker_death_resumes_from_the_last_checkpoint(shards, tmp_path):
+    config = base(shards, stages=1, epochs=1.0, max_failures=1, fail_once=f"5:{tmp_path / 'died'}")
+    train = config.train_config().model_copy(update={"experiment": "fault"})
+    record = run_stage(train, 1)
+    assert (tmp_path / "died").exists()  # a worker really died
+    assert record["starts"] == [0, 4]  # restarted from the step-4 checkpoint
+    assert_steps_exactly_once(record, plan_stages(train)[0])
+
+
+def test_resubmitted_stage_resumes_instead_of_restarting(shards, tmp_path):
+    config = base(shards, stages=1, epochs=1.0, max_failures=0, fail_once=f"5:{tmp_path / 'died'}")
+    train = config.train_config().model_copy(update={"experiment": "resubmit"})
+    with pytest.raises(Exception):
+        run_stage(train, 1)
+    assert stage_record(train, 1) is None
+    record = run_stage(train, 1)  # the same command again
+    assert record["starts"] == [0, 4]
+    assert_steps_exactly_once(record, plan_stages(train)[0])
+
+
+def test_bad_configs_fail_before_training(shards, tmp_path):
+    with pytest.raises(ValueError, match="unknown model preset 'tacotron'"):
+        base(shards).model_copy(update={"model": "tacotron"}).train_config()
+    with pytest.raises(ValueError, match=r"window_target \(200\) must be <= window_start"):
+        base(shards, window_target=200).train_config()
+    with pytest.raises(ValueError, match="train.stages"):
+        base(shards, stages=0)
+    with pytest.raises(ValueError, match="shards: no manifest.json"):
+        preflight(base(shards).train_config().model_copy(update={"shards": str(tmp_path / "none")}))
+    with pytest.raises(ValueError, match="temperature=1.0 .config: 2.0"):
+        preflight(base(shards).train_config().model_copy(update={"temperature": 2.0}))
+    with pytest.raises(ValueError, match="shards: made by teacher .* seed=0; config has .* seed=3"):
+        preflight(base(shards).train_config().model_copy(update={"teacher_seed": 3}))
+    with pytest.raises(ValueError, match="stages: 500 stages need at least as many steps"):
+        preflight(base(shards).train_config().model_copy(update={"stages": 500}))
+    with pytest.raises(ValueError, match="stage 1 has not finished"):
+        run_stage(base(shards).train_config().model_copy(update={"experiment": "nothing-yet"}), 2)
