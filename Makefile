@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo test test-fast bench clean
+.PHONY: install demo demo-generate test test-fast bench clean
 
 install: $(STAMP)
 
@@ -23,7 +23,16 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers, ray, deepspeed, mlflow, s3fs, wand"
 	touch $(STAMP)
 
+# The main job on the embedded default: a random-token corpus (until the structured synthetic
+# corpus lands), then precompute -> 2 curriculum stages (Ray Train + DeepSpeed, 2 CPU workers) ->
+# student. A local Ray instance is started by the job itself.
 demo: install
+	test -f runs/corpus/tiny-cosyvoice2/corpus.parquet || \
+	  $(PY) jobs/make_random_corpus.py --model cosyvoice2 --size tiny --rows 64 --output runs/corpus/tiny-cosyvoice2
+	$(PY) jobs/distill.py --config jobs/configs/tiny.yaml
+
+# Decoding with full attention vs WAND on tiny random models of the three backbones.
+demo-generate: install
 	$(PY) jobs/demo_generate.py
 
 test: install
@@ -35,6 +44,7 @@ test-fast: install
 bench: install
 	$(PY) benchmarks/decode_latency.py
 	$(PY) benchmarks/kv_cache_table.py
+	$(PY) benchmarks/topk_precompute.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
