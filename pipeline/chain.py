@@ -61,6 +61,7 @@ class DistillConfig(BaseModel):
 
     def train_config(self) -> TrainConfig:
         values = {**self.train, **self._shared(), "experiment": self.experiment, "model": self.model,
+                  "k": self.precompute.get("k", PrecomputeConfig.model_fields["k"].default),
                   "model_size": self.model_size, "shards": self.shards, "storage": self.storage}
         return _typed(TrainConfig, values, "train", set(self.train))
 

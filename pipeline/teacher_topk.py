@@ -33,6 +33,7 @@ from wand.models.weights import fingerprint
 from wand.topk import sparse_teacher_targets, target_positions
 
 from . import storage
+from .checks import one_of
 from .corpus import check_batch
 
 __all__ = ["PrecomputeConfig", "run_precompute", "load_manifest", "verify_manifest", "MANIFEST", "ShardFault"]
@@ -76,9 +77,7 @@ class PrecomputeConfig(BaseModel):
     @field_validator("teacher")
     @classmethod
     def _known_teacher(cls, value: str) -> str:
-        if value not in MODEL_NAMES:
-            raise ValueError(f"unknown teacher preset {value!r}; known: {', '.join(MODEL_NAMES)}")
-        return value
+        return one_of(value, MODEL_NAMES, "teacher preset")
 
     @model_validator(mode="after")
     def _k_fits(self) -> "PrecomputeConfig":

@@ -37,6 +37,7 @@ from wand.models import MODEL_NAMES, get_spec
 from wand.models.weights import fingerprint
 
 from . import storage
+from .checks import one_of
 from .teacher_topk import decode_values, load_manifest, verify_manifest
 
 __all__ = ["TrainConfig", "plan_stages", "preflight", "run_stage", "stage_record", "param_checksum"]
@@ -55,6 +56,7 @@ class TrainConfig(BaseModel):
     teacher_source: str | None = Field(None, description="teacher weights (local, s3://, HF id); None = seeded random")
     teacher_seed: int = 0
     shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)")
+    k: int | None = Field(None, ge=1, description="the shards' top-k; None accepts what the manifest says")
     storage: str = Field(description="Ray Train storage path for checkpoints: local folder or s3://bucket/prefix")
     s3_endpoint: str | None = None
     stages: int = Field(3, ge=1, description="curriculum stages (separate Ray Train runs / resume points)")
@@ -91,16 +93,12 @@ class TrainConfig(BaseModel):
     @field_validator("model")
     @classmethod
     def _known_model(cls, value: str) -> str:
-        if value not in MODEL_NAMES:
-            raise ValueError(f"unknown model preset {value!r}; known: {', '.join(MODEL_NAMES)}")
-        return value
+        return one_of(value, MODEL_NAMES, "model preset")
 
     @field_validator("kd_kind")
     @classmethod
     def _known_kd(cls, value: str) -> str:
-        if value not in KD_KINDS:
-            raise ValueError(f"unknown kd_kind {value!r}; known: {', '.join(KD_KINDS)}")
-        return value
+        return one_of(value, KD_KINDS, "kd_kind")
 
     @model_validator(mode="after")
     def _windows(self) -> "TrainConfig":
@@ -132,6 +130,8 @@ def preflight(config: TrainConfig) -> tuple[dict, Curriculum]:
     except FileNotFoundError as err:
         raise ValueError(f"shards: {err}") from None
     verify_manifest(manifest, teacher=config.model, temperature=config.temperature)
+    if config.k is not None and manifest["k"] != config.k:
+        raise ValueError(f"k: the shards hold the teacher's top-{manifest['k']}, the config expects top-{config.k}")
     teacher = manifest["teacher"]
     if teacher["size"] != config.model_size or teacher["source"] != config.teacher_source or (
         teacher["source"] is None and teacher.get("seed") != config.teacher_seed

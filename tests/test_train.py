@@ -107,6 +107,8 @@ def test_bad_configs_fail_before_training(shards, tmp_path):
         preflight(base(shards).train_config().model_copy(update={"temperature": 2.0}))
     with pytest.raises(ValueError, match="shards: made by teacher .* seed=0; config has .* seed=3"):
         preflight(base(shards).train_config().model_copy(update={"teacher_seed": 3}))
+    with pytest.raises(ValueError, match="k: the shards hold the teacher's top-8, the config expects top-16"):
+        preflight(base(shards).train_config().model_copy(update={"k": 16}))
     with pytest.raises(ValueError, match="stages: 500 stages need at least as many steps"):
         preflight(base(shards).train_config().model_copy(update={"stages": 500}))
     with pytest.raises(ValueError, match="stage 1 has not finished"):
