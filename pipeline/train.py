@@ -415,7 +415,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         engine.step()
         seconds = time.perf_counter() - start
         tokens = int(batch["attention_mask"].sum()) * config.num_workers
-        history.append({"step": step, "loss": float(out.loss), "ce": float(out.ce), "kd": float(out.kd),
+        history.append({"step": step, "loss": float(out.loss.detach()), "ce": float(out.ce), "kd": float(out.kd),
                         "window": values.window, "tau": values.tau, "lr": values.lr,
                         "tokens_per_s": tokens / seconds})
         _maybe_fail(config, step, rank)
