@@ -1,6 +1,6 @@
 """WAND generate demo on tiny random-weight models of the three backbone classes (no download).
 
-    make demo                              # or: .venv/bin/python jobs/demo_generate.py
+    make demo-generate                     # or: .venv/bin/python jobs/demo_generate.py
 
 For each backbone (Qwen2 as in CosyVoice 2 / SparkTTS, GPT-2 as in IndexTTS, Llama as in
 Llasa / Orpheus) it decodes the same prompt with full attention and with WAND (prefix + W),

@@ -1,0 +1,22 @@
+"""The README's commands point at things that exist."""
+
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text()
+
+
+def test_quickstart_targets_exist():
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("demo", "test", "demo-generate", "test-fast", "bench"):
+        assert re.search(rf"^{re.escape(target)}:", makefile, re.M), target
+    assert "make demo" in README and "make test" in README
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_every_referenced_script_and_config_exists():
+    paths = set(re.findall(r"\b((?:jobs|benchmarks|pipeline|wand|tests)/[\w/.-]+\.(?:py|yaml|json))", README))
+    assert paths, "the README references no files"
+    missing = sorted(p for p in paths if not (ROOT / p).exists())
+    assert not missing, missing
