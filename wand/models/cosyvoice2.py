@@ -26,7 +26,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .spec import ModelSpec
-from .weights import WeightsNotFound, load_checked, read_state_dict, resolve_source
+from .weights import load_checked
 
 __all__ = ["CosyVoice2LM", "CosyVoice2Spec"]
 
@@ -127,17 +127,11 @@ class CosyVoice2Spec(ModelSpec):
 
     def save(self, model: CosyVoice2LM, directory: str | Path) -> Path:
         """Write ``llm.pt`` as CosyVoice 2 ships it (a plain state dict)."""
-        path = Path(directory) / "llm.pt"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-        return path
+        return self.save_state_dict(model, directory)
 
     def load(self, source: str | None = None, dtype: torch.dtype | None = None) -> CosyVoice2LM:
         """Load the released ``llm.pt`` (a CosyVoice2-0.5B folder, the file itself, or s3://)."""
-        source = source or self.source
-        if source is None:
-            raise WeightsNotFound(f"{self.name}: pass source= a folder holding llm.pt, or an s3:// URI")
-        state, path = read_state_dict(resolve_source(source, self.name, self.source), ("llm.pt",))
+        state, path = self.read_released_state(source)
         model = self.build()
         load_checked(model, state, path, self.name)
         return (model.to(dtype) if dtype is not None else model).eval()

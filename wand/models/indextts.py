@@ -30,7 +30,7 @@ from transformers import GPT2Config, GPT2Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .spec import ModelSpec
-from .weights import WeightsNotFound, load_checked, read_state_dict, resolve_source
+from .weights import load_checked
 
 __all__ = ["IndexTTSGPT", "IndexTTSSpec"]
 
@@ -141,17 +141,12 @@ class IndexTTSSpec(ModelSpec):
         return text_token_ids + self.extra["number_mel_codes"] + 1
 
     def save(self, model: IndexTTSGPT, directory: str | Path) -> Path:
-        path = Path(directory) / "gpt.pth"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(model.state_dict(), path)
-        return path
+        """Write ``gpt.pth`` as IndexTTS ships it (a plain state dict)."""
+        return self.save_state_dict(model, directory)
 
     def load(self, source: str | None = None, dtype: torch.dtype | None = None) -> IndexTTSGPT:
         """Load the released ``gpt.pth`` (an IndexTTS-1.5 folder, the file itself, or s3://)."""
-        source = source or self.source
-        if source is None:
-            raise WeightsNotFound(f"{self.name}: pass source= a folder holding gpt.pth, or an s3:// URI")
-        state, path = read_state_dict(resolve_source(source, self.name, self.source), ("gpt.pth",))
+        state, path = self.read_released_state(source)
         model = self.build()
         # Upstream GPT-2 blocks of older transformers saved causal-mask buffers; they carry no weights.
         state = {k: v for k, v in state.items() if not k.endswith((".attn.bias", ".attn.masked_bias"))}

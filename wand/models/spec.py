@@ -14,6 +14,7 @@ input ids) and text after; see their modules.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,6 +145,23 @@ class ModelSpec:
                 )
             out[b] = end
         return out
+
+    # ------------------------------------------------------------------ pickled state-dict releases
+    def save_state_dict(self, model: torch.nn.Module, directory) -> "Path":
+        """Write ``weights_file`` as a plain state dict, the way CosyVoice 2 / IndexTTS ship theirs."""
+        path = Path(directory) / self.weights_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(model.state_dict(), path)
+        return path
+
+    def read_released_state(self, source: str | None) -> tuple[dict[str, torch.Tensor], "Path"]:
+        """The state dict in ``weights_file`` under ``source`` (folder, the file itself, or s3://)."""
+        from .weights import WeightsNotFound, read_state_dict, resolve_source
+
+        source = source or self.source
+        if source is None:
+            raise WeightsNotFound(f"{self.name}: pass source= a folder holding {self.weights_file}, or an s3:// URI")
+        return read_state_dict(resolve_source(source, self.name, self.source), (self.weights_file,))
 
     def describe(self) -> dict[str, Any]:
         """Plain facts for logs and tables."""
