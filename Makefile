@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo demo-generate test test-fast bench clean
+.PHONY: install demo stop demo-generate test test-fast bench clean
 
 install: $(STAMP)
 
@@ -23,13 +23,28 @@ $(STAMP): pyproject.toml
 	$(PY) -c "import torch, transformers, ray, deepspeed, mlflow, s3fs, wand"
 	touch $(STAMP)
 
-# The main job on the embedded default: a random-token corpus (until the structured synthetic
-# corpus lands), then precompute -> 2 curriculum stages (Ray Train + DeepSpeed, 2 CPU workers) ->
-# student. A local Ray instance is started by the job itself.
-demo: install
-	test -f runs/corpus/tiny-cosyvoice2/corpus.parquet || \
-	  $(PY) jobs/make_random_corpus.py --model cosyvoice2 --size tiny --rows 64 --output runs/corpus/tiny-cosyvoice2
-	$(PY) jobs/distill.py --config jobs/configs/tiny.yaml
+MODELS := cosyvoice2 indextts sparktts
+CORPORA := $(foreach m,$(MODELS),runs/corpus/tiny-$(m)/corpus.parquet runs/corpus/tiny-$(m)-heldout/corpus.parquet)
+
+# The main job on the embedded default, the way users run it: a local Ray head and MLflow server
+# (127.0.0.1), then `ray job submit` of jobs/distill.py (precompute -> 2 curriculum stages on Ray
+# Train + DeepSpeed -> student -> evals, for the three tiny families), following its logs; ends
+# with the URLs and the per-model results table. `make stop` stops the services.
+demo: install $(CORPORA)
+	$(PY) jobs/local_cluster.py up
+	RAY_AUTH_MODE=disabled $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . \
+	  --runtime-env-json "$$($(PY) jobs/local_cluster.py env)" \
+	  -- python jobs/distill.py --config jobs/configs/tiny.yaml --root "$(CURDIR)"
+	$(PY) jobs/local_cluster.py where
+
+stop:
+	-$(PY) jobs/local_cluster.py down
+
+# Random-token corpora (until the structured synthetic corpus lands): training rows and held-out rows.
+runs/corpus/tiny-%-heldout/corpus.parquet: | install
+	$(PY) jobs/make_random_corpus.py --model $* --size tiny --rows 16 --seed 1 --min-gen 20 --max-gen 60 --output $(@D)
+runs/corpus/tiny-%/corpus.parquet: | install
+	$(PY) jobs/make_random_corpus.py --model $* --size tiny --rows 64 --seed 0 --min-gen 20 --max-gen 60 --output $(@D)
 
 # Decoding with full attention vs WAND on tiny random models of the three backbones.
 demo-generate: install

@@ -1,10 +1,13 @@
-"""The whole WAND distillation chain for one model: precompute -> curriculum stages -> student -> evals.
+"""The whole WAND distillation chain per model: precompute -> curriculum stages -> student -> evals.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py --config jobs/configs/tiny.yaml
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py --config jobs/configs/tiny.yaml --root "$PWD"
     python jobs/distill.py --config jobs/configs/cosyvoice2.yaml --set train.num_workers=8 --set storage=s3://bucket/runs
 
-Resubmitting the same command resumes: matching shards are reused, finished stages are skipped,
-an interrupted stage continues from its last checkpoint.
+A config holds one experiment, or ``defaults:`` + ``experiments:`` (the embedded default runs the
+three tiny families one after the other; ``--only sparktts`` picks one). With an MLflow tracking
+URI (``tracking.uri`` or $MLFLOW_TRACKING_URI) every experiment is a parent run with a child run
+per stage. Resubmitting the same command resumes: matching shards are reused, finished stages are
+skipped, an interrupted stage continues from its last checkpoint, logged evals are not redone.
 """
 
 from __future__ import annotations
@@ -17,20 +20,33 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.chain import DistillConfig, run_chain  # noqa: E402
-from pipeline.cli import init_ray, load_config_with_overrides  # noqa: E402
+from pipeline.chain import DistillConfig, check_cluster_storage, run_chain  # noqa: E402
+from pipeline.cli import init_ray, load_experiments  # noqa: E402
+from pipeline.report import results_table  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config = load_config_with_overrides(DistillConfig, parser, argv)
+    parser.add_argument("--summary-json", type=Path, default=None, help="also write the per-model summary here")
+    configs, args = load_experiments(DistillConfig, parser, argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_ray()
-    summary = run_chain(config)
-    last = summary["stages"][-1]["metrics"][-1]
-    print(json.dumps({"experiment": config.experiment, "student": summary["student"],
-                      "stages": len(summary["stages"]), "final_step": last["step"], "final_loss": last["loss"],
-                      "final_window": last["window"], "evals": summary["evals"]}, indent=2))
+    for config in configs:  # before anything runs: a multi-node cluster needs shared storage
+        check_cluster_storage(config)
+    summaries = []
+    for number, config in enumerate(configs, 1):
+        logging.getLogger("wand.distill").info("experiment %d/%d: %s (%s, %s)", number, len(configs),
+                                               config.experiment, config.model, config.model_size)
+        summary = run_chain(config)
+        last = summary["stages"][-1]["metrics"][-1]
+        summaries.append({"experiment": config.experiment, "model": config.model, "student": summary["student"],
+                          "stages": len(summary["stages"]), "final_step": last["step"], "final_loss": last["loss"],
+                          "final_window": last["window"], "parent_run_id": summary["parent_run_id"],
+                          "tracking_uri": summary["tracking_uri"], "experiment_id": summary["experiment_id"],
+                          "evals": summary["evals"]})
+    if args.summary_json:
+        args.summary_json.write_text(json.dumps(summaries, indent=2))
+    print(results_table(summaries))
     return 0
 
 

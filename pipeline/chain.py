@@ -1,28 +1,33 @@
-"""The whole distillation chain: precompute -> curriculum stage 1..N -> final student -> eval hooks.
+"""The whole distillation chain: precompute -> curriculum stage 1..N -> final student -> evals.
 
 Every step is skipped when its output already exists and matches the config, so resubmitting the
-same command after a failure resumes where it stopped.
+same command after a failure resumes where it stopped. With tracking on, each step is a child run
+of the experiment's MLflow parent run (``pipeline.tracking``); a resubmission re-attaches to them.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import storage
-from .teacher_topk import MANIFEST, PrecomputeConfig, run_precompute
-from .train import TrainConfig, preflight, run_stage, stage_record
+from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
+from .teacher_topk import MANIFEST, PrecomputeConfig, load_manifest, run_precompute
+from .tracking import Tracker, TrackingConfig, git_commit
+from .train import TrainConfig, _init_weights, preflight, run_stage, stage_record
 
-__all__ = ["DistillConfig", "run_chain", "export_student", "load_student", "EVAL_HOOKS"]
+__all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_student", "load_student", "evaluate_experiment", "track_stage"]
 
 log = logging.getLogger("wand.distill")
-# Evaluations run on the final student: callables (config, student_dir) -> dict of results.
-# The MLflow evals register here (pipeline/evaluate.py); the default checks that it generates.
-EVAL_HOOKS: list[Callable[["DistillConfig", str], dict]] = []
+# Headline metrics copied from the eval child onto the parent run (the columns a user compares).
+HEADLINE = ("kv_reduction_10s", "kv_reduction_60s", "kv_wand_bytes_60s", "kv_full_bytes_60s",
+            "latency_full_ratio_late_early", "latency_wand_ratio_late_early", "attn_flops_speedup_60s",
+            "top1_agreement", "top1_agreement_near", "top1_agreement_mid", "top1_agreement_far",
+            "kl_teacher_student", "kl_far")
 
 
 class DistillConfig(BaseModel):
@@ -43,6 +48,8 @@ class DistillConfig(BaseModel):
     s3_endpoint: str | None = None
     precompute: dict[str, Any] = Field(default_factory=dict)
     train: dict[str, Any] = Field(default_factory=dict)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _sections(self) -> "DistillConfig":
@@ -79,23 +86,180 @@ def _typed(model: type[BaseModel], values: dict, section: str, own: set[str]):
 def run_chain(config: DistillConfig) -> dict:
     """Run or resume the whole chain; return a summary (stage records, student path, evals)."""
     precompute = config.precompute_config()
-    fs, root = storage.resolve(config.shards, config.s3_endpoint)
-    if _shards_ready(precompute, fs, root):
-        log.info("precompute: matching shards found in %s; skipped", config.shards)
-    else:
-        log.info("precompute: %s -> %s", config.corpus, config.shards)
-        run_precompute(precompute)
     train = config.train_config()
-    preflight(train)
-    records = []
-    for index in range(1, train.stages + 1):
-        log.info("stage %d/%d", index, train.stages)
-        records.append(run_stage(train, index))
-    student = export_student(config, records[-1]["checkpoint"])
-    evals = {}
-    for hook in EVAL_HOOKS or [generation_smoke_test]:
-        evals[getattr(hook, "__name__", str(hook))] = hook(config, student)
-    return {"stages": records, "student": student, "evals": evals}
+    tracker = Tracker.from_config(config.tracking)
+    parent = tracker.parent_run(config.experiment, parent_tags(config)) if tracker else None
+    try:
+        child = tracker.child_run(parent, "precompute") if tracker else None
+        fs, root = storage.resolve(config.shards, config.s3_endpoint)
+        if _shards_ready(precompute, fs, root):
+            log.info("precompute: matching shards found in %s; skipped", config.shards)
+        else:
+            log.info("precompute: %s -> %s", config.corpus, config.shards)
+            run_precompute(precompute)
+        manifest = load_manifest(config.shards, config.s3_endpoint)
+        if tracker:
+            _log_precompute(tracker, child, precompute, manifest)
+        _, curriculum = preflight(train)
+        if tracker:
+            tracker.log_params(parent, _parent_params(config, manifest, curriculum.total_steps))
+        records = []
+        for index in range(1, train.stages + 1):
+            log.info("stage %d/%d", index, train.stages)
+            records.append(track_stage(tracker, parent, train, index))
+        student = export_student(config, records[-1]["checkpoint"])
+        if tracker:
+            tracker.set_tags(parent, {"wand.student_uri": student})
+            if config.tracking.log_student:
+                _log_student(tracker, parent, config, student)
+            tracker.log_metrics(parent, {"final_loss": records[-1]["metrics"][-1]["loss"],
+                                         "total_steps": records[-1]["total_steps"]})
+        evals = {}
+        checksum = records[-1]["param_checksum"]
+        done = tracker.find_child(parent, "eval") if tracker else None
+        if done is not None and done.info.status == "FINISHED" and done.data.tags.get("wand.student_checksum") == checksum:
+            log.info("evals: already logged for this student in run %s; skipped", done.info.run_id)
+            evals = dict(done.data.metrics)
+        elif config.evaluate.enabled:
+            results = evaluate_experiment(config, student)
+            evals = {k: v for r in results for k, v in r.metrics.items()}
+            if tracker:
+                log_evals(tracker, parent, results, config, checksum)
+        if tracker:
+            tracker.finish(parent)
+    except BaseException:
+        if tracker:
+            tracker.finish(parent, ok=False)
+        raise
+    return {"stages": records, "student": student, "evals": evals, "parent_run_id": parent,
+            "tracking_uri": tracker.uri if tracker else None, "experiment_id": tracker.experiment_id if tracker else None}
+
+
+def check_cluster_storage(config: DistillConfig) -> None:
+    """On a cluster of more than one node, every path must be shared storage (s3://): a worker on
+    another node cannot read shards or checkpoints from the driver's local disk."""
+    nodes = _cluster_size().get("nodes")
+    if not isinstance(nodes, int) or nodes <= 1:
+        return
+    fields = {"corpus": config.corpus, "shards": config.shards, "storage": config.storage,
+              "evaluate.corpus": config.evaluate.corpus}
+    local = [f"{name}={value}" for name, value in fields.items() if value and not storage.is_remote(value)]
+    if local:
+        raise ValueError(f"{config.experiment}: this Ray cluster has {nodes} nodes, so shards and checkpoints must "
+                         f"live on shared storage (s3://bucket/prefix), not a node's local disk: {', '.join(local)}. "
+                         "Set them in the config or with --set storage=s3://... (see README, Running on a cluster)")
+
+
+def parent_tags(config: DistillConfig) -> dict:
+    spec = config.train_config().spec()
+    return {"wand.model": config.model, "wand.family": spec.family, "wand.model_size": config.model_size,
+            "wand.git_commit": git_commit()}
+
+
+def _parent_params(config: DistillConfig, manifest: dict, total_steps: int) -> dict:
+    train = config.train_config()
+    params = {
+        "model": config.model, "model_size": config.model_size, "teacher_source": config.teacher_source,
+        "teacher_seed": config.teacher_seed, "teacher_fingerprint": manifest["teacher"]["fingerprint"],
+        "data_fingerprint": manifest["input"]["fingerprint"], "corpus": config.corpus, "rows": manifest["rows"],
+        "k": manifest["k"], "temperature": config.temperature, "storage": config.storage,
+        "curriculum": {"stages": train.stages, "total_steps": total_steps, "window_start": train.window_start,
+                       "window_target": train.resolved_window_target(), "tau_start": train.tau_start,
+                       "tau_end": train.tau_end, "lr": train.lr, "warmup_fraction": train.warmup_fraction},
+        "kd": {"kind": train.kd_kind, "weight": train.kd_weight, "skew_alpha": train.skew_alpha},
+        "zero_stage": train.zero_stage, "num_workers": train.num_workers, "batch_size": train.batch_size,
+        "use_gpu": train.use_gpu,
+    }
+    params["cluster"] = _cluster_size()
+    return params
+
+
+def _cluster_size() -> dict:
+    import ray
+
+    if not ray.is_initialized():
+        return {"nodes": "unknown"}
+    resources = ray.cluster_resources()
+    return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0),
+            "gpus": resources.get("GPU", 0)}
+
+
+def _log_precompute(tracker: Tracker, run_id: str, precompute: PrecomputeConfig, manifest: dict) -> None:
+    tracker.log_params(run_id, {"k": precompute.k, "rows_per_shard": precompute.rows_per_shard,
+                                "value_dtype": manifest["value_dtype"], "index_dtype": manifest["index_dtype"],
+                                "input": precompute.input, "output": precompute.output})
+    tracker.set_tags(run_id, {"wand.shards_uri": precompute.output})
+    tracker.log_metrics(run_id, {"rows": manifest["rows"], "shards": len(manifest["shards"]),
+                                 "generated_tokens": manifest["generated_tokens"],
+                                 "bad_rows": manifest["bad_rows"]["count"]})
+    tracker.finish(run_id)
+
+
+def track_stage(tracker: Tracker | None, parent: str | None, train: TrainConfig, index: int) -> dict:
+    """Run curriculum stage ``index`` in its child run: rank 0 streams the step metrics while it
+    trains; afterwards the run gets the checkpoint URI and any step not yet logged."""
+    if tracker is None:
+        return run_stage(train, index)
+    run_id = tracker.child_run(parent, f"stage-{index}")
+    tracker.log_params(run_id, {"stage": index, "stages": train.stages})
+    try:
+        record = run_stage(train, index, tracking={"uri": tracker.uri, "run_id": run_id})
+    except BaseException:
+        tracker.finish(run_id, ok=False)
+        raise
+    tracker.log_steps(run_id, record["metrics"])
+    tracker.log_params(run_id, {"start_step": record["start"], "end_step": record["end"]})
+    tracker.set_tags(run_id, {"wand.checkpoint_uri": record["checkpoint"], "wand.param_checksum": record["param_checksum"],
+                              "wand.init_param_checksum": record["init_param_checksum"],
+                              "wand.restarts": len(record["starts"]) - 1})
+    tracker.finish(run_id)
+    return record
+
+
+def _log_student(tracker: Tracker, parent: str, config: DistillConfig, student: str) -> None:
+    import tempfile
+
+    describe = {"model": config.model, "model_size": config.model_size, "experiment": config.experiment,
+                "window": config.train_config().resolved_window_target()}
+    if not storage.is_remote(student):
+        uri = tracker.log_student(parent, student, describe)
+    else:
+        fs, root = storage.resolve(student, config.s3_endpoint)
+        with tempfile.TemporaryDirectory() as local:
+            for path in storage.list_files(fs, root, ("",)):
+                with open(os.path.join(local, os.path.basename(path)), "wb") as f:
+                    f.write(storage.read_bytes(fs, path))
+            uri = tracker.log_student(parent, local, describe)
+    tracker.set_tags(parent, {"wand.student_artifact": uri})
+
+
+def evaluate_experiment(config: DistillConfig, student_dir: str | None = None) -> list[EvalResult]:
+    """The evals of ``pipeline.evaluate`` on an experiment's teacher and final student."""
+    train = config.train_config()
+    spec = train.spec()
+    rows = read_rows(config.evaluate.corpus or config.corpus, config.s3_endpoint, config.evaluate.rows)
+    teacher = _init_weights(train, spec, None, None)  # the teacher the shards were made with
+    student = load_student(config, student_dir)
+    return run_evals(spec, teacher, student, train.resolved_window_target(), rows, config.evaluate)
+
+
+def log_evals(tracker: Tracker, parent: str, results: list[EvalResult], config: DistillConfig,
+              student_checksum: str) -> str:
+    """Log the evals into a fresh ``eval`` child of the parent; copy the headline metrics onto the parent."""
+    from .evaluate import device_name, resolve_device
+
+    run_id = tracker.child_run(parent, "eval", fresh=True)
+    tracker.set_tags(run_id, {"wand.device": device_name(resolve_device(config.evaluate.device)),
+                              "wand.heldout": config.evaluate.corpus is not None,
+                              "wand.student_checksum": student_checksum})
+    tracker.log_params(run_id, {"corpus": config.evaluate.corpus or config.corpus, "rows": config.evaluate.rows,
+                                "seconds": config.evaluate.seconds, "windows": config.evaluate.windows})
+    for result in results:
+        tracker.log_eval(run_id, result)
+    merged = {k: v for r in results for k, v in r.metrics.items()}
+    tracker.log_metrics(parent, {k: merged[k] for k in HEADLINE if k in merged})
+    tracker.finish(run_id)
+    return run_id
 
 
 def _shards_ready(precompute: PrecomputeConfig, fs, root: str) -> bool:
@@ -150,22 +314,3 @@ def load_student(config: DistillConfig, path: str | None = None) -> torch.nn.Mod
         if storage.is_remote(config.storage):
             path = f"s3://{path}"
     return spec.load(path)
-
-
-def generation_smoke_test(config: DistillConfig, student_dir: str) -> dict:
-    """Default eval hook: the exported student loads and decodes 3 x W tokens with a WandCache."""
-    import wand
-
-    spec = config.train_config().spec()
-    window = config.train_config().resolved_window_target()
-    model = wand.enable_wand(load_student(config, student_dir), window)
-    kwargs = {}
-    if spec.family == "indextts":  # conditioning latents, then start_mel
-        n, dim = spec.extra["num_latents"], spec.config["n_embd"]
-        prompt = torch.tensor([[spec.extra["number_mel_codes"]] * n + [spec.prefix_end_token_id]])
-        kwargs = {"conditioning_latents": torch.zeros(1, n, dim)}
-    else:  # a few speech tokens, then the end-of-prefix marker
-        prompt = torch.tensor([[int(spec.target_ids()[0])] * 7 + [spec.prefix_end_token_id]])
-    tokens, cache = wand.generate(model, prompt, torch.tensor([prompt.shape[1]]), window, 3 * window,
-                                  return_cache=True, prefill_kwargs=kwargs)
-    return {"generated_tokens": int(tokens.shape[1] - prompt.shape[1]), "cache_bytes": cache.nbytes()}

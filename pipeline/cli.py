@@ -60,25 +60,93 @@ def _set_path(values: dict, dotted: str, value) -> None:
     node[keys[-1]] = value
 
 
-def load_config_with_overrides(model: type[T], parser: argparse.ArgumentParser, argv: list[str] | None = None,
-                               return_args: bool = False):
-    """``--config file.yaml`` plus ``--set path.to.field=value`` (repeatable) for nested configs."""
+PATH_FIELDS = (("corpus",), ("shards",), ("storage",), ("evaluate", "corpus"))
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _rooted(values: dict, root: Path) -> dict:
+    """Relative local paths of an experiment made absolute under ``root``."""
+    for path in PATH_FIELDS:
+        node = values
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node.get(key), dict) else {}
+        value = node.get(path[-1])
+        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+            node[path[-1]] = str(root / value)
+    return values
+
+
+def load_experiments(model: type[T], parser: argparse.ArgumentParser, argv: list[str] | None = None):
+    """``--config file.yaml`` (one experiment, or ``defaults:`` + ``experiments:`` for several),
+    ``--set path.to.field=value`` (repeatable, applied to every experiment), ``--only`` and ``--root``.
+
+    Returns (list of validated configs, parsed args). Errors name the experiment and the field and
+    exit with status 2 before anything runs."""
     parser.add_argument("--config", type=Path, required=True, help="YAML experiment config")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a field, e.g. --set train.stages=2 --set storage=s3://bucket/runs")
+    parser.add_argument("--only", default=None, metavar="NAMES",
+                        help="comma-separated experiment or model names: run only these of a multi-experiment config")
+    parser.add_argument("--root", type=Path, default=os.environ.get("WAND_ROOT"),
+                        help="folder that relative local paths in the config are under (default: $WAND_ROOT or the "
+                             "current directory; a `ray job submit --working-dir .` job runs in a copy of the repo "
+                             "without the ignored runs/ folder, so `make demo` passes the repo's absolute path)")
     args = parser.parse_args(argv)
     if not args.config.exists():
         parser.error(f"--config: no such file: {args.config}")
-    values = yaml.safe_load(args.config.read_text()) or {}
+    raw = yaml.safe_load(args.config.read_text()) or {}
+    if not isinstance(raw, dict):
+        parser.error(f"--config: {args.config} must hold a mapping of field: value")
+    overrides: dict = {}
     for item in args.set:
         if "=" not in item:
             parser.error(f"--set {item}: expected FIELD=VALUE")
-        key, raw = item.split("=", 1)
-        _set_path(values, key, yaml.safe_load(raw))
-    try:
-        config = model.model_validate(values)
-    except ValidationError as err:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()]
-        print(f"invalid config ({args.config}):\n" + "\n".join(lines), file=sys.stderr)
-        raise SystemExit(2) from None
-    return (config, args) if return_args else config
+        key, value = item.split("=", 1)
+        try:
+            _set_path(overrides, key, yaml.safe_load(value))
+        except ValueError as err:
+            parser.error(str(err))
+    if "experiments" in raw:
+        extra = set(raw) - {"defaults", "experiments"}
+        if extra:
+            parser.error(f"--config: a multi-experiment config holds only 'defaults' and 'experiments', not {sorted(extra)}")
+        entries = [_merge(raw.get("defaults") or {}, e) for e in raw["experiments"]]
+    else:
+        entries = [raw]
+    if args.only:
+        wanted = set(args.only.split(","))
+        entries = [e for e in entries if e.get("experiment") in wanted or e.get("model") in wanted]
+        if not entries:
+            parser.error(f"--only {args.only}: no experiment or model of that name in {args.config}")
+    configs = []
+    for entry in entries:
+        values = _merge(entry, overrides)
+        if args.root is not None:
+            values = _rooted(values, args.root.resolve())
+        try:
+            configs.append(model.model_validate(values))
+        except (ValidationError, ValueError) as err:
+            name = values.get("experiment", "(unnamed)")
+            if isinstance(err, ValidationError):
+                detail = "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors())
+            else:
+                detail = f"  {err}"
+            print(f"invalid config ({args.config}, experiment {name}):\n{detail}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return configs, args
+
+
+def load_config_with_overrides(model: type[T], parser: argparse.ArgumentParser, argv: list[str] | None = None,
+                               return_args: bool = False):
+    """Like ``load_experiments`` for entry points that take one experiment (pick it with ``--only``)."""
+    configs, args = load_experiments(model, parser, argv)
+    if len(configs) != 1:
+        names = ", ".join(getattr(c, "experiment", "?") for c in configs)
+        parser.error(f"--config holds {len(configs)} experiments ({names}); pick one with --only")
+    return (configs[0], args) if return_args else configs[0]

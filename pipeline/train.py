@@ -213,8 +213,11 @@ def _latest_checkpoint(config: TrainConfig, stage: int):
     return None if best is None else Checkpoint(best, fs)
 
 
-def run_stage(config: TrainConfig, stage_index: int) -> dict:
-    """Run (or resume, or skip if finished) curriculum stage ``stage_index`` (1-based); return its record."""
+def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = None) -> dict:
+    """Run (or resume, or skip if finished) curriculum stage ``stage_index`` (1-based); return its record.
+
+    ``tracking``: ``{"uri", "run_id"}`` of the stage's MLflow run; rank 0 logs the step metrics
+    into it at every checkpoint (``pipeline.tracking.Tracker.log_steps``, idempotent)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -239,7 +242,7 @@ def run_stage(config: TrainConfig, stage_index: int) -> dict:
         "config": config.model_dump(), "stage": {"index": stage.index, "start": stage.start, "end": stage.end},
         "total_steps": curriculum.total_steps, "init_checkpoint": init,
         "storage_is_s3": storage.is_remote(config.storage), "k": manifest["k"],
-        "value_dtype": manifest["value_dtype"],
+        "value_dtype": manifest["value_dtype"], "tracking": tracking,
     }
     storage_kwargs = ({"storage_path": root, "storage_filesystem": fs} if storage.is_remote(config.storage)
                       else {"storage_path": root})
@@ -422,6 +425,20 @@ def train_loop_per_worker(loop_config: dict) -> None:
         step += 1
         if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
             _save_and_report(engine, config, step, stage, history, rank, init_checksum, starts)
+            if rank == 0 and loop_config.get("tracking"):
+                _log_progress(loop_config["tracking"], history)
+
+
+def _log_progress(tracking: dict, history: list[dict]) -> None:
+    """Rank 0 streams the checkpointed steps to MLflow. Logging after the checkpoint is reported
+    means a restart never re-trains a logged step without it being in the checkpoint's history;
+    a tracking outage must not stop training (the driver syncs the rest when the stage ends)."""
+    from .tracking import Tracker
+
+    try:
+        Tracker(tracking["uri"]).log_steps(tracking["run_id"], history)
+    except Exception as err:  # noqa: BLE001 - any MLflow/network error
+        log.warning("tracking: could not log steps to %s: %s", tracking["uri"], err)
 
 
 def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, history: list, rank: int,

@@ -78,3 +78,12 @@ def ray_local(s3_server):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 and a free port (sqlite store, temp artifact root)."""
+    from pipeline.services import MLflowServer
+
+    with MLflowServer(tmp_path_factory.mktemp("mlflow")) as server:
+        yield server

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["kv_bytes_per_token", "cache_bytes", "reduction"]
+__all__ = ["kv_bytes_per_token", "cache_bytes", "reduction", "attention_flops_per_token"]
 
 
 def _first(config, *names):
@@ -21,12 +21,18 @@ def _first(config, *names):
     raise ValueError(f"{type(config).__name__} has none of {names}; cannot size its KV cache")
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes one token adds to a full-attention KV cache for a transformers decoder config."""
+def _shape(config) -> tuple[int, int, int, int]:
+    """(layers, query heads, KV heads, head dim) of a transformers decoder config."""
     layers = _first(config, "num_hidden_layers", "n_layer")
     heads = _first(config, "num_attention_heads", "n_head")
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or _first(config, "hidden_size", "n_embd") // heads
+    return layers, heads, kv_heads, head_dim
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
+    """Bytes one token adds to a full-attention KV cache for a transformers decoder config."""
+    layers, _, kv_heads, head_dim = _shape(config)
     element = torch.empty((), dtype=dtype).element_size()
     return 2 * layers * kv_heads * head_dim * element
 
@@ -40,3 +46,22 @@ def cache_bytes(per_token: int, prefix_length: int, generated: int, window: int 
 def reduction(prefix_length: int, generated: int, window: int) -> float:
     """Fraction of the full-attention KV cache that WAND saves after ``generated`` tokens."""
     return 1.0 - cache_bytes(1, prefix_length, generated, window) / cache_bytes(1, prefix_length, generated, None)
+
+
+def attention_flops_per_token(config, prefix_length: int, generated: int, window: int | None) -> float:
+    """Mean attention FLOPs per generated token over an utterance of ``generated`` tokens (theoretical).
+
+    Only the score and value products, which grow with the context: per layer, per query head and
+    per visible key, q.k and p.v each take 2 x head_dim FLOPs. Generated token g (1-based) sees
+    P + g keys with full attention and P + min(g, W) with WAND; the projections and MLP cost the
+    same in both and are left out, so the ratio is an upper bound on the per-step speed-up.
+    """
+    if generated < 1:
+        raise ValueError(f"generated must be >= 1, got {generated}")
+    layers, heads, _, head_dim = _shape(config)
+    per_key = 4 * layers * heads * head_dim
+    if window is None or window >= generated:
+        keys = generated * prefix_length + generated * (generated + 1) // 2
+    else:
+        keys = generated * prefix_length + window * (window + 1) // 2 + (generated - window) * window
+    return per_key * keys / generated

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,38 +56,59 @@ def profile_decode(
     record_bytes_at: list[int] | tuple[int, ...] = (),
     seed: int = 0,
     vocab_limit: int | None = None,
+    prompt: torch.Tensor | None = None,
+    prefill_kwargs: dict | None = None,
+    token_ids: torch.Tensor | None = None,
 ) -> DecodeProfile:
-    """Prefill a random prefix, then decode ``steps`` tokens one at a time, timing every step.
+    """Prefill a prefix, then decode ``steps`` tokens one at a time, timing every step.
 
-    Tokens are fed back greedily (random weights: the content is irrelevant, the shapes are not).
+    The prefix is ``prompt`` [1, prefix_length] when given (a real row's conditioning; with
+    ``prefill_kwargs`` for the first forward, e.g. IndexTTS's latents), else random ids. Tokens are
+    fed back greedily, restricted to ``token_ids`` when given (e.g. the speech codes).
     ``window=None`` is the full-attention baseline with transformers' DynamicCache.
     """
     device = next(model.parameters()).device
     if window is not None and getattr(model, "_wand_original_forward", None) is None:
         enable_wand(model, window)
-    vocab = vocab_limit or model.config.vocab_size
-    gen = torch.Generator().manual_seed(seed)
-    prompt = torch.randint(0, vocab, (1, prefix_length), generator=gen).to(device)
+    if prompt is None:
+        vocab = vocab_limit or model.config.vocab_size
+        gen = torch.Generator().manual_seed(seed)
+        prompt = torch.randint(0, vocab, (1, prefix_length), generator=gen)
+    prompt = prompt.to(device)
+    prefix_length = prompt.shape[1]
     prefix = torch.tensor([prefix_length], device=device)
     if window is None:
         # The baseline is the model's own forward (no WAND wrapper, no custom mask), so it gets
-        # transformers' fastest full-attention path.
+        # transformers' fastest full-attention path; except for models whose positions depend on
+        # the prefix (IndexTTS numbers text and mel separately): they take the wrapper's full mask.
         cache = DynamicCache()
         forward = getattr(model, "_wand_original_forward", model.forward)
         kw = {cache_kwarg_name(model): cache}
+        if "prefix_lengths" in inspect.signature(forward).parameters:
+            if getattr(model, "_wand_original_forward", None) is None:
+                enable_wand(model, 1)
+            forward = model.forward
+            kw.update(prefix_lengths=prefix, window=None)
     else:
         cache = WandCache(prefix, window)
         forward = model.forward
         kw = {cache_kwarg_name(model): cache, "prefix_lengths": prefix, "window": window}
-    out = forward(input_ids=prompt, use_cache=True, **kw)
-    token = out.logits[:, -1:].argmax(-1) % vocab
+    ids = None if token_ids is None else token_ids.to(device)
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        if ids is None:
+            return logits[:, -1:].argmax(-1) % (vocab_limit or logits.shape[-1])
+        return ids[logits[:, -1:, ids].argmax(-1)]
+
+    out = forward(input_ids=prompt, use_cache=True, **kw, **(prefill_kwargs or {}))
+    token = pick(out.logits)
     profile = DecodeProfile(window, prefix_length)
     wanted = set(record_bytes_at)
     for step in range(steps):
         _sync(device)
         start = time.perf_counter()
         out = forward(input_ids=token, use_cache=True, **kw)
-        token = out.logits[:, -1:].argmax(-1) % vocab
+        token = pick(out.logits)
         _sync(device)
         profile.step_seconds.append(time.perf_counter() - start)
         if step + 1 in wanted:

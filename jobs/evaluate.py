@@ -1,0 +1,47 @@
+"""Run the evals on an experiment's final student (or any student folder) and log them to MLflow.
+
+    python jobs/evaluate.py --config jobs/configs/tiny.yaml --only cosyvoice2
+    python jobs/evaluate.py --config jobs/configs/cosyvoice2.yaml --student s3://bucket/runs/cosyvoice2-wand/student
+
+Evals (pipeline/evaluate.py): KV-cache memory vs length, per-step decode latency, attention FLOPs,
+teacher-forced agreement/KL by distance from the prefix, and the window chooser. With tracking on,
+they replace the ``eval`` child run of the experiment's parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.chain import DistillConfig, evaluate_experiment, log_evals  # noqa: E402
+from pipeline.cli import load_config_with_overrides  # noqa: E402
+from pipeline.tracking import Tracker  # noqa: E402
+from wand.models.weights import fingerprint  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--student", default=None, help="student folder (default: <storage>/<experiment>/student)")
+    config, args = load_config_with_overrides(DistillConfig, parser, argv, return_args=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    results = evaluate_experiment(config, args.student)
+    tracker = Tracker.from_config(config.tracking)
+    if tracker is not None:
+        from pipeline.chain import parent_tags, load_student
+
+        parent = tracker.parent_run(config.experiment, parent_tags(config))
+        checksum = fingerprint(load_student(config, args.student).state_dict())
+        run_id = log_evals(tracker, parent, results, config, checksum)
+        tracker.finish(parent)
+        print(f"logged to {tracker.run_url(run_id)}")
+    print(json.dumps({r.name: {"metrics": r.metrics, "notes": r.notes} for r in results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

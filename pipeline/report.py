@@ -1,0 +1,47 @@
+"""The per-model results table printed by jobs/distill.py and jobs/compare.py."""
+
+from __future__ import annotations
+
+__all__ = ["results_table", "COLUMNS"]
+
+
+def _fmt(value, kind: str) -> str:
+    if value is None:
+        return "-"
+    if kind == "bytes":
+        return f"{value / 1024:,.0f} KiB" if value < 1024**2 else f"{value / 1024**2:,.1f} MiB"
+    if kind == "pct":
+        return f"{100 * value:.1f}%"
+    if kind == "ratio":
+        return f"{value:.2f}"
+    return f"{value:.3f}"
+
+
+# (header, metric keys, kind): one cell may show two metrics as "a / b".
+COLUMNS = (
+    ("KV @60s full / WAND", ("kv_full_bytes_60s", "kv_wand_bytes_60s"), "bytes"),
+    ("KV saved @60s", ("kv_reduction_60s",), "pct"),
+    ("step time late/early full / WAND", ("latency_full_ratio_late_early", "latency_wand_ratio_late_early"), "ratio"),
+    ("attn FLOPs x @60s (theory)", ("attn_flops_speedup_60s",), "ratio"),
+    ("top-1 agree near / mid / far", ("top1_agreement_near", "top1_agreement_mid", "top1_agreement_far"), "num"),
+    ("KL far", ("kl_far",), "num"),
+)
+
+
+def results_table(rows: list[dict]) -> str:
+    """Markdown table; each row has ``experiment``, ``model``, ``evals`` (flat metrics) and
+    optionally ``final_loss``, ``parent_run_id`` and ``tracking_uri``."""
+    header = ["experiment", "model", *(c[0] for c in COLUMNS), "final loss", "MLflow run"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        evals = row.get("evals") or {}
+        cells = [row["experiment"], row["model"]]
+        for _, keys, kind in COLUMNS:
+            cells.append(" / ".join(_fmt(evals.get(k), kind) for k in keys))
+        cells.append(_fmt(row.get("final_loss"), "num"))
+        run = row.get("parent_run_id")
+        uri = row.get("tracking_uri") or ""
+        cells.append(f"{uri.rstrip('/')}/#/experiments/{row['experiment_id']}/runs/{run}"
+                     if run and uri.startswith("http") and row.get("experiment_id") else (run or "-"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Local services on 127.0.0.1: an MLflow tracking server (sqlite + local artifacts).
+
+Used by ``make demo`` (through ``jobs/local_services.py``) and by the tests. Started the way that
+works on a small machine (../shared/STACK-NOTES.md): one worker, no job consumers, its own process
+group so stopping it leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+__all__ = ["free_port", "MLflowServer", "wait_http"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "service") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"{what} exited at start-up (status {proc.returncode})")
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} did not answer at {url} within {timeout:.0f} s")
+
+
+class MLflowServer:
+    """``mlflow server`` on 127.0.0.1 with its store under ``root`` (mlflow.db + artifacts/)."""
+
+    def __init__(self, root: str | Path, port: int | None = None, log_file: str | Path | None = None):
+        self.root = Path(root).resolve()
+        self.port = port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.log_file = Path(log_file) if log_file else self.root / "server.log"
+        self.proc: subprocess.Popen | None = None
+
+    def command(self) -> list[str]:
+        mlflow = Path(sys.executable).with_name("mlflow")
+        return [str(mlflow) if mlflow.exists() else "mlflow", "server",
+                "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+                "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
+                "--artifacts-destination", str(self.root / "artifacts")]
+
+    def start(self, timeout: float = 90) -> "MLflowServer":
+        self.root.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+        with open(self.log_file, "ab") as log:
+            self.proc = subprocess.Popen(self.command(), stdout=log, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)  # own process group: stop() takes all of it
+        try:
+            wait_http(f"{self.uri}/health", timeout, self.proc, f"mlflow server (log: {self.log_file})")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        stop_group(self.proc.pid)
+        self.proc = None
+
+    def __enter__(self) -> "MLflowServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def stop_group(pid: int, timeout: float = 15) -> None:
+    """SIGTERM the process group led by ``pid``; SIGKILL what is left after ``timeout``."""
+    try:
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return
+        try:  # reap it if it is our child
+            os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            pass
+        time.sleep(0.2)
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+class RayHead:
+    """``ray start --head`` on 127.0.0.1 (dashboard and job server on ``dashboard_port``).
+
+    Token auth is off (``RAY_AUTH_MODE=disabled``): Ray 2.60 turns it on for new clusters and the
+    CLI clients do not pick the token up; acceptable only because everything binds to loopback
+    (GCS still listens on all interfaces: see the README's security notes). The head's processes,
+    and so every job's driver and workers, get ``env`` (e.g. PATH with the venv first, so a job's
+    ``python`` is the project's)."""
+
+    def __init__(self, num_cpus: int = 2, port: int | None = None, dashboard_port: int | None = None,
+                 env: dict[str, str] | None = None, resources: dict | None = None,
+                 system_config: dict | None = None):
+        self.num_cpus = num_cpus
+        self.port = port or free_port()
+        self.dashboard_port = dashboard_port or free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        self.resources = resources
+        self.system_config = system_config
+
+    def command(self) -> list[str]:
+        ray = Path(sys.executable).with_name("ray")
+        cmd = [str(ray) if ray.exists() else "ray", "start", "--head", "--node-ip-address", "127.0.0.1",
+               "--port", str(self.port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
+               "--num-cpus", str(self.num_cpus), "--include-dashboard", "true", "--disable-usage-stats"]
+        if self.resources:
+            import json
+
+            cmd += ["--resources", json.dumps(self.resources)]
+        if self.system_config:
+            import json
+
+            cmd += ["--system-config", json.dumps(self.system_config)]
+        return cmd
+
+    def start(self, timeout: float = 120, log_file: str | Path | None = None) -> "RayHead":
+        """Start the head in the foreground (``--block``) in its own process group, so ``stop``
+        takes down exactly this cluster (``ray stop`` would stop every Ray on the machine)."""
+        log = open(log_file, "ab") if log_file else subprocess.DEVNULL
+        self.proc = subprocess.Popen(self.command() + ["--block"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                     start_new_session=True)
+        if log_file:
+            log.close()
+        try:
+            wait_http(f"{self.dashboard_url}/api/version", timeout, self.proc, "Ray head (dashboard / job server)")
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if getattr(self, "proc", None) is not None else None
+
+    def stop(self) -> None:
+        if self.pid is not None:
+            stop_group(self.pid, timeout=30)
+            self.proc = None
+
+    def __enter__(self) -> "RayHead":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

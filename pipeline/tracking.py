@@ -1,0 +1,264 @@
+"""MLflow tracking: one parent run per experiment (one model), one child run per stage.
+
+Layout in the MLflow experiment (default ``wand-tts``)::
+
+    <experiment>                 parent: params (preset, fingerprints, curriculum, ZeRO, cluster),
+    |                                    tags (family, git commit), summary metrics, the student
+    |-- precompute               child:  shard counts, bytes, where the shards are
+    |-- stage-1 .. stage-N       child:  per-step loss, CE, KD, window, tau, lr, tokens/s;
+    |                                    the stage's checkpoint URI (a tag, not a copy)
+    `-- eval                     child:  metrics, tables and figures of pipeline.evaluate
+
+Runs are found again by tags (``wand.experiment``, ``wand.stage``), so a resubmitted job, or a
+stage submitted on its own, re-attaches to its runs instead of making new ones. Step metrics are
+logged idempotently: only steps past the last one the server holds are sent, so a resumed stage
+never logs a step twice. Inside Ray Train only rank 0 logs.
+
+Secrets: values come from configs and code, never from the environment, and every param, tag and
+text artifact goes through ``redact`` (values of secret-looking environment variables and URL
+user-info are replaced) as a second line of defence.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field
+
+__all__ = ["TrackingConfig", "Tracker", "redact", "git_commit", "load_logged_student"]
+
+log = logging.getLogger("wand.tracking")
+SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY|AUTH", re.I)
+URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+class TrackingConfig(BaseModel):
+    """The ``tracking:`` section of an experiment config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI; neither: off")
+    experiment_name: str = Field("wand-tts", description="MLflow experiment holding the runs")
+    log_student: bool = Field(True, description="copy the final student into the parent run's artifacts")
+
+    def resolved_uri(self) -> str | None:
+        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
+        if uri and URL_USERINFO.search(uri):
+            raise ValueError("tracking.uri: put MLflow credentials in MLFLOW_TRACKING_USERNAME / _PASSWORD "
+                             "or MLFLOW_TRACKING_TOKEN, not in the URI")
+        return uri
+
+
+def redact(value: Any) -> str:
+    """``str(value)`` with secret environment values and URL user-info replaced by ``***``."""
+    text = str(value)
+    for name, secret in os.environ.items():
+        if SECRET_NAME.search(name) and len(secret) >= 8 and secret in text:
+            text = text.replace(secret, "***")
+    return URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def git_commit() -> str:
+    """The commit of the code that runs (a `ray job submit --working-dir` upload has no .git:
+    ``make demo`` passes WAND_GIT_COMMIT then)."""
+    if os.environ.get("WAND_GIT_COMMIT"):
+        return os.environ["WAND_GIT_COMMIT"]
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parents[1])
+        return out.stdout.strip() if out.returncode == 0 else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class Tracker:
+    """Thin wrapper over ``MlflowClient`` with the layout above. All methods take run ids, so
+    workers can log into a run the driver created."""
+
+    def __init__(self, uri: str, experiment_name: str | None = None):
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        self.experiment_id = None
+        if experiment_name is None:  # a worker logging into runs the driver made
+            return
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        self.experiment_id = (experiment.experiment_id if experiment is not None
+                              else self.client.create_experiment(experiment_name))
+
+    @classmethod
+    def from_config(cls, config: TrackingConfig) -> "Tracker | None":
+        uri = config.resolved_uri()
+        if not uri:
+            log.info("tracking off: set tracking.uri or MLFLOW_TRACKING_URI to record runs in MLflow")
+            return None
+        return cls(uri, config.experiment_name)
+
+    # ------------------------------------------------------------------ runs
+    def _find(self, **tags: str):
+        clauses = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=clauses, max_results=2,
+                                       order_by=["attributes.start_time ASC"])
+        return runs[0] if runs else None
+
+    def parent_run(self, experiment: str, tags: dict[str, str]) -> str:
+        """The experiment's parent run: found by name if an earlier submission made it, else new."""
+        found = self._find(**{"wand.experiment": experiment, "wand.role": "parent"})
+        if found is not None:
+            self.client.update_run(found.info.run_id, status="RUNNING")
+            log.info("tracking: re-attached to parent run %s", found.info.run_id)
+            return found.info.run_id
+        run = self.client.create_run(self.experiment_id, run_name=experiment, tags={
+            **{k: redact(v) for k, v in tags.items()}, "wand.experiment": experiment, "wand.role": "parent"})
+        log.info("tracking: parent run %s at %s", run.info.run_id, self.run_url(run.info.run_id))
+        return run.info.run_id
+
+    def find_child(self, parent_id: str, stage: str):
+        return self._find(**{"wand.parent": parent_id, "wand.stage": stage})
+
+    def child_run(self, parent_id: str, stage: str, run_name: str | None = None, tags: dict | None = None,
+                  fresh: bool = False) -> str:
+        """The child run ``stage`` of a parent (nested in the UI through ``mlflow.parentRunId``).
+
+        An existing one is re-attached; with ``fresh=True`` it is deleted and made anew instead
+        (for results that are not step series, such as eval tables, which MLflow would append to)."""
+        found = self.find_child(parent_id, stage)
+        if found is not None and fresh:
+            self.client.delete_run(found.info.run_id)
+        elif found is not None:
+            self.client.update_run(found.info.run_id, status="RUNNING")
+            return found.info.run_id
+        parent = self.client.get_run(parent_id)
+        run = self.client.create_run(self.experiment_id, run_name=run_name or f"{parent.info.run_name}/{stage}", tags={
+            **{k: redact(v) for k, v in (tags or {}).items()}, "mlflow.parentRunId": parent_id,
+            "wand.parent": parent_id, "wand.stage": stage,
+            "wand.experiment": parent.data.tags.get("wand.experiment", "")})
+        return run.info.run_id
+
+    def finish(self, run_id: str, ok: bool = True) -> None:
+        self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def run_url(self, run_id: str) -> str:
+        if self.uri.startswith("http"):
+            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+        return run_id
+
+    # ------------------------------------------------------------------ values
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        """Log flattened params once; values already on the run are left (MLflow params are immutable)."""
+        from mlflow.entities import Param
+
+        have = self.client.get_run(run_id).data.params
+        fresh = [Param(k, redact(v)[:6000]) for k, v in _flatten(params).items() if k not in have]
+        for start in range(0, len(fresh), 100):
+            self.client.log_batch(run_id, params=fresh[start : start + 100])
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(run_id, tags=[RunTag(k, redact(v)) for k, v in tags.items()])
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int = 0) -> None:
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items() if v is not None]
+        for start in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + BATCH])
+
+    def last_step(self, run_id: str, key: str = "loss") -> int:
+        history = self.client.get_metric_history(run_id, key)
+        return max((m.step for m in history), default=-1)
+
+    def log_steps(self, run_id: str, history: Iterable[dict], key: str = "loss") -> int:
+        """Log each step's metrics (a dict with ``step``) after the last step the run holds; returns
+        how many steps were sent. Idempotent, so restarts and the driver's final sync add nothing twice."""
+        from mlflow.entities import Metric
+
+        last = self.last_step(run_id, key)
+        now = _now_ms()
+        items, steps = [], 0
+        for record in history:
+            if record["step"] <= last:
+                continue
+            steps += 1
+            items.extend(Metric(k, float(v), now, int(record["step"])) for k, v in record.items()
+                         if k != "step" and v is not None)
+        for start in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + BATCH])
+        return steps
+
+    def log_curves(self, run_id: str, curves: dict[str, list[tuple[int, float]]]) -> None:
+        """Series as metric histories (x as the step), e.g. KV bytes vs generated tokens."""
+        from mlflow.entities import Metric
+
+        now = _now_ms()
+        items = [Metric(name, float(v), now, int(x)) for name, points in curves.items() for x, v in points]
+        have = {name for name in curves if self.client.get_metric_history(run_id, name)}
+        items = [m for m in items if m.key not in have]
+        for start in range(0, len(items), BATCH):
+            self.client.log_batch(run_id, metrics=items[start : start + BATCH])
+
+    def log_eval(self, run_id: str, result) -> None:
+        """One ``pipeline.evaluate.EvalResult``: metrics, ``evals/<name>.json`` table, ``evals/<name>.png``."""
+        self.log_metrics(run_id, result.metrics)
+        self.log_curves(run_id, result.curves)
+        self.client.log_table(run_id, data=result.table, artifact_file=f"evals/{result.name}.json")
+        self.client.log_figure(run_id, result.figure, f"evals/{result.name}.png")
+        if result.notes:
+            self.set_tags(run_id, {f"wand.note.{result.name}": "; ".join(result.notes)})
+
+    def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
+        self.client.log_text(run_id, redact(text), artifact_file)
+
+    def log_student(self, run_id: str, directory: str, describe: dict) -> str:
+        """Copy the exported student (release format) into ``student/`` of the run, with
+        ``student/wand_model.json`` saying how to rebuild it; returns its artifact URI."""
+        import json
+
+        with tempfile.TemporaryDirectory() as tmp:
+            Path(tmp, "wand_model.json").write_text(json.dumps(describe, indent=2))
+            self.client.log_artifacts(run_id, tmp, "student")
+        self.client.log_artifacts(run_id, directory, "student")
+        return f"runs:/{run_id}/student"
+
+
+def _now_ms() -> int:
+    import time
+
+    return int(time.time() * 1000)
+
+
+def load_logged_student(uri: str, tracking_uri: str | None = None):
+    """The student an experiment logged (``runs:/<parent run id>/student``), as a model of its spec."""
+    import json
+
+    import mlflow
+
+    from wand.models import get_spec
+
+    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
+    meta_path = Path(local, "wand_model.json")
+    if not meta_path.exists():
+        raise ValueError(f"{uri}: no wand_model.json; is this the student/ folder of a wand-tts parent run?")
+    meta = json.loads(meta_path.read_text())
+    return get_spec(meta["model"], meta["model_size"]).load(local)

@@ -1,0 +1,58 @@
+"""Experiment configs: multi-experiment files, --set / --only / --root, clear errors, the shipped presets."""
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from pipeline.chain import DistillConfig
+from pipeline.cli import load_config_with_overrides, load_experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load(*argv):
+    return load_experiments(DistillConfig, argparse.ArgumentParser(), list(argv))[0]
+
+
+def test_the_embedded_default_holds_the_three_families():
+    configs = load("--config", str(ROOT / "jobs/configs/tiny.yaml"))
+    assert [c.model for c in configs] == ["cosyvoice2", "indextts", "sparktts"]
+    assert all(c.model_size == "tiny" and c.train["stages"] == 2 for c in configs)
+    assert configs[1].evaluate.corpus == "runs/corpus/tiny-indextts-heldout"
+    assert configs[1].evaluate.windows == [2, 4, 8, 16, 32]  # defaults merged into the entry
+
+
+def test_set_only_and_root(tmp_path):
+    configs = load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--only", "sparktts",
+                   "--set", "train.stages=3", "--set", "storage=s3://bucket/runs", "--root", str(tmp_path))
+    (config,) = configs
+    assert config.model == "sparktts" and config.train["stages"] == 3 and config.train["num_workers"] == 2
+    assert config.storage == "s3://bucket/runs"  # remote paths are left alone
+    assert config.corpus == str(tmp_path / "runs/corpus/tiny-sparktts")
+    assert config.evaluate.corpus == str(tmp_path / "runs/corpus/tiny-sparktts-heldout")
+
+
+def test_single_experiment_entry_points_need_only(capsys):
+    with pytest.raises(SystemExit):
+        load_config_with_overrides(DistillConfig, argparse.ArgumentParser(), ["--config", str(ROOT / "jobs/configs/tiny.yaml")])
+    assert "holds 3 experiments" in capsys.readouterr().err
+
+
+def test_errors_name_the_experiment_and_field(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--set", "train.window_target=64")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "experiment tiny-cosyvoice2" in err and "window_target (64) must be <= window_start" in err
+    with pytest.raises(SystemExit):
+        load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--set", "evaluate.rows=0")
+    assert "evaluate.rows" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--only", "tacotron")
+    assert "--only tacotron: no experiment" in capsys.readouterr().err
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("defaults: {}\nexperiments: []\nstorage: x\n")
+    with pytest.raises(SystemExit):
+        load("--config", str(bad))
+    assert "holds only 'defaults' and 'experiments'" in capsys.readouterr().err
