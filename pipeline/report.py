@@ -14,7 +14,7 @@ def _fmt(value, kind: str) -> str:
         return f"{100 * value:.1f}%"
     if kind == "ratio":
         return f"{value:.2f}"
-    return f"{value:.3f}"
+    return f"{value:.3f}" if value == 0 or abs(value) >= 0.001 else f"{value:.1e}"
 
 
 # (header, metric keys, kind): one cell may show two metrics as "a / b".
@@ -37,6 +37,11 @@ def results_table(rows: list[dict]) -> str:
         evals = row.get("evals") or {}
         cells = [row["experiment"], row["model"]]
         for _, keys, kind in COLUMNS:
+            if kind == "bytes" and any(evals.get(k) is None for k in keys):
+                # Beyond the model's own length limit (IndexTTS): the analytic figure, marked.
+                analytic = [evals.get(k.replace("_bytes_", "_bytes_analytic_")) for k in keys]
+                cells.append(" / ".join(_fmt(v, kind) for v in analytic) + " (analytic)")
+                continue
             cells.append(" / ".join(_fmt(evals.get(k), kind) for k in keys))
         cells.append(_fmt(row.get("final_loss"), "num"))
         run = row.get("parent_run_id")

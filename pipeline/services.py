@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["free_port", "MLflowServer", "wait_http"]
+__all__ = ["free_port", "MLflowServer", "RayHead", "wait_http", "stop_group", "kill_matching"]
 
 
 def free_port() -> int:
@@ -117,7 +117,7 @@ class RayHead:
 
     def __init__(self, num_cpus: int = 2, port: int | None = None, dashboard_port: int | None = None,
                  env: dict[str, str] | None = None, resources: dict | None = None,
-                 system_config: dict | None = None):
+                 system_config: dict | None = None, extra_args: list[str] | None = None):
         self.num_cpus = num_cpus
         self.port = port or free_port()
         self.dashboard_port = dashboard_port or free_port()
@@ -126,6 +126,7 @@ class RayHead:
         self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
         self.resources = resources
         self.system_config = system_config
+        self.extra_args = list(extra_args or [])
 
     def command(self) -> list[str]:
         ray = Path(sys.executable).with_name("ray")
@@ -140,7 +141,7 @@ class RayHead:
             import json
 
             cmd += ["--system-config", json.dumps(self.system_config)]
-        return cmd
+        return cmd + self.extra_args
 
     def start(self, timeout: float = 120, log_file: str | Path | None = None) -> "RayHead":
         """Start the head in the foreground (``--block``) in its own process group, so ``stop``
@@ -165,6 +166,29 @@ class RayHead:
         if self.pid is not None:
             stop_group(self.pid, timeout=30)
             self.proc = None
+        kill_matching(f"127.0.0.1:{self.port}")  # raylets of extra nodes, workers that left the group
+
+
+def kill_matching(needle: str) -> int:
+    """Kill processes (not this one) whose command line mentions ``needle``; returns how many.
+    Ray processes carry their cluster's GCS address, so ``127.0.0.1:<port>`` picks one cluster only,
+    where ``ray stop`` would stop every Ray instance on the machine."""
+    import psutil
+
+    victims = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.pid != os.getpid() and needle in " ".join(proc.info["cmdline"] or []):
+                victims.append(proc)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    for proc in victims:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=10)
+    return len(victims)
 
     def __enter__(self) -> "RayHead":
         return self.start()

@@ -1,0 +1,93 @@
+"""Every config in cluster/ loads and carries what Ray's launcher / the KubeRay operator require."""
+
+from pathlib import Path
+
+import ray
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+TESTED = {"aws.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "Dockerfile"}
+
+
+def load(name):
+    return yaml.safe_load((CLUSTER / name).read_text())
+
+
+def test_every_cluster_config_is_tested_here():
+    present = {str(p.relative_to(CLUSTER)) for p in CLUSTER.rglob("*") if p.is_file() and p.name != "README.md"}
+    assert present == TESTED
+
+
+def test_launcher_config_validates_against_rays_schema():
+    from ray.autoscaler._private.util import validate_config
+
+    config = load("aws.yaml")
+    validate_config(config)  # ray/autoscaler/ray-schema.json, as `ray up` does
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0
+    workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
+    assert workers and all(w["min_workers"] == 0 and w["max_workers"] >= 1 for w in workers.values())
+    assert all(w["resources"]["GPU"] >= 1 for w in workers.values())
+    markets = {w["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand") for w in workers.values()}
+    assert markets == {"spot", "on-demand"}
+    assert sum(w["max_workers"] for w in workers.values()) >= config["max_workers"] > 0
+    setup = " ".join(config["setup_commands"])
+    assert f"ray[default,train,data]=={ray.__version__}" in setup and "torch==2.13.0" in setup
+    assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    text = (CLUSTER / "aws.yaml").read_text()
+    assert "aws_secret_access_key" not in text.lower() and "AKIA" not in text
+
+
+def check_ray_cluster_spec(spec):
+    assert spec["rayVersion"] == ray.__version__
+    assert spec["enableInTreeAutoscaling"] is True
+    assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
+    head = spec["headGroupSpec"]
+    assert isinstance(head["rayStartParams"], dict)
+    assert head["template"]["spec"]["containers"][0]["image"]
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"] and group["minReplicas"] == 0 and group["maxReplicas"] >= 1
+        assert isinstance(group["rayStartParams"], dict)
+        container = group["template"]["spec"]["containers"][0]
+        assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        # The operator's autoscaler needs requests = limits for accurate resource accounting.
+        assert container["resources"]["requests"] == container["resources"]["limits"]
+
+
+def test_kuberay_raycluster():
+    manifest = load("kuberay/raycluster.yaml")
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayCluster"
+    assert manifest["metadata"]["name"]
+    check_ray_cluster_spec(manifest["spec"])
+
+
+def test_kuberay_rayjob_runs_the_distill_entry_point():
+    manifest = load("kuberay/rayjob.yaml")
+    assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
+    spec = manifest["spec"]
+    words = spec["entrypoint"].split()
+    assert words[:4] == ["python", "jobs/distill.py", "--config", words[3]]
+    assert (ROOT / words[3]).exists()
+    assert "storage=s3://" in spec["entrypoint"] and "shards=s3://" in spec["entrypoint"]
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env["env_vars"], dict)
+    assert spec["shutdownAfterJobFinishes"] is True
+    check_ray_cluster_spec(spec["rayClusterSpec"])
+
+
+def test_runtime_env_is_a_valid_ray_runtime_env():
+    from ray.runtime_env import RuntimeEnv
+
+    values = load("runtime_env.yaml")
+    env = RuntimeEnv(**values)
+    assert env["working_dir"] == "."
+    assert not any(k.upper().endswith(("KEY", "SECRET", "TOKEN", "PASSWORD")) for k in values["env_vars"])
+
+
+def test_dockerfile_pins_the_ray_version():
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in text
+    assert 'torch==2.13.0' in text
