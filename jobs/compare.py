@@ -49,6 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.tracking_uri:
         parser.error("--tracking-uri (or MLFLOW_TRACKING_URI) is required")
+    from pipeline.services import wait_http
+
+    if args.tracking_uri.startswith("http"):
+        try:
+            wait_http(f"{args.tracking_uri.rstrip('/')}/health", 5, what="MLflow server")
+        except RuntimeError as err:
+            parser.error(f"--tracking-uri: {err} (is it running? `make demo` starts one on 127.0.0.1:5000)")
     rows = rows_from_server(args.tracking_uri, args.experiment_name, args.match)
     if not rows:
         print(f"no wand-tts parent runs in '{args.experiment_name}' at {args.tracking_uri}")

@@ -3,7 +3,9 @@
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train_stage.py --config jobs/configs/tiny.yaml --stage 2
 
 The shards must exist (jobs/precompute.py or jobs/distill.py made them). A finished stage is
-skipped; delete <storage>/<experiment>/stage-K.json to run it again.
+skipped; delete <storage>/<experiment>/stage-K.json to run it again. With tracking on, the stage
+logs into the child run ``stage-K`` of the experiment's parent run (made if missing), so stages
+submitted one by one nest like a whole chain.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.chain import DistillConfig  # noqa: E402
+from pipeline.chain import DistillConfig, parent_tags, track_stage  # noqa: E402
 from pipeline.cli import init_ray, load_config_with_overrides  # noqa: E402
-from pipeline.train import run_stage  # noqa: E402
+from pipeline.tracking import Tracker  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +32,17 @@ def main(argv: list[str] | None = None) -> int:
     if not 1 <= args.stage <= train.stages:
         parser.error(f"--stage must be in [1, {train.stages}] (train.stages)")
     init_ray()
-    record = run_stage(train, args.stage)
+    tracker = Tracker.from_config(config.tracking)
+    parent = None
+    if tracker is not None:
+        before = tracker.find_run(**{"wand.experiment": config.experiment, "wand.role": "parent"})
+        parent = tracker.parent_run(config.experiment, parent_tags(config))
+    try:
+        record = track_stage(tracker, parent, train, args.stage)
+    finally:
+        if tracker is not None:  # the parent keeps the status it had (FINISHED only after the whole chain)
+            status = before.info.status if before is not None else ("FINISHED" if args.stage == train.stages else "RUNNING")
+            tracker.client.update_run(parent, status=status)
     print(json.dumps({k: record[k] for k in ("stage", "start", "end", "checkpoint", "param_checksum")}, indent=2))
     return 0
 

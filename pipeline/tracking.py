@@ -114,7 +114,7 @@ class Tracker:
         return cls(uri, config.experiment_name)
 
     # ------------------------------------------------------------------ runs
-    def _find(self, **tags: str):
+    def find_run(self, **tags: str):
         clauses = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
         runs = self.client.search_runs([self.experiment_id], filter_string=clauses, max_results=2,
                                        order_by=["attributes.start_time ASC"])
@@ -122,7 +122,7 @@ class Tracker:
 
     def parent_run(self, experiment: str, tags: dict[str, str]) -> str:
         """The experiment's parent run: found by name if an earlier submission made it, else new."""
-        found = self._find(**{"wand.experiment": experiment, "wand.role": "parent"})
+        found = self.find_run(**{"wand.experiment": experiment, "wand.role": "parent"})
         if found is not None:
             self.client.update_run(found.info.run_id, status="RUNNING")
             log.info("tracking: re-attached to parent run %s", found.info.run_id)
@@ -133,7 +133,7 @@ class Tracker:
         return run.info.run_id
 
     def find_child(self, parent_id: str, stage: str):
-        return self._find(**{"wand.parent": parent_id, "wand.stage": stage})
+        return self.find_run(**{"wand.parent": parent_id, "wand.stage": stage})
 
     def child_run(self, parent_id: str, stage: str, run_name: str | None = None, tags: dict | None = None,
                   fresh: bool = False) -> str:

@@ -130,11 +130,19 @@ def autoscaling_config(gcs_port: int) -> dict:
 
 
 def alive_nodes(dashboard_url: str) -> int:
+    """ALIVE nodes by Ray's state API (the dashboard lists the head a second or two after start)."""
     import urllib.request
 
-    with urllib.request.urlopen(f"{dashboard_url}/nodes?view=summary", timeout=10) as response:
-        summary = json.load(response)["data"]["summary"]
-    return sum(1 for node in summary if node["raylet"]["state"] == "ALIVE")
+    with urllib.request.urlopen(f"{dashboard_url}/api/v0/nodes?detail=false&limit=100", timeout=10) as response:
+        nodes = json.load(response)["data"]["result"]["result"]
+    return sum(1 for node in nodes if node["state"] == "ALIVE")
+
+
+def wait_nodes(dashboard_url: str, count: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while alive_nodes(dashboard_url) != count:
+        assert time.monotonic() < deadline, f"expected {count} alive nodes within {timeout} s"
+        time.sleep(1)
 
 
 @pytest.mark.timeout(1200)
@@ -156,7 +164,7 @@ def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp
                    extra_args=[f"--autoscaling-config={config_path}"])
     head.start(log_file=tmp_path / "head.log")
     try:
-        assert alive_nodes(head.dashboard_url) == 1  # starts with zero workers
+        wait_nodes(head.dashboard_url, 1, 30)  # the head alone: zero workers
         client = JobSubmissionClient(head.dashboard_url)
         entrypoint = ("python jobs/distill.py --config jobs/configs/tiny.yaml --only sparktts "
                       "--set corpus=s3://autoscale/corpus/sparktts --set shards=s3://autoscale/topk/sparktts "
