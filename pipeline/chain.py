@@ -91,13 +91,18 @@ def run_chain(config: DistillConfig) -> dict:
     parent = tracker.parent_run(config.experiment, parent_tags(config)) if tracker else None
     try:
         child = tracker.child_run(parent, "precompute") if tracker else None
-        fs, root = storage.resolve(config.shards, config.s3_endpoint)
-        if _shards_ready(precompute, fs, root):
-            log.info("precompute: matching shards found in %s; skipped", config.shards)
-        else:
-            log.info("precompute: %s -> %s", config.corpus, config.shards)
-            run_precompute(precompute)
-        manifest = load_manifest(config.shards, config.s3_endpoint)
+        try:
+            fs, root = storage.resolve(config.shards, config.s3_endpoint)
+            if _shards_ready(precompute, fs, root):
+                log.info("precompute: matching shards found in %s; skipped", config.shards)
+            else:
+                log.info("precompute: %s -> %s", config.corpus, config.shards)
+                run_precompute(precompute)
+            manifest = load_manifest(config.shards, config.s3_endpoint)
+        except BaseException:
+            if tracker:
+                tracker.finish(child, ok=False)
+            raise
         if tracker:
             _log_precompute(tracker, child, precompute, manifest)
         _, curriculum = preflight(train)
