@@ -196,15 +196,20 @@ class Tracker:
 
         last = self.last_step(run_id, key)
         now = _now_ms()
-        items, steps = [], 0
+        batch: list = []
+        steps = 0
         for record in history:
             if record["step"] <= last:
                 continue
+            items = [Metric(k, float(v), now, int(record["step"])) for k, v in record.items()
+                     if k != "step" and v is not None]
+            if batch and len(batch) + len(items) > BATCH:  # calls hold whole steps only
+                self.client.log_batch(run_id, metrics=batch)
+                batch = []
+            batch.extend(items)
             steps += 1
-            items.extend(Metric(k, float(v), now, int(record["step"])) for k, v in record.items()
-                         if k != "step" and v is not None)
-        for start in range(0, len(items), BATCH):
-            self.client.log_batch(run_id, metrics=items[start : start + BATCH])
+        if batch:
+            self.client.log_batch(run_id, metrics=batch)
         return steps
 
     def log_curves(self, run_id: str, curves: dict[str, list[tuple[int, float]]]) -> None:

@@ -34,6 +34,25 @@ def test_tracking_uri_with_credentials_is_refused(monkeypatch):
     assert TrackingConfig().resolved_uri() == "http://127.0.0.1:1"
 
 
+def test_log_steps_is_idempotent_and_reattaches(mlflow_server):
+    from pipeline.tracking import Tracker
+
+    tracker = Tracker(mlflow_server.uri, "wand-tts-unit")
+    parent = tracker.parent_run("unit", {"wand.model": "cosyvoice2"})
+    child = tracker.child_run(parent, "stage-1")
+    history = [{"step": i, "loss": 1 / (i + 1), "ce": 0.5, "kd": 0.1, "window": 8, "tau": 1.0, "lr": 1e-3,
+                "tokens_per_s": 100.0} for i in range(300)]  # 2,100 values: more than one log_batch call
+    assert tracker.log_steps(child, history[:120]) == 120
+    assert tracker.log_steps(child, history[:200]) == 80  # a restart re-sends its checkpoint's history
+    assert tracker.log_steps(child, history) == 100
+    assert tracker.log_steps(child, history) == 0
+    for key in ("loss", "tokens_per_s"):
+        assert sorted(m.step for m in tracker.client.get_metric_history(child, key)) == list(range(300))
+    assert tracker.parent_run("unit", {}) == parent and tracker.child_run(parent, "stage-1") == child
+    fresh = tracker.child_run(parent, "eval")
+    assert tracker.child_run(parent, "eval", fresh=True) != fresh  # eval tables are replaced, not appended
+
+
 @pytest.fixture(scope="module")
 def tracked(ray_local, mlflow_server, tmp_path_factory):
     """The tiny chain with tracking: stage 1 fails once (a worker dies, no retries), the same
