@@ -1,0 +1,121 @@
+"""A synthetic AR-TTS corpus with the structure that makes the real task need the prefix.
+
+Every utterance has a speaker s and a "text" of phoneme ids p_1 .. p_n. The speech is the
+phonemes spoken in order; phoneme p said by speaker s lasts d(p, s) frames (2 .. 5: durations
+vary with phoneme and speaker), and frame j of it is the code
+
+    code = (base[p] + voice[s] + 7 j + (previous code mod 3)) mod C
+
+so each token depends on the phoneme being spoken (found in the prefix by alignment, as a TTS
+model aligns to its text), on the speaker (given in the prefix: prompt speech tokens, Spark's
+global tokens, IndexTTS's conditioning latents) and on the previous token (local continuity).
+A model that sees only the last W tokens can follow a phoneme it is already in, but cannot know
+which phoneme comes next or, without the prompt, the speaker: the prefix matters at every
+phoneme boundary, however far from the prefix. The law is deterministic: the generator is also
+the oracle (``next_code``) that tests and the results table check models against.
+
+Rows are in the corpus schema (``id``, ``input_ids``, ``prefix_length``, ``prompt_length``,
+IndexTTS ``conditioning_latents``), laid out per model spec, so the pipeline reads them like
+real data.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .random_corpus import assemble
+
+__all__ = ["SyntheticTask", "synthetic_rows"]
+
+
+@dataclass(frozen=True)
+class SyntheticTask:
+    """The law of one synthetic corpus (deterministic for ``seed``)."""
+
+    phonemes: int = 24
+    speakers: int = 8
+    prompt_tokens: int = 3
+    min_duration: int = 2
+    max_duration: int = 5
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_duration <= self.max_duration:
+            raise ValueError(f"durations: need 1 <= min_duration <= max_duration, got {self.min_duration}, {self.max_duration}")
+        if self.phonemes < 2 or self.speakers < 1:
+            raise ValueError("phonemes must be >= 2 and speakers >= 1")
+
+    @functools.lru_cache(maxsize=8)
+    def _tables(self, codes: int) -> tuple[np.ndarray, np.ndarray]:
+        """(base code per phoneme, voice offset per speaker) for a codebook of ``codes``."""
+        rng = np.random.default_rng(self.seed)
+        return rng.integers(0, codes, self.phonemes), rng.integers(0, codes, self.speakers)
+
+    def duration(self, phoneme: int, speaker: int) -> int:
+        span = self.max_duration - self.min_duration + 1
+        return self.min_duration + (phoneme * 7 + speaker * 3) % span
+
+    def next_code(self, codes: int, phoneme: int, speaker: int, frame: int, previous: int) -> int:
+        base, voice = self._tables(codes)
+        return int((base[phoneme] + voice[speaker] + 7 * frame + previous % 3) % codes)
+
+    def speech(self, codes: int, text: list[int], speaker: int) -> tuple[list[int], list[int]]:
+        """(codes of the utterance, index into ``text`` of the phoneme each frame speaks)."""
+        out, align = [], []
+        previous = int(self._tables(codes)[1][speaker])  # the utterance starts from the speaker's rest code
+        for position, phoneme in enumerate(text):
+            for frame in range(self.duration(phoneme, speaker)):
+                previous = self.next_code(codes, phoneme, speaker, frame, previous)
+                out.append(previous)
+                align.append(position)
+        return out, align
+
+    def prompt(self, codes: int, speaker: int) -> list[int]:
+        """The speaker's prompt speech tokens (fixed per speaker)."""
+        _, voice = self._tables(codes)
+        return [int((voice[speaker] * (i + 3) + i) % codes) for i in range(self.prompt_tokens)]
+
+
+def _speech_codes(spec) -> np.ndarray:
+    lo, hi = spec.speech_range
+    return np.array([i for i in range(lo, hi) if i not in spec.stop_token_ids])
+
+
+def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: int = 0,
+                   min_text: int = 40, max_text: int = 120, split: str = "train") -> list[dict]:
+    """``n`` utterances for a model spec; ``seed`` picks the utterances (the law is ``task``'s).
+
+    Text lengths are capped by the spec's own limits (IndexTTS's text and mel positions)."""
+    codes = _speech_codes(spec)
+    cap_text = spec.extra.get("max_text_tokens")
+    cap_mel = spec.extra.get("max_mel_tokens")
+    if cap_text is not None:
+        max_text = min(max_text, cap_text - 2)
+    if cap_mel is not None:  # mel positions: prompt + generated + start/stop
+        max_text = min(max_text, (cap_mel - task.prompt_tokens - 2) // task.max_duration)
+    min_text = min(min_text, max_text)
+    rng = np.random.default_rng([seed, task.seed, 7])
+    rows = []
+    for i in range(n):
+        speaker = int(rng.integers(0, task.speakers))
+        text = rng.integers(0, task.phonemes, int(rng.integers(min_text, max_text + 1))).tolist()
+        generated, _ = task.speech(len(codes), text, speaker)
+        prompt = task.prompt(len(codes), speaker)
+        text_ids = torch.tensor(text) + (2 if spec.family == "indextts" else 0)  # IndexTTS: 0/1 are start/stop text
+        glob = None
+        if spec.family == "sparktts":
+            g = spec.extra["global_codes"]
+            glob = torch.tensor([(speaker * 5 + k) % g for k in range(g)])
+        ids, prefix = assemble(spec, text_ids, torch.as_tensor(codes[prompt]), torch.as_tensor(codes[generated]), glob)
+        row = {"id": f"syn-{split}-{seed}-{i:05d}", "input_ids": ids.tolist(), "prefix_length": prefix,
+               "prompt_length": len(prompt)}
+        if spec.family == "indextts":
+            n_lat, dim = spec.extra["num_latents"], spec.config["n_embd"]
+            latent_rng = np.random.default_rng([task.seed, speaker, 11])  # the speaker's voice embedding
+            row["conditioning_latents"] = latent_rng.standard_normal(n_lat * dim).astype(np.float32).tolist()
+        rows.append(row)
+    return rows
