@@ -25,6 +25,7 @@ __all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_studen
 log = logging.getLogger("wand.distill")
 # Headline metrics copied from the eval child onto the parent run (the columns a user compares).
 HEADLINE = ("kv_reduction_10s", "kv_reduction_60s", "kv_wand_bytes_60s", "kv_full_bytes_60s",
+            "kv_wand_bytes_analytic_60s", "kv_full_bytes_analytic_60s",
             "latency_full_ratio_late_early", "latency_wand_ratio_late_early", "attn_flops_speedup_60s",
             "top1_agreement", "top1_agreement_near", "top1_agreement_mid", "top1_agreement_far",
             "kl_teacher_student", "kl_far")

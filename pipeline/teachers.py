@@ -1,0 +1,105 @@
+"""Tiny full-attention teachers trained on the synthetic corpus (the embedded default's teachers).
+
+A plain single-process torch loop: these models are small enough that Ray would only add start-up
+time. CE on the generated positions, over the spec's target ids (the speech codes and stop ids).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+import wand
+
+__all__ = ["batch_inputs", "train_teacher", "teacher_forced_accuracy"]
+
+log = logging.getLogger("wand.teachers")
+
+
+def batch_inputs(spec, rows: list[dict], device: torch.device | str = "cpu") -> dict:
+    """Right-padded forward kwargs for ``rows`` plus ``prefix_lengths``, ``lengths``."""
+    lengths = [len(r["input_ids"]) for r in rows]
+    ids = torch.full((len(rows), max(lengths)), int(spec.target_ids()[0]), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, r in enumerate(rows):
+        ids[b, : lengths[b]] = torch.tensor(r["input_ids"])
+        mask[b, : lengths[b]] = 1
+    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+           "prefix_lengths": torch.tensor([r["prefix_length"] for r in rows], device=device),
+           "lengths": torch.tensor(lengths, device=device)}
+    if spec.family == "indextts":
+        n, dim = spec.extra["num_latents"], spec.config["n_embd"]
+        out["conditioning_latents"] = torch.tensor(
+            np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows]), device=device)
+    return out
+
+
+def _generated_logits(spec, model, batch: dict, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logits over target ids [N, V], targets as indices into target ids [N], distance from the
+    prefix [N]) at every generated position of the batch."""
+    kwargs = {k: v for k, v in batch.items() if k not in ("lengths",)}
+    logits = model(**kwargs, window=window).logits
+    targets = spec.target_ids().to(logits.device)
+    index = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long, device=logits.device)
+    index[targets] = torch.arange(len(targets), device=logits.device)
+    rows, cols, dist = [], [], []
+    for b in range(logits.shape[0]):
+        p, n = int(batch["prefix_lengths"][b]), int(batch["lengths"][b])
+        span = torch.arange(p - 1, n - 1, device=logits.device)
+        rows.append(torch.full_like(span, b))
+        cols.append(span)
+        dist.append(span - (p - 1))
+    rows, cols, dist = torch.cat(rows), torch.cat(cols), torch.cat(dist)
+    picked = logits[rows, cols][:, targets]
+    labels = index[batch["input_ids"][rows, cols + 1]]
+    return picked, labels, dist
+
+
+def train_teacher(spec, rows: list[dict], steps: int, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
+                  log_every: int = 100) -> torch.nn.Module:
+    """A model of ``spec`` trained from seeded random weights with full attention on ``rows``."""
+    torch.manual_seed(seed)
+    model = wand.enable_wand(spec.build(), 1)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    rng = np.random.default_rng(seed)
+    start = time.perf_counter()
+    for step in range(steps):
+        batch = batch_inputs(spec, [rows[i] for i in rng.integers(0, len(rows), batch_size)])
+        logits, labels, _ = _generated_logits(spec, model, batch, None)
+        loss = torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if log_every and (step % log_every == 0 or step == steps - 1):
+            log.info("%s teacher step %d/%d loss %.4f (%.0f s)", spec.name, step, steps, float(loss),
+                     time.perf_counter() - start)
+    return model.eval()
+
+
+@torch.no_grad()
+def teacher_forced_accuracy(spec, model, rows: list[dict], window: int | None = None,
+                            batch_size: int = 16) -> dict[str, float]:
+    """Top-1 accuracy against the corpus tokens at every generated position (teacher forcing),
+    overall and at the first W / later positions is left to callers: returns ``accuracy``,
+    ``positions`` and per-position arrays under ``correct`` and ``distance``."""
+    if getattr(model, "_wand_original_forward", None) is None:
+        wand.enable_wand(model, window or 1)
+    correct, distance = [], []
+    for start in range(0, len(rows), batch_size):
+        batch = batch_inputs(spec, rows[start : start + batch_size])
+        logits, labels, dist = _generated_logits(spec, model, batch, window)
+        correct.append((logits.argmax(-1) == labels).cpu())
+        distance.append(dist.cpu())
+    correct_t, distance_t = torch.cat(correct), torch.cat(distance)
+    return {"accuracy": float(correct_t.float().mean()), "positions": int(len(correct_t)),
+            "correct": correct_t.numpy(), "distance": distance_t.numpy()}
