@@ -1,7 +1,10 @@
-"""Tiny full-attention teachers trained on the synthetic corpus (the embedded default's teachers).
+"""Full-attention teachers trained on the synthetic corpus (groundwork for the embedded default).
 
 A plain single-process torch loop: these models are small enough that Ray would only add start-up
 time. CE on the generated positions, over the spec's target ids (the speech codes and stop ids).
+Measured (CPU, 2 cores): the tiny CosyVoice 2 preset (25k parameters) reaches 46% teacher-forced
+top-1 accuracy on held-out synthetic rows after 600 steps of 16 rows (2.6 min), short of a
+teacher worth distilling; larger-than-tiny presets with small vocabularies are the next step.
 """
 
 from __future__ import annotations
@@ -81,7 +84,7 @@ def train_teacher(spec, rows: list[dict], steps: int, batch_size: int = 16, lr: 
         optimizer.step()
         schedule.step()
         if log_every and (step % log_every == 0 or step == steps - 1):
-            log.info("%s teacher step %d/%d loss %.4f (%.0f s)", spec.name, step, steps, float(loss),
+            log.info("%s teacher step %d/%d loss %.4f (%.0f s)", spec.name, step, steps, loss.item(),
                      time.perf_counter() - start)
     return model.eval()
 
@@ -90,8 +93,8 @@ def train_teacher(spec, rows: list[dict], steps: int, batch_size: int = 16, lr: 
 def teacher_forced_accuracy(spec, model, rows: list[dict], window: int | None = None,
                             batch_size: int = 16) -> dict[str, float]:
     """Top-1 accuracy against the corpus tokens at every generated position (teacher forcing),
-    overall and at the first W / later positions is left to callers: returns ``accuracy``,
-    ``positions`` and per-position arrays under ``correct`` and ``distance``."""
+    over the target ids, with the hard WAND mask at ``window`` (None: full attention). Returns
+    ``accuracy``, ``positions`` and per-position arrays ``correct`` and ``distance`` (from the prefix)."""
     if getattr(model, "_wand_original_forward", None) is None:
         wand.enable_wand(model, window or 1)
     correct, distance = [], []
