@@ -75,7 +75,9 @@ def ray_local(s3_server):
     # DeepSpeed on CPU; its shared-memory comm op is JIT-built once into the repo's ignored cache.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    # address="local": always a fresh in-process cluster, never one that `ray start` left on this
+    # machine (the job-submission tests start and stop their own).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -2,6 +2,8 @@
 
 import json
 import os
+import sys
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -14,6 +16,7 @@ from pipeline.chain import DistillConfig, run_chain
 from pipeline.tracking import TrackingConfig, load_logged_student, redact
 from wand.models import get_spec
 
+ROOT = Path(__file__).resolve().parents[1]
 SECRETS = {"AWS_SESSION_TOKEN": "sess-token-7c1e5b90d2", "WAND_TEST_API_TOKEN": "tok-3f9a1c77e0e1"}
 
 
@@ -186,3 +189,28 @@ def test_no_secret_in_params_tags_or_artifacts(tracked, tmp_path):
                     text += f.read().decode("latin-1")
         for secret in SECRETS.values():
             assert secret not in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_compare_and_evaluate_entry_points(tracked, tmp_path, capsys):
+    """Runs last in this module: jobs/evaluate.py replaces the eval child run."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT))
+    from jobs import compare, evaluate
+
+    assert compare.main(["--tracking-uri", tracked["uri"], "--experiment-name", "wand-tts-test"]) == 0
+    table = capsys.readouterr().out
+    assert "| tracked-cosyvoice2 | cosyvoice2 |" in table and tracked["summary"]["parent_run_id"] in table
+    config = tmp_path / "tracked.yaml"
+    config.write_text(yaml.safe_dump(tracked["config"].model_dump(mode="json")))
+    assert evaluate.main(["--config", str(config)]) == 0
+    assert "logged to http://127.0.0.1" in capsys.readouterr().out
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracked["uri"])
+    experiment = client.get_experiment_by_name("wand-tts-test")
+    evals = client.search_runs([experiment.experiment_id], filter_string="tags.`wand.stage` = 'eval'")
+    assert len(evals) == 1 and evals[0].info.status == "FINISHED"  # replaced, not duplicated
+    assert client.get_run(tracked["summary"]["parent_run_id"]).info.status == "FINISHED"
