@@ -73,7 +73,7 @@ def main() -> None:
     pq.write_table(pa.Table.from_pylist(rows), work / "in" / "corpus.parquet")
     generated = sum(len(r["input_ids"]) - r["prefix_length"] for r in rows)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
     import pipeline.teacher_topk as stage
 

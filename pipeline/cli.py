@@ -43,11 +43,13 @@ def config_from_args(model: type[T], parser: argparse.ArgumentParser, argv: list
 
 
 def init_ray() -> None:
-    """Join the cluster this job was submitted to, or start a local instance."""
+    """Join the cluster this job was submitted to (``ray job submit`` sets RAY_ADDRESS), else start
+    a local instance of our own. Not Ray's default of joining whatever ``ray start`` cluster this
+    machine last ran, which hangs when that cluster is gone; set RAY_ADDRESS=auto to join one."""
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS"), ignore_reinit_error=True, log_to_driver=True)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True, log_to_driver=True)
 
 
 def _set_path(values: dict, dotted: str, value) -> None:

@@ -167,6 +167,23 @@ class RayHead:
             stop_group(self.pid, timeout=30)
             self.proc = None
         kill_matching(f"127.0.0.1:{self.port}")  # raylets of extra nodes, workers that left the group
+        _forget_cluster(self.port)
+
+
+def _forget_cluster(port: int) -> None:
+    """Remove Ray's pointer to the last `ray start` cluster if it is this one (``ray stop`` does the
+    same): a later ``ray.init()`` would otherwise try to join the dead cluster."""
+    try:
+        from ray._common.utils import get_ray_address_file  # where `ray start` records it
+
+        pointer = Path(get_ray_address_file(None))
+    except ImportError:  # another Ray layout: the documented default
+        pointer = Path("/tmp/ray/ray_current_cluster")
+    try:
+        if pointer.read_text().strip().endswith(f":{port}"):
+            pointer.unlink()
+    except OSError:
+        pass
 
 
 def kill_matching(needle: str) -> int:
