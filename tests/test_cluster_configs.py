@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import ray
 import yaml
 
@@ -91,3 +92,43 @@ def test_dockerfile_pins_the_ray_version():
     text = (CLUSTER / "Dockerfile").read_text()
     assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in text
     assert 'torch==2.13.0' in text
+
+
+SCRIPT = """
+import sys
+sys.path.insert(0, {root!r})
+import ray
+from ray.cluster_utils import Cluster
+from pipeline.chain import DistillConfig, check_cluster_storage
+
+cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
+cluster.add_node(num_cpus=1)
+ray.init(address=cluster.address)
+cluster.wait_for_nodes()
+base = dict(experiment="x", model="cosyvoice2", model_size="tiny", precompute={{"k": 8}}, train={{"window_target": 4, "window_start": 8}})
+try:
+    check_cluster_storage(DistillConfig(**base, corpus="s3://b/c", shards="runs/topk", storage="/data/ckpt"))
+    print("NOT REFUSED")
+except ValueError as err:
+    print("REFUSED:", err)
+check_cluster_storage(DistillConfig(**base, corpus="s3://b/c", shards="s3://b/t", storage="s3://b/r"))
+print("S3 OK")
+ray.shutdown()
+cluster.shutdown()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_local_paths_are_refused_on_a_multi_node_cluster():
+    import subprocess
+    import sys
+
+    # A real two-node cluster (two raylets) in a separate process: this test process may already
+    # be connected to the session's one-node Ray instance.
+    out = subprocess.run([sys.executable, "-c", SCRIPT.format(root=str(ROOT))], capture_output=True, text=True,
+                         timeout=240, env={**__import__("os").environ, "RAY_USAGE_STATS_ENABLED": "0"})
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "REFUSED: x: this Ray cluster has 2 nodes" in out.stdout
+    assert "shards=runs/topk" in out.stdout and "storage=/data/ckpt" in out.stdout and "corpus=" not in out.stdout
+    assert "S3 OK" in out.stdout
