@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo stop demo-generate test test-fast bench clean
+.PHONY: install demo stop demo-generate teachers ablation test test-fast bench clean
 
 install: $(STAMP)
 
@@ -45,6 +45,10 @@ runs/corpus/tiny-%-heldout/corpus.parquet: | install
 	$(PY) jobs/make_random_corpus.py --model $* --size tiny --rows 16 --seed 1 --min-gen 20 --max-gen 60 --output $(@D)
 runs/corpus/tiny-%/corpus.parquet: | install
 	$(PY) jobs/make_random_corpus.py --model $* --size tiny --rows 64 --seed 0 --min-gen 20 --max-gen 60 --output $(@D)
+
+# The embedded default's teachers (committed under teachers/; this retrains them): one process per family.
+teachers: install
+	for m in $(MODELS); do $(PY) jobs/train_teachers.py --models $$m --threads 1 & done; wait
 
 # Decoding with full attention vs WAND on tiny random models of the three backbones.
 demo-generate: install

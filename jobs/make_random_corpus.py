@@ -23,7 +23,7 @@ from wand.models import MODEL_NAMES, get_spec  # noqa: E402
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", choices=MODEL_NAMES, default="cosyvoice2")
-    parser.add_argument("--size", choices=("tiny", "small", "real"), default="tiny")
+    parser.add_argument("--size", choices=("tiny", "mini", "small", "real"), default="tiny")
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-gen", type=int, default=6, help="fewest generated tokens per row")

@@ -39,7 +39,7 @@ class DistillConfig(BaseModel):
 
     experiment: str
     model: str
-    model_size: Literal["real", "small", "tiny"] = "real"
+    model_size: Literal["real", "small", "mini", "tiny"] = "real"
     teacher_source: str | None = None
     teacher_seed: int = 0
     corpus: str = Field(description="tokenized corpus (Parquet/JSONL, local or s3://)")

@@ -81,6 +81,10 @@ def _rooted(values: dict, root: Path) -> dict:
         value = node.get(path[-1])
         if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
             node[path[-1]] = str(root / value)
+    # A teacher may also be a Hugging Face id ("org/name"): rooted only where that folder exists.
+    teacher = values.get("teacher_source")
+    if isinstance(teacher, str) and "://" not in teacher and not Path(teacher).is_absolute() and (root / teacher).exists():
+        values["teacher_source"] = str(root / teacher)
     return values
 
 

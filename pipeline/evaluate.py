@@ -90,7 +90,7 @@ def read_rows(uri: str, endpoint: str | None, limit: int) -> list[dict]:
     return rows[:limit]
 
 
-def _forward_inputs(spec, row: dict, device: torch.device) -> dict:
+def forward_inputs(spec, row: dict, device: torch.device) -> dict:
     """Forward kwargs of one unpadded row (plus its prefix length under ``prefix_length``)."""
     ids = torch.tensor([row["input_ids"]], dtype=torch.long, device=device)
     spec.check_token_ids(ids)
@@ -105,7 +105,7 @@ def _forward_inputs(spec, row: dict, device: torch.device) -> dict:
     return inputs
 
 
-def _speech_ids(spec) -> torch.Tensor:
+def speech_ids(spec) -> torch.Tensor:
     lo, hi = spec.speech_range
     return torch.tensor([i for i in range(lo, hi) if i not in spec.stop_token_ids])
 
@@ -131,7 +131,7 @@ def _figure(title: str, xlabel: str, ylabel: str):
 def memory_and_latency(spec, teacher, student, window: int, row: dict, cfg: EvalConfig,
                        device: torch.device) -> tuple[EvalResult, EvalResult]:
     """One decode per model from a held-out row's prefix, long enough for the longest audio length."""
-    inputs = _forward_inputs(spec, row, device)
+    inputs = forward_inputs(spec, row, device)
     prefix_length = inputs.pop("prefix_length")
     prompt = inputs.pop("input_ids")[:, :prefix_length]
     wanted = {s: spec.tokens_for_seconds(s) for s in cfg.seconds}
@@ -142,7 +142,7 @@ def memory_and_latency(spec, teacher, student, window: int, row: dict, cfg: Eval
                      "have analytic figures only")
     steps = min(max(wanted.values()), cap) if cap is not None else max(wanted.values())
     grid = sorted({*range(max(1, steps // 40), steps + 1, max(1, steps // 40)), *(g for g in wanted.values() if g <= steps)})
-    ids = _speech_ids(spec)
+    ids = speech_ids(spec)
     full = profile_decode(teacher, prefix_length, None, steps, record_bytes_at=grid, prompt=prompt,
                           prefill_kwargs=inputs, token_ids=ids)
     ours = profile_decode(student, prefix_length, window, steps, record_bytes_at=grid, prompt=prompt,
@@ -240,24 +240,32 @@ def distance_bucket(distance: int, window: int) -> str:
 
 
 @torch.no_grad()
-def position_scores(spec, teacher, student, window: int, row: dict, device: torch.device) -> dict[str, np.ndarray]:
-    """Per generated position of one row: distance from the prefix, top-1 agreement, KL(teacher || student).
+def position_scores(spec, teacher, student, window: int | None, row: dict, device: torch.device,
+                    student_prefix: int | None = None) -> dict[str, np.ndarray]:
+    """Per generated position of one row: distance from the prefix, top-1 agreement, KL(teacher || student),
+    and whether the student's top-1 is the row's true token.
 
     Both models see the row's true tokens (teacher forcing); the teacher with full attention, the
-    student with the hard WAND mask at ``window``; distributions over the spec's target ids."""
-    inputs = _forward_inputs(spec, row, device)
+    student with the hard WAND mask at ``window`` (None: full attention) over the row's prefix, or
+    over its first ``student_prefix`` tokens (e.g. 4 attention sinks for a StreamingLLM-style
+    cache); distributions over the spec's target ids."""
+    inputs = forward_inputs(spec, row, device)
     prefix = inputs.pop("prefix_length")
     prefix_lengths = torch.tensor([prefix], device=device)
     targets = spec.target_ids().to(device)
     logits = {}
-    for name, model, w in (("teacher", teacher, None), ("student", student, window)):
-        out = model(**inputs, prefix_lengths=prefix_lengths, window=w)
+    student_prefixes = prefix_lengths if student_prefix is None else torch.tensor([student_prefix], device=device)
+    for name, model, w, p in (("teacher", teacher, None, prefix_lengths), ("student", student, window, student_prefixes)):
+        out = model(**inputs, prefix_lengths=p, window=w, model_prefix_lengths=prefix_lengths)
         # position p predicts token p + 1: the generated tokens are predicted from p = prefix - 1 on
         logits[name] = out.logits[0, prefix - 1 : -1][:, targets].float()
     log_t, log_s = torch.log_softmax(logits["teacher"], -1), torch.log_softmax(logits["student"], -1)
     kl = (log_t.exp() * (log_t - log_s)).sum(-1)
     agree = log_t.argmax(-1) == log_s.argmax(-1)
-    return {"distance": np.arange(len(kl)), "agree": agree.cpu().numpy(), "kl": kl.cpu().numpy()}
+    truth = inputs["input_ids"][0, prefix:]
+    correct = targets[log_s.argmax(-1)] == truth
+    return {"distance": np.arange(len(kl)), "agree": agree.cpu().numpy(), "kl": kl.cpu().numpy(),
+            "correct": correct.cpu().numpy()}
 
 
 def quality(spec, teacher, student, window: int, rows: list[dict], device: torch.device) -> EvalResult:
@@ -305,7 +313,7 @@ def quality(spec, teacher, student, window: int, rows: list[dict], device: torch
 
 
 def window_chooser(spec, teacher, rows: list[dict], windows: list[int], device: torch.device) -> EvalResult:
-    sequences = [_forward_inputs(spec, row, device) for row in rows]
+    sequences = [forward_inputs(spec, row, device) for row in rows]
     longest = max(int(s["input_ids"].shape[1]) - s["prefix_length"] for s in sequences)
     usable = [w for w in sorted(set(windows)) if w < longest]
     notes = [] if usable == sorted(set(windows)) else [

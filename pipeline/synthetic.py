@@ -29,7 +29,7 @@ import torch
 
 from .random_corpus import assemble
 
-__all__ = ["SyntheticTask", "synthetic_rows"]
+__all__ = ["SyntheticTask", "synthetic_rows", "phoneme_starts"]
 
 
 @dataclass(frozen=True)
@@ -86,10 +86,12 @@ def _speech_codes(spec) -> np.ndarray:
 
 
 def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: int = 0,
-                   min_text: int = 40, max_text: int = 120, split: str = "train") -> list[dict]:
+                   min_text: int = 40, max_text: int = 120, split: str = "train", alignment: bool = False) -> list[dict]:
     """``n`` utterances for a model spec; ``seed`` picks the utterances (the law is ``task``'s).
 
-    Text lengths are capped by the spec's own limits (IndexTTS's text and mel positions)."""
+    Text lengths are capped by the spec's own limits (IndexTTS's text and mel positions). With
+    ``alignment``, each row also holds ``phoneme_index`` (per generated token, the index into the text
+    of the phoneme it speaks) for analysis; it is not a corpus column."""
     codes = _speech_codes(spec)
     cap_text = spec.extra.get("max_text_tokens")
     cap_mel = spec.extra.get("max_mel_tokens")
@@ -103,7 +105,7 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
     for i in range(n):
         speaker = int(rng.integers(0, task.speakers))
         text = rng.integers(0, task.phonemes, int(rng.integers(min_text, max_text + 1))).tolist()
-        generated, _ = task.speech(len(codes), text, speaker)
+        generated, align = task.speech(len(codes), text, speaker)
         prompt = task.prompt(len(codes), speaker)
         text_ids = torch.tensor(text) + (2 if spec.family == "indextts" else 0)  # IndexTTS: 0/1 are start/stop text
         glob = None
@@ -117,5 +119,14 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
             n_lat, dim = spec.extra["num_latents"], spec.config["n_embd"]
             latent_rng = np.random.default_rng([task.seed, speaker, 11])  # the speaker's voice embedding
             row["conditioning_latents"] = latent_rng.standard_normal(n_lat * dim).astype(np.float32).tolist()
+        if alignment:
+            row["phoneme_index"] = align
         rows.append(row)
     return rows
+
+
+def phoneme_starts(row: dict) -> np.ndarray:
+    """Bool per generated token of a row made with ``alignment=True``: True where a new phoneme starts
+    (the tokens no local window can predict: which phoneme comes next is only in the prefix)."""
+    index = np.asarray(row["phoneme_index"])
+    return np.concatenate([[True], index[1:] != index[:-1]])

@@ -54,7 +54,7 @@ class PrecomputeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     teacher: str = Field(description="model preset, one of wand.models.MODEL_NAMES")
-    teacher_size: Literal["real", "small", "tiny"] = "real"
+    teacher_size: Literal["real", "small", "mini", "tiny"] = "real"
     teacher_source: str | None = Field(None, description="weights: local path, s3:// URI or HF id; None = "
                                        "random weights from teacher_seed (tests and demos only)")
     teacher_seed: int = 0

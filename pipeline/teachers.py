@@ -1,24 +1,27 @@
-"""Full-attention teachers trained on the synthetic corpus (groundwork for the embedded default).
+"""Full-attention teachers trained on the synthetic corpus: the embedded default's teachers.
 
 A plain single-process torch loop: these models are small enough that Ray would only add start-up
 time. CE on the generated positions, over the spec's target ids (the speech codes and stop ids).
-Measured (CPU, 2 cores): the tiny CosyVoice 2 preset (25k parameters) reaches 46% teacher-forced
-top-1 accuracy on held-out synthetic rows after 600 steps of 16 rows (2.6 min), short of a
-teacher worth distilling; larger-than-tiny presets with small vocabularies are the next step.
+jobs/train_teachers.py runs it for the three families at the ``mini`` size and writes teachers/
+(the tiny preset, 25k parameters, stalls near 46% held-out accuracy: too small to distill from).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 
 import wand
 
-__all__ = ["batch_inputs", "train_teacher", "teacher_forced_accuracy"]
+__all__ = ["batch_inputs", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "file_sha256",
+           "read_teacher_record"]
 
 log = logging.getLogger("wand.teachers")
 
@@ -106,3 +109,38 @@ def teacher_forced_accuracy(spec, model, rows: list[dict], window: int | None = 
     correct_t, distance_t = torch.cat(correct), torch.cat(distance)
     return {"accuracy": float(correct_t.float().mean()), "positions": int(len(correct_t)),
             "correct": correct_t.numpy(), "distance": distance_t.numpy()}
+
+
+def heldout_quality(spec, model, rows: list[dict]) -> dict:
+    """The stated quality of a teacher on held-out rows made with ``alignment=True``: teacher-forced
+    top-1 accuracy against the corpus tokens, overall, at phoneme starts (where the next phoneme
+    must be read from the prefix) and inside phonemes (locally predictable)."""
+    from .synthetic import phoneme_starts
+
+    scored = teacher_forced_accuracy(spec, model, rows)
+    starts = np.concatenate([phoneme_starts(r) for r in rows])
+    correct = scored["correct"]
+    return {"rows": len(rows), "positions": scored["positions"], "accuracy": round(scored["accuracy"], 4),
+            "accuracy_phoneme_starts": round(float(correct[starts].mean()), 4),
+            "accuracy_inside_phonemes": round(float(correct[~starts].mean()), 4)}
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def read_teacher_record(directory) -> dict:
+    """``teacher.json`` of a teacher folder written by jobs/train_teachers.py, with its files' sha256
+    checked (a truncated or edited weights file is named, not loaded)."""
+    directory = Path(directory)
+    path = directory / "teacher.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: write the teachers with `python jobs/train_teachers.py`")
+    record = json.loads(path.read_text())
+    for name, digest in record["files"].items():
+        file = directory / name
+        if not file.exists():
+            raise FileNotFoundError(f"{file} (listed in {path}) is missing")
+        if file_sha256(file) != digest:
+            raise ValueError(f"{file}: sha256 differs from {path}; retrain with `python jobs/train_teachers.py`")
+    return record

@@ -52,7 +52,7 @@ class TrainConfig(BaseModel):
 
     experiment: str = Field(description="run name prefix; stage k runs as <experiment>-stage<k>")
     model: str = Field(description="model preset (the teacher's; the student starts from its weights)")
-    model_size: Literal["real", "small", "tiny"] = "real"
+    model_size: Literal["real", "small", "mini", "tiny"] = "real"
     teacher_source: str | None = Field(None, description="teacher weights (local, s3://, HF id); None = seeded random")
     teacher_seed: int = 0
     shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)")

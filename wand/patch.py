@@ -71,7 +71,9 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
             runs unfused and forward-only); ``"sdpa"`` or ``"eager"`` switch to the dense mask.
 
     Returns the same model object (patched in place). Calling it again only changes the window.
-    Per call, ``window=`` overrides the model's window (the curriculum shrinks it while training).
+    Per call, ``window=`` overrides the model's window (the curriculum shrinks it while training),
+    and ``model_prefix_lengths=`` tells models that number positions from the prefix (IndexTTS) the
+    true prefix when the mask keeps another one (a StreamingLLM-style mask's 4 sink tokens).
     """
     if backend is not None:
         if backend not in ("flex",) + DENSE_ATTENTION:
@@ -93,7 +95,7 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
     accepts_prefix_lengths = "prefix_lengths" in parameters
 
     @functools.wraps(original_forward)
-    def wand_forward(*args, prefix_lengths=None, tau=None, window=_UNSET, **kwargs):
+    def wand_forward(*args, prefix_lengths=None, tau=None, window=_UNSET, model_prefix_lengths=None, **kwargs):
         if args:
             raise ValueError("a WAND-enabled model takes keyword arguments only (input_ids=..., prefix_lengths=...)")
         window = model.wand_window if window is _UNSET else validate_window(window)
@@ -118,7 +120,10 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
         if accepts_position_ids and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = position_ids
         if accepts_prefix_lengths:
-            kwargs["prefix_lengths"] = torch.as_tensor(prefix_lengths, device=position_ids.device)
+            # The model's own prefix (IndexTTS numbers text and mel positions from it) is the mask's
+            # unless told otherwise: a StreamingLLM-style mask keeps 4 sinks, not the prefix.
+            own = prefix_lengths if model_prefix_lengths is None else model_prefix_lengths
+            kwargs["prefix_lengths"] = torch.as_tensor(own, device=position_ids.device)
         return original_forward(**kwargs)
 
     model.forward = wand_forward

@@ -11,7 +11,7 @@ from __future__ import annotations
 from .causal_lm import CausalLMSpec
 from .cosyvoice2 import CosyVoice2LM, CosyVoice2Spec
 from .indextts import IndexTTSGPT, IndexTTSSpec
-from .presets import BUILDERS, shrink
+from .presets import BUILDERS, shrink, widen
 from .spec import ModelSpec
 from .weights import WeightsNotFound
 
@@ -21,21 +21,24 @@ __all__ = [
 ]
 
 MODEL_NAMES = tuple(BUILDERS)
-SIZES = ("real", "small", "tiny")
+SIZES = ("real", "small", "mini", "tiny")
 
 
 def get_spec(name: str, size: str = "real") -> ModelSpec:
-    """The spec of a target model: one of MODEL_NAMES, at size "real", "small" or "tiny".
+    """The spec of a target model: one of MODEL_NAMES, at size "real", "small", "mini" or "tiny".
 
     real: the published architecture. small: the real vocabularies and token layout on a small
     backbone (4 layers, 256 wide), for CPU benchmarks of the pipeline. tiny: small vocabularies
-    with the same layout shape, for tests."""
+    with the same layout shape, for tests. mini: tiny's vocabularies on a 3-layer, 96-wide
+    backbone, the size of the embedded default's trained teachers (teachers/)."""
     if name not in BUILDERS:
         raise ValueError(f"unknown model preset {name!r}; known: {', '.join(MODEL_NAMES)}")
     if size not in SIZES:
         raise ValueError(f"unknown size {size!r} for {name}; known: {', '.join(SIZES)}")
     if size == "small":
         return shrink(BUILDERS[name]("real"))
+    if size == "mini":
+        return widen(BUILDERS[name]("tiny"))
     return BUILDERS[name](size)
 
 

@@ -143,6 +143,22 @@ def shrink(spec):
     return replace(spec, size="small", config=config)
 
 
+def widen(spec):
+    """The tiny spec (small vocabularies, same token layout) on a 3-layer, 96-wide backbone: big
+    enough to learn the synthetic corpus (pipeline/synthetic.py), small enough to train on a CPU in
+    minutes. The embedded default's teachers (teachers/) are this size."""
+    from dataclasses import replace
+
+    if "n_embd" in spec.config:  # GPT-2 (IndexTTS)
+        config = {**spec.config, "n_embd": 96, "n_layer": 3, "n_head": 4}
+    else:
+        config = {**spec.config, "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3,
+                  "num_attention_heads": 4, "num_key_value_heads": 2}
+        if "head_dim" in config:
+            config["head_dim"] = 24
+    return replace(spec, size="mini", config=config)
+
+
 BUILDERS = {
     "cosyvoice2": _cosyvoice2,
     "indextts": _indextts,

@@ -1,0 +1,132 @@
+"""The results table: WAND against its ablations on the embedded default's trained teachers.
+
+    python benchmarks/ablation_table.py                      # all three families, writes the README table
+    python benchmarks/ablation_table.py --models cosyvoice2 --steps 50 --no-readme   # a quick look
+
+For each family: load the teacher from teachers/<model> (jobs/train_teachers.py), fine-tune the
+students (pipeline/ablation.py: WAND, window only without KD, KD without curriculum; all from the
+teacher's weights, same rows, steps and lr) and score every variant, with the training-free
+StreamingLLM-style cache and the bare mask, on held-out synthetic rows (seed 1, never trained on).
+Columns: teacher-forced top-1 agreement with the teacher and KL(teacher || variant) by distance
+from the prefix (near < W <= mid < 4W <= far), teacher-forced and free-running accuracy against the
+corpus tokens, KV bytes after decoding the longest held-out utterance (float32 on CPU) and the
+per-step latency ratio (late / early) of that decode. Writes benchmarks/results/ablation_table.json
+and the table between the README's ablation-table markers. About 25 minutes on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from pipeline.ablation import VARIANTS, AblationConfig, run_ablation  # noqa: E402
+from pipeline.synthetic import SyntheticTask, synthetic_rows  # noqa: E402
+from pipeline.teachers import read_teacher_record  # noqa: E402
+from wand.models import get_spec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("cosyvoice2", "indextts", "sparktts")
+START, END = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
+
+
+def fmt(value, digits: int = 2) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def kib(n: int) -> str:
+    return f"{n / 1024:.0f} KiB" if n >= 10 * 1024 else f"{n / 1024:.1f} KiB"
+
+
+def markdown(results: list[dict], config: AblationConfig, device: str) -> str:
+    lines = [
+        f"Measured on {device}; W = {config.window} (curriculum {config.window_start} -> {config.window}), "
+        f"{config.steps} steps x {config.batch_size} rows per trained student, {config.sinks} sinks for StreamingLLM. "
+        "Agreement / KL: teacher-forced, against the teacher, by distance from the prefix "
+        f"(near < {config.window} <= mid < {4 * config.window} <= far). Accuracy: against the corpus tokens "
+        "(teacher-forced / free-running greedy). KV: cache after decoding the longest held-out utterance "
+        "(float32). Latency: median step time, last 48 steps / steps 8-56 of that decode.",
+        "",
+        "| model | variant | agree near | agree mid | agree far | KL near | KL mid | KL far | acc TF | acc free | KV | latency late/early |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['model']} | {r['variant']} | {fmt(r['agreement_near'])} | {fmt(r['agreement_mid'])} | "
+            f"{fmt(r['agreement_far'])} | {fmt(r['kl_near'], 3)} | {fmt(r['kl_mid'], 3)} | {fmt(r['kl_far'], 3)} | "
+            f"{fmt(r['teacher_forced_accuracy'])} | {fmt(r['free_running_accuracy'])} | {kib(r['kv_bytes_longest'])} | "
+            f"{fmt(r['latency_late_over_early'])} |")
+    lines.append("")
+    lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in VARIANTS) + ".")
+    return "\n".join(lines)
+
+
+def write_readme(readme: Path, table: str) -> None:
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"{readme} has no {START} ... {END} block to replace")
+    block = f"{START}\n{table}\n{END}"
+    readme.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--teachers", type=Path, default=ROOT / "teachers", help="folder of teachers/<model>")
+    parser.add_argument("--window", type=int, default=AblationConfig.window)
+    parser.add_argument("--window-start", type=int, default=AblationConfig.window_start)
+    parser.add_argument("--steps", type=int, default=AblationConfig.steps, help="optimizer steps per trained student")
+    parser.add_argument("--batch-size", type=int, default=AblationConfig.batch_size)
+    parser.add_argument("--lr", type=float, default=AblationConfig.lr)
+    parser.add_argument("--train-rows", type=int, default=256, help="training utterances (seed 0, the teachers' own)")
+    parser.add_argument("--heldout", type=int, default=32, help="held-out utterances (seed 1) scored teacher-forced")
+    parser.add_argument("--free-rows", type=int, default=8, help="held-out utterances decoded free-running")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/ablation_table.json")
+    parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
+    parser.add_argument("--no-readme", action="store_true", help="print the table, leave the README alone")
+    args = parser.parse_args(argv)
+    if min(args.train_rows, args.heldout, args.free_rows) < 1:
+        parser.error("--train-rows, --heldout and --free-rows must be >= 1")
+    try:
+        config = AblationConfig(window=args.window, window_start=args.window_start, steps=args.steps,
+                                batch_size=args.batch_size, lr=args.lr)
+    except ValueError as e:
+        parser.error(str(e))
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    results, teachers = [], {}
+    start = time.perf_counter()
+    for name in args.models:
+        directory = args.teachers / name
+        record = read_teacher_record(directory)
+        spec = get_spec(name, record["size"])
+        task = SyntheticTask(**record["task"])
+        teacher = spec.load(str(directory))
+        train_rows = synthetic_rows(spec, args.train_rows, task, seed=record["train"]["seed"])
+        heldout = synthetic_rows(spec, args.heldout, task, seed=record["heldout"]["seed"], split="heldout")
+        teachers[name] = {"size": record["size"], "heldout_accuracy": record["heldout"]["accuracy"]}
+        results += run_ablation(spec, teacher, train_rows, heldout, config, free_rows=args.free_rows)
+        print(f"{name}: done ({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
+    table = markdown(results, config, device)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"device": device, "teachers": teachers, "results": results}, indent=2) + "\n")
+    print(table)
+    if not args.no_readme:
+        write_readme(args.readme, table)
+        print(f"wrote {args.output} and the table in {args.readme}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

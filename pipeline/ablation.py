@@ -1,0 +1,233 @@
+"""The results table's harness: WAND against its ablations on one trained teacher (issue 8).
+
+One process, plain torch, so a researcher can rerun the whole table on a laptop CPU; the pieces
+are the pipeline's own (``wand.losses.wand_loss``, ``wand.curriculum.Curriculum``, the WAND mask
+and ``WandCache``, ``wand.topk.sparse_teacher_targets``, ``pipeline.evaluate.position_scores``).
+What is not the pipeline's: Ray, DeepSpeed and the Parquet shards (the teacher's top-k are kept in
+memory), which change where the numbers are computed, not what they are.
+
+Variants (every student starts from the teacher's weights and gets the same steps, rows and lr):
+
+- ``teacher``: the teacher itself, full attention (the reference).
+- ``wand``: prefix + last W generated tokens; W shrinks on the curriculum, soft mask tau, CE + KD.
+- ``window_only``: the same curriculum and mask, CE only (no teacher).
+- ``kd_no_curriculum``: CE + KD with the hard mask at the target W from the first step.
+- ``streaming_llm``: StreamingLLM-style cache on the teacher's weights, training-free as in the
+  StreamingLLM paper: the first 4 tokens (attention sinks) + the last W tokens, no prefix.
+- ``mask_only``: the teacher under the WAND mask (prefix + W) without fine-tuning.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+import wand
+from wand.cache import WandCache
+from wand.curriculum import Curriculum
+from wand.generate import cache_kwarg_name
+from wand.losses import wand_loss
+from wand.topk import sparse_teacher_targets
+
+from .evaluate import DISTANCE_BUCKETS, distance_bucket, forward_inputs, position_scores, speech_ids
+from .teachers import batch_inputs
+
+__all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_student", "free_run",
+           "score_variant", "run_ablation"]
+
+log = logging.getLogger("wand.ablation")
+
+
+@dataclass(frozen=True)
+class AblationConfig:
+    window: int = 8  # target W (tokens of generated history kept)
+    window_start: int = 32  # curriculum start
+    sinks: int = 4  # StreamingLLM's attention sinks
+    steps: int = 300  # optimizer steps per trained student
+    batch_size: int = 8
+    lr: float = 1e-3
+    k: int = 16  # teacher top-k kept for KD (as the precompute stage)
+    kd_kind: str = "skew_fkl"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.window <= self.window_start:
+            raise ValueError(f"need 1 <= window <= window_start, got {self.window}, {self.window_start}")
+        if self.sinks < 1 or self.steps < 1 or self.batch_size < 1 or self.k < 1:
+            raise ValueError("sinks, steps, batch_size and k must be >= 1")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    train: bool = False
+    kd_weight: float = 1.0
+    curriculum: bool = True
+    attends: str = "prefix"  # "full" | "prefix" (prefix + W) | "sinks" (first tokens + W)
+
+
+VARIANTS = (
+    Variant("teacher", "teacher, full attention", attends="full"),
+    Variant("wand", "WAND: prefix + W, curriculum + KD", train=True),
+    Variant("window_only", "prefix + W, curriculum, no KD (CE only)", train=True, kd_weight=0.0),
+    Variant("kd_no_curriculum", "prefix + W, KD, target W from step 0", train=True, curriculum=False),
+    Variant("streaming_llm", "StreamingLLM: 4 sinks + W, no prefix (teacher weights)", attends="sinks"),
+    Variant("mask_only", "prefix + W on the teacher, no fine-tuning"),
+)
+
+
+@torch.no_grad()
+def teacher_targets(spec, teacher, rows: list[dict], k: int) -> list[dict]:
+    """Per row, the teacher's top-k over the target ids at every generated position (full attention),
+    as the precompute stage writes them: values [n, k], head ids [n, k], rest [n]."""
+    target_ids = spec.target_ids()
+    out = []
+    for row in rows:
+        inputs = forward_inputs(spec, row, torch.device("cpu"))
+        prefix = inputs.pop("prefix_length")
+        logits = teacher(**inputs, prefix_lengths=torch.tensor([prefix]), window=None).logits[0, prefix - 1 : -1]
+        values, indices, rest = sparse_teacher_targets(logits, target_ids, k)
+        out.append({"values": values, "ids": target_ids[indices], "rest": rest})
+    return out
+
+
+def curriculum_for(variant: Variant, config: AblationConfig) -> Curriculum:
+    if variant.curriculum:
+        return Curriculum(config.steps, config.window_start, config.window, lr=config.lr)
+    return Curriculum(config.steps, config.window, config.window, tau_end=None, lr=config.lr)
+
+
+def train_student(spec, teacher, rows: list[dict], targets: list[dict], variant: Variant,
+                  config: AblationConfig) -> torch.nn.Module:
+    """A copy of ``teacher`` fine-tuned on ``rows`` with the variant's mask schedule and loss."""
+    torch.manual_seed(config.seed)
+    student = copy.deepcopy(teacher).train()
+    curriculum = curriculum_for(variant, config)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
+    rng = np.random.default_rng(config.seed)  # the same batches for every variant
+    start = time.perf_counter()
+    for step in range(config.steps):
+        values = curriculum.at(step)
+        for group in optimizer.param_groups:
+            group["lr"] = values.lr
+        pick = rng.integers(0, len(rows), config.batch_size)
+        batch = batch_inputs(spec, [rows[i] for i in pick])
+        batch_index, positions = [], []
+        for b, i in enumerate(pick):
+            span = torch.arange(rows[i]["prefix_length"] - 1, len(rows[i]["input_ids"]) - 1)
+            positions.append(span)
+            batch_index.append(torch.full_like(span, b))
+        batch_index, positions = torch.cat(batch_index), torch.cat(positions)
+        batch.pop("lengths")
+        hidden, head = spec.hidden_and_head(student, student, window=values.window, tau=values.tau, **batch)
+        out = wand_loss(hidden[batch_index, positions], head, batch["input_ids"][batch_index, positions + 1],
+                        torch.cat([targets[i]["values"] for i in pick]), torch.cat([targets[i]["ids"] for i in pick]),
+                        torch.cat([targets[i]["rest"] for i in pick]), kind=config.kd_kind, kd_weight=variant.kd_weight)
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == config.steps - 1:
+            log.info("%s %s step %d/%d W=%d loss %.4f (ce %.4f kd %.4f) %.0f s", spec.name, variant.name, step,
+                     config.steps, values.window, float(out.loss), float(out.ce), float(out.kd),
+                     time.perf_counter() - start)
+    return student.eval()
+
+
+def attention(variant: Variant, config: AblationConfig, prefix: int) -> tuple[int | None, int]:
+    """(window, prefix the mask and cache keep) of a variant on a row with ``prefix`` tokens."""
+    if variant.attends == "full":
+        return None, prefix
+    return config.window, (config.sinks if variant.attends == "sinks" else prefix)
+
+
+@torch.no_grad()
+def free_run(spec, model, row: dict, window: int | None, keep: int) -> dict:
+    """Greedy decoding from the row's prefix for as many tokens as the row has, restricted to the
+    speech codes; the cache is a WandCache keeping ``keep`` first tokens + ``window`` (None: the full
+    DynamicCache). Returns the tokens' accuracy against the row, per-step seconds and cache bytes."""
+    inputs = forward_inputs(spec, row, torch.device("cpu"))
+    prefix = inputs.pop("prefix_length")
+    ids = inputs.pop("input_ids")
+    truth = ids[0, prefix:]
+    codes = speech_ids(spec)
+    keep_t = torch.tensor([keep])
+    cache = WandCache(keep_t, window) if window is not None else DynamicCache()
+    kw = {cache_kwarg_name(model): cache, "prefix_lengths": keep_t, "window": window, "use_cache": True,
+          "model_prefix_lengths": torch.tensor([prefix])}
+    out = model(input_ids=ids[:, :prefix], **kw, **inputs)
+    token = codes[out.logits[0, -1, codes].argmax()].view(1, 1)
+    generated, seconds = [token], []
+    for _ in range(len(truth) - 1):
+        start = time.perf_counter()
+        out = model(input_ids=token, **kw)
+        token = codes[out.logits[0, -1, codes].argmax()].view(1, 1)
+        seconds.append(time.perf_counter() - start)
+        generated.append(token)
+    tokens = torch.cat(generated, 1)[0]
+    return {"accuracy": float((tokens == truth).float().mean()), "step_seconds": seconds,
+            "cache_bytes": wand.profiling.cache_nbytes(cache), "tokens": tokens}
+
+
+def latency_ratio(step_seconds: list[float], span: int = 48) -> float:
+    """Median step time of the last ``span`` steps over that of ``span`` early steps (after 8 warm-up)."""
+    early = step_seconds[8 : 8 + span]
+    late = step_seconds[-span:]
+    return statistics.median(late) / statistics.median(early)
+
+
+def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig, heldout: list[dict],
+                  free_rows: int) -> dict:
+    """The table's columns for one variant on held-out rows."""
+    agree, kl, correct, buckets = [], [], [], []
+    for row in heldout:
+        window, keep = attention(variant, config, row["prefix_length"])
+        scores = position_scores(spec, teacher, model, window, row, torch.device("cpu"),
+                                 student_prefix=keep if variant.attends == "sinks" else None)
+        agree.append(scores["agree"])
+        kl.append(scores["kl"])
+        correct.append(scores["correct"])
+        buckets += [distance_bucket(int(d), config.window) for d in scores["distance"]]
+    agree_a, kl_a, buckets_a = np.concatenate(agree).astype(float), np.concatenate(kl), np.array(buckets)
+    result = {"variant": variant.name, "description": variant.description,
+              "teacher_forced_accuracy": float(np.concatenate(correct).mean())}
+    for name in DISTANCE_BUCKETS:
+        pick = buckets_a == name
+        result[f"agreement_{name}"] = float(agree_a[pick].mean()) if pick.any() else None
+        result[f"kl_{name}"] = float(kl_a[pick].mean()) if pick.any() else None
+        result[f"positions_{name}"] = int(pick.sum())
+    # Free running: the first rows for accuracy; the longest held-out row for KV bytes and latency.
+    longest = max(heldout, key=lambda r: len(r["input_ids"]) - r["prefix_length"])
+    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"])) for row in heldout[:free_rows]]
+    long_run = free_run(spec, model, longest, *attention(variant, config, longest["prefix_length"]))
+    result.update(free_running_accuracy=float(np.mean([r["accuracy"] for r in runs])), free_rows=len(runs),
+                  kv_bytes_longest=long_run["cache_bytes"],
+                  longest_tokens=len(longest["input_ids"]), longest_prefix=longest["prefix_length"],
+                  latency_late_over_early=latency_ratio(long_run["step_seconds"]))
+    return result
+
+
+def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], config: AblationConfig,
+                 variants=VARIANTS, free_rows: int = 8) -> list[dict]:
+    """One table row per variant (dicts of the columns), in ``variants`` order."""
+    wand.enable_wand(teacher, config.window)
+    teacher.eval()
+    targets = teacher_targets(spec, teacher, train_rows, config.k) if any(v.train for v in variants) else []
+    results = []
+    for variant in variants:
+        start = time.perf_counter()
+        model = train_student(spec, teacher, train_rows, targets, variant, config) if variant.train else teacher
+        trained = time.perf_counter() - start
+        result = score_variant(spec, teacher, model, variant, config, heldout, free_rows)
+        result.update(model=spec.name, train_seconds=round(trained, 1), config=asdict(config))
+        log.info("%s %s: %s", spec.name, variant.name, {k: v for k, v in result.items() if k != "config"})
+        results.append(result)
+    return results
