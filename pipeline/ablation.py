@@ -137,7 +137,7 @@ def train_student(spec, teacher, rows: list[dict], targets: list[dict], variant:
         optimizer.step()
         if step % 50 == 0 or step == config.steps - 1:
             log.info("%s %s step %d/%d W=%d loss %.4f (ce %.4f kd %.4f) %.0f s", spec.name, variant.name, step,
-                     config.steps, values.window, float(out.loss), float(out.ce), float(out.kd),
+                     config.steps, values.window, float(out.loss.detach()), float(out.ce), float(out.kd),
                      time.perf_counter() - start)
     return student.eval()
 

@@ -1,0 +1,125 @@
+"""The results table's harness: each variant's mask, cache and numbers against brute-force computations."""
+
+import numpy as np
+import pytest
+import torch
+
+import wand
+from pipeline.ablation import VARIANTS, AblationConfig, curriculum_for, free_run, run_ablation, train_student
+from pipeline.ablation import teacher_targets
+from pipeline.evaluate import forward_inputs, position_scores, speech_ids
+from pipeline.synthetic import synthetic_rows
+from wand.models import get_spec
+
+CONFIG = AblationConfig(window=4, window_start=8, steps=3, batch_size=2, lr=1e-2)
+
+
+def setup(name):
+    spec = get_spec(name, "tiny")
+    torch.manual_seed(0)
+    teacher = wand.enable_wand(spec.build().eval(), CONFIG.window)
+    rows = synthetic_rows(spec, 6, seed=0, min_text=6, max_text=10)
+    held = synthetic_rows(spec, 2, seed=1, min_text=14, max_text=18, split="heldout")
+    return spec, teacher, rows, held
+
+
+def brute_force_logits(spec, model, row, keep, window):
+    """The model's own forward with a hand-built mask: query q sees key k <= q iff k < keep or q - k < W."""
+    inputs = forward_inputs(spec, row, torch.device("cpu"))
+    prefix = inputs.pop("prefix_length")
+    length = inputs["input_ids"].shape[1]
+    q, k = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    allowed = (k <= q) & ((k < keep) | (q - k < (window or length)))
+    mask = torch.zeros(1, 1, length, length).masked_fill(~allowed, float("-inf"))
+    extra = {"prefix_lengths": torch.tensor([prefix])} if spec.family == "indextts" else {}
+    with torch.no_grad():
+        out = model._wand_original_forward(input_ids=inputs["input_ids"], attention_mask=mask,
+                                           position_ids=torch.arange(length)[None], **extra, **inputs_extra(inputs))
+    return out.logits[0], prefix
+
+
+def inputs_extra(inputs):
+    return {k: v for k, v in inputs.items() if k != "input_ids"}
+
+
+@pytest.mark.parametrize("name", ["sparktts", "indextts"])
+def test_streaming_llm_scores_match_a_hand_built_sinks_plus_window_mask(name):
+    spec, teacher, _, held = setup(name)
+    row = held[0]
+    scores = position_scores(spec, teacher, teacher, CONFIG.window, row, torch.device("cpu"), student_prefix=CONFIG.sinks)
+    targets = spec.target_ids()
+    full, prefix = brute_force_logits(spec, teacher, row, row["prefix_length"], None)
+    sinks, _ = brute_force_logits(spec, teacher, row, CONFIG.sinks, CONFIG.window)
+    log_t = torch.log_softmax(full[prefix - 1 : -1][:, targets], -1)
+    log_s = torch.log_softmax(sinks[prefix - 1 : -1][:, targets], -1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1).numpy()
+    np.testing.assert_allclose(scores["kl"], kl, atol=1e-4)
+    assert (scores["agree"] == (log_t.argmax(-1) == log_s.argmax(-1)).numpy()).all()
+    assert kl[4 * CONFIG.window:].min() > 1e-9  # the sinks mask does hide something at every far position
+    truth = torch.tensor(row["input_ids"][prefix:])
+    assert (scores["correct"] == (targets[log_s.argmax(-1)] == truth).numpy()).all()
+
+
+def test_free_running_matches_recomputing_every_step_without_a_cache():
+    spec, teacher, _, held = setup("sparktts")
+    row = held[0]
+    codes = speech_ids(spec)
+    for keep, window in ((row["prefix_length"], None), (CONFIG.sinks, CONFIG.window), (row["prefix_length"], CONFIG.window)):
+        run = free_run(spec, teacher, row, window, keep)
+        prefix, ids = row["prefix_length"], torch.tensor(row["input_ids"])
+        seq = ids[:prefix].tolist()
+        for _ in range(len(ids) - prefix):
+            # a placeholder last token: its own logits are not read, the one before predicts it
+            logits, _ = brute_force_logits(spec, teacher, {**row, "input_ids": seq + [int(codes[0])]}, keep, window)
+            seq.append(int(codes[logits[-2, codes].argmax()]))
+        assert run["tokens"].tolist() == seq[prefix:], (keep, window)
+        assert run["accuracy"] == pytest.approx(float((torch.tensor(seq[prefix:]) == ids[prefix:]).float().mean()))
+        per_token = spec.kv_bytes_per_token(torch.float32)
+        slots = prefix + len(ids) - prefix - 1 if window is None else keep + window
+        assert run["cache_bytes"] == slots * per_token  # the last token is never fed back
+
+
+def test_students_train_with_their_variants_schedule_and_loss():
+    spec, teacher, rows, _ = setup("cosyvoice2")
+    targets = teacher_targets(spec, teacher, rows, CONFIG.k)
+    # Independent: the stored top-k are the direct top-k of the teacher's full-attention softmax.
+    inputs = forward_inputs(spec, rows[0], torch.device("cpu"))
+    p = inputs.pop("prefix_length")
+    with torch.no_grad():
+        logits = teacher(**inputs, prefix_lengths=torch.tensor([p]), window=None).logits[0, p - 1 : -1]
+    log_probs = torch.log_softmax(logits[:, spec.target_ids()], -1)
+    top = log_probs.topk(CONFIG.k, -1)
+    torch.testing.assert_close(targets[0]["values"], top.values)
+    torch.testing.assert_close(targets[0]["rest"].exp() + top.values.exp().sum(-1), torch.ones(len(top.values)))
+    by_name = {v.name: v for v in VARIANTS}
+    students = {name: train_student(spec, teacher, rows, targets, by_name[name], CONFIG)
+                for name in ("wand", "window_only", "kd_no_curriculum")}
+    flat = {name: torch.cat([p.detach().flatten() for p in m.parameters()]) for name, m in students.items()}
+    reference = torch.cat([p.detach().flatten() for p in teacher.parameters()])
+    assert all(not torch.equal(v, reference) for v in flat.values())  # every student moved
+    assert not torch.equal(flat["wand"], flat["window_only"])  # KD changes the update (same batches)
+    assert not torch.equal(flat["wand"], flat["kd_no_curriculum"])  # so does the schedule
+    schedule = curriculum_for(by_name["kd_no_curriculum"], CONFIG).schedule()
+    assert {s.window for s in schedule} == {CONFIG.window} and {s.tau for s in schedule} == {None}
+    schedule = curriculum_for(by_name["wand"], CONFIG).schedule()
+    assert schedule[0].window == CONFIG.window_start and schedule[-1].window == CONFIG.window
+
+
+def test_the_table_has_every_variant_with_consistent_columns():
+    spec, teacher, rows, held = setup("sparktts")
+    results = run_ablation(spec, teacher, rows, held, CONFIG, free_rows=1)
+    assert [r["variant"] for r in results] == [v.name for v in VARIANTS]
+    by = {r["variant"]: r for r in results}
+    assert by["teacher"]["agreement_far"] == 1.0 and by["teacher"]["kl_far"] == pytest.approx(0.0, abs=1e-6)
+    # Untrained variants on the teacher's weights: the mask alone sets their scores.
+    assert by["mask_only"]["teacher_forced_accuracy"] != by["streaming_llm"]["teacher_forced_accuracy"] or \
+        by["mask_only"]["kl_far"] != by["streaming_llm"]["kl_far"]
+    per_token = spec.kv_bytes_per_token(torch.float32)
+    longest = max(held, key=lambda r: len(r["input_ids"]) - r["prefix_length"])
+    assert by["teacher"]["kv_bytes_longest"] == (len(longest["input_ids"]) - 1) * per_token
+    assert by["wand"]["kv_bytes_longest"] == (longest["prefix_length"] + CONFIG.window) * per_token
+    assert by["streaming_llm"]["kv_bytes_longest"] == (CONFIG.sinks + CONFIG.window) * per_token
+    for r in results:
+        n = sum(r[f"positions_{b}"] for b in ("near", "mid", "far"))
+        assert n == sum(len(h["input_ids"]) - h["prefix_length"] for h in held)
+        assert 0 <= r["free_running_accuracy"] <= 1 and r["latency_late_over_early"] > 0
