@@ -24,12 +24,13 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 MODELS := cosyvoice2 indextts sparktts
-CORPORA := $(foreach m,$(MODELS),runs/corpus/tiny-$(m)/corpus.parquet runs/corpus/tiny-$(m)-heldout/corpus.parquet)
+CORPORA := $(foreach m,$(MODELS),runs/corpus/syn-$(m)/corpus.parquet runs/corpus/syn-$(m)-heldout/corpus.parquet)
 
 # The main job on the embedded default, the way users run it: a local Ray head and MLflow server
 # (127.0.0.1), then `ray job submit` of jobs/distill.py (precompute -> 2 curriculum stages on Ray
-# Train + DeepSpeed -> student -> evals, for the three tiny families), following its logs; ends
-# with the URLs and the per-model results table. `make stop` stops the services.
+# Train + DeepSpeed -> student -> evals, for the three families' trained mini teachers on the
+# synthetic corpus), following its logs; ends with the URLs and the per-model results table.
+# `make stop` stops the services.
 demo: install $(CORPORA)
 	$(PY) jobs/local_cluster.py up
 	RAY_AUTH_MODE=disabled $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . \
@@ -40,11 +41,12 @@ demo: install $(CORPORA)
 stop:
 	-$(PY) jobs/local_cluster.py down
 
-# Random-token corpora (until the structured synthetic corpus lands): training rows and held-out rows.
-runs/corpus/tiny-%-heldout/corpus.parquet: | install
-	$(PY) jobs/make_random_corpus.py --model $* --size tiny --rows 16 --seed 1 --min-gen 20 --max-gen 60 --output $(@D)
-runs/corpus/tiny-%/corpus.parquet: | install
-	$(PY) jobs/make_random_corpus.py --model $* --size tiny --rows 64 --seed 0 --min-gen 20 --max-gen 60 --output $(@D)
+# The synthetic AR-TTS corpus (the teachers' own law, pipeline/synthetic.py): training rows (seed 0,
+# the utterances the teachers were trained on) and held-out rows (seed 1) for the evals.
+runs/corpus/syn-%-heldout/corpus.parquet: | install
+	$(PY) jobs/make_synthetic_corpus.py --model $* --size mini --rows 16 --seed 1 --split heldout --output $(@D)
+runs/corpus/syn-%/corpus.parquet: | install
+	$(PY) jobs/make_synthetic_corpus.py --model $* --size mini --rows 128 --seed 0 --output $(@D)
 
 # The embedded default's teachers (committed under teachers/; this retrains them): one process per family.
 teachers: install
@@ -59,6 +61,10 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest tests -m "not slow"
+
+# The README's results table (WAND vs its ablations on the committed teachers), about 20 min on 2 cores.
+ablation: install
+	$(PY) benchmarks/ablation_table.py
 
 bench: install
 	$(PY) benchmarks/decode_latency.py

@@ -18,7 +18,7 @@ from . import storage
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
 from .teacher_topk import MANIFEST, PrecomputeConfig, load_manifest, run_precompute
 from .tracking import Tracker, TrackingConfig, git_commit
-from .train import TrainConfig, _init_weights, preflight, run_stage, stage_record
+from .train import TrainConfig, initial_model, preflight, run_stage, stage_record
 
 __all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_student", "load_student", "evaluate_experiment", "track_stage"]
 
@@ -244,7 +244,7 @@ def evaluate_experiment(config: DistillConfig, student_dir: str | None = None) -
     train = config.train_config()
     spec = train.spec()
     rows = read_rows(config.evaluate.corpus or config.corpus, config.s3_endpoint, config.evaluate.rows)
-    teacher = _init_weights(train, spec, None, None)  # the teacher the shards were made with
+    teacher = initial_model(train, spec, None, None)  # the teacher the shards were made with
     student = load_student(config, student_dir)
     return run_evals(spec, teacher, student, train.resolved_window_target(), rows, config.evaluate)
 

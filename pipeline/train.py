@@ -276,7 +276,7 @@ def param_checksum(state_dict: dict[str, torch.Tensor]) -> str:
     return fingerprint(state_dict)
 
 
-def _init_weights(config: TrainConfig, spec, init_checkpoint: str | None, filesystem):
+def initial_model(config: TrainConfig, spec, init_checkpoint: str | None, filesystem):
     """Stage 1: the teacher's weights. Stage k + 1: stage k's consolidated model.safetensors."""
     if init_checkpoint is None:
         if config.teacher_source:
@@ -369,7 +369,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint_fs = fs if loop_config["storage_is_s3"] else None
 
     spec = config.spec()
-    model = _init_weights(config, spec, loop_config["init_checkpoint"], checkpoint_fs)
+    model = initial_model(config, spec, loop_config["init_checkpoint"], checkpoint_fs)
     init_checksum = param_checksum(model.state_dict())  # proves where the stage started from
     wand.enable_wand(model, config.window_start)
     model.train()

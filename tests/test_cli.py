@@ -18,9 +18,11 @@ def load(*argv):
 def test_the_embedded_default_holds_the_three_families():
     configs = load("--config", str(ROOT / "jobs/configs/tiny.yaml"))
     assert [c.model for c in configs] == ["cosyvoice2", "indextts", "sparktts"]
-    assert all(c.model_size == "tiny" and c.train["stages"] == 2 for c in configs)
-    assert configs[1].evaluate.corpus == "runs/corpus/tiny-indextts-heldout"
-    assert configs[1].evaluate.windows == [2, 4, 8, 16, 32]  # defaults merged into the entry
+    assert all(c.model_size == "mini" and c.train["stages"] == 2 for c in configs)
+    assert [c.teacher_source for c in configs] == [f"teachers/{c.model}" for c in configs]
+    assert all((ROOT / c.teacher_source / "teacher.json").exists() for c in configs)  # committed
+    assert configs[1].evaluate.corpus == "runs/corpus/syn-indextts-heldout"
+    assert configs[1].evaluate.windows == [4, 8, 16, 32]  # defaults merged into the entry
 
 
 def test_set_only_and_root(tmp_path):
@@ -29,8 +31,11 @@ def test_set_only_and_root(tmp_path):
     (config,) = configs
     assert config.model == "sparktts" and config.train["stages"] == 3 and config.train["num_workers"] == 2
     assert config.storage == "s3://bucket/runs"  # remote paths are left alone
-    assert config.corpus == str(tmp_path / "runs/corpus/tiny-sparktts")
-    assert config.evaluate.corpus == str(tmp_path / "runs/corpus/tiny-sparktts-heldout")
+    assert config.corpus == str(tmp_path / "runs/corpus/syn-sparktts")
+    assert config.evaluate.corpus == str(tmp_path / "runs/corpus/syn-sparktts-heldout")
+    assert config.teacher_source == "teachers/sparktts"  # not under tmp_path: left as given (could be an HF id)
+    (rooted,) = load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--only", "sparktts", "--root", str(ROOT))
+    assert rooted.teacher_source == str(ROOT / "teachers/sparktts")
 
 
 def test_single_experiment_entry_points_need_only(capsys):

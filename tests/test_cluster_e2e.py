@@ -29,6 +29,10 @@ def head_env() -> dict:
             "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
 
 
+TINY_RANDOM = ["--set", "model_size=tiny", "--set", "teacher_source=null", "--set", "train.window_start=16",
+               "--set", "train.window_target=4"]
+
+
 def write_corpus(folder: Path, model: str, rows: int, seed: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(corpus_rows(get_spec(model, "tiny"), rows, seed=seed, min_gen=20, max_gen=40)),
@@ -60,7 +64,11 @@ def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_serve
 
     write_corpus(tmp_path / "runs/corpus/tiny-cosyvoice2", "cosyvoice2", 32, 0)
     write_corpus(tmp_path / "runs/corpus/tiny-cosyvoice2-heldout", "cosyvoice2", 4, 1)
-    args = ["--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2", "--root", str(tmp_path),
+    # The embedded default's experiment on the tiny random-weight preset and random tokens: this test
+    # is about jobs surviving their driver, not about quality, and the tiny preset is 10x faster.
+    args = ["--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2", "--root", str(tmp_path), *TINY_RANDOM,
+            "--set", "corpus=runs/corpus/tiny-cosyvoice2", "--set", "shards=runs/topk/tiny-cosyvoice2",
+            "--set", "evaluate.corpus=runs/corpus/tiny-cosyvoice2-heldout",
             "--set", "train.epochs=6.0", "--set", "train.checkpoint_every=2", "--set", "tracking.experiment_name=e2e"]
     entrypoint = "python jobs/distill.py " + " ".join(args)
     runtime_env = {"working_dir": str(ROOT), "env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri}}
@@ -172,6 +180,7 @@ def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp
         entrypoint = (f"python {ROOT}/jobs/distill.py --config {ROOT}/jobs/configs/tiny.yaml --only sparktts "
                       "--set corpus=s3://autoscale/corpus/sparktts --set shards=s3://autoscale/topk/sparktts "
                       "--set storage=s3://autoscale/runs --set train.stages=1 --set evaluate.enabled=false "
+                      f"{' '.join(TINY_RANDOM)} "
                       f"--set s3_endpoint={s3_server.endpoint} --set tracking.uri=null")
         job = client.submit_job(entrypoint=entrypoint)
         most = 1
