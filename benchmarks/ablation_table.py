@@ -53,17 +53,17 @@ def markdown(results: list[dict], config: AblationConfig, device: str) -> str:
         f"{config.steps} steps x {config.batch_size} rows per trained student, {config.sinks} sinks for StreamingLLM. "
         "Agreement / KL: teacher-forced, against the teacher, by distance from the prefix "
         f"(near < {config.window} <= mid < {4 * config.window} <= far). Accuracy: against the corpus tokens "
-        "(teacher-forced / free-running greedy). KV: cache after decoding the longest held-out utterance "
+        "(teacher-forced / free-running greedy); match: free-running tokens before the first error. KV: cache after decoding the longest held-out utterance "
         "(float32). Latency: median step time, last 48 steps / steps 8-56 of that decode.",
         "",
-        "| model | variant | agree near | agree mid | agree far | KL near | KL mid | KL far | acc TF | acc free | KV | latency late/early |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | agree near | agree mid | agree far | KL near | KL mid | KL far | acc TF | acc free | match | KV | latency late/early |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['model']} | {r['variant']} | {fmt(r['agreement_near'])} | {fmt(r['agreement_mid'])} | "
             f"{fmt(r['agreement_far'])} | {fmt(r['kl_near'], 3)} | {fmt(r['kl_mid'], 3)} | {fmt(r['kl_far'], 3)} | "
-            f"{fmt(r['teacher_forced_accuracy'])} | {fmt(r['free_running_accuracy'])} | {kib(r['kv_bytes_longest'])} | "
+            f"{fmt(r['teacher_forced_accuracy'])} | {fmt(r['free_running_accuracy'])} | {r['free_running_matched']:.1f} | {kib(r['kv_bytes_longest'])} | "
             f"{fmt(r['latency_late_over_early'])} |")
     lines.append("")
     lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in VARIANTS) + ".")

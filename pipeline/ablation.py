@@ -173,7 +173,9 @@ def free_run(spec, model, row: dict, window: int | None, keep: int) -> dict:
         seconds.append(time.perf_counter() - start)
         generated.append(token)
     tokens = torch.cat(generated, 1)[0]
+    wrong = torch.nonzero(tokens != truth).flatten()
     return {"accuracy": float((tokens == truth).float().mean()), "step_seconds": seconds,
+            "matched": int(wrong[0]) if len(wrong) else len(truth),  # tokens before the first error
             "cache_bytes": wand.profiling.cache_nbytes(cache), "tokens": tokens}
 
 
@@ -209,6 +211,7 @@ def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig
     runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"])) for row in heldout[:free_rows]]
     long_run = free_run(spec, model, longest, *attention(variant, config, longest["prefix_length"]))
     result.update(free_running_accuracy=float(np.mean([r["accuracy"] for r in runs])), free_rows=len(runs),
+                  free_running_matched=float(np.mean([r["matched"] for r in runs])),
                   kv_bytes_longest=long_run["cache_bytes"],
                   longest_tokens=len(longest["input_ids"]), longest_prefix=longest["prefix_length"],
                   latency_late_over_early=latency_ratio(long_run["step_seconds"]))

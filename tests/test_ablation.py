@@ -74,6 +74,8 @@ def test_free_running_matches_recomputing_every_step_without_a_cache():
             seq.append(int(codes[logits[-2, codes].argmax()]))
         assert run["tokens"].tolist() == seq[prefix:], (keep, window)
         assert run["accuracy"] == pytest.approx(float((torch.tensor(seq[prefix:]) == ids[prefix:]).float().mean()))
+        same = [a == b for a, b in zip(seq[prefix:], ids[prefix:].tolist())]
+        assert run["matched"] == (same.index(False) if False in same else len(same))
         per_token = spec.kv_bytes_per_token(torch.float32)
         slots = prefix + len(ids) - prefix - 1 if window is None else keep + window
         assert run["cache_bytes"] == slots * per_token  # the last token is never fed back

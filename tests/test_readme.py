@@ -9,7 +9,7 @@ README = (ROOT / "README.md").read_text()
 
 def test_quickstart_targets_exist():
     makefile = (ROOT / "Makefile").read_text()
-    for target in ("demo", "test", "demo-generate", "test-fast", "bench"):
+    for target in ("demo", "test", "demo-generate", "test-fast", "bench", "teachers", "ablation"):
         assert re.search(rf"^{re.escape(target)}:", makefile, re.M), target
     assert "make demo" in README and "make test" in README
     assert "make test" in (ROOT / ".ci" / "run").read_text()

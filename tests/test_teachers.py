@@ -43,8 +43,8 @@ def test_training_beats_the_untrained_model_and_accuracy_is_exact():
 
 # The quality README.md states for the committed teachers (teachers/<model>/teacher.json records the
 # exact figures measured when they were trained; these floors are what the docs promise).
-STATED = {"cosyvoice2": 0.0, "indextts": 0.0, "sparktts": 0.0}
-STATED_STARTS = {"cosyvoice2": 0.0, "indextts": 0.0, "sparktts": 0.0}
+STATED = {"cosyvoice2": 0.72, "indextts": 0.51, "sparktts": 0.71}
+STATED_INSIDE = {"cosyvoice2": 0.99, "indextts": 0.70, "sparktts": 0.99}
 
 
 @pytest.mark.parametrize("name", sorted(STATED))
@@ -62,6 +62,7 @@ def test_committed_teachers_reach_their_stated_quality_on_heldout_rows(name):
     for key in ("accuracy", "accuracy_phoneme_starts", "accuracy_inside_phonemes"):
         assert quality[key] == pytest.approx(record["heldout"][key], abs=0.01), key  # reproducible
     assert quality["accuracy"] >= STATED[name]
-    # It reads the prefix: far from it, phoneme starts (which no local window predicts, see
-    # test_synthetic) are predicted well above the 1-in-24 chance of guessing the next phoneme.
-    assert quality["accuracy_phoneme_starts"] >= STATED_STARTS[name]
+    # Inside a phoneme the law is local (the 2-gram predictor of test_synthetic gets over 90%): the
+    # Qwen2 teachers learned it fully. Phoneme starts, which need the text alignment, stay near
+    # the 1-in-24 chance for all three (README: what the teachers did not learn).
+    assert quality["accuracy_inside_phonemes"] >= STATED_INSIDE[name]
