@@ -2,6 +2,7 @@
 
     python benchmarks/ablation_table.py                      # all three families, writes the README table
     python benchmarks/ablation_table.py --models cosyvoice2 --steps 50 --no-readme   # a quick look
+    python benchmarks/ablation_table.py --from-json benchmarks/results/ablation_table.json   # re-render
 
 For each family: load the teacher from teachers/<model> (jobs/train_teachers.py), fine-tune the
 students (pipeline/ablation.py: WAND, window only without KD, KD without curriculum; all from the
@@ -94,7 +95,15 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/ablation_table.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave the README alone")
+    parser.add_argument("--from-json", type=Path, help="render this earlier --output file again, no training")
     args = parser.parse_args(argv)
+    if args.from_json:
+        saved = json.loads(args.from_json.read_text())
+        table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"])
+        print(table)
+        if not args.no_readme:
+            write_readme(args.readme, table)
+        return 0
     if min(args.train_rows, args.heldout, args.free_rows) < 1:
         parser.error("--train-rows, --heldout and --free-rows must be >= 1")
     try:
