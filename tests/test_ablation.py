@@ -116,6 +116,8 @@ def test_the_table_has_every_variant_with_consistent_columns():
     # Untrained variants on the teacher's weights: the mask alone sets their scores.
     assert by["mask_only"]["teacher_forced_accuracy"] != by["streaming_llm"]["teacher_forced_accuracy"] or \
         by["mask_only"]["kl_far"] != by["streaming_llm"]["kl_far"]
+    # Trained students are scored with their own weights (not the teacher's they were copied from).
+    assert by["wand"]["kl_far"] != by["mask_only"]["kl_far"] and by["wand"]["kl_far"] != by["window_only"]["kl_far"]
     per_token = spec.kv_bytes_per_token(torch.float32)
     longest = max(held, key=lambda r: len(r["input_ids"]) - r["prefix_length"])
     assert by["teacher"]["kv_bytes_longest"] == (len(longest["input_ids"]) - 1) * per_token

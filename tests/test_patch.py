@@ -109,3 +109,28 @@ def test_flex_backend_matches_dense(family, tau):
         assert flex_model.config._attn_implementation == "wand_flex"
         flex = flex_model(input_ids=ids, prefix_lengths=prefix, tau=tau).logits
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+def test_a_deep_copied_wand_model_runs_its_own_weights():
+    """The wrapper is a method bound to the model: copy.deepcopy (a student made from its teacher)
+    rebinds it, so the copy's forward uses the copy's parameters, not the original's."""
+    import copy
+
+    from wand.models import get_spec
+
+    for name in ("sparktts", "indextts"):
+        spec = get_spec(name, "tiny")
+        torch.manual_seed(0)
+        teacher = wand.enable_wand(spec.build().eval(), 4)
+        student = copy.deepcopy(teacher)
+        ids = spec.target_ids()[:12].view(1, -1)
+        kwargs = {"input_ids": ids, "prefix_lengths": torch.tensor([4])}
+        if name == "indextts":
+            kwargs["conditioning_latents"] = torch.zeros(1, spec.extra["num_latents"], spec.config["n_embd"])
+        with torch.no_grad():
+            before = teacher(**kwargs).logits
+            torch.testing.assert_close(student(**kwargs).logits, before)
+            for p in student.parameters():
+                p.add_(0.1)
+            assert not torch.allclose(student(**kwargs).logits, before)
+            torch.testing.assert_close(teacher(**kwargs).logits, before)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import types
 from typing import Any
 
 import torch
@@ -94,11 +95,13 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
     # TTS wrappers with segment-relative positions (IndexTTS) also need the prefix lengths.
     accepts_prefix_lengths = "prefix_lengths" in parameters
 
+    # A method bound to the model (not a closure over it), reaching the original forward through
+    # ``self``: copy.deepcopy rebinds both to the copy, so a deep-copied student runs its own weights.
     @functools.wraps(original_forward)
-    def wand_forward(*args, prefix_lengths=None, tau=None, window=_UNSET, model_prefix_lengths=None, **kwargs):
+    def wand_forward(self, *args, prefix_lengths=None, tau=None, window=_UNSET, model_prefix_lengths=None, **kwargs):
         if args:
             raise ValueError("a WAND-enabled model takes keyword arguments only (input_ids=..., prefix_lengths=...)")
-        window = model.wand_window if window is _UNSET else validate_window(window)
+        window = self.wand_window if window is _UNSET else validate_window(window)
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if isinstance(cache, WandCache):
             if prefix_lengths is None:
@@ -115,7 +118,7 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
                 "a WAND-enabled model needs prefix_lengths= (LongTensor[batch], length of each sample's "
                 "conditioning prefix), or a WandCache as past_key_values"
             )
-        mask, position_ids = build_wand_inputs(model, kwargs, cache, prefix_lengths, window, tau)
+        mask, position_ids = build_wand_inputs(self, kwargs, cache, prefix_lengths, window, tau)
         kwargs["attention_mask"] = mask
         if accepts_position_ids and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = position_ids
@@ -124,9 +127,9 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
             # unless told otherwise: a StreamingLLM-style mask keeps 4 sinks, not the prefix.
             own = prefix_lengths if model_prefix_lengths is None else model_prefix_lengths
             kwargs["prefix_lengths"] = torch.as_tensor(own, device=position_ids.device)
-        return original_forward(**kwargs)
+        return self._wand_original_forward(**kwargs)
 
-    model.forward = wand_forward
+    model.forward = types.MethodType(wand_forward, model)
     return model
 
 
