@@ -165,6 +165,30 @@ def stage_record(config: TrainConfig, stage: int) -> dict | None:
     return storage.read_json(fs, path) if storage.exists(fs, path) else None
 
 
+# What makes two submissions the same run: a finished stage or a checkpoint is reused only when
+# these match (the storage folder is named by the experiment, which a changed config keeps).
+IDENTITY_FIELDS = ("model", "model_size", "stages", "epochs", "batch_size", "num_workers", "window_start",
+                   "window_target", "lr", "kd_kind", "kd_weight", "temperature")
+
+
+def run_identity(config: TrainConfig, manifest: dict, total_steps: int) -> dict:
+    values = config.model_dump()
+    return {**{f: values[f] for f in IDENTITY_FIELDS}, "teacher_fingerprint": manifest["teacher"]["fingerprint"],
+            "total_steps": total_steps}
+
+
+def check_same_run(found: dict, identity: dict, config: TrainConfig, where: str) -> None:
+    """Refuse to reuse ``found`` (a stage record or checkpoint state) written by a different run.
+    Records written before identities were recorded are compared on their total steps."""
+    have = found.get("identity") or {"total_steps": found.get("total_steps")}
+    diffs = [f"{key}: {have[key]!r} there, {identity[key]!r} now" for key in have
+             if key in identity and have[key] != identity[key]]
+    if diffs:
+        raise ValueError(
+            f"storage: {where} was written by a different run of experiment {config.experiment!r} "
+            f"({'; '.join(diffs)}); name this run differently (experiment:) or remove that folder to start over")
+
+
 def _stage_rows(config: TrainConfig, manifest: dict, stage: Stage, rows_per_step: int):
     """The Ray dataset of this stage's rows: global positions [start, end) x rows_per_step of the
     id-sorted corpus, wrapping around for epochs > 1 (a row then appears once per use)."""
@@ -225,8 +249,10 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
     stages = curriculum.stages(config.stages)
     if not 1 <= stage_index <= len(stages):
         raise ValueError(f"stage: must be in [1, {len(stages)}], got {stage_index}")
+    identity = run_identity(config, manifest, curriculum.total_steps)
     done = stage_record(config, stage_index)
     if done is not None:
+        check_same_run(done, identity, config, stage_record_path(config, stage_index)[1])
         log.info("stage %d already finished: %s", stage_index, done["checkpoint"])
         return done
     stage = stages[stage_index - 1]
@@ -236,13 +262,17 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
         if previous is None:
             raise ValueError(f"stage: stage {stage_index - 1} has not finished; run it first "
                              f"(jobs/train_stage.py --stage {stage_index - 1})")
+        check_same_run(previous, identity, config, stage_record_path(config, stage_index - 1)[1])
         init = previous["checkpoint"]
     fs, root = storage.resolve(config.storage, config.s3_endpoint)
+    resumed = _latest_checkpoint(config, stage_index)
+    if resumed is not None:  # read its state.json alone: the checkpoint itself may be large and remote
+        check_same_run(storage.read_json(fs, storage.join(resumed.path, "state.json")), identity, config, resumed.path)
     loop_config = {
         "config": config.model_dump(), "stage": {"index": stage.index, "start": stage.start, "end": stage.end},
         "total_steps": curriculum.total_steps, "init_checkpoint": init,
         "storage_is_s3": storage.is_remote(config.storage), "k": manifest["k"],
-        "value_dtype": manifest["value_dtype"], "tracking": tracking,
+        "value_dtype": manifest["value_dtype"], "tracking": tracking, "identity": identity,
     }
     storage_kwargs = ({"storage_path": root, "storage_filesystem": fs} if storage.is_remote(config.storage)
                       else {"storage_path": root})
@@ -264,7 +294,7 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
     record = {"stage": stage_index, "start": stage.start, "end": stage.end, "checkpoint": result.checkpoint.path,
               "param_checksum": state["param_checksum"], "init_param_checksum": state["init_param_checksum"],
               "metrics": state["metrics"], "starts": state["starts"],
-              "total_steps": curriculum.total_steps}
+              "total_steps": curriculum.total_steps, "identity": identity}
     rec_fs, rec_path = stage_record_path(config, stage_index)
     storage.write_json(rec_fs, rec_path, record)
     return record
@@ -460,7 +490,7 @@ def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, histo
                                   for n, t in engine.module.state_dict().items()}
         if rank == 0:
             state = {"next_step": step, "stage": stage.index, "metrics": history,
-                     "init_param_checksum": init_checksum, "starts": starts}
+                     "init_param_checksum": init_checksum, "starts": starts, "identity": loop_config["identity"]}
             if state_dict is not None:
                 unique, seen = {}, set()
                 for name, tensor in state_dict.items():  # tied weights are saved once

@@ -114,3 +114,18 @@ def test_bad_configs_fail_before_training(shards, tmp_path):
         preflight(base(shards).train_config().model_copy(update={"stages": 500}))
     with pytest.raises(ValueError, match="stage 1 has not finished"):
         run_stage(base(shards).train_config().model_copy(update={"experiment": "nothing-yet"}), 2)
+
+
+def test_a_stage_left_by_a_different_run_is_refused_with_the_difference():
+    from pipeline.train import check_same_run
+
+    config = TrainConfig(experiment="demo", model="cosyvoice2", model_size="mini", shards="s", storage="st")
+    identity = {"model": "cosyvoice2", "model_size": "mini", "teacher_fingerprint": "abc", "total_steps": 32}
+    check_same_run({"identity": dict(identity)}, identity, config, "st/demo/stage-1.json")  # the same run: reused
+    with pytest.raises(ValueError) as err:
+        check_same_run({"identity": {**identity, "model_size": "tiny"}}, identity, config, "st/demo/stage-1.json")
+    message = str(err.value)
+    assert "st/demo/stage-1.json" in message and "model_size: 'tiny' there, 'mini' now" in message
+    assert "experiment 'demo'" in message
+    with pytest.raises(ValueError, match="total_steps: 16 there, 32 now"):  # a record from before identities
+        check_same_run({"total_steps": 16}, identity, config, "st/demo/stage-1.json")
