@@ -454,7 +454,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _maybe_fail(config, step, rank)
         step += 1
         if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
-            _save_and_report(engine, config, step, stage, history, rank, init_checksum, starts)
+            _save_and_report(engine, config, step, stage, history, rank, init_checksum, starts, loop_config["identity"])
             if rank == 0 and loop_config.get("tracking"):
                 _log_progress(loop_config["tracking"], history)
 
@@ -472,7 +472,7 @@ def _log_progress(tracking: dict, history: list[dict]) -> None:
 
 
 def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, history: list, rank: int,
-                     init_checksum: str, starts: list[int]) -> None:
+                     init_checksum: str, starts: list[int], identity: dict) -> None:
     import deepspeed
     import ray.train
     from ray.train import Checkpoint
@@ -490,7 +490,7 @@ def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, histo
                                   for n, t in engine.module.state_dict().items()}
         if rank == 0:
             state = {"next_step": step, "stage": stage.index, "metrics": history,
-                     "init_param_checksum": init_checksum, "starts": starts, "identity": loop_config["identity"]}
+                     "init_param_checksum": init_checksum, "starts": starts, "identity": identity}
             if state_dict is not None:
                 unique, seen = {}, set()
                 for name, tensor in state_dict.items():  # tied weights are saved once
