@@ -54,7 +54,7 @@ def test_kv_bytes_per_token(name, kib):
 def test_registry_errors_list_the_names():
     with pytest.raises(ValueError, match="cosyvoice2.*indextts.*sparktts.*llasa-1b.*orpheus-3b"):
         get_spec("vall-e")
-    with pytest.raises(ValueError, match="real, small, tiny"):
+    with pytest.raises(ValueError, match="real, small, mini, tiny"):
         get_spec("cosyvoice2", size="huge")
     assert set(MODEL_NAMES) == {"cosyvoice2", "indextts", "sparktts", "llasa-1b", "llasa-3b", "llasa-8b", "orpheus-3b"}
 
