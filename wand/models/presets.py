@@ -129,34 +129,31 @@ def _orpheus(size: str) -> CausalLMSpec:
     )
 
 
-def shrink(spec):
-    """The same spec (vocabularies, token layout) on a 4-layer, 256-wide backbone."""
+def _on_backbone(spec, size: str, width: int, layers: int, heads: int):
+    """The same spec (vocabularies, token layout) on a backbone ``width`` wide, ``layers`` deep, with
+    ``heads`` attention heads (2 KV heads for the Qwen2 / Llama backbones); labelled ``size``."""
     from dataclasses import replace
 
     if "n_embd" in spec.config:  # GPT-2 (IndexTTS)
-        config = {**spec.config, "n_embd": 256, "n_layer": 4, "n_head": 8}
+        config = {**spec.config, "n_embd": width, "n_layer": layers, "n_head": heads}
     else:
-        config = {**spec.config, "hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4,
-                  "num_attention_heads": 8, "num_key_value_heads": 2}
+        config = {**spec.config, "hidden_size": width, "intermediate_size": 2 * width, "num_hidden_layers": layers,
+                  "num_attention_heads": heads, "num_key_value_heads": 2}
         if "head_dim" in config:
-            config["head_dim"] = 32
-    return replace(spec, size="small", config=config)
+            config["head_dim"] = width // heads
+    return replace(spec, size=size, config=config)
+
+
+def shrink(spec):
+    """The same spec (vocabularies, token layout) on a 4-layer, 256-wide backbone."""
+    return _on_backbone(spec, "small", width=256, layers=4, heads=8)
 
 
 def widen(spec):
     """The tiny spec (small vocabularies, same token layout) on a 3-layer, 96-wide backbone: big
     enough to learn the synthetic corpus (pipeline/synthetic.py), small enough to train on a CPU in
     minutes. The embedded default's teachers (teachers/) are this size."""
-    from dataclasses import replace
-
-    if "n_embd" in spec.config:  # GPT-2 (IndexTTS)
-        config = {**spec.config, "n_embd": 96, "n_layer": 3, "n_head": 4}
-    else:
-        config = {**spec.config, "hidden_size": 96, "intermediate_size": 192, "num_hidden_layers": 3,
-                  "num_attention_heads": 4, "num_key_value_heads": 2}
-        if "head_dim" in config:
-            config["head_dim"] = 24
-    return replace(spec, size="mini", config=config)
+    return _on_backbone(spec, "mini", width=96, layers=3, heads=4)
 
 
 BUILDERS = {
