@@ -30,11 +30,12 @@ CORPORA := $(foreach m,$(MODELS),runs/corpus/syn-$(m)/corpus.parquet runs/corpus
 # (127.0.0.1), then `ray job submit` of jobs/distill.py (precompute -> 2 curriculum stages on Ray
 # Train + DeepSpeed -> student -> evals, for the three families' trained mini teachers on the
 # synthetic corpus), following its logs; ends with the URLs and the per-model results table.
-# `make stop` stops the services.
+# `make stop` stops the services (and deletes the cluster's token).
+# The head runs with Ray's token auth: `client-env` gives `ray job submit` the token's path.
 demo: install $(CORPORA)
 	$(PY) jobs/local_cluster.py up
-	RAY_AUTH_MODE=disabled $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 --working-dir . \
-	  --runtime-env-json "$$($(PY) jobs/local_cluster.py env)" \
+	eval "$$($(PY) jobs/local_cluster.py client-env)" && $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 \
+	  --working-dir . --runtime-env-json "$$($(PY) jobs/local_cluster.py env)" \
 	  -- python jobs/distill.py --config jobs/configs/tiny.yaml --root "$(CURDIR)"
 	$(PY) jobs/local_cluster.py where
 

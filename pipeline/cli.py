@@ -49,7 +49,26 @@ def init_ray() -> None:
     import ray
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", ignore_reinit_error=True, log_to_driver=True)
+    address = os.environ.get("RAY_ADDRESS")
+    if not address:
+        _local_cluster_settings()
+    ray.init(address=address or "local", ignore_reinit_error=True, log_to_driver=True)
+
+
+def _local_cluster_settings() -> None:
+    """A local Ray of our own: token auth (Ray's default for ``ray.init``, made explicit here; the
+    token comes from RAY_AUTH_TOKEN(_PATH), else Ray's own ~/.ray/auth_token) and every port on
+    127.0.0.1 (pipeline.services.LOOPBACK_ENV; Ray read the switch at import, so set it there too)."""
+    import ray._private.ray_constants as ray_constants
+
+    from pipeline.services import LOOPBACK_ENV
+
+    mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if mode != "token":
+        print(f"warning: RAY_AUTH_MODE={mode}: this job's local Ray cluster runs without token auth",
+              file=sys.stderr)
+    os.environ.update(LOOPBACK_ENV)
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def _set_path(values: dict, dotted: str, value) -> None:

@@ -1,13 +1,16 @@
-"""Local services on 127.0.0.1: an MLflow tracking server (sqlite + local artifacts).
+"""Local services on 127.0.0.1: an MLflow tracking server (sqlite + local artifacts) and a Ray head
+with token auth.
 
-Used by ``make demo`` (through ``jobs/local_services.py``) and by the tests. Started the way that
+Used by ``make demo`` (through ``jobs/local_cluster.py``) and by the tests. Started the way that
 works on a small machine (../shared/STACK-NOTES.md): one worker, no job consumers, its own process
 group so stopping it leaves no orphans.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -16,7 +19,39 @@ import time
 import urllib.request
 from pathlib import Path
 
-__all__ = ["free_port", "MLflowServer", "RayHead", "wait_http", "stop_group", "kill_matching"]
+__all__ = ["free_port", "MLflowServer", "RayHead", "wait_http", "stop_group", "kill_matching", "write_token",
+           "ray_auth_env", "LOOPBACK_ENV"]
+
+# Ray rewrites a node IP of 127.0.0.1 to the machine's address (ray._private.services.
+# resolve_ip_for_localhost), so `--node-ip-address 127.0.0.1` still leaves the GCS, the raylet, the
+# Ray Client server and three Prometheus metrics endpoints (no auth at all) on a reachable address.
+# This switch (meant for single-machine clusters on macOS/Windows) makes Ray use loopback as the
+# node IP: measured with `ss -ltnp`, every port of a head started with it is on 127.0.0.1. Only for
+# clusters that live on one machine: other nodes could not reach a loopback GCS.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+
+def write_token(path: str | Path) -> Path:
+    """A fresh random Ray auth token in ``path``, created with mode 0600 (never readable by others,
+    not even for an instant) and moved into place whole."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(secrets.token_hex(32))
+    os.replace(tmp, path)
+    return path
+
+
+def ray_auth_env(token_path: str | Path) -> dict[str, str]:
+    """What a Ray process (head, `ray job submit`, a driver) needs to use the token in ``token_path``:
+    the path, never the token itself, so it cannot land in a runtime env, a job record or a log."""
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(Path(token_path).resolve())}
+
+
+def read_token(token_path: str | Path) -> str:
+    return Path(token_path).read_text().strip()
 
 
 def free_port() -> int:
@@ -25,11 +60,12 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "service") -> None:
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, what: str = "service",
+              headers: dict[str, str] | None = None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(url, timeout=2) as response:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as response:
                 if response.status == 200:
                     return
         except OSError:
@@ -107,26 +143,36 @@ def stop_group(pid: int, timeout: float = 15) -> None:
 
 
 class RayHead:
-    """``ray start --head`` on 127.0.0.1 (dashboard and job server on ``dashboard_port``).
+    """``ray start --head`` on 127.0.0.1 with Ray's token auth (dashboard and job server on
+    ``dashboard_port``).
 
-    Token auth is off (``RAY_AUTH_MODE=disabled``): Ray 2.60 turns it on for new clusters and the
-    CLI clients do not pick the token up; acceptable only because everything binds to loopback
-    (GCS still listens on all interfaces: see the README's security notes). The head's processes,
-    and so every job's driver and workers, get ``env`` (e.g. PATH with the venv first, so a job's
-    ``python`` is the project's)."""
+    The token is read from ``token_path`` (written there with mode 0600 if the file is missing);
+    every process of the head, and so every job's driver and workers, gets ``RAY_AUTH_MODE=token``
+    and the token's *path* through the environment, never the token in a runtime env. Clients
+    (``ray job submit``, ``JobSubmissionClient``) need ``client_env()`` in their environment.
+    ``loopback=True`` (one-machine clusters) binds every Ray port to 127.0.0.1 (see LOOPBACK_ENV).
+    The head's processes get ``env`` too (e.g. PATH with the venv first, so a job's ``python`` is
+    the project's)."""
 
-    def __init__(self, num_cpus: int = 2, port: int | None = None, dashboard_port: int | None = None,
-                 env: dict[str, str] | None = None, resources: dict | None = None,
-                 system_config: dict | None = None, extra_args: list[str] | None = None):
+    def __init__(self, token_path: str | Path, num_cpus: int = 2, port: int | None = None,
+                 dashboard_port: int | None = None, env: dict[str, str] | None = None, resources: dict | None = None,
+                 system_config: dict | None = None, extra_args: list[str] | None = None, loopback: bool = True):
+        self.token_path = Path(token_path).resolve()
         self.num_cpus = num_cpus
         self.port = port or free_port()
         self.dashboard_port = dashboard_port or free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **(env or {})}
+        self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {}), **ray_auth_env(self.token_path),
+                    **(LOOPBACK_ENV if loopback else {})}
+        self.env.pop("RAY_AUTH_TOKEN", None)  # it would win over the path (Ray's precedence)
         self.resources = resources
         self.system_config = system_config
         self.extra_args = list(extra_args or [])
+
+    def client_env(self) -> dict[str, str]:
+        """Environment for a client of this head: ``{**os.environ, **head.client_env()}``."""
+        return ray_auth_env(self.token_path)
 
     def command(self) -> list[str]:
         ray = Path(sys.executable).with_name("ray")
@@ -134,25 +180,24 @@ class RayHead:
                "--port", str(self.port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                "--num-cpus", str(self.num_cpus), "--include-dashboard", "true", "--disable-usage-stats"]
         if self.resources:
-            import json
-
             cmd += ["--resources", json.dumps(self.resources)]
         if self.system_config:
-            import json
-
             cmd += ["--system-config", json.dumps(self.system_config)]
         return cmd + self.extra_args
 
     def start(self, timeout: float = 120, log_file: str | Path | None = None) -> "RayHead":
         """Start the head in the foreground (``--block``) in its own process group, so ``stop``
         takes down exactly this cluster (``ray stop`` would stop every Ray on the machine)."""
+        if not self.token_path.exists():
+            write_token(self.token_path)
         log = open(log_file, "ab") if log_file else subprocess.DEVNULL
         self.proc = subprocess.Popen(self.command() + ["--block"], env=self.env, stdout=log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         if log_file:
             log.close()
-        try:
-            wait_http(f"{self.dashboard_url}/api/version", timeout, self.proc, "Ray head (dashboard / job server)")
+        try:  # the job server answers 401 without the token: ready means it accepts ours
+            wait_http(f"{self.dashboard_url}/api/version", timeout, self.proc, "Ray head (dashboard / job server)",
+                      headers={"Authorization": f"Bearer {read_token(self.token_path)}"})
         except RuntimeError:
             self.stop()
             raise
@@ -168,6 +213,12 @@ class RayHead:
             self.proc = None
         kill_matching(f"127.0.0.1:{self.port}")  # raylets of extra nodes, workers that left the group
         _forget_cluster(self.port)
+
+    def __enter__(self) -> "RayHead":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
 
 def _forget_cluster(port: int) -> None:
@@ -206,9 +257,3 @@ def kill_matching(needle: str) -> int:
             pass
     psutil.wait_procs(victims, timeout=10)
     return len(victims)
-
-    def __enter__(self) -> "RayHead":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()

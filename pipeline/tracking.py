@@ -59,10 +59,25 @@ class TrackingConfig(BaseModel):
 def redact(value: Any) -> str:
     """``str(value)`` with secret environment values and URL user-info replaced by ``***``."""
     text = str(value)
-    for name, secret in os.environ.items():
-        if SECRET_NAME.search(name) and len(secret) >= 8 and secret in text:
+    for secret in _secret_values():
+        if secret in text:
             text = text.replace(secret, "***")
     return URL_USERINFO.sub(r"\g<scheme>***@", text)
+
+
+def _secret_values() -> list[str]:
+    """Values of secret-looking environment variables, and the Ray auth token that
+    RAY_AUTH_TOKEN_PATH points at (the environment holds only its path)."""
+    values = [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8]
+    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token_path:
+        try:
+            token = Path(token_path).read_text().strip()
+        except OSError:
+            token = ""
+        if len(token) >= 8:
+            values.append(token)
+    return values
 
 
 def git_commit() -> str:

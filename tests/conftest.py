@@ -9,6 +9,36 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 VOCAB = 96
 
 
+def pytest_configure(config):
+    """Every Ray cluster the tests start (in-process ``ray.init``, ``ray start`` heads, jobs' own local
+    clusters in subprocesses) uses token auth with one session token, and binds to 127.0.0.1 only.
+    Set before any test module imports ray: Ray reads both at import and at start."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.services import LOOPBACK_ENV, ray_auth_env, write_token
+
+    folder = Path(tempfile.mkdtemp(prefix="wand-test-ray-"))
+    config._wand_ray_token = write_token(folder / "ray_auth_token")
+    os.environ.pop("RAY_AUTH_TOKEN", None)
+    os.environ.update({**ray_auth_env(config._wand_ray_token), **LOOPBACK_ENV})
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    token = getattr(config, "_wand_ray_token", None)
+    if token is not None:
+        shutil.rmtree(token.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def ray_token(pytestconfig):
+    """The session's Ray auth token file (mode 0600); its path is in RAY_AUTH_TOKEN_PATH."""
+    return pytestconfig._wand_ray_token
+
+
 def tiny_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
     """A tiny fp32 model of the given backbone class, eval mode, deterministic weights."""
     torch.manual_seed(seed)

@@ -37,12 +37,18 @@ def test_launcher_config_validates_against_rays_schema():
     setup = " ".join(config["setup_commands"])
     assert f"ray[default,train,data]=={ray.__version__}" in setup and "torch==2.13.0" in setup
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
+    # Token auth on every node; the token from a secret store to Ray's default path, not from this file.
+    for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
+        assert "ray stop" in command or "RAY_AUTH_MODE=token ray start" in command, command
+    assert any("secretsmanager get-secret-value" in c and "~/.ray/auth_token" in c and "umask 077" in c
+               for c in config["setup_commands"])
     text = (CLUSTER / "aws.yaml").read_text()
     assert "aws_secret_access_key" not in text.lower() and "AKIA" not in text
 
 
 def check_ray_cluster_spec(spec):
     assert spec["rayVersion"] == ray.__version__
+    assert spec["authOptions"]["mode"] == "token"  # KubeRay gives every pod RAY_AUTH_MODE and the token
     assert spec["enableInTreeAutoscaling"] is True
     assert spec["autoscalerOptions"]["idleTimeoutSeconds"] > 0
     head = spec["headGroupSpec"]
@@ -132,3 +138,13 @@ def test_local_paths_are_refused_on_a_multi_node_cluster():
     assert "REFUSED: x: this Ray cluster has 2 nodes" in out.stdout
     assert "shards=runs/topk" in out.stdout and "storage=/data/ckpt" in out.stdout and "corpus=" not in out.stdout
     assert "S3 OK" in out.stdout
+
+
+def test_nothing_the_project_ships_turns_ray_auth_off():
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    shipped = [f for f in files if not f.startswith("tests/") and (ROOT / f).is_file()]
+    assert len(shipped) > 20
+    offenders = [f for f in shipped if "RAY_AUTH_MODE=disabled" in (ROOT / f).read_text(errors="ignore")]
+    assert offenders == []

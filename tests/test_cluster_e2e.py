@@ -15,8 +15,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import corpus_rows
-from pipeline.services import RayHead, free_port, kill_matching
+from helpers import corpus_rows, ray_auth_headers, ray_session_dirs, token_leaks
+from pipeline.services import RayHead, free_port, kill_matching, read_token
 from wand.models import get_spec
 
 pytestmark = [pytest.mark.slow]
@@ -50,15 +50,15 @@ def wait_job(client, job_id: str, statuses: set, timeout: float) -> str:
 
 
 @pytest.fixture()
-def ray_head():
-    head = RayHead(num_cpus=2, env=head_env())
+def ray_head(ray_token):
+    head = RayHead(ray_token, num_cpus=2, env=head_env())
     head.start()
     yield head
     head.stop()
 
 
 @pytest.mark.timeout(1200)
-def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_server, tmp_path):
+def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_server, tmp_path, ray_token):
     from mlflow import MlflowClient
     from ray.job_submission import JobSubmissionClient
 
@@ -90,7 +90,7 @@ def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_serve
     out = subprocess.run([f"{VENV_BIN}/ray", "job", "submit", "--address", ray_head.dashboard_url,
                           "--working-dir", str(ROOT), "--runtime-env-json", json.dumps({"env_vars": runtime_env["env_vars"]}),
                           "--", *entrypoint.split()],
-                         capture_output=True, text=True, timeout=900, env={**os.environ, "RAY_AUTH_MODE": "disabled"})
+                         capture_output=True, text=True, timeout=900, env={**os.environ, **ray_head.client_env()})
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
     assert "succeeded" in out.stdout.lower()
     assert "matching shards found" in out.stdout  # precompute reused, not redone
@@ -110,6 +110,13 @@ def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_serve
     steps = [m.step for m in mlflow.get_metric_history(
         next(r for r in children if r.data.tags["wand.stage"] == "stage-1").info.run_id, "loss")]
     assert sorted(steps) == list(range(record["start"], record["end"]))  # no step twice after the kill
+
+    # 4. The cluster's token went nowhere: not into the run's files, MLflow, the job logs or Ray's logs.
+    token = read_token(ray_token)
+    leaks = token_leaks(token, tmp_path / "runs", mlflow, experiment.experiment_id,
+                        [client.get_job_logs(first), out.stdout, out.stderr], ray_session_dirs(ray_head.port))
+    assert leaks["files"] > 50 and leaks["mlflow"] > 20 and leaks["ray logs"] > 10, leaks  # it looked
+    assert leaks["found"] == [], leaks["found"]
 
 
 # ----------------------------------------------------------------------------- autoscaling
@@ -141,7 +148,8 @@ def alive_nodes(dashboard_url: str) -> int:
     """ALIVE nodes by Ray's state API (the dashboard lists the head a second or two after start)."""
     import urllib.request
 
-    with urllib.request.urlopen(f"{dashboard_url}/api/v0/nodes?detail=false&limit=100", timeout=10) as response:
+    request = urllib.request.Request(f"{dashboard_url}/api/v0/nodes?detail=false&limit=100", headers=ray_auth_headers())
+    with urllib.request.urlopen(request, timeout=10) as response:
         nodes = json.load(response)["data"]["result"]["result"]
     return sum(1 for node in nodes if node["state"] == "ALIVE")
 
@@ -154,7 +162,7 @@ def wait_nodes(dashboard_url: str, count: int, timeout: float) -> None:
 
 
 @pytest.mark.timeout(1200)
-def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp_path):
+def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp_path, ray_token):
     import boto3
     from ray.job_submission import JobSubmissionClient
 
@@ -167,7 +175,7 @@ def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp
     config_path = tmp_path / "autoscaling.json"
     config_path.write_text(json.dumps(autoscaling_config(port)))
     # The head has no CPUs: the precompute actors and the training workers only fit on worker nodes.
-    head = RayHead(num_cpus=0, port=port, env={**head_env(), **s3_server.env(), "RAY_FAKE_CLUSTER": "1",
+    head = RayHead(ray_token, num_cpus=0, port=port, env={**head_env(), **s3_server.env(), "RAY_FAKE_CLUSTER": "1",
                                                "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
                    extra_args=[f"--autoscaling-config={config_path}"])
     head.start(log_file=tmp_path / "head.log")

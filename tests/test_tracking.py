@@ -28,6 +28,17 @@ def test_redact_removes_secret_env_values_and_url_userinfo(monkeypatch):
     assert redact({"a": 1}) == "{'a': 1}"
 
 
+def test_redact_removes_the_ray_token_that_the_environment_points_at(monkeypatch, tmp_path):
+    from pipeline.services import read_token, write_token
+
+    token = read_token(write_token(tmp_path / "token"))
+    assert len(token) == 64 and (tmp_path / "token").stat().st_mode & 0o777 == 0o600
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert redact(f"logged {token} here") == "logged *** here"
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    assert redact(f"logged {token} here") == f"logged {token} here"  # nothing to read: nothing known
+
+
 def test_tracking_uri_with_credentials_is_refused(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     with pytest.raises(ValueError, match="tracking.uri: put MLflow credentials in"):
