@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo stop demo-generate teachers ablation test test-fast bench clean
+.PHONY: install demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -71,6 +71,21 @@ bench: install
 	$(PY) benchmarks/decode_latency.py
 	$(PY) benchmarks/kv_cache_table.py
 	$(PY) benchmarks/topk_precompute.py
+
+# Every GPU test (pytest -m cuda) and GPU benchmark, on one GPU, in under 8 minutes (needs only torch and
+# transformers). Writes benchmarks/results/*_cuda.json. Never part of `make test`: CI has no GPU.
+gpu-check:
+	PYTHON=$(PY) bash benchmarks/gpu_check.sh
+
+# Wheels of this venv's transformers (and the hub / tokenizer packages it needs) for a GPU box with an
+# older one (Python 3.12, x86_64); benchmarks/gpu_check.sh installs whatever is in .whl/.
+gpu-wheels: install
+	rm -rf .whl && mkdir -p .whl
+	for pkg in transformers huggingface-hub tokenizers safetensors; do \
+	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+	    -d .whl "$$pkg==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$pkg'))")" || exit 1; \
+	done
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

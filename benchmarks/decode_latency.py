@@ -5,7 +5,9 @@
     .venv/bin/python benchmarks/decode_latency.py --config indextts --device cuda --dtype bfloat16
 
 Random weights (shapes are what matter for latency and memory). Prints a table, writes
-benchmarks/results/decode_latency_<config>_<device>.{json,png}.
+benchmarks/results/decode_latency_<config>_<device>.{json,png}. Both modes run under
+wand.profiling.timing_conditions: on CUDA, SDPA pinned to flash / memory-efficient (the fair
+full-attention baseline: flash; WAND's dense mask: memory-efficient); on CPU, denormals flushed.
 Target: WAND latency ratio (step 3,000 / step 100) <= 1.05, full attention grows, WAND bytes flat.
 """
 
@@ -77,11 +79,13 @@ def main() -> None:
     # Warm-up (allocator, kernels) so step 100 is not inflated by first-call costs.
     profile_decode(model, prefix, window, 50)
     profile_decode(model, prefix, None, 50)
-    print(f"# {args.config} on {device_name(device)}, {dtype}, P={prefix}, W={window}, {args.steps} steps", flush=True)
     results = {}
     for name, w in (("full", None), ("wand", window)):
         prof = profile_decode(model, prefix, w, args.steps, record_bytes_at=points)
         results[name] = prof
+        if name == "full":
+            print(f"# {args.config} on {device_name(device)}, {dtype}, P={prefix}, W={window}, {args.steps} steps, "
+                  f"attention: {prof.attention}", flush=True)
         print(f"  {name}: done ({sum(prof.step_seconds):.1f} s)", flush=True)
 
     rows = []
@@ -107,7 +111,8 @@ def main() -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = f"decode_latency_{args.config}_{device.type}"
     summary = {
-        "config": args.config, "device": device_name(device), "dtype": str(dtype), "prefix": prefix,
+        "config": args.config, "device": device_name(device), "dtype": str(dtype), "attention": results["full"].attention,
+        "prefix": prefix,
         "window": window, "steps": args.steps, "median_half_width": args.half, "rows": rows, "ratio_late_over_early": ratio,
         "ratio_steps": [late, first],
     }

@@ -1,19 +1,23 @@
-"""Training step time, WAND mask vs full attention, at sequence lengths 512 / 1,024 / 2,048.
+"""Training step time (forward + chunked CE/KD loss + backward + AdamW): full causal attention vs WAND.
 
-    .venv/bin/python benchmarks/train_step.py                    # CPU: SDPA with the dense mask
-    .venv/bin/python benchmarks/train_step.py --device cuda      # GPU: FlexAttention block masks
+    .venv/bin/python benchmarks/train_step.py                    # CPU: small shape, SDPA dense mask
+    .venv/bin/python benchmarks/train_step.py --device cuda      # GPU: Qwen2.5-0.5B shape, bf16, Flex
 
-Fixed small config (Qwen2, hidden 256, 4 layers, 8 heads, 2 KV heads, speech head 6,564), batch 1,
-prefix 128, W 32: forward + chunked CE/KD loss + backward + AdamW step, median of --repeats.
-On CPU the dense mask changes which scores count, not how many are computed, so no speedup is
-expected there; FlexAttention skips the blocks outside prefix + window (goal <= 0.8x at 2,048).
-Writes benchmarks/results/train_step_<device>.json.
+The baseline is what a user trains full attention with: the model's own SDPA forward (causal, no
+mask), on CUDA pinned to the flash / memory-efficient kernels (wand.profiling.timing_conditions).
+WAND runs FlexAttention on CUDA (its BlockMask skips the blocks outside prefix + window; one compile
+per 128-token length bucket) and the dense-mask SDPA on CPU, where a mask changes which scores
+count, not how many are computed, so no speed-up is expected there. Tokens per step are equal at
+every length (batch = --tokens / length). Prefix 182 (CosyVoice 2's), W 32. Median of --repeats
+after one warm-up step (compilation). Targets (CUDA): WAND / full <= 0.9 at T = 2,048, <= 0.6 at
+8,192. Writes benchmarks/results/train_step_<device>.json.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import statistics
 import sys
 import time
@@ -26,24 +30,40 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import wand  # noqa: E402
 from wand.losses import wand_loss  # noqa: E402
+from wand.profiling import timing_conditions  # noqa: E402
 from wand.topk import sparse_teacher_targets  # noqa: E402
 
+VOCAB = 6564  # CosyVoice 2's speech head
+SHAPES = {
+    "small": dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                  num_key_value_heads=2),
+    "0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, rope_theta=1e6),  # Qwen2.5-0.5B (CosyVoice 2, Spark)
+}
 
-def step_time(model, optimizer, length, window, prefix, device, repeats):
-    ids = torch.randint(0, 6564, (1, length), device=device)
+
+def step_time(model, optimizer, batch, length, window, prefix, device, repeats) -> float:
+    """Median seconds of one training step; ``window=None`` is the model's own causal forward."""
+    gen = torch.Generator().manual_seed(length)
+    ids = torch.randint(0, VOCAB, (batch, length), generator=gen).to(device)
     positions = torch.arange(prefix - 1, length - 1, device=device)
     with torch.no_grad():
-        teacher = torch.randn(positions.numel(), 6564, device=device)
-    values, index, rest = sparse_teacher_targets(teacher, torch.arange(6564, device=device), 16)
+        teacher = torch.randn(batch * positions.numel(), VOCAB, generator=gen).to(device)
+    values, index, rest = sparse_teacher_targets(teacher, torch.arange(VOCAB, device=device), 16)
+    del teacher
     times = []
     for _ in range(repeats + 1):
         if device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        out = model(input_ids=ids, prefix_lengths=torch.tensor([prefix], device=device), window=window,
-                    output_hidden_states=True, logits_to_keep=1)
-        hidden = out.hidden_states[-1][0, positions]
-        loss = wand_loss(hidden, model.lm_head, ids[0, positions + 1], values, index, rest).loss
+        if window is None:
+            out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
+        else:
+            out = model(input_ids=ids, prefix_lengths=torch.full((batch,), prefix, device=device), window=window,
+                        output_hidden_states=True, logits_to_keep=1)
+        hidden = out.hidden_states[-1][:, positions].reshape(-1, out.hidden_states[-1].shape[-1])
+        targets = ids[:, positions + 1].reshape(-1)
+        loss = wand_loss(hidden, model.lm_head, targets, values, index, rest).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -56,28 +76,50 @@ def step_time(model, optimizer, length, window, prefix, device, repeats):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--lengths", default="512,1024,2048")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 0.5b on CUDA, small on CPU")
+    parser.add_argument("--lengths", default=None, help="default: 2048,8192 on CUDA, 512,1024,2048 on CPU")
+    parser.add_argument("--tokens", type=int, default=None, help="tokens per step (default: the longest length)")
+    parser.add_argument("--window", type=int, default=32)
+    parser.add_argument("--prefix", type=int, default=182)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    shape = args.shape or ("0.5b" if cuda else "small")
+    lengths = [int(x) for x in (args.lengths or ("2048,8192" if cuda else "512,1024,2048")).split(",")]
+    tokens = args.tokens or max(lengths)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    backend = "flex" if cuda else "sdpa"
+
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=6564, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
-    model = Qwen2ForCausalLM(config).to(device)
-    backend = "flex" if device.type == "cuda" else "sdpa"
-    wand.enable_wand(model, 32, backend=backend)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=max(lengths), **SHAPES[shape])
+    full_model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
+    full_model.set_attn_implementation("sdpa")
+    wand_model = wand.enable_wand(Qwen2ForCausalLM(config).to(device=device, dtype=dtype), args.window, backend=backend)
+    wand_model.load_state_dict(full_model.state_dict())
     rows = []
-    print(f"| length | full ms | WAND ms | WAND / full |  ({device.type}, {backend})")
-    print("|---:|---:|---:|---:|")
-    for length in (int(x) for x in args.lengths.split(",")):
-        full = step_time(model, optimizer, length, None, 128, device, args.repeats)
-        windowed = step_time(model, optimizer, length, 32, 128, device, args.repeats)
-        rows.append({"length": length, "full_s": full, "wand_s": windowed, "ratio": windowed / full})
-        print(f"| {length} | {1e3 * full:.0f} | {1e3 * windowed:.0f} | {windowed / full:.2f} |", flush=True)
+    with timing_conditions(device) as attention:
+        name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+        print(f"# {shape} shape, {dtype}, on {name}; full: model SDPA causal ({attention}); WAND: {backend}, "
+              f"P={args.prefix}, W={args.window}; {tokens} tokens per step")
+        print("| length | batch | full ms | WAND ms | WAND / full |")
+        print("|---:|---:|---:|---:|---:|")
+        for length in lengths:
+            batch = max(1, tokens // length)
+            results = {}
+            for key, model, window in (("full", full_model, None), ("wand", wand_model, args.window)):
+                optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+                results[key] = step_time(model, optimizer, batch, length, window, args.prefix, device, args.repeats)
+                del optimizer
+            ratio = results["wand"] / results["full"]
+            rows.append({"length": length, "batch": batch, "full_s": results["full"], "wand_s": results["wand"],
+                         "ratio": ratio})
+            print(f"| {length} | {batch} | {1e3 * results['full']:.0f} | {1e3 * results['wand']:.0f} | {ratio:.2f} |",
+                  flush=True)
     out = ROOT / "benchmarks" / "results" / f"train_step_{device.type}.json"
-    out.write_text(json.dumps({"device": torch.cuda.get_device_name() if device.type == "cuda" else "CPU (2 cores)",
-                               "backend": backend, "rows": rows}, indent=2))
+    out.write_text(json.dumps({"device": name, "shape": shape, "dtype": str(dtype), "full_attention": attention,
+                               "wand_backend": backend, "prefix": args.prefix, "window": args.window,
+                               "tokens_per_step": tokens, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

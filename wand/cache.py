@@ -18,7 +18,7 @@ layout the attention will see, so the mask matches the keys that ``update`` retu
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import functools
 
 import torch
 from transformers.cache_utils import Cache
@@ -28,15 +28,21 @@ from .masks import validate_prefix_lengths, validate_window
 __all__ = ["WandCache"]
 
 
-@dataclass
 class _StepPlan:
-    """Where the columns of one forward go; shared by every layer of that forward."""
+    """Where the columns of one forward go; shared by every layer of that forward.
 
-    prefix_columns: torch.Tensor  # LongTensor[n_prefix]: chunk columns appended to the prefix store
-    ring_columns: torch.Tensor  # LongTensor[n_ring]: chunk columns written to the ring (last <= W)
-    ring_slots: torch.Tensor  # LongTensor[n_ring]: their ring slots
-    decode: bool  # True: write first, then return [prefix | ring] (one generated column)
-    layers_done: int = 0
+    A decode step (one generated column, every prefix already cached) is planned with host integers
+    only: ``ring_slot`` is a Python int, so the per-step path never waits for the device.
+    """
+
+    __slots__ = ("decode", "ring_slot", "prefix_columns", "ring_columns", "ring_slots")
+
+    def __init__(self, decode: bool, ring_slot: int = 0, prefix_columns=None, ring_columns=None, ring_slots=None):
+        self.decode = decode
+        self.ring_slot = ring_slot  # decode: the ring slot (0..W-1) of the one column
+        self.prefix_columns = prefix_columns  # chunk: LongTensor, columns appended to the prefix store
+        self.ring_columns = ring_columns  # chunk: LongTensor, columns written to the ring (the last <= W)
+        self.ring_slots = ring_slots  # chunk: LongTensor, their ring slots (0..W-1)
 
 
 class _WandLayer:
@@ -65,10 +71,10 @@ class _WandLayer:
         self.is_initialized = True
 
     def update(self, keys: torch.Tensor, values: torch.Tensor, plan: _StepPlan):
-        ring_slots = plan.ring_slots + self.num_prefix
         if plan.decode:
-            self.keys[:, :, ring_slots] = keys
-            self.values[:, :, ring_slots] = values
+            slot = self.num_prefix + plan.ring_slot  # a host int: an in-place copy, no sync
+            self.keys[:, :, slot] = keys[:, :, 0]
+            self.values[:, :, slot] = values[:, :, 0]
             return self.keys, self.values
         # Several columns (prefill, or a chunk): this step's queries need all of this step's keys,
         # so return them whole and only then keep what the cache must keep.
@@ -80,10 +86,10 @@ class _WandLayer:
             self.keys = torch.cat([self.keys[:, :, :n], keys[:, :, cols], self.keys[:, :, n:]], dim=-2)
             self.values = torch.cat([self.values[:, :, :n], values[:, :, cols], self.values[:, :, n:]], dim=-2)
             self.num_prefix += cols.numel()
-            ring_slots = plan.ring_slots + self.num_prefix
         if plan.ring_columns.numel():
-            self.keys[:, :, ring_slots] = keys[:, :, plan.ring_columns]
-            self.values[:, :, ring_slots] = values[:, :, plan.ring_columns]
+            slots = plan.ring_slots + self.num_prefix
+            self.keys[:, :, slots] = keys[:, :, plan.ring_columns]
+            self.values[:, :, slots] = values[:, :, plan.ring_columns]
         return out_keys, out_values
 
     def nbytes(self) -> int:
@@ -102,6 +108,11 @@ class WandCache(Cache):
     Use it as ``past_key_values`` (or ``cache``) of a model patched with ``wand.enable_wand``,
     in a plain forward loop or in ``model.generate``. Batched prompts must be left-padded (as
     for any transformers ``generate``), with the usual 2-D ``attention_mask``.
+
+    Device: the cache follows its inputs. Its bookkeeping moves to the device of the first forward
+    (prefix lengths given on the CPU are fine with CUDA inputs), and the K/V buffers are made on
+    the device of the keys. A decode step reads nothing back from the device (see ``_StepPlan``);
+    a prefill reads the column layout back once.
     """
 
     is_compileable = False
@@ -112,71 +123,104 @@ class WandCache(Cache):
             raise ValueError("window must be an int >= 1 for a WandCache (full attention uses DynamicCache)")
         self.window = window
         self.prefix_lengths = validate_prefix_lengths(prefix_lengths)
+        self._prefix_host = self.prefix_lengths.tolist()  # read once: later checks compare on the host
+        self._checked: object = prefix_lengths  # the object last found equal (a per-step check costs nothing)
         batch = self.prefix_lengths.shape[0]
+        device = self.prefix_lengths.device
         self._columns_seen = 0
         self._ring_columns_written = 0
-        self._next_position = torch.zeros(batch, dtype=torch.long)
-        self.prefix_positions = torch.zeros(batch, 0, dtype=torch.long)
-        self.prefix_valid = torch.zeros(batch, 0, dtype=torch.bool)
-        self.ring_positions = torch.zeros(batch, window, dtype=torch.long)
-        self.ring_valid = torch.zeros(batch, window, dtype=torch.bool)
+        self._prefix_complete = False  # host flag: every sample is past its prefix (decode = ring only)
+        self.num_prefix = 0
+        self._next_position = torch.zeros(batch, dtype=torch.long, device=device)
+        # Position and validity of every slot, in the K/V buffers' order: [prefix slots | W ring slots].
+        self.key_positions = torch.zeros(batch, window, dtype=torch.long, device=device)
+        self.key_valid = torch.zeros(batch, window, dtype=torch.bool, device=device)
         self._plan: _StepPlan | None = None
 
+    @property
+    def prefix_positions(self) -> torch.Tensor:
+        return self.key_positions[:, : self.num_prefix]
+
+    @property
+    def ring_positions(self) -> torch.Tensor:
+        return self.key_positions[:, self.num_prefix :]
+
     # ------------------------------------------------------------------ planning (once per forward)
-    def plan(self, query_valid: torch.Tensor, prefix_lengths: torch.Tensor | None = None):
+    def plan(self, query_valid: torch.Tensor, prefix_lengths: torch.Tensor | list[int] | None = None):
         """Place the next forward's columns; return (query_positions, key_positions, key_valid).
 
         ``query_valid`` is BoolTensor[B, T] (False for left padding in the first chunk).
         The returned key layout is exactly the order of the keys ``update`` will return.
         """
         batch, length = query_valid.shape
-        device = query_valid.device
-        if batch != self.prefix_lengths.shape[0]:
+        if batch != len(self._prefix_host):
             raise ValueError(
-                f"the batch has {batch} samples but this WandCache was built for {self.prefix_lengths.shape[0]}"
+                f"the batch has {batch} samples but this WandCache was built for {len(self._prefix_host)}"
             )
-        if prefix_lengths is not None and not torch.equal(prefix_lengths.cpu(), self.prefix_lengths):
-            raise ValueError("prefix_lengths differ from the ones this WandCache was built with")
-        self._move_state(device)
-
+        if prefix_lengths is not None and prefix_lengths is not self._checked:
+            given = prefix_lengths.tolist() if isinstance(prefix_lengths, torch.Tensor) else list(prefix_lengths)
+            if given != self._prefix_host:
+                raise ValueError(
+                    f"prefix_lengths {given} differ from the ones this WandCache was built with {self._prefix_host}"
+                )
+            self._checked = prefix_lengths
+        self._move_state(query_valid.device)
         query_valid = query_valid.bool()
+        if length == 1 and self._prefix_complete:
+            return self._plan_decode(query_valid)
+        return self._plan_chunk(query_valid)
+
+    def _plan_decode(self, query_valid: torch.Tensor):
+        """One generated column: it goes to ring slot (columns written so far) mod W. Host ints only."""
+        ring_slot = self._ring_columns_written % self.window
+        valid = query_valid[:, 0]
+        positions = (self._next_position + valid.long() - 1).clamp(min=0)
+        slot = self.num_prefix + ring_slot
+        self.key_positions[:, slot] = positions
+        self.key_valid[:, slot] = valid
+        self._plan = _StepPlan(decode=True, ring_slot=ring_slot)
+        self._columns_seen += 1
+        self._ring_columns_written += 1
+        self._next_position.add_(valid.long())
+        return positions.view(-1, 1), self.key_positions, self.key_valid
+
+    def _plan_chunk(self, query_valid: torch.Tensor):
+        """Several columns (a prefill, or a chunk of one): reads the column layout back once."""
+        device = query_valid.device
         positions = (torch.cumsum(query_valid.long(), -1) - 1 + self._next_position.view(-1, 1)).clamp(min=0)
         prefix_of = query_valid & (positions < self.prefix_lengths.view(-1, 1))
-        is_prefix_column = prefix_of.any(0)
-        prefix_columns = torch.nonzero(is_prefix_column).flatten()
-        ring_columns = torch.nonzero(~is_prefix_column).flatten()[-self.window :]
-        n_ring_total = int((~is_prefix_column).sum())
+        is_prefix = prefix_of.any(0).tolist()
+        prefix_cols = [c for c, p in enumerate(is_prefix) if p]
+        ring_all = [c for c, p in enumerate(is_prefix) if not p]
+        ring_cols = ring_all[-self.window :] if ring_all else []
         # Slots continue round-robin; columns dropped from the front of a long chunk still count.
-        first = self._ring_columns_written + n_ring_total - ring_columns.numel()
-        ring_slots = (torch.arange(ring_columns.numel(), device=device) + first) % self.window
-        decode = length == 1 and ring_columns.numel() == 1
+        first = self._ring_columns_written + len(ring_all) - len(ring_cols)
+        as_tensor = functools.partial(torch.tensor, dtype=torch.long, device=device)
+        plan = _StepPlan(decode=False, prefix_columns=as_tensor(prefix_cols), ring_columns=as_tensor(ring_cols),
+                         ring_slots=as_tensor([(first + i) % self.window for i in range(len(ring_cols))]))
 
-        if decode:
-            self._write_ring_meta(ring_slots, positions[:, ring_columns], query_valid[:, ring_columns])
-            key_positions = torch.cat([self.prefix_positions, self.ring_positions], -1)
-            key_valid = torch.cat([self.prefix_valid, self.ring_valid], -1)
-        else:
-            key_positions = torch.cat([self.prefix_positions, self.ring_positions, positions], -1)
-            key_valid = torch.cat([self.prefix_valid, self.ring_valid, query_valid], -1)
-            self.prefix_positions = torch.cat([self.prefix_positions, positions[:, prefix_columns]], -1)
-            self.prefix_valid = torch.cat([self.prefix_valid, query_valid[:, prefix_columns]], -1)
-            self._write_ring_meta(ring_slots, positions[:, ring_columns], query_valid[:, ring_columns])
+        key_positions = torch.cat([self.key_positions, positions], -1)
+        key_valid = torch.cat([self.key_valid, query_valid], -1)
+        if prefix_cols:
+            n, cols = self.num_prefix, plan.prefix_columns
+            self.key_positions = torch.cat([self.key_positions[:, :n], positions[:, cols], self.key_positions[:, n:]], -1)
+            self.key_valid = torch.cat([self.key_valid[:, :n], query_valid[:, cols], self.key_valid[:, n:]], -1)
+            self.num_prefix += len(prefix_cols)
+        if ring_cols:
+            slots = plan.ring_slots + self.num_prefix
+            self.key_positions[:, slots] = positions[:, plan.ring_columns]
+            self.key_valid[:, slots] = query_valid[:, plan.ring_columns]
 
-        self._plan = _StepPlan(prefix_columns, ring_columns, ring_slots, decode)
-        self._columns_seen += length
-        self._ring_columns_written += n_ring_total
+        self._plan = plan
+        self._columns_seen += query_valid.shape[1]
+        self._ring_columns_written += len(ring_all)
         self._next_position = self._next_position + query_valid.long().sum(-1)
+        self._prefix_complete = bool((self._next_position >= self.prefix_lengths).all())
         return positions, key_positions, key_valid
 
-    def _write_ring_meta(self, slots, positions, valid):
-        if slots.numel():
-            self.ring_positions[:, slots] = positions
-            self.ring_valid[:, slots] = valid
-
-    def _move_state(self, device):
-        if self.prefix_positions.device != device:
-            for name in ("prefix_lengths", "_next_position", "prefix_positions", "prefix_valid",
-                         "ring_positions", "ring_valid"):
+    def _move_state(self, device: torch.device) -> None:
+        if self.key_positions.device != device:
+            for name in ("prefix_lengths", "_next_position", "key_positions", "key_valid"):
                 setattr(self, name, getattr(self, name).to(device))
 
     # ------------------------------------------------------------------ transformers Cache API
@@ -191,7 +235,6 @@ class WandCache(Cache):
         layer = self.layers[layer_idx]
         if not layer.is_initialized:
             layer.lazy_initialization(key_states, self.window)
-        self._plan.layers_done += 1
         return layer.update(key_states, value_states, self._plan)
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -199,7 +242,7 @@ class WandCache(Cache):
         return self._columns_seen
 
     def get_mask_sizes(self, query_length: int, layer_idx: int = 0) -> tuple[int, int]:
-        return self.prefix_positions.shape[1] + self.window + query_length, 0
+        return self.num_prefix + self.window + query_length, 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return -1
@@ -212,7 +255,7 @@ class WandCache(Cache):
 
     @property
     def batch_size(self) -> int:
-        return int(self.prefix_lengths.shape[0])
+        return len(self._prefix_host)
 
     # ------------------------------------------------------------------ memory
     def nbytes(self) -> int:
@@ -222,4 +265,4 @@ class WandCache(Cache):
     @property
     def num_slots(self) -> int:
         """Slots per layer: prefix columns + W."""
-        return int(self.prefix_positions.shape[1]) + self.window
+        return self.num_prefix + self.window

@@ -195,9 +195,14 @@ def wand_additive_mask(
 # --------------------------------------------------------------------------- FlexAttention
 # These build closures over per-sample tensors; FlexAttention calls them with scalar index
 # tensors (b, h, q_idx, kv_idx), so they must use only tensor ops (no Python branching on values).
+# The window (and tau) are closed over as 0-d tensors, never as Python numbers: torch.compile guards
+# on the value of a captured Python int and would recompile FlexAttention for every W of the
+# curriculum, while a captured tensor is guarded only by its dtype, shape and device.
 
 
 def _flex_parts(prefix_lengths: torch.Tensor, window: int | None, query_offset: int = 0):
+    window_t = None if window is None else torch.tensor(window, dtype=torch.long, device=prefix_lengths.device)
+
     def causal(b, h, q_idx, kv_idx):
         return kv_idx <= q_idx + query_offset
 
@@ -205,7 +210,7 @@ def _flex_parts(prefix_lengths: torch.Tensor, window: int | None, query_offset: 
         return kv_idx < prefix_lengths[b]
 
     def in_window(b, h, q_idx, kv_idx):
-        return (q_idx + query_offset - kv_idx) < window
+        return (q_idx + query_offset - kv_idx) < window_t
 
     return causal, in_prefix, in_window
 
@@ -236,11 +241,12 @@ def wand_score_mod(prefix_lengths: torch.Tensor, window: int | None, tau: float 
     window = validate_window(window)
     prefix_lengths = validate_prefix_lengths(prefix_lengths)
     tau_t = torch.as_tensor(tau, dtype=torch.float32, device=prefix_lengths.device)
+    if window is None:
+        return lambda score, b, h, q_idx, kv_idx: score
+    window_t = torch.tensor(window, dtype=torch.long, device=prefix_lengths.device)
 
     def score_mod(score, b, h, q_idx, kv_idx):
-        if window is None:
-            return score
-        outside = (kv_idx >= prefix_lengths[b]) & ((q_idx - kv_idx) >= window)
+        outside = (kv_idx >= prefix_lengths[b]) & ((q_idx - kv_idx) >= window_t)
         return score - tau_t * outside.to(score.dtype)
 
     return score_mod

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import types
 from typing import Any
 
@@ -118,7 +119,7 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
                 "a WAND-enabled model needs prefix_lengths= (LongTensor[batch], length of each sample's "
                 "conditioning prefix), or a WandCache as past_key_values"
             )
-        mask, position_ids = build_wand_inputs(self, kwargs, cache, prefix_lengths, window, tau)
+        mask, position_ids, prefix_lengths = build_wand_inputs(self, kwargs, cache, prefix_lengths, window, tau)
         kwargs["attention_mask"] = mask
         if accepts_position_ids and kwargs.get("position_ids") is None:
             kwargs["position_ids"] = position_ids
@@ -174,21 +175,25 @@ def build_wand_inputs(
     window: int | None,
     tau: float | torch.Tensor | None,
 ):
-    """Return (attention_mask for the model, query position_ids [B, T])."""
+    """Return (attention_mask for the model, query position_ids [B, T], prefix_lengths on the device).
+
+    With a WandCache, a decode step reads nothing back from the device: the cache checked its
+    prefix lengths once and holds them on the device, and plans the step with host integers."""
     batch, length, device = _input_shape(kwargs)
     padding = kwargs.get("attention_mask")
     if padding is not None and padding.dim() != 2:
         raise ValueError(
             "a WAND-enabled model builds its own 4-D mask; pass the usual 2-D attention_mask (1 = token, 0 = padding)"
         )
-    prefix_lengths = validate_prefix_lengths(prefix_lengths, batch_size=batch).to(device)
 
     if isinstance(cache, WandCache):
         q_valid = torch.ones(batch, length, dtype=torch.bool, device=device)
         if padding is not None:
             q_valid = padding[:, -length:].bool().to(device)
         query_positions, key_positions, key_valid = cache.plan(q_valid, prefix_lengths)
+        prefix_lengths = cache.prefix_lengths
     else:
+        prefix_lengths = validate_prefix_lengths(prefix_lengths, batch_size=batch).to(device)
         past = cache.get_seq_length() if cache is not None else 0
         if padding is not None:
             if padding.shape[1] != past + length:
@@ -209,7 +214,7 @@ def build_wand_inputs(
     else:
         visible, outside = visibility(query_positions, key_positions, prefix_lengths, window, key_valid)
         mask = additive_mask(visible, outside, _model_dtype(model), tau)
-    return mask, query_positions
+    return mask, query_positions, prefix_lengths
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -227,12 +232,15 @@ def _flex_mask(model, cache, prefix_lengths, length, window, tau, key_valid, dev
         if bool((key_valid[:, :-1] < key_valid[:, 1:]).any()):
             raise ValueError("FlexAttention training batches must be right-padded")
     hard_window = window if tau is None else None
+    # The mask covers the length rounded up to a whole block (the attention pads q/k/v to it): a
+    # compiled kernel then sees one shape per bucket, not one per batch length.
+    padded = flex_bucket(length)
     block_mask = create_block_mask(
         wand_mask_mod(prefix_lengths, hard_window),
         B=prefix_lengths.shape[0],
         H=None,
-        Q_LEN=length,
-        KV_LEN=length,
+        Q_LEN=padded,
+        KV_LEN=padded,
         device=device,
     )
     # GPT-2's forward reads attention_mask.ndim before masking_utils sees it; a BlockMask has
@@ -249,21 +257,39 @@ def wand_flex_attention_forward(module, query, key, value, attention_mask, scali
     from torch.nn.attention.flex_attention import flex_attention
 
     score_mod = getattr(attention_mask, "wand_score_mod", None)
-    if key.shape[1] != query.shape[1]:  # grouped-query attention: expand KV heads
-        groups = query.shape[1] // key.shape[1]
-        key = key.repeat_interleave(groups, dim=1)
-        value = value.repeat_interleave(groups, dim=1)
-    kernel = flex_attention
-    if query.device.type == "cuda":
-        kernel = _compiled_flex_attention()
-    out = kernel(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling)
-    return out.transpose(1, 2).contiguous(), None
+    length = query.shape[2]
+    padded = attention_mask.seq_lengths[0]
+    if padded != length:  # to the mask's bucket; the padded keys come after every real query (causal)
+        query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+    kernel = _compiled_flex_attention() if _compile_flex(query.device) else flex_attention
+    out = kernel(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling,
+                 enable_gqa=key.shape[1] != query.shape[1])  # grouped-query KV heads, not expanded
+    return out[:, :, :length].transpose(1, 2).contiguous(), None
+
+
+FLEX_BLOCK = 128  # FlexAttention's block size: sequence lengths are padded to a multiple of it
+
+
+def flex_bucket(length: int) -> int:
+    """The padded length FlexAttention runs at: one compiled kernel per bucket of 128 positions."""
+    return -(-length // FLEX_BLOCK) * FLEX_BLOCK
+
+
+def _compile_flex(device: torch.device) -> bool:
+    """Compiled FlexAttention on CUDA (the fused kernel); eager elsewhere, unless WAND_FLEX_COMPILE=1
+    (CPU tests of the compiled path) or 0 (debugging)."""
+    setting = os.environ.get("WAND_FLEX_COMPILE", "auto")
+    if setting not in ("auto", "0", "1"):
+        raise ValueError(f"WAND_FLEX_COMPILE must be auto, 0 or 1, got {setting!r}")
+    return setting == "1" or (setting == "auto" and device.type == "cuda")
 
 
 @functools.lru_cache(maxsize=1)
 def _compiled_flex_attention():
     from torch.nn.attention.flex_attention import flex_attention
 
+    # Static shapes: lengths are bucketed (flex_bucket) and W / tau reach the mods as tensors, so
+    # this compiles once per (bucket, batch size) for a whole curriculum.
     return torch.compile(flex_attention, dynamic=False)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import statistics
 import time
@@ -14,7 +15,7 @@ from .cache import WandCache
 from .generate import cache_kwarg_name
 from .patch import enable_wand
 
-__all__ = ["DecodeProfile", "profile_decode", "cache_nbytes", "bucket_stats"]
+__all__ = ["DecodeProfile", "profile_decode", "cache_nbytes", "bucket_stats", "timing_conditions"]
 
 
 def cache_nbytes(cache) -> int:
@@ -33,6 +34,7 @@ def cache_nbytes(cache) -> int:
 class DecodeProfile:
     window: int | None
     prefix_length: int
+    attention: str = ""  # the attention kernels it ran under (timing_conditions)
     step_seconds: list[float] = field(default_factory=list)  # step s = generating token s+1
     cache_bytes: dict[int, int] = field(default_factory=dict)  # step -> bytes after it
 
@@ -45,6 +47,34 @@ class DecodeProfile:
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+FAIR_SDPA_BACKENDS = "flash + memory-efficient (cuDNN and math excluded)"
+
+
+@contextlib.contextmanager
+def timing_conditions(device: torch.device):
+    """The conditions every timed decode runs under, full attention and WAND alike.
+
+    CUDA: SDPA pinned to the flash and memory-efficient kernels. Left to choose, PyTorch picked
+    cuDNN attention on an H100, which spent ~5.7 ms of CPU per call whenever the KV length changed
+    (a new plan per length): that times cuDNN's planner, not full attention. Full attention (causal,
+    no mask) runs flash; WAND's dense mask cannot, and runs memory-efficient attention.
+    CPU: denormal floats flushed to zero. Random-weight fp32 models drift into denormals, and a tiny
+    WAND step then took 200-320 ms instead of 3.4 ms: that times the FPU's slow path, not the model.
+    """
+    if device.type == "cuda":
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]):
+            yield FAIR_SDPA_BACKENDS
+        return
+    flushed = torch.set_flush_denormal(True)
+    try:
+        yield "sdpa (CPU), denormals flushed" if flushed else "sdpa (CPU)"
+    finally:
+        if flushed:
+            torch.set_flush_denormal(False)
 
 
 @torch.no_grad()
@@ -100,19 +130,20 @@ def profile_decode(
             return logits[:, -1:].argmax(-1) % (vocab_limit or logits.shape[-1])
         return ids[logits[:, -1:, ids].argmax(-1)]
 
-    out = forward(input_ids=prompt, use_cache=True, **kw, **(prefill_kwargs or {}))
-    token = pick(out.logits)
-    profile = DecodeProfile(window, prefix_length)
-    wanted = set(record_bytes_at)
-    for step in range(steps):
-        _sync(device)
-        start = time.perf_counter()
-        out = forward(input_ids=token, use_cache=True, **kw)
+    with timing_conditions(device) as attention:
+        out = forward(input_ids=prompt, use_cache=True, **kw, **(prefill_kwargs or {}))
         token = pick(out.logits)
-        _sync(device)
-        profile.step_seconds.append(time.perf_counter() - start)
-        if step + 1 in wanted:
-            profile.cache_bytes[step + 1] = cache_nbytes(cache)
+        profile = DecodeProfile(window, prefix_length, attention)
+        wanted = set(record_bytes_at)
+        for step in range(steps):
+            _sync(device)
+            start = time.perf_counter()
+            out = forward(input_ids=token, use_cache=True, **kw)
+            token = pick(out.logits)
+            _sync(device)
+            profile.step_seconds.append(time.perf_counter() - start)
+            if step + 1 in wanted:
+                profile.cache_bytes[step + 1] = cache_nbytes(cache)
     return profile
 
 

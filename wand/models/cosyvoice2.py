@@ -25,7 +25,7 @@ from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .spec import ModelSpec
+from .spec import ModelSpec, check_id_range
 from .weights import load_checked
 
 __all__ = ["CosyVoice2LM", "CosyVoice2Spec"]
@@ -68,8 +68,7 @@ class CosyVoice2LM(nn.Module):
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Embed unified ids: speech codes, sos / task id, or text."""
         text_vocab = self.llm.model.model.embed_tokens.num_embeddings
-        if bool(((input_ids < 0) | (input_ids >= self.text_offset + text_vocab)).any()):
-            raise ValueError(f"CosyVoice2LM: token ids must be in [0, {self.text_offset + text_vocab})")
+        check_id_range(input_ids, self.text_offset + text_vocab, "CosyVoice2LM")
         is_speech = (input_ids < self.num_speech_ids).unsqueeze(-1)
         is_special = ((input_ids >= self.sos_id) & (input_ids < self.text_offset)).unsqueeze(-1)
         speech = self.speech_embedding(input_ids.clamp(max=self.num_speech_ids - 1))

@@ -29,7 +29,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .spec import ModelSpec
+from .spec import ModelSpec, check_id_range
 from .weights import load_checked
 
 __all__ = ["IndexTTSGPT", "IndexTTSSpec"]
@@ -84,8 +84,7 @@ class IndexTTSGPT(nn.Module):
     def embed(self, input_ids, position_ids, prefix_lengths, conditioning_latents=None):
         """Token embedding + the segment's learned position; latent slots take the latents."""
         text_vocab = self.text_embedding.num_embeddings
-        if bool(((input_ids < 0) | (input_ids >= self.text_offset + text_vocab)).any()):
-            raise ValueError(f"IndexTTSGPT: token ids must be in [0, {self.text_offset + text_vocab})")
+        check_id_range(input_ids, self.text_offset + text_vocab, "IndexTTSGPT")
         is_mel = (input_ids < self.number_mel_codes).unsqueeze(-1)
         is_latent = input_ids == self.latent_id
         # Text starts right after the latents; mel codes at start_mel, the prefix's last token.
@@ -94,9 +93,13 @@ class IndexTTSGPT(nn.Module):
         mel = self.mel_embedding(input_ids.clamp(max=self.number_mel_codes - 1)) + self.mel_pos_embedding.emb(mel_pos)
         text = self.text_embedding((input_ids - self.text_offset).clamp(min=0)) + self.text_pos_embedding.emb(text_pos)
         emb = torch.where(is_mel, mel, text)
-        if bool(is_latent.any()):
+        no_latents = "IndexTTSGPT: the input has conditioning-latent slots; pass conditioning_latents=[B, 32, dim]"
+        if input_ids.shape[1] == 1 and input_ids.device.type == "cuda" and conditioning_latents is None:
+            # A decode step on a GPU: checked on the device, never read back (see check_id_range).
+            torch._assert_async(~is_latent.any(), no_latents)
+        elif bool(is_latent.any()):
             if conditioning_latents is None:
-                raise ValueError("IndexTTSGPT: the input has conditioning-latent slots; pass conditioning_latents=[B, 32, dim]")
+                raise ValueError(no_latents)
             slot = (torch.cumsum(is_latent.long(), -1) - 1).clamp(min=0)
             if int(slot.max()) >= conditioning_latents.shape[1]:
                 raise ValueError(f"IndexTTSGPT: more latent slots than the {conditioning_latents.shape[1]} latents given")

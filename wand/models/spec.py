@@ -21,7 +21,21 @@ import torch
 
 from ..kv import kv_bytes_per_token as _kv_bytes_per_token
 
-__all__ = ["ModelSpec"]
+__all__ = ["ModelSpec", "check_id_range"]
+
+
+def check_id_range(input_ids: torch.Tensor, upper: int, who: str) -> None:
+    """Raise ``ValueError`` if an id is outside [0, upper).
+
+    A one-token step on a GPU (a decode step, whose token came from the model's own head) is checked
+    on the device instead (``torch._assert_async``: a bad id fails at the next synchronisation), so
+    that decoding never waits for the GPU to answer a question about its input."""
+    bad = (input_ids < 0) | (input_ids >= upper)
+    message = f"{who}: token ids must be in [0, {upper})"
+    if input_ids.shape[-1] == 1 and input_ids.device.type == "cuda":
+        torch._assert_async(~bad.any(), message)
+    elif bool(bad.any()):
+        raise ValueError(message)
 
 
 @dataclass(frozen=True)

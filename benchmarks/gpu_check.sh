@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# One GPU check (`make gpu-check`): the cuda-marked tests and the GPU benchmarks, on one GPU, in about
+# 7 minutes. Needs only torch and transformers (a bare GPU box has no ray, mlflow or deepspeed):
+#
+#   make gpu-check                                  # here, with .venv and a CUDA build of torch
+#   PYTHON=python3 bash benchmarks/gpu_check.sh     # on a GPU box whose python3 has torch
+#
+# A box with an older transformers: `make gpu-wheels` here first (wheels of this venv's transformers
+# and its hub/tokenizer packages into .whl/, for that box's Python 3.12); the script installs them
+# into /tmp/site. Writes benchmarks/results/*_cuda.json and the test report gpu_check_tests_cuda.xml;
+# OUT=<folder> also copies them there.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+if [ -d .whl ] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_NO_ADVISORY_WARNINGS=1
+"$PY" - <<'PY'
+import sys, torch, transformers
+if not torch.cuda.is_available():
+    sys.exit("gpu-check needs a CUDA GPU: torch.cuda.is_available() is False")
+print(f"# {torch.cuda.get_device_name()}: torch {torch.__version__}, transformers {transformers.__version__}")
+PY
+results=benchmarks/results
+mkdir -p "$results"
+status=0
+# 1. Correctness on the GPU (about 2 min: FlexAttention compiles per length bucket).
+"$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -o addopts="" \
+  --junitxml="$results/gpu_check_tests_cuda.xml" || status=$?
+# 2. Decode per-step latency, CosyVoice 2 shape, batch 1, steps 100 .. 3,000 (about 3.5 min).
+timeout 300 "$PY" benchmarks/decode_latency.py --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-3000}" \
+  --points 100,500,1000,2000,3000 --half 25 || status=$?
+# 3. Training step, Qwen2.5-0.5B shape, T 2,048 and 8,192 at equal tokens: SDPA full vs WAND Flex (about 1 min).
+timeout 240 "$PY" benchmarks/train_step.py --device cuda --repeats 3 || status=$?
+if [ -n "${OUT:-}" ]; then cp "$results"/*_cuda.* "$OUT"/ 2>/dev/null || true; fi
+exit $status

@@ -1,0 +1,166 @@
+"""WAND on a GPU equals WAND on the CPU: forwards, greedy decoding (ours and transformers'), FlexAttention
+gradients, one compile per length bucket, and a decode step that never waits for the device.
+
+    make gpu-check                                   # these tests + the GPU benchmarks, on one GPU
+    .venv/bin/python -m pytest -m cuda tests/test_cuda.py
+
+Needs only torch and transformers (a bare GPU box has no ray, mlflow or deepspeed). Without a GPU
+every test here is reported as skipped ("no CUDA device"), never as passed.
+WAND_TEST_DEVICE=cpu runs the same code against the CPU reference (a dry run of this file, not a
+GPU check).
+"""
+
+import os
+
+import pytest
+import torch
+
+import wand
+from conftest import VOCAB, tiny_model
+from pipeline.random_corpus import make_row
+from wand.models import get_spec
+
+DEVICE = os.environ.get("WAND_TEST_DEVICE", "cuda")
+pytestmark = [
+    pytest.mark.cuda,
+    pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(), reason="no CUDA device"),
+]
+
+
+@pytest.fixture(autouse=True)
+def exact_fp32():
+    """Full fp32 matmuls on the GPU (no TF32), so the CPU reference is comparable at 1e-4."""
+    if not torch.cuda.is_available():
+        yield
+        return
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def on(device, *tensors):
+    return [t.to(device) for t in tensors]
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama", "gpt2"])
+@pytest.mark.parametrize("tau", [None, 0.9])
+def test_forward_on_device_equals_cpu(family, tau):
+    ids = torch.randint(0, VOCAB, (2, 40), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, 33:] = 0  # right padding in a training batch
+    prefix = torch.tensor([5, 12])
+    cpu = wand.enable_wand(tiny_model(family), 6)
+    dev = wand.enable_wand(tiny_model(family).to(DEVICE), 6)
+    with torch.no_grad():
+        expected = cpu(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, tau=tau).logits
+        got = dev(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), prefix_lengths=prefix.to(DEVICE),
+                  tau=tau).logits
+    torch.testing.assert_close(got.cpu()[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=0)
+
+
+def left_padded(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = row
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+def batch_of_three(name: str):
+    """(model factory, ids, mask, prefix, prefill kwargs): batch 3, left-padded, different prefixes."""
+    gen = torch.Generator().manual_seed(3)
+    if name in ("qwen2", "llama", "gpt2"):
+        rows = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (9, 4, 6)]
+        ids, mask = left_padded(rows, 0)
+        return (lambda: tiny_model(name)), ids, mask, torch.tensor([7, 4, 2]), {}
+    spec = get_spec(name, "tiny")
+    made = [make_row(spec, text, prompt, 0, seed=s) for s, (text, prompt) in enumerate([(5, 2), (2, 0), (3, 1)])]
+    ids, mask = left_padded([row for row, _ in made], spec.speech_range[0])
+    kwargs = {}
+    if spec.family == "indextts":
+        kwargs["conditioning_latents"] = torch.randn(3, spec.extra["num_latents"], spec.config["n_embd"], generator=gen)
+
+    def build():
+        torch.manual_seed(0)
+        return spec.build().eval()
+
+    return build, ids, mask, torch.tensor([p for _, p in made]), kwargs
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama", "gpt2", "cosyvoice2", "indextts"])
+def test_greedy_generate_on_device_equals_cpu(name):
+    build, ids, mask, prefix, kwargs = batch_of_three(name)
+    window, steps = 4, 30
+    expected = wand.generate(wand.enable_wand(build(), window), ids, prefix, window, steps, attention_mask=mask,
+                             prefill_kwargs=kwargs)
+    model = wand.enable_wand(build().to(DEVICE), window)
+    ids_d, mask_d = on(DEVICE, ids, mask)
+    kwargs_d = {k: v.to(DEVICE) for k, v in kwargs.items()}
+    # Prefix lengths on the device and on the host: the cache takes either.
+    for prefix_arg in (prefix.to(DEVICE), prefix):
+        got = wand.generate(model, ids_d, prefix_arg, window, steps, attention_mask=mask_d, prefill_kwargs=kwargs_d)
+        assert got.device.type == torch.device(DEVICE).type
+        assert torch.equal(got.cpu(), expected)
+
+
+def test_transformers_generate_with_a_wand_cache_on_device():
+    build, ids, mask, prefix, _ = batch_of_three("qwen2")
+    expected = wand.generate(wand.enable_wand(build(), 4), ids, prefix, 4, 20, attention_mask=mask)
+    model = wand.enable_wand(build().to(DEVICE), 4)
+    ids_d, mask_d = on(DEVICE, ids, mask)
+    got = model.generate(input_ids=ids_d, attention_mask=mask_d, cache=wand.WandCache(prefix, 4),
+                         max_new_tokens=20, do_sample=False, pad_token_id=0)
+    assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="sync detection needs CUDA")
+def test_a_decode_step_never_waits_for_the_device():
+    """torch.cuda.set_sync_debug_mode('error') raises on any host-device synchronisation: a decode
+    step (plan, mask, forward, cache write) must not make one."""
+    build, ids, mask, prefix, _ = batch_of_three("qwen2")
+    model = wand.enable_wand(build().to("cuda"), 4)
+    cache = wand.WandCache(prefix.cuda(), 4)
+    ids, mask = on("cuda", ids, mask)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)  # prefill may read back
+        token = out.logits[:, -1:].argmax(-1)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(12):  # past W: ring slots wrap
+                mask = torch.cat([mask, torch.ones_like(token)], -1)
+                out = model(input_ids=token, attention_mask=mask, cache=cache, use_cache=True)
+                token = out.logits[:, -1:].argmax(-1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="FlexAttention has no CPU backward")
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("tau", [None, 1.5])
+def test_flex_gradients_equal_dense_mask_gradients(family, tau):
+    """Training fwd+bwd: FlexAttention (compiled on CUDA, GQA through enable_gqa, length padded to
+    its bucket) gives the dense-mask SDPA gradients."""
+    ids = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(2)).to(DEVICE)
+    prefix = torch.tensor([20, 37], device=DEVICE)
+    grads = {}
+    for backend in ("sdpa", "flex"):
+        model = wand.enable_wand(tiny_model(family).to(DEVICE).train(), 16, backend=backend)
+        loss = model(input_ids=ids, prefix_lengths=prefix, tau=tau).logits.float().square().mean()
+        loss.backward()
+        grads[backend] = {n: p.grad.detach().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads["flex"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) > 10
+    for name, grad in grads["sdpa"].items():
+        torch.testing.assert_close(grads["flex"][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_compiled_flex_compiles_once_per_bucket_on_device(family, monkeypatch):
+    from test_flex_compile import run_curriculum
+
+    monkeypatch.setenv("WAND_FLEX_COMPILE", "1")
+    result = run_curriculum(family, DEVICE)
+    assert result["per_bucket"] == {128: 2, 256: 2, 384: 2}, result["per_bucket"]

@@ -1,0 +1,62 @@
+"""Compiled FlexAttention compiles once per length bucket for a whole curriculum (W 128 -> 32, tau
+changing), not once per W or per batch length; and the padded, compiled path equals the dense mask.
+
+Runs the compiled path on the CPU (inductor's C++ backend; WAND_FLEX_COMPILE=1) so CI checks it;
+the same test runs on CUDA in `make gpu-check` (tests/test_cuda.py)."""
+
+import pytest
+import torch
+
+import wand
+from conftest import VOCAB, tiny_model
+from wand.patch import flex_bucket
+
+
+def compiles() -> int:
+    import torch._dynamo.utils as dynamo_utils
+
+    return dynamo_utils.counters["stats"]["unique_graphs"]
+
+
+def run_curriculum(family: str, device: str) -> dict:
+    """Forwards over three lengths (two in one bucket) and a shrinking window at each; returns the
+    number of new compiled graphs per bucket, and the compiled logits of one (L, W) for a check."""
+    torch._dynamo.reset()
+    import torch._dynamo.utils as dynamo_utils
+
+    dynamo_utils.counters.clear()
+    model = wand.enable_wand(tiny_model(family, "sdpa").to(device), 128, backend="flex")
+    per_bucket: dict[int, int] = {}
+    prefix = torch.tensor([20, 37], device=device)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for length in (100, 120, 180, 300):
+            ids = torch.randint(0, VOCAB, (2, length), generator=gen).to(device)
+            before = compiles()
+            for window in range(128, 31, -16):  # the hard curriculum: a new W every step
+                model(input_ids=ids, prefix_lengths=prefix, window=window)
+            for tau in (0.5, 2.0, 8.0):  # the soft form: a new tau every step
+                model(input_ids=ids, prefix_lengths=prefix, window=32, tau=tau)
+            bucket = flex_bucket(length)
+            per_bucket[bucket] = per_bucket.get(bucket, 0) + compiles() - before
+        checked = model(input_ids=ids, prefix_lengths=prefix, window=48).logits
+    return {"per_bucket": per_bucket, "ids": ids, "prefix": prefix, "logits": checked}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+def test_compiled_flex_compiles_once_per_bucket_over_a_curriculum(family, monkeypatch):
+    monkeypatch.setenv("WAND_FLEX_COMPILE", "1")
+    result = run_curriculum(family, "cpu")
+    # 100 and 120 share the 128 bucket; 180 -> 256; 300 -> 384. Per bucket: one graph for the hard
+    # mask (every W) and one for the soft form (every tau), never one per W, tau or length.
+    assert result["per_bucket"] == {128: 2, 256: 2, 384: 2}, result["per_bucket"]
+    with torch.no_grad():
+        dense = wand.enable_wand(tiny_model(family, "sdpa"), 48)(
+            input_ids=result["ids"], prefix_lengths=result["prefix"]).logits
+    torch.testing.assert_close(result["logits"], dense, atol=1e-4, rtol=0)
+
+
+def test_flex_bucket():
+    assert [flex_bucket(n) for n in (1, 127, 128, 129, 300)] == [128, 128, 128, 256, 384]
