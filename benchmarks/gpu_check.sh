@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One GPU check (`make gpu-check`): the cuda-marked tests and the GPU benchmarks, on one GPU, in about
-# 7 minutes. Needs only torch and transformers (a bare GPU box has no ray, mlflow or deepspeed):
+# 8 minutes. Needs only torch and transformers (a bare GPU box has no ray, mlflow or deepspeed):
 #
 #   make gpu-check                                  # here, with .venv and a CUDA build of torch
 #   PYTHON=python3 bash benchmarks/gpu_check.sh     # on a GPU box whose python3 has torch
@@ -27,13 +27,19 @@ PY
 results=benchmarks/results
 mkdir -p "$results"
 status=0
-# 1. Correctness on the GPU (about 2 min: FlexAttention compiles per length bucket).
-"$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -o addopts="" \
+# Each stage has its own time limit (7 min 50 s in all); a stage that runs out fails the check and
+# the next one still runs.
+# 1. Correctness on the GPU (FlexAttention compiles per length bucket; CUDA graphs of the static step).
+timeout 120 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -o addopts="" \
   --junitxml="$results/gpu_check_tests_cuda.xml" || status=$?
-# 2. Decode per-step latency, CosyVoice 2 shape, batch 1, steps 100 .. 3,000 (about 3.5 min).
-timeout 300 "$PY" benchmarks/decode_latency.py --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-3000}" \
+# 2. Decode per-step latency (eager path), CosyVoice 2 shape, batch 1, steps 100 .. 3,000.
+timeout 180 "$PY" benchmarks/decode_latency.py --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-3000}" \
   --points 100,500,1000,2000,3000 --half 25 || status=$?
-# 3. Training step, Qwen2.5-0.5B shape, T 2,048 and 8,192 at equal tokens: SDPA full vs WAND Flex (about 1 min).
-timeout 240 "$PY" benchmarks/train_step.py --device cuda --repeats 3 || status=$?
+# 3. Training step, Qwen2.5-0.5B shape, T 2,048 and 8,192 at equal tokens: SDPA full vs WAND Flex.
+timeout 90 "$PY" benchmarks/train_step.py --device cuda --repeats 3 || status=$?
+# 4. Serving at 60 s of speech, reduced grid: CosyVoice 2 at batch 1 (the per-step target) and
+#    Orpheus-3B at batch 256 (real-time streams); `benchmarks/serving.py --device cuda` runs the full grid.
+timeout 80 "$PY" benchmarks/serving.py --device cuda --models cosyvoice2,orpheus-3b --seconds 60 --batches 1,256 \
+  --steps 10 || status=$?
 if [ -n "${OUT:-}" ]; then cp "$results"/*_cuda.* "$OUT"/ 2>/dev/null || true; fi
 exit $status

@@ -1,5 +1,6 @@
-"""WAND on a GPU equals WAND on the CPU: forwards, greedy decoding (ours and transformers'), FlexAttention
-gradients, one compile per length bucket, and a decode step that never waits for the device.
+"""WAND on a GPU equals WAND on the CPU: forwards, greedy decoding (ours, transformers', and the static
+path captured as a CUDA graph), FlexAttention gradients, one compile per length bucket, and a decode
+step that never waits for the device.
 
     make gpu-check                                   # these tests + the GPU benchmarks, on one GPU
     .venv/bin/python -m pytest -m cuda tests/test_cuda.py
@@ -164,3 +165,30 @@ def test_compiled_flex_compiles_once_per_bucket_on_device(family, monkeypatch):
     monkeypatch.setenv("WAND_FLEX_COMPILE", "1")
     result = run_curriculum(family, DEVICE)
     assert result["per_bucket"] == {128: 2, 256: 2, 384: 2}, result["per_bucket"]
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama", "gpt2", "cosyvoice2", "indextts"])
+def test_static_decoding_on_device_equals_cpu(name):
+    """wand.generate(compile=True): a CUDA graph of the static step on CUDA (torch.compile on CPU),
+    greedy over 5 x W steps, against the CPU's default path."""
+    build, ids, mask, prefix, kwargs = batch_of_three(name)
+    window, steps = 4, 20
+    expected = wand.generate(wand.enable_wand(build(), window), ids, prefix, window, steps, attention_mask=mask,
+                             prefill_kwargs=kwargs)
+    model = wand.enable_wand(build().to(DEVICE), window)
+    kwargs_d = {k: v.to(DEVICE) for k, v in kwargs.items()}
+    got = wand.generate(model, ids.to(DEVICE), prefix, window, steps, attention_mask=mask.to(DEVICE),
+                        prefill_kwargs=kwargs_d, compile=True)
+    assert torch.equal(got.cpu(), expected)
+
+
+def test_static_decoding_at_batch_256_equals_the_default_path():
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(3, 12, (256,), generator=gen)
+    ids, mask = left_padded([torch.randint(0, VOCAB, (int(n),), generator=gen) for n in lengths], 0)
+    prefix = (lengths - torch.randint(0, 3, (256,), generator=gen)).clamp(min=1)
+    model = wand.enable_wand(tiny_model("qwen2").to(DEVICE), 4)
+    ids, mask = on(DEVICE, ids, mask)
+    expected = wand.generate(model, ids, prefix, 4, 24, attention_mask=mask)
+    got = wand.generate(model, ids, prefix, 4, 24, attention_mask=mask, compile=True)
+    assert torch.equal(got, expected)

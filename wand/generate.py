@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -10,6 +11,7 @@ from transformers.cache_utils import DynamicCache
 from .cache import WandCache
 from .masks import validate_prefix_lengths, validate_window
 from .patch import enable_wand
+from .static import STATIC_MODES, StaticDecoder
 
 __all__ = ["generate", "cache_kwarg_name", "sample_next_token"]
 
@@ -64,6 +66,7 @@ def generate(
     generator: torch.Generator | None = None,
     return_cache: bool = False,
     prefill_kwargs: dict | None = None,
+    compile: bool | str = False,
 ):
     """Generate ``max_new_tokens`` tokens per sample with a constant-size WandCache.
 
@@ -77,6 +80,11 @@ def generate(
             (default: the first eos id).
         prefill_kwargs: extra keyword arguments for the first forward only (the prompt), e.g.
             IndexTTS's ``conditioning_latents``.
+        compile: the static decode path (``wand.static.StaticDecoder``): after an eager prefill,
+            every step has one shape and no host-device synchronisation. ``True`` captures the
+            step as a CUDA graph on CUDA and compiles it with ``torch.compile`` elsewhere; or name
+            the mode (``"graph"``, ``"compile"``, ``"eager"``). WAND only (``window`` set), dense
+            attention. Same tokens as the default path.
 
     Returns:
         LongTensor[B, T + n]: prompt and generated tokens, as ``model.generate`` returns them
@@ -104,7 +112,14 @@ def generate(
         pad_token_id = eos_ids[0] if eos_ids else 0
     eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
 
+    mode = _static_mode(compile, window, input_ids.device)
     cache = WandCache(prefix_lengths, window) if window is not None else DynamicCache()
+    sample = functools.partial(sample_next_token, do_sample=do_sample, temperature=temperature, top_k=top_k,
+                               top_p=top_p, generator=generator)
+    if mode is not None and max_new_tokens > 0:
+        tokens = _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache,
+                                  mode, sample, eos_ids, pad_token_id, prefill_kwargs)
+        return (tokens, cache) if return_cache else tokens
     cache_kw = cache_kwarg_name(model)
     tokens = input_ids
     mask = attention_mask
@@ -122,13 +137,59 @@ def generate(
             **extra,
         )
         extra = {}
-        next_token = sample_next_token(out.logits[:, -1], do_sample, temperature, top_k, top_p, generator)
+        next_token = sample(out.logits[:, -1])
         next_token = torch.where(finished, torch.full_like(next_token, pad_token_id), next_token)
         tokens = torch.cat([tokens, next_token[:, None]], dim=-1)
-        if eos.numel():
+        if eos_ids:  # the one read-back per step, and only when there is a stop id to look for
             finished |= torch.isin(next_token, eos)
-        if bool(finished.all()):
-            break
+            if bool(finished.all()):
+                break
         mask = torch.cat([mask, torch.ones_like(next_token[:, None])], dim=-1)
         step_input = next_token[:, None]
     return (tokens, cache) if return_cache else tokens
+
+
+def _static_mode(compile: bool | str, window: int | None, device: torch.device) -> str | None:
+    if compile is False:
+        return None
+    if window is None:
+        raise ValueError("compile= is the static WAND decode path; full attention (window=None) decodes eagerly")
+    if compile is True:
+        return "graph" if device.type == "cuda" else "compile"
+    if compile not in STATIC_MODES:
+        raise ValueError(f"compile must be True, False or one of {', '.join(STATIC_MODES)}, got {compile!r}")
+    return compile
+
+
+# Steps between the checks for "every sample stopped" (each check waits for the device once).
+STOP_CHECK_EVERY = 32
+
+
+def _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache, mode,
+                     sample, eos_ids, pad_token_id, prefill_kwargs):
+    """Eager prefill, then static steps. Tokens equal the default path's: the step that finished the
+    last sample is found on the device and the columns after it are cut off at the end."""
+    device = input_ids.device
+    out = model(input_ids=input_ids, attention_mask=attention_mask, prefix_lengths=prefix_lengths, window=window,
+                use_cache=True, **{cache_kwarg_name(model): cache}, **dict(prefill_kwargs or {}))
+    decoder = StaticDecoder(model, cache, mode)
+    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
+    pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
+    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
+    keep = torch.tensor(max_new_tokens, dtype=torch.long, device=device)  # columns to keep, found on device
+    columns = []
+    logits = out.logits[:, -1]
+    for step in range(max_new_tokens):
+        token = torch.where(finished, pad, sample(logits))
+        columns.append(token)
+        if eos_ids:
+            finished |= torch.isin(token, eos)
+            keep = torch.where(finished.all() & (keep == max_new_tokens), step + 1, keep)
+            if (step + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all()):
+                break
+        if step + 1 < max_new_tokens:
+            logits = decoder.step(token)
+    generated = torch.stack(columns, -1)
+    if eos_ids:
+        generated = generated[:, : int(keep)]
+    return torch.cat([input_ids, generated], -1)

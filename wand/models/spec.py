@@ -29,11 +29,11 @@ def check_id_range(input_ids: torch.Tensor, upper: int, who: str) -> None:
 
     A one-token step on a GPU (a decode step, whose token came from the model's own head) is checked
     on the device instead (``torch._assert_async``: a bad id fails at the next synchronisation), so
-    that decoding never waits for the GPU to answer a question about its input."""
+    that decoding never waits for the GPU to answer a question about its input; so is a compiled step."""
     bad = (input_ids < 0) | (input_ids >= upper)
     message = f"{who}: token ids must be in [0, {upper})"
-    if input_ids.shape[-1] == 1 and input_ids.device.type == "cuda":
-        torch._assert_async(~bad.any(), message)
+    if (input_ids.shape[-1] == 1 and input_ids.device.type == "cuda") or torch.compiler.is_compiling():
+        torch._assert_async(~bad.any(), message)  # also inside a compiled step: no graph break
     elif bool(bad.any()):
         raise ValueError(message)
 

@@ -1,0 +1,241 @@
+"""Batched long-form serving: ms per decode step, tokens/s, KV bytes, peak memory and real-time
+streams per device, full attention vs WAND, at 10 / 30 / 60 s of speech.
+
+    .venv/bin/python benchmarks/serving.py                          # CPU: the tiny presets (exercises the script)
+    .venv/bin/python benchmarks/serving.py --device cuda            # GPU: real shapes, bf16, random weights
+    .venv/bin/python benchmarks/serving.py --device cuda --models orpheus-3b --seconds 60 --batches 64,256
+
+Shapes come from the project's presets (`wand.models.get_spec(name, size)`): Llasa-3B, Orpheus-3B
+and CosyVoice 2. Both sides get the same per-step treatment:
+
+* full attention: transformers' `StaticCache` (one buffer of P + length + steps slots, attended
+  whole with a mask: its step cost is set by that size) and the model's own forward, through
+  `torch.compile` (on CUDA `mode="reduce-overhead"`, i.e. CUDA graphs) with SDPA pinned to flash /
+  memory-efficient (wand.profiling.timing_conditions): the best full attention transformers offers.
+* WAND: `wand.static.StaticDecoder` over a WandCache of P + W slots, captured as a CUDA graph on
+  CUDA, `torch.compile`d on CPU.
+
+The cache a step reads has the same size whatever it holds, so each point prefills P (+ W) tokens
+and times --steps steps at a cache sized for the point's length; WAND's KV bytes are measured
+after a real prefill of P + length tokens (batch 1), full attention's are its allocated buffer.
+Real-time streams = the largest batch whose decode steps per second stay at or above the model's
+token rate (Orpheus 82/s, Llasa 50/s, CosyVoice 2 25/s) at the longest length.
+Writes benchmarks/results/serving_<device>.json and .png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+import wand  # noqa: E402
+from wand.generate import cache_kwarg_name  # noqa: E402
+from wand.models import get_spec  # noqa: E402
+from wand.profiling import cache_nbytes, timing_conditions  # noqa: E402
+from wand.static import StaticDecoder  # noqa: E402
+
+DEFAULT_PREFIX = 114  # Llasa / Orpheus publish no prefix length: a short text + reference prompt (ours)
+
+
+def is_oom(err: BaseException) -> bool:
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, token: torch.Tensor, steps: int, device: torch.device) -> float:
+    """Median seconds per step after two warm-up steps (compilation, capture)."""
+    times = []
+    for i in range(steps + 2):
+        sync(device)
+        start = time.perf_counter()
+        logits = step(token)
+        token = logits.argmax(-1)
+        sync(device)
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def prompt_ids(spec, batch: int, length: int, device: torch.device) -> torch.Tensor:
+    lo, hi = spec.speech_range  # speech ids are valid inputs for every family
+    gen = torch.Generator().manual_seed(batch * 7919 + length)
+    return torch.randint(lo, hi - len(spec.stop_token_ids), (batch, length), generator=gen).to(device)
+
+
+def full_point(model, spec, batch, prefix, length, steps, device, compile_mode):
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=prefix + length + steps + 2)
+    kw = {cache_kwarg_name(model): cache}
+    ids = prompt_ids(spec, batch, prefix, device)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **kw)
+    position = torch.full((batch, 1), prefix, dtype=torch.long, device=device)
+
+    def step(token):
+        out = model(input_ids=token.view(-1, 1), position_ids=position, use_cache=True, **kw)
+        position.add_(1)
+        return out.logits[:, -1]
+
+    run = torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
+    with torch.no_grad():
+        seconds = time_steps(run, ids[:, -1], steps, device)
+    return seconds, cache_nbytes(cache)
+
+
+def wand_point(model, spec, batch, prefix, window, steps, device, mode):
+    cache = wand.WandCache(torch.full((batch,), prefix), window)
+    ids = prompt_ids(spec, batch, prefix + window, device)
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
+    decoder = StaticDecoder(model, cache, mode)
+    seconds = time_steps(decoder.step, ids[:, -1], steps, device)
+    return seconds, cache.nbytes()
+
+
+def wand_bytes_after(model, spec, prefix, length, window, device, chunk: int = 512) -> int:
+    """KV bytes of a batch-1 WandCache after a real, chunked prefill of prefix + length tokens."""
+    cache = wand.WandCache(torch.tensor([prefix]), window)
+    ids = prompt_ids(spec, 1, prefix + length, device)
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], chunk):
+            model(input_ids=ids[:, start:start + chunk], use_cache=True, **{cache_kwarg_name(model): cache})
+    return cache.nbytes()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--models", default="cosyvoice2,llasa-3b,orpheus-3b")
+    parser.add_argument("--size", default=None, help="preset size (default: real on CUDA, tiny on CPU)")
+    parser.add_argument("--seconds", default="10,30,60", help="speech already generated at each point")
+    parser.add_argument("--batches", default=None, help="default: 1,8,32,64,128,256 on CUDA, 1,4,16 on CPU")
+    parser.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    size = args.size or ("real" if cuda else "tiny")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    batches = [int(b) for b in (args.batches or ("1,8,32,64,128,256" if cuda else "1,4,16")).split(",")]
+    seconds_grid = [float(s) for s in args.seconds.split(",")]
+    full_compile = "reduce-overhead" if cuda else "default"
+    wand_mode = "graph" if cuda else "compile"
+    name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    torch.set_float32_matmul_precision("high")
+    results = {"device": name, "dtype": str(dtype), "size": size, "steps": args.steps,
+               "full": f"StaticCache + torch.compile({full_compile})", "wand": f"StaticDecoder ({wand_mode})",
+               "models": {}}
+    with timing_conditions(device) as attention:
+        results["attention"] = attention
+        print(f"# {name}, {dtype}, presets '{size}'; full: {results['full']}; WAND: {results['wand']}; "
+              f"attention: {attention}", flush=True)
+        for model_name in args.models.split(","):
+            spec = get_spec(model_name, size)
+            torch.manual_seed(0)
+            model = spec.build().to(device=device, dtype=dtype).eval()
+            model.set_attn_implementation("sdpa")
+            prefix = spec.paper_prefix_length or DEFAULT_PREFIX
+            window = spec.target_window
+            rate = spec.token_rate_hz
+            rows = []
+            print(f"\n## {model_name} ({size}): P={prefix}, W={window}, {rate:g} tokens/s of speech")
+            print("| speech | batch | full ms/step | WAND ms/step | full tok/s | WAND tok/s | full KV/stream | "
+                  "WAND KV/stream | peak GiB full / WAND |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+            for seconds in seconds_grid:
+                length = spec.tokens_for_seconds(seconds)
+                wand.disable_wand(model)
+                wand.enable_wand(model, window)
+                kv_wand = wand_bytes_after(model, spec, prefix, length, window, device)
+                for batch in batches:
+                    row = {"seconds": seconds, "length": length, "batch": batch, "wand_kv_per_stream": kv_wand}
+                    for side in ("full", "wand"):
+                        if cuda:
+                            torch.cuda.empty_cache()
+                            torch.cuda.reset_peak_memory_stats()
+                        try:
+                            if side == "full":
+                                wand.disable_wand(model)
+                                secs, kv = full_point(model, spec, batch, prefix, length, args.steps, device, full_compile)
+                                row["full_kv_per_stream"] = kv // batch
+                            else:
+                                wand.enable_wand(model, window)
+                                secs, _ = wand_point(model, spec, batch, prefix, window, args.steps, device, wand_mode)
+                            row[f"{side}_ms"] = 1e3 * secs
+                            row[f"{side}_tokens_per_s"] = batch / secs
+                        except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
+                            if not is_oom(err):
+                                raise
+                            row[f"{side}_ms"] = None
+                            row[f"{side}_oom"] = True
+                        if cuda:
+                            row[f"{side}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+                    rows.append(row)
+                    print(f"| {seconds:g} s | {batch} | {fmt(row.get('full_ms'))} | {fmt(row.get('wand_ms'))} | "
+                          f"{fmt(row.get('full_tokens_per_s'), 0)} | {fmt(row.get('wand_tokens_per_s'), 0)} | "
+                          f"{kib(row.get('full_kv_per_stream'))} | {kib(kv_wand)} | "
+                          f"{fmt(row.get('full_peak_gib'), 2, '-')} / {fmt(row.get('wand_peak_gib'), 2, '-')} |", flush=True)
+            longest = max(seconds_grid)
+            streams = {side: max([r["batch"] for r in rows if r["seconds"] == longest and r.get(f"{side}_ms")
+                                  and 1e3 / r[f"{side}_ms"] >= rate], default=0) for side in ("full", "wand")}
+            print(f"real-time streams at {longest:g} s (steps/s >= {rate:g}): full {streams['full']}, "
+                  f"WAND {streams['wand']} (largest batch tried: {max(batches)})")
+            results["models"][model_name] = {"prefix": prefix, "window": window, "token_rate": rate, "rows": rows,
+                                             "realtime_streams": streams, "at_seconds": longest}
+            del model
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serving_{device.type}.json"
+    path.write_text(json.dumps(results, indent=2))
+    plot(results, out / f"serving_{device.type}.png")
+    print(f"\nwrote {path} and .png")
+
+
+def fmt(value, digits: int = 2, missing: str = "OOM") -> str:
+    return missing if value is None else f"{value:,.{digits}f}"
+
+
+def kib(value) -> str:
+    return "-" if value is None else f"{value / 1024:,.0f} KiB"
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = results["models"]
+    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+    for ax, (model_name, data) in zip(axes[0], models.items()):
+        longest = data["at_seconds"]
+        rows = [r for r in data["rows"] if r["seconds"] == longest]
+        for side in ("full", "wand"):
+            points = [(r["batch"], r[f"{side}_tokens_per_s"]) for r in rows if r.get(f"{side}_ms")]
+            if points:
+                ax.plot(*zip(*points), marker="o", label=f"{side}")
+        ax.set(xscale="log", yscale="log", xlabel="batch (streams)", ylabel="tokens/s",
+               title=f"{model_name} at {longest:g} s of speech")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{results['device']} ({results['dtype']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

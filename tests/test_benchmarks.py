@@ -1,0 +1,37 @@
+"""The benchmark scripts run (small shapes on CPU) and write what the README's tables are read from."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/serving.py"), "--device", "cpu",
+                          "--models", "cosyvoice2,llasa-3b", "--seconds", "10,60", "--batches", "1,2", "--steps", "3",
+                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=540)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads((tmp_path / "serving_cpu.json").read_text())
+    assert (tmp_path / "serving_cpu.png").stat().st_size > 1000
+    for name in ("cosyvoice2", "llasa-3b"):
+        rows = result["models"][name]["rows"]
+        assert [(r["seconds"], r["batch"]) for r in rows] == [(10, 1), (10, 2), (60, 1), (60, 2)]
+        assert all(r["full_ms"] > 0 and r["wand_ms"] > 0 for r in rows)
+        # WAND's measured KV per stream is the same at 10 and 60 s; full attention's grows.
+        assert len({r["wand_kv_per_stream"] for r in rows}) == 1
+        assert rows[2]["full_kv_per_stream"] > rows[0]["full_kv_per_stream"] > rows[0]["wand_kv_per_stream"]
+
+
+def test_gpu_check_names_every_cuda_test_file_and_benchmark():
+    script = (ROOT / "benchmarks/gpu_check.sh").read_text()
+    cuda_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+                        if p.name != Path(__file__).name and "pytest.mark.cuda" in p.read_text())
+    assert cuda_files == ["tests/test_cuda.py"] and "-m cuda tests/test_cuda.py" in script
+    for bench in ("decode_latency.py", "train_step.py", "serving.py"):
+        assert f"benchmarks/{bench} " in script and "--device cuda" in script

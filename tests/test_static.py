@@ -1,0 +1,105 @@
+"""The static decode path (wand.static.StaticDecoder, wand.generate(compile=...)) gives exactly the
+default path's tokens: greedy and seeded sampling, batch 3 with left padding and three prefix
+lengths, 5 x W steps, per-sample stop ids; eager and torch.compile'd (the CUDA-graph mode runs in
+tests/test_cuda.py)."""
+
+import pytest
+import torch
+
+import wand
+from conftest import VOCAB, tiny_model
+from pipeline.random_corpus import make_row
+from wand.models import get_spec
+from wand.static import StaticDecoder
+
+WINDOW = 4
+STEPS = 5 * WINDOW
+
+
+def left_padded(rows, pad):
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = row
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+def batch_of_three(name):
+    """(model, ids, mask, prefix, prefill kwargs): batch 3, left-padded, different prefix lengths."""
+    gen = torch.Generator().manual_seed(3)
+    if name in ("qwen2", "llama", "gpt2"):
+        ids, mask = left_padded([torch.randint(0, VOCAB, (n,), generator=gen) for n in (9, 4, 6)], 0)
+        return wand.enable_wand(tiny_model(name), WINDOW), ids, mask, torch.tensor([7, 4, 2]), {}
+    spec = get_spec(name, "tiny")
+    made = [make_row(spec, text, prompt, 0, seed=s) for s, (text, prompt) in enumerate([(5, 2), (2, 0), (3, 1)])]
+    ids, mask = left_padded([row for row, _ in made], spec.speech_range[0])
+    kwargs = {}
+    if spec.family == "indextts":
+        kwargs["conditioning_latents"] = torch.randn(3, spec.extra["num_latents"], spec.config["n_embd"], generator=gen)
+    torch.manual_seed(0)
+    return wand.enable_wand(spec.build().eval(), WINDOW), ids, mask, torch.tensor([p for _, p in made]), kwargs
+
+
+MODELS = ["qwen2", "llama", "gpt2", "cosyvoice2", "indextts"]
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_static_steps_equal_the_default_path(name):
+    model, ids, mask, prefix, kwargs = batch_of_three(name)
+    expected = wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs)
+    got = wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs, compile="eager")
+    assert torch.equal(got, expected)
+    # Seeded sampling draws the same tokens.
+    sampled = [wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs,
+                             do_sample=True, temperature=0.9, top_k=30, top_p=0.95, compile=mode,
+                             generator=torch.Generator().manual_seed(11)) for mode in (False, "eager")]
+    assert torch.equal(sampled[0], sampled[1])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("name", MODELS)
+def test_compiled_static_steps_equal_the_default_path(name):
+    """torch.compile of the static step (inductor, CPU): same greedy tokens; the graphs compiled for
+    the first two steps are all that the next 18 need (no recompilation per step)."""
+    import torch._dynamo.utils as dynamo_utils
+
+    model, ids, mask, prefix, kwargs = batch_of_three(name)
+    expected = wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs)
+    graphs = []
+    for steps in (3, STEPS):
+        torch._dynamo.reset()
+        dynamo_utils.counters.clear()
+        got = wand.generate(model, ids, prefix, WINDOW, steps, attention_mask=mask, prefill_kwargs=kwargs, compile=True)
+        graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
+    assert torch.equal(got, expected)
+    assert graphs[0] >= 1 and graphs[1] == graphs[0], graphs
+
+
+def test_per_sample_stop_ids_match_the_default_path():
+    model, ids, mask, prefix, _ = batch_of_three("qwen2")
+    free = wand.generate(model, ids, prefix, WINDOW, 60, attention_mask=mask)
+    width = ids.shape[1]
+    # Stop ids that end samples at different steps, and the last one late (past a stop check).
+    stops = [int(free[0, width + 3]), int(free[1, width + 40])]
+    expected = wand.generate(model, ids, prefix, WINDOW, 60, attention_mask=mask, eos_token_id=stops, pad_token_id=VOCAB - 1)
+    got = wand.generate(model, ids, prefix, WINDOW, 60, attention_mask=mask, eos_token_id=stops, pad_token_id=VOCAB - 1,
+                        compile="eager")
+    assert torch.equal(got, expected)
+    assert got.shape[1] <= width + 60
+
+
+def test_bad_static_requests_name_the_problem():
+    model, ids, mask, prefix, _ = batch_of_three("qwen2")
+    with pytest.raises(ValueError, match="full attention"):
+        wand.generate(model, ids, prefix, None, 4, attention_mask=mask, compile=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        wand.generate(model, ids, prefix, WINDOW, 4, attention_mask=mask, compile="fast")
+    with pytest.raises(ValueError, match="CUDA graph"):
+        wand.generate(model, ids, prefix, WINDOW, 4, attention_mask=mask, compile="graph")
+    with pytest.raises(ValueError, match="enable_wand"):
+        StaticDecoder(tiny_model("qwen2"), wand.WandCache(prefix, WINDOW))
+    with pytest.raises(ValueError, match="after a prefill"):
+        StaticDecoder(model, wand.WandCache(prefix, WINDOW))
