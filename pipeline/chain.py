@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from . import storage
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
-from .teacher_topk import MANIFEST, PrecomputeConfig, load_manifest, run_precompute
+from .teacher_topk import PrecomputeConfig, run_precompute
 from .tracking import Tracker, TrackingConfig, git_commit
 from .train import TrainConfig, initial_model, preflight, run_stage, stage_record
 
@@ -93,13 +93,10 @@ def run_chain(config: DistillConfig) -> dict:
     try:
         child = tracker.child_run(parent, "precompute") if tracker else None
         try:
-            fs, root = storage.resolve(config.shards, config.s3_endpoint)
-            if _shards_ready(precompute, fs, root):
-                log.info("precompute: matching shards found in %s; skipped", config.shards)
-            else:
-                log.info("precompute: %s -> %s", config.corpus, config.shards)
-                run_precompute(precompute)
-            manifest = load_manifest(config.shards, config.s3_endpoint)
+            # Always through the stage: it reuses finished shards only when the settings, the corpus
+            # (a fingerprint of every row) and the teacher's files are the ones they were made from.
+            log.info("precompute: %s -> %s", config.corpus, config.shards)
+            manifest = run_precompute(precompute)
         except BaseException:
             if tracker:
                 tracker.finish(child, ok=False)
@@ -266,14 +263,6 @@ def log_evals(tracker: Tracker, parent: str, results: list[EvalResult], config: 
     tracker.log_metrics(parent, {k: merged[k] for k in HEADLINE if k in merged})
     tracker.finish(run_id)
     return run_id
-
-
-def _shards_ready(precompute: PrecomputeConfig, fs, root: str) -> bool:
-    manifest_path = storage.join(root, MANIFEST)
-    run_path = storage.join(root, "_run.json")
-    if not (storage.exists(fs, manifest_path) and storage.exists(fs, run_path)):
-        return False
-    return storage.read_json(fs, run_path)["settings"] == precompute.resume_key()
 
 
 def export_student(config: DistillConfig, checkpoint_path: str) -> str:

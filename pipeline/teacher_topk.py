@@ -23,6 +23,7 @@ from typing import Literal
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -321,13 +322,18 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     if not good:
         raise ValueError(f"input: no valid rows in {config.input}")
 
-    run = {"settings": config.resume_key(), "input_fingerprint": fingerprint, "format": FORMAT}
+    run = {"settings": config.resume_key(), "input_fingerprint": fingerprint, "format": FORMAT,
+           "teacher_files": teacher_files_fingerprint(config.teacher_source, config.s3_endpoint)}
     run_path = storage.join(root, RUN_FILE)
     if storage.exists(fs, run_path):
         previous = storage.read_json(fs, run_path)
+        if "teacher_files" not in previous:  # written before teacher files were fingerprinted
+            log.warning("precompute: %s predates teacher-file fingerprints; recording them now", run_path)
+            previous["teacher_files"] = run["teacher_files"]
+            storage.write_json(fs, run_path, previous)
         if previous != run:
             raise ValueError(
-                f"output {config.output} holds shards of another run (settings or input differ: "
+                f"output {config.output} holds shards of another run (settings, input or teacher weights differ: "
                 f"{_diff(previous, run)}); use a new output folder"
             )
     else:
@@ -338,8 +344,12 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     n_shards = (len(ordered) + config.rows_per_shard - 1) // config.rows_per_shard
     done = {s for s in range(n_shards) if _shard_done(fs, root, s)}
     pending = {row_id: s for row_id, s in mapping.items() if s not in done}
-    log.info("precompute: %d rows in %d shards, %d done, %d to compute", len(ordered), n_shards, len(done),
-             n_shards - len(done))
+    if pending:
+        log.info("precompute: %d rows in %d shards, %d done, %d to compute", len(ordered), n_shards, len(done),
+                 n_shards - len(done))
+    else:
+        log.info("precompute: matching shards found in %s (%d shards; settings, input and teacher files "
+                 "unchanged); nothing to compute", config.output, n_shards)
     if pending:
         import ray
 
@@ -410,6 +420,33 @@ def _diff(a: dict, b: dict, prefix: str = "") -> str:
         elif x != y:
             out.append(f"{prefix}{key}: {x!r} -> {y!r}")
     return ", ".join(out)
+
+
+def teacher_files_fingerprint(source: str | None, endpoint: str | None = None) -> str | None:
+    """What identifies the teacher's weight files without loading the model, so that new weights at
+    the same path are not mistaken for the ones the shards were computed with: sha256 over every
+    file's relative name and content (local), or name, size and modification time (S3). None for a
+    seeded random teacher (its seed is in the settings) or a hub id (pinned by its revision)."""
+    if source is None:
+        return None
+    if not storage.is_remote(source) and not os.path.exists(source):
+        return None  # a hub id
+    fs, root = storage.resolve(source, endpoint)
+    info = fs.get_file_info(root)
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = [i for i in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if i.type == pafs.FileType.File]
+    digest = hashlib.sha256()
+    for item in sorted(infos, key=lambda i: i.path):
+        digest.update(os.path.relpath(item.path, root).encode())
+        if storage.is_remote(source):
+            digest.update(f"{item.size}:{item.mtime_ns}".encode())
+            continue
+        with open(item.path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_manifest(uri: str, endpoint: str | None = None) -> dict:

@@ -45,20 +45,28 @@ __all__ = ["TrainConfig", "plan_stages", "preflight", "run_stage", "stage_record
 log = logging.getLogger("wand.train")
 
 
+# Fields that cannot change what a run computes (where it runs and stores, how often it saves, how
+# it fails over). Every other field is part of the run identity: a new field is covered by default.
+OPERATIONAL = {"json_schema_extra": {"operational": True}}
+
+
 class TrainConfig(BaseModel):
     """Student distillation settings (one experiment = a chain of curriculum stages)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    experiment: str = Field(description="run name prefix; stage k runs as <experiment>-stage<k>")
+    experiment: str = Field(description="run name prefix; stage k runs as <experiment>-stage<k>", **OPERATIONAL)
     model: str = Field(description="model preset (the teacher's; the student starts from its weights)")
     model_size: Literal["real", "small", "mini", "tiny"] = "real"
-    teacher_source: str | None = Field(None, description="teacher weights (local, s3://, HF id); None = seeded random")
-    teacher_seed: int = 0
-    shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)")
-    k: int | None = Field(None, ge=1, description="the shards' top-k; None accepts what the manifest says")
-    storage: str = Field(description="Ray Train storage path for checkpoints: local folder or s3://bucket/prefix")
-    s3_endpoint: str | None = None
+    teacher_source: str | None = Field(None, description="teacher weights (local, s3://, HF id); None = seeded random",
+                                       **OPERATIONAL)  # the teacher fingerprint is in the identity
+    teacher_seed: int = Field(0, **OPERATIONAL)  # likewise (it makes the random teacher)
+    shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)", **OPERATIONAL)
+    k: int | None = Field(None, ge=1, description="the shards' top-k; None accepts what the manifest says",
+                          **OPERATIONAL)  # a check on the shards (preflight), which hold one k
+    storage: str = Field(description="Ray Train storage path for checkpoints: local folder or s3://bucket/prefix",
+                         **OPERATIONAL)
+    s3_endpoint: str | None = Field(None, **OPERATIONAL)
     stages: int = Field(3, ge=1, description="curriculum stages (separate Ray Train runs / resume points)")
     epochs: float = Field(1.0, gt=0)
     batch_size: int = Field(8, ge=1, description="sequences per worker per step")
@@ -75,13 +83,15 @@ class TrainConfig(BaseModel):
     temperature: float = Field(1.0, gt=0, description="must equal the shards' temperature")
     zero_stage: Literal[1, 2, 3] = 2
     num_workers: int = Field(2, ge=1)
-    use_gpu: bool = False
-    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (Ray Data needs CPUs too)")
-    max_failures: int = Field(2, ge=0)
-    checkpoint_every: int = Field(50, ge=1)
-    loss_chunk_size: int = Field(1024, ge=1)
+    use_gpu: bool = Field(False, **OPERATIONAL)  # a resumed run may move between devices
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (Ray Data needs CPUs too)",
+                                   **OPERATIONAL)
+    max_failures: int = Field(2, ge=0, **OPERATIONAL)
+    checkpoint_every: int = Field(50, ge=1, **OPERATIONAL)
+    loss_chunk_size: int = Field(1024, ge=1, **OPERATIONAL)  # memory only: the loss is the same
     gradient_clipping: float = Field(1.0, ge=0)
-    fail_once: str | None = Field(None, description="testing hook 'STEP:MARKER_FILE': rank 1 dies once at STEP")
+    fail_once: str | None = Field(None, description="testing hook 'STEP:MARKER_FILE': rank 1 dies once at STEP",
+                                  **OPERATIONAL)
 
     @field_validator("experiment")
     @classmethod
@@ -165,16 +175,20 @@ def stage_record(config: TrainConfig, stage: int) -> dict | None:
     return storage.read_json(fs, path) if storage.exists(fs, path) else None
 
 
-# What makes two submissions the same run: a finished stage or a checkpoint is reused only when
-# these match (the storage folder is named by the experiment, which a changed config keeps).
-IDENTITY_FIELDS = ("model", "model_size", "stages", "epochs", "batch_size", "num_workers", "window_start",
-                   "window_target", "lr", "kd_kind", "kd_weight", "temperature")
+def identity_fields(config_class: type[BaseModel] = None) -> list[str]:
+    """The config fields that make two submissions the same run: all but the OPERATIONAL ones."""
+    fields = (config_class or TrainConfig).model_fields
+    return [name for name, field in fields.items()
+            if not (isinstance(field.json_schema_extra, dict) and field.json_schema_extra.get("operational"))]
 
 
 def run_identity(config: TrainConfig, manifest: dict, total_steps: int) -> dict:
-    values = config.model_dump()
-    return {**{f: values[f] for f in IDENTITY_FIELDS}, "teacher_fingerprint": manifest["teacher"]["fingerprint"],
-            "total_steps": total_steps}
+    """A finished stage or a checkpoint is reused only when this matches (the storage folder is named
+    by the experiment, which a changed config keeps). Derived from the config's own fields, plus the
+    teacher weights and the data the shards were computed from."""
+    values = config.model_dump(include=set(identity_fields(type(config))))
+    return {**values, "teacher_fingerprint": manifest["teacher"]["fingerprint"],
+            "data_fingerprint": manifest["input"]["fingerprint"], "total_steps": total_steps}
 
 
 def check_same_run(found: dict, identity: dict, config: TrainConfig, where: str) -> None:

@@ -196,3 +196,40 @@ def test_config_errors_name_the_field():
         PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", temperature=0)
     with pytest.raises(ValidationError, match="rows_per_shard"):
         PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", rows_per_shard=0)
+
+
+def test_stale_shards_are_never_reused_silently(ray_local, tmp_path):
+    """Shards are reused only for the corpus and teacher files they were made from: through the chain
+    (which used to skip the stage when only the settings matched), a changed corpus and new teacher
+    weights at the same path are refused with the difference named; the same inputs are reused."""
+    from pipeline.chain import DistillConfig, run_chain
+
+    spec = get_spec("cosyvoice2", "tiny")
+    torch.manual_seed(0)
+    spec.save(spec.build(), str(tmp_path / "teacher"))
+    rows = corpus_rows(spec, 12, seed=2)
+    write_corpus(tmp_path / "corpus", rows)
+    config = DistillConfig(experiment="stale", model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "corpus"),
+                           shards=str(tmp_path / "topk"), storage=str(tmp_path / "ckpt"),
+                           teacher_source=str(tmp_path / "teacher"), precompute={"k": 4, "rows_per_shard": 8},
+                           train={"stages": 1, "window_start": 8, "window_target": 4}, tracking={"uri": None})
+    first = run_precompute(config.precompute_config())
+
+    # The same inputs: the shards are reused, nothing is recomputed.
+    again = run_precompute(config.precompute_config())
+    assert again["shards"] == first["shards"]
+
+    # One token changed in one row of the corpus.
+    changed = [dict(r) for r in rows]
+    changed[5]["input_ids"] = list(changed[5]["input_ids"])
+    changed[5]["input_ids"][-1] = (changed[5]["input_ids"][-1] + 1) % spec.speech_range[1]
+    write_corpus(tmp_path / "corpus", changed)
+    with pytest.raises(ValueError, match=r"holds shards of another run .*input_fingerprint"):
+        run_chain(config)
+    write_corpus(tmp_path / "corpus", rows)
+
+    # New teacher weights written over the old ones, same path, same settings.
+    torch.manual_seed(1)
+    spec.save(spec.build(), str(tmp_path / "teacher"))
+    with pytest.raises(ValueError, match=r"teacher weights differ: teacher_files"):
+        run_chain(config)

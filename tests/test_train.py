@@ -129,3 +129,36 @@ def test_a_stage_left_by_a_different_run_is_refused_with_the_difference():
     assert "experiment 'demo'" in message
     with pytest.raises(ValueError, match="total_steps: 16 there, 32 now"):  # a record from before identities
         check_same_run({"total_steps": 16}, identity, config, "st/demo/stage-1.json")
+
+
+def test_the_run_identity_covers_every_setting_that_changes_a_result():
+    """Derived from the config: every field is in the identity unless it is declared operational, so
+    a changed tau, warm-up, skew alpha or ZeRO stage is never reused silently, and a field added
+    later is covered without editing a list."""
+    from pipeline.train import check_same_run, identity_fields, run_identity
+
+    manifest = {"teacher": {"fingerprint": "t"}, "input": {"fingerprint": "d"}}
+    config = TrainConfig(experiment="demo", model="cosyvoice2", model_size="mini", shards="s", storage="st")
+    identity = run_identity(config, manifest, 32)
+    assert {"tau_start", "tau_end", "warmup_fraction", "skew_alpha", "weight_decay", "zero_stage", "lr",
+            "gradient_clipping", "teacher_fingerprint", "data_fingerprint", "total_steps"} <= identity.keys()
+    assert not {"storage", "shards", "checkpoint_every", "cpus_per_worker", "fail_once"} & identity.keys()
+    for change in ({"tau_start": 0.7}, {"warmup_fraction": 0.1}, {"skew_alpha": 0.3}, {"zero_stage": 3},
+                   {"weight_decay": 0.01}):
+        other = run_identity(config.model_copy(update=change), manifest, 32)
+        with pytest.raises(ValueError, match=f"{next(iter(change))}: "):
+            check_same_run({"identity": identity}, other, config, "st/demo/stage-1.json")
+    # Operational settings do not split a run.
+    moved = config.model_copy(update={"storage": "s3://b/x", "checkpoint_every": 7, "cpus_per_worker": 1.0})
+    check_same_run({"identity": identity}, run_identity(moved, manifest, 32), config, "st/demo/stage-1.json")
+    # New teacher weights or new data: a different run.
+    with pytest.raises(ValueError, match="data_fingerprint: 'd' there, 'e' now"):
+        check_same_run({"identity": identity}, run_identity(config, {**manifest, "input": {"fingerprint": "e"}}, 32),
+                       config, "st/demo/stage-1.json")
+
+    class Extended(TrainConfig):
+        label_smoothing: float = 0.0  # a setting added later, with no list edited
+
+    assert "label_smoothing" in identity_fields(Extended)
+    extended = Extended(experiment="demo", model="cosyvoice2", model_size="mini", shards="s", storage="st")
+    assert run_identity(extended, manifest, 32)["label_smoothing"] == 0.0
