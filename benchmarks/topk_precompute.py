@@ -16,6 +16,7 @@ Writes benchmarks/results/topk_precompute.json.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -135,4 +136,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     main()

@@ -15,6 +15,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from . import storage
+from .checks import require_teacher_weights
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
 from .teacher_topk import PrecomputeConfig, run_precompute
 from .tracking import Tracker, TrackingConfig, git_commit
@@ -54,6 +55,7 @@ class DistillConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sections(self) -> "DistillConfig":
+        require_teacher_weights(self.model_size, self.teacher_source)
         self.precompute_config()
         self.train_config()
         return self

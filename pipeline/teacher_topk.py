@@ -34,7 +34,7 @@ from wand.models.weights import fingerprint
 from wand.topk import sparse_teacher_targets, target_positions
 
 from . import storage
-from .checks import one_of
+from .checks import one_of, require_teacher_weights
 from .corpus import check_batch
 
 __all__ = ["PrecomputeConfig", "run_precompute", "load_manifest", "verify_manifest", "MANIFEST", "ShardFault"]
@@ -82,6 +82,7 @@ class PrecomputeConfig(BaseModel):
 
     @model_validator(mode="after")
     def _k_fits(self) -> "PrecomputeConfig":
+        require_teacher_weights(self.teacher_size, self.teacher_source)
         spec = get_spec(self.teacher, self.teacher_size)
         if spec.speech_range[0] >= 0 and self.k > len(spec.target_ids()):
             raise ValueError(f"k={self.k} exceeds the target vocabulary of {self.teacher} ({len(spec.target_ids())})")

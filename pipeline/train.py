@@ -37,7 +37,7 @@ from wand.models import MODEL_NAMES, get_spec
 from wand.models.weights import fingerprint
 
 from . import storage
-from .checks import one_of
+from .checks import one_of, require_teacher_weights
 from .teacher_topk import decode_values, load_manifest, verify_manifest
 
 __all__ = ["TrainConfig", "plan_stages", "preflight", "run_stage", "stage_record", "param_checksum"]
@@ -84,6 +84,9 @@ class TrainConfig(BaseModel):
     zero_stage: Literal[1, 2, 3] = 2
     num_workers: int = Field(2, ge=1)
     use_gpu: bool = Field(False, **OPERATIONAL)  # a resumed run may move between devices
+    attention: Literal["auto", "flex", "sdpa"] = Field(
+        "auto", description="the student's attention in training: flex (FlexAttention block masks, GPUs), "
+        "sdpa (the dense mask); auto = flex with GPUs, sdpa without", **OPERATIONAL)  # the same function
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (Ray Data needs CPUs too)",
                                    **OPERATIONAL)
     max_failures: int = Field(2, ge=0, **OPERATIONAL)
@@ -112,6 +115,10 @@ class TrainConfig(BaseModel):
 
     @model_validator(mode="after")
     def _windows(self) -> "TrainConfig":
+        require_teacher_weights(self.model_size, self.teacher_source)
+        if self.attention == "flex" and not self.use_gpu:
+            raise ValueError("attention: flex trains on GPUs only (FlexAttention has no CPU backward); "
+                             "use sdpa, or auto, on CPU workers")
         target = self.resolved_window_target()
         if target > self.window_start:
             raise ValueError(f"window_target ({target}) must be <= window_start ({self.window_start})")
@@ -119,6 +126,12 @@ class TrainConfig(BaseModel):
 
     def spec(self):
         return get_spec(self.model, self.model_size)
+
+    def resolved_attention(self) -> str:
+        """The ``enable_wand`` backend the workers train with."""
+        if self.attention == "auto":
+            return "flex" if self.use_gpu else "sdpa"
+        return self.attention
 
     def resolved_window_target(self) -> int:
         return self.window_target or self.spec().target_window
@@ -415,7 +428,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     spec = config.spec()
     model = initial_model(config, spec, loop_config["init_checkpoint"], checkpoint_fs)
     init_checksum = param_checksum(model.state_dict())  # proves where the stage started from
-    wand.enable_wand(model, config.window_start)
+    wand.enable_wand(model, config.window_start, backend=config.resolved_attention())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     ds_config = {

@@ -198,6 +198,24 @@ def test_config_errors_name_the_field():
         PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", rows_per_shard=0)
 
 
+def test_a_real_size_teacher_without_weights_is_a_config_error():
+    """It used to distil silently from a randomly initialised 0.5B teacher."""
+    from pydantic import ValidationError
+
+    from pipeline.chain import DistillConfig
+    from pipeline.train import TrainConfig
+
+    with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
+        PrecomputeConfig(teacher="cosyvoice2", input="x", output="y")
+    with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
+        TrainConfig(experiment="e", model="cosyvoice2", shards="s", storage="st")
+    with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
+        DistillConfig(experiment="e", model="cosyvoice2", corpus="c", shards="s", storage="st")
+    # With weights named, or at a test size, it is fine.
+    PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", teacher_source="s3://b/cosyvoice2")
+    DistillConfig(experiment="e", model="cosyvoice2", model_size="tiny", corpus="c", shards="s", storage="st")
+
+
 def test_stale_shards_are_never_reused_silently(ray_local, tmp_path):
     """Shards are reused only for the corpus and teacher files they were made from: through the chain
     (which used to skip the stage when only the settings matched), a changed corpus and new teacher

@@ -162,3 +162,12 @@ def test_the_run_identity_covers_every_setting_that_changes_a_result():
     assert "label_smoothing" in identity_fields(Extended)
     extended = Extended(experiment="demo", model="cosyvoice2", model_size="mini", shards="s", storage="st")
     assert run_identity(extended, manifest, 32)["label_smoothing"] == 0.0
+
+
+def test_the_attention_backend_is_a_training_setting():
+    config = dict(experiment="demo", model="cosyvoice2", model_size="mini", shards="s", storage="st")
+    assert TrainConfig(**config).resolved_attention() == "sdpa"  # CPU workers: the dense mask
+    assert TrainConfig(**config, use_gpu=True).resolved_attention() == "flex"  # GPUs: block-sparse
+    assert TrainConfig(**config, use_gpu=True, attention="sdpa").resolved_attention() == "sdpa"
+    with pytest.raises(ValueError, match="attention: flex trains on GPUs only"):
+        TrainConfig(**config, attention="flex")
