@@ -19,7 +19,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -e '.[test]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q -e '.[pipeline,test]' 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch, transformers, ray, deepspeed, mlflow, s3fs, wand"
 	touch $(STAMP)
 

@@ -47,7 +47,11 @@ def resolve_source(source: str, spec_name: str, hf_id: str | None = None) -> Pat
 
 
 def _download_s3(uri: str, spec_name: str, hf_id: str | None) -> Path:
-    import s3fs
+    try:
+        import s3fs
+    except ImportError:
+        raise WeightsNotFound(f"{spec_name}: loading {uri} needs s3fs, which comes with the pipeline: "
+                              "pip install 'wand-tts[pipeline]' (or pip install s3fs)") from None
 
     endpoint = os.environ.get("AWS_ENDPOINT_URL")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else None)
