@@ -71,8 +71,8 @@ def device_name(device: torch.device) -> str:
 
 
 # ----------------------------------------------------------------------------- inputs
-def read_rows(uri: str, endpoint: str | None, limit: int) -> list[dict]:
-    """The first ``limit`` rows (by id) of a corpus folder of Parquet or JSONL files."""
+def read_rows(uri: str, endpoint: str | None, limit: int | None) -> list[dict]:
+    """The first ``limit`` rows (by id; None: all) of a corpus folder of Parquet or JSONL files."""
     import pyarrow.parquet as pq
 
     fs, path = storage.resolve(uri, endpoint)

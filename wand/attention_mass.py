@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["AttentionMass", "attention_mass", "record_attention", "mass_shares"]
+__all__ = ["AttentionMass", "attention_mass", "record_attention", "mass_shares", "layer_shares"]
 
 _RECORDS: list[list[torch.Tensor]] = []
 
@@ -78,6 +78,7 @@ class AttentionMass:
     prefix: float  # mean share of attention mass on the prefix
     window_share: float  # on the last W generated tokens (the query itself included)
     queries: int  # generated query positions averaged over (those farther than W from the prefix)
+    layers: tuple[float, ...] = ()  # kept share (prefix + window) per layer, first layer first
 
     @property
     def kept(self) -> float:
@@ -93,17 +94,25 @@ def mass_shares(probs: torch.Tensor, prefix_length: int, length: int, window: in
 
     ``probs``: [L, H, T, T] probabilities of one unpadded sequence of ``length`` tokens. Queries are
     the positions q >= prefix_length + window (the window then truncates the generated history)."""
+    prefix, window_share, count = layer_shares(probs, prefix_length, length, window)
+    return float(prefix.sum()), float(window_share.sum()), count * probs.shape[0]
+
+
+def layer_shares(probs: torch.Tensor, prefix_length: int, length: int,
+                 window: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Per layer: sums of the prefix share and of the window share over heads x queries ([L] each),
+    and the count of (head, query) pairs per layer. Same queries as :func:`mass_shares`."""
     first = prefix_length + window
+    layers = probs.shape[0]
     if first >= length:
-        return 0.0, 0.0, 0
+        return torch.zeros(layers), torch.zeros(layers), 0
     rows = probs[:, :, first:length, :length]  # [L, H, Q, T]
     prefix = rows[..., :prefix_length].sum(-1)
     q = torch.arange(first, length, device=probs.device)
     keys = torch.arange(length, device=probs.device)
     in_window = (keys[None, :] > q[:, None] - window) & (keys[None, :] <= q[:, None])
     window_share = (rows * in_window).sum(-1)
-    count = rows.shape[0] * rows.shape[1] * rows.shape[2]
-    return float(prefix.sum()), float(window_share.sum()), count
+    return prefix.sum((1, 2)).double().cpu(), window_share.sum((1, 2)).double().cpu(), rows.shape[1] * rows.shape[2]
 
 
 @torch.no_grad()
@@ -118,7 +127,7 @@ def attention_mass(model: torch.nn.Module, sequences: list[dict], windows: list[
 
     if getattr(model, "_wand_original_forward", None) is None:
         enable_wand(model, max(windows))
-    totals = {w: [0.0, 0.0, 0] for w in windows}
+    totals = {w: [0.0, 0.0, 0] for w in windows}  # per W: [L] prefix sums, [L] window sums, pairs per layer
     for sequence in sequences:
         kwargs = dict(sequence)
         prefix_length = int(kwargs.pop("prefix_length"))
@@ -128,9 +137,16 @@ def attention_mass(model: torch.nn.Module, sequences: list[dict], windows: list[
             model(**kwargs)
         probs = torch.cat([p[:1] for p in layers])  # [L, H, T, T]
         for w in windows:
-            prefix, window_share, count = mass_shares(probs, prefix_length, length, w)
-            totals[w][0] += prefix
-            totals[w][1] += window_share
+            prefix, window_share, count = layer_shares(probs, prefix_length, length, w)
+            totals[w][0] = totals[w][0] + prefix
+            totals[w][1] = totals[w][1] + window_share
             totals[w][2] += count
-    return [AttentionMass(w, t[0] / t[2] if t[2] else float("nan"), t[1] / t[2] if t[2] else float("nan"), t[2])
-            for w, t in totals.items()]
+    out = []
+    for w, (prefix, window_share, count) in totals.items():
+        if not count:
+            out.append(AttentionMass(w, float("nan"), float("nan"), 0))
+            continue
+        layers_kept = tuple(float(x) for x in (prefix + window_share) / count)
+        out.append(AttentionMass(w, float(prefix.sum()) / (count * len(prefix)),
+                                 float(window_share.sum()) / (count * len(prefix)), count * len(prefix), layers_kept))
+    return out

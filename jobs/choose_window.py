@@ -1,0 +1,76 @@
+"""Choose W before training: the teacher's attention mass on the prefix + the last W generated tokens.
+
+    python jobs/choose_window.py --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
+        python jobs/choose_window.py --config jobs/configs/cosyvoice2.yaml --rows 64 --device cuda
+
+Runs the experiment's teacher (full attention, `teacher_source`) on a seeded sample of its corpus and
+prints, per W, the mean share of each generated query's attention on the prefix and on the last W
+tokens (overall and its lowest layer), the smallest W keeping 90 / 95 / 99% of it, and the
+recommended `train.window_target` (95%) and `train.window_start` (4x). With tracking on it logs them
+as a `choose-window` child of the experiment's parent run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.chain import DistillConfig, parent_tags  # noqa: E402
+from pipeline.cli import load_config_with_overrides  # noqa: E402
+from pipeline.evaluate import read_rows, resolve_device  # noqa: E402
+from pipeline.teacher_topk import load_teacher  # noqa: E402
+from pipeline.tracking import Tracker  # noqa: E402
+from pipeline.window_choice import DEFAULT_WINDOWS, choose_window, sample_rows  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", type=int, default=32, help="corpus rows to sample (seeded)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--windows", default=",".join(map(str, DEFAULT_WINDOWS)), help="candidate W, comma-separated")
+    parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    config, args = load_config_with_overrides(DistillConfig, parser, argv, return_args=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        windows = [int(w) for w in args.windows.split(",")]
+    except ValueError:
+        parser.error(f"--windows: comma-separated integers, got {args.windows!r}")
+    if args.rows < 1 or any(w < 1 for w in windows):
+        parser.error("--rows and every W must be >= 1")
+
+    device = resolve_device(args.device)
+    teacher, spec = load_teacher(config.precompute_config(), device)
+    rows = sample_rows(read_rows(config.corpus, config.s3_endpoint, limit=None), args.rows, args.seed)
+    print(f"# {config.experiment}: teacher {spec.name} ({spec.size}) on {device}, {len(rows)} rows of {config.corpus}")
+    choice = choose_window(spec, teacher, rows, windows, device)
+    print(choice.table())
+
+    tracker = Tracker.from_config(config.tracking)
+    if tracker is not None:
+        parent = tracker.parent_run(config.experiment, parent_tags(config))
+        child = tracker.child_run(parent, "choose-window")
+        tracker.log_params(child, {"rows": len(rows), "seed": args.seed, "windows": ",".join(map(str, windows)),
+                                   "corpus": config.corpus})
+        tracker.log_metrics(child, choice.metrics())
+        tracker.log_text(child, choice.table(), "choose_window.md")
+        tracker.finish(child)
+        print(f"logged to {tracker.run_url(child)}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "windows": [m.window for m in choice.masses], "kept": [m.kept for m in choice.masses],
+            "prefix": [m.prefix for m in choice.masses], "window_share": [m.window_share for m in choice.masses],
+            "layers": [list(m.layers) for m in choice.masses], "rows": [r["id"] for r in rows],
+            "smallest": {str(c): w for c, w in choice.smallest.items()},
+            "window_target": choice.window_target, "window_start": choice.window_start}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
