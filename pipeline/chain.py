@@ -56,6 +56,12 @@ class DistillConfig(BaseModel):
     @model_validator(mode="after")
     def _sections(self) -> "DistillConfig":
         require_teacher_weights(self.model_size, self.teacher_source)
+        held_out = self.evaluate.corpus
+        if self.evaluate.enabled and not self.evaluate.allow_training_corpus and (
+                held_out is None or held_out.rstrip("/") == self.corpus.rstrip("/")):
+            raise ValueError(
+                "evaluate.corpus: the evals would score the training corpus (rows the student learned); "
+                "point evaluate.corpus at held-out rows, or set evaluate.allow_training_corpus: true")
         self.precompute_config()
         self.train_config()
         return self
@@ -239,7 +245,20 @@ def _log_student(tracker: Tracker, parent: str, config: DistillConfig, student: 
 
 
 def evaluate_experiment(config: DistillConfig, student_dir: str | None = None) -> list[EvalResult]:
-    """The evals of ``pipeline.evaluate`` on an experiment's teacher and final student."""
+    """The evals of ``pipeline.evaluate`` on an experiment's teacher and final student: in a Ray task
+    with ``evaluate.num_gpus`` / ``num_cpus`` when Ray is up (so on a GPU node of a cluster whose head
+    has none), else in this process."""
+    import ray
+
+    if not ray.is_initialized():
+        return _evaluate(config, student_dir)
+    gpus = config.evaluate.resolved_gpus(config.train_config().use_gpu, ray.cluster_resources().get("GPU", 0))
+    log.info("evals: a Ray task with %g CPU(s) and %g GPU(s)", config.evaluate.num_cpus, gpus)
+    task = ray.remote(num_cpus=config.evaluate.num_cpus, num_gpus=gpus, max_retries=0)(_evaluate)
+    return ray.get(task.remote(config, student_dir))
+
+
+def _evaluate(config: DistillConfig, student_dir: str | None) -> list[EvalResult]:
     train = config.train_config()
     spec = train.spec()
     rows = read_rows(config.evaluate.corpus or config.corpus, config.s3_endpoint, config.evaluate.rows)
@@ -254,7 +273,9 @@ def log_evals(tracker: Tracker, parent: str, results: list[EvalResult], config: 
     from .evaluate import device_name, resolve_device
 
     run_id = tracker.child_run(parent, "eval", fresh=True)
-    tracker.set_tags(run_id, {"wand.device": device_name(resolve_device(config.evaluate.device)),
+    ran_on = results[0].device if results and results[0].device else device_name(resolve_device(config.evaluate.device))
+    tracker.set_tags(run_id, {"wand.device": ran_on,  # where the evals ran (their latencies are its)
+                              "wand.eval_host": results[0].host if results else "",
                               "wand.heldout": config.evaluate.corpus is not None,
                               "wand.student_checksum": student_checksum})
     tracker.log_params(run_id, {"corpus": config.evaluate.corpus or config.corpus, "rows": config.evaluate.rows,

@@ -20,8 +20,9 @@ import json
 import logging
 import os
 import platform
+import socket
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,6 +53,17 @@ class EvalConfig(BaseModel):
     windows: list[int] = Field([4, 8, 16, 32, 64, 128], min_length=1, description="W values for the window chooser")
     latency_buckets: int = Field(10, ge=1)
     device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N")
+    num_gpus: float | Literal["auto"] = Field(
+        "auto", description="GPUs of the Ray task the evals run in; auto: 1 when the experiment trains on GPUs "
+        "or the cluster has one, else 0")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs of that task")
+    allow_training_corpus: bool = Field(
+        False, description="allow evals on the training corpus (they then score rows the student trained on)")
+
+    def resolved_gpus(self, trains_on_gpu: bool, cluster_gpus: float) -> float:
+        if self.num_gpus != "auto":
+            return float(self.num_gpus)
+        return 1.0 if trains_on_gpu or cluster_gpus >= 1 else 0.0
 
 
 @dataclass
@@ -62,6 +74,8 @@ class EvalResult:
     figure: Any  # matplotlib Figure
     curves: dict[str, list[tuple[int, float]]] = field(default_factory=dict)  # metric -> (step, value)
     notes: list[str] = field(default_factory=list)
+    device: str = ""  # what the eval ran on (its latency figures are that device's)
+    host: str = ""  # host:pid of the process that ran it (a Ray worker on the cluster)
 
 
 def device_name(device: torch.device) -> str:
@@ -361,4 +375,6 @@ def run_evals(spec, teacher: torch.nn.Module, student: torch.nn.Module, window: 
                window_chooser(spec, teacher, rows, cfg.windows, device)]
     for r in results:
         r.metrics = {k: float(v) for k, v in r.metrics.items()}
+        r.device = device_name(device)
+        r.host = f"{socket.gethostname()}:{os.getpid()}"
     return results

@@ -137,3 +137,49 @@ def test_run_evals_tables_and_measured_memory():
     lat = results["decode_latency"].table
     assert len(lat["bucket_start"]) == cfg.latency_buckets and all(x > 0 for x in lat["wand_p90_ms"])
     assert all(math.isfinite(v) for r in results.values() for v in r.metrics.values())
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_evals_run_as_a_ray_task_with_their_resources(ray_local, tmp_path):
+    """On a cluster the evals go where evaluate.num_gpus / num_cpus say (a GPU node, not the driver's
+    CPU head): here, a Ray task on the local cluster's CPUs, in another process than the driver."""
+    import os
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from helpers import corpus_rows
+    from pipeline.chain import DistillConfig, evaluate_experiment
+    from wand.models import get_spec
+
+    spec = get_spec("cosyvoice2", "tiny")
+    (tmp_path / "heldout").mkdir()
+    pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 4, seed=9, min_gen=20, max_gen=30)),
+                   tmp_path / "heldout" / "h.parquet")
+    torch.manual_seed(1)
+    spec.save(spec.build(), str(tmp_path / "student"))
+    config = DistillConfig(experiment="ev", model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "train"),
+                           shards=str(tmp_path / "topk"), storage=str(tmp_path / "ckpt"),
+                           train={"window_start": 8, "window_target": 4},
+                           evaluate={"corpus": str(tmp_path / "heldout"), "rows": 4, "seconds": [2.0],
+                                     "windows": [4, 8], "num_cpus": 1.5, "num_gpus": "auto"})
+    assert config.evaluate.resolved_gpus(False, 0) == 0 and config.evaluate.resolved_gpus(True, 0) == 1
+    results = evaluate_experiment(config, str(tmp_path / "student"))
+    names = {r.name for r in results}
+    assert {"kv_memory", "decode_latency", "quality", "window_chooser"} <= names
+    hosts = {r.host for r in results}
+    assert len(hosts) == 1 and not hosts.pop().endswith(f":{os.getpid()}")  # a Ray worker, not this process
+    assert all(r.device.startswith("CPU") for r in results)
+
+
+def test_the_training_corpus_is_refused_as_held_out_unless_allowed():
+    from pipeline.chain import DistillConfig
+
+    base = dict(experiment="e", model="cosyvoice2", model_size="tiny", corpus="runs/corpus/x/", shards="s", storage="st")
+    for evaluate in ({}, {"corpus": "runs/corpus/x"}):
+        with pytest.raises(ValueError, match="evaluate.corpus: the evals would score the training corpus"):
+            DistillConfig(**base, evaluate=evaluate)
+    DistillConfig(**base, evaluate={"allow_training_corpus": True})
+    DistillConfig(**base, evaluate={"corpus": "runs/corpus/x-heldout"})
+    DistillConfig(**base, evaluate={"enabled": False})

@@ -210,10 +210,12 @@ def test_a_real_size_teacher_without_weights_is_a_config_error():
     with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
         TrainConfig(experiment="e", model="cosyvoice2", shards="s", storage="st")
     with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
-        DistillConfig(experiment="e", model="cosyvoice2", corpus="c", shards="s", storage="st")
+        DistillConfig(experiment="e", model="cosyvoice2", corpus="c", shards="s", storage="st",
+                      evaluate={"enabled": False})
     # With weights named, or at a test size, it is fine.
     PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", teacher_source="s3://b/cosyvoice2")
-    DistillConfig(experiment="e", model="cosyvoice2", model_size="tiny", corpus="c", shards="s", storage="st")
+    DistillConfig(experiment="e", model="cosyvoice2", model_size="tiny", corpus="c", shards="s", storage="st",
+                  evaluate={"enabled": False})
 
 
 def test_stale_shards_are_never_reused_silently(ray_local, tmp_path):
@@ -230,7 +232,8 @@ def test_stale_shards_are_never_reused_silently(ray_local, tmp_path):
     config = DistillConfig(experiment="stale", model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "corpus"),
                            shards=str(tmp_path / "topk"), storage=str(tmp_path / "ckpt"),
                            teacher_source=str(tmp_path / "teacher"), precompute={"k": 4, "rows_per_shard": 8},
-                           train={"stages": 1, "window_start": 8, "window_target": 4}, tracking={"uri": None})
+                           train={"stages": 1, "window_start": 8, "window_target": 4}, tracking={"uri": None},
+                           evaluate={"enabled": False})
     first = run_precompute(config.precompute_config())
 
     # The same inputs: the shards are reused, nothing is recomputed.

@@ -82,6 +82,7 @@ def tracked(ray_local, mlflow_server, tmp_path_factory):
         shards=str(root / "topk"), storage=str(root / "ckpt"), precompute={"k": 8, "rows_per_shard": 16},
         train={"stages": 2, "batch_size": 2, "num_workers": 2, "window_start": 16, "window_target": 4, "lr": 1e-2,
                "epochs": 3.0, "checkpoint_every": 4, "max_failures": 0, "fail_once": f"5:{root / 'died'}"},
+        evaluate={"allow_training_corpus": True},
         tracking={"uri": mlflow_server.uri, "experiment_name": "wand-tts-test"})
     saved = {k: os.environ.get(k) for k in SECRETS}
     os.environ.update(SECRETS)

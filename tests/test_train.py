@@ -32,7 +32,7 @@ def base(root, **train):
                          shards=str(root / "topk"), storage=str(root / "ckpt"), precompute={"k": 8, "rows_per_shard": 16},
                          train={"stages": 2, "batch_size": 2, "num_workers": 2, "window_start": 16, "window_target": 4,
                                 "lr": 1e-2, "epochs": 3.0, "checkpoint_every": 4, **train},
-                         evaluate={"seconds": [2.0], "windows": [4, 8]})
+                         evaluate={"seconds": [2.0], "windows": [4, 8], "allow_training_corpus": True})
 
 
 def assert_steps_exactly_once(record, stage):
