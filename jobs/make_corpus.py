@@ -1,0 +1,97 @@
+"""Build a corpus (the precompute's input) from your tokenized data, in the released model's own layout.
+
+    python jobs/make_corpus.py --model cosyvoice2 --input my_data.jsonl --output runs/corpus/my-cosyvoice2
+    python jobs/make_corpus.py --model sparktts --input records/ --output s3://bucket/corpus/spark \
+        --tokenizer /models/Spark-TTS-0.5B/LLM
+
+Input: JSONL or Parquet files (a file or a folder), one record per utterance: id, text_ids (or text
+with --tokenizer), prompt_codes (optional), target_codes, and per family global_codes (Spark) or
+conditioning_latents (IndexTTS). See pipeline/corpus_builder.py and the README ("Bring your own model
+and data") for each family's fields. Output: <output>/corpus.parquet with rows ending in the model's
+stop id. Every record is checked first (the layout, the codec's code range, then the precompute's
+row checks); if any is bad, all problems are listed and nothing is written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+
+from pipeline import storage  # noqa: E402
+from pipeline.corpus import check_batch  # noqa: E402
+from pipeline.corpus_builder import build_rows  # noqa: E402
+from wand.models import MODEL_NAMES, get_spec  # noqa: E402
+
+
+def read_records(uri: str, endpoint: str | None) -> list[dict]:
+    fs, path = storage.resolve(uri, endpoint)
+    info = fs.get_file_info(path)
+    files = [path] if info.type.name == "File" else storage.list_files(fs, path, (".parquet", ".jsonl"))
+    if not files:
+        raise SystemExit(f"--input: no .jsonl or .parquet files at {uri}")
+    records = []
+    for name in files:
+        if name.endswith(".parquet"):
+            records.extend(pq.read_table(name, filesystem=fs).to_pylist())
+        else:
+            for number, line in enumerate(storage.read_bytes(fs, name).decode().splitlines(), 1):
+                if line.strip():
+                    try:
+                        records.append(json.loads(line))
+                    except json.JSONDecodeError as err:
+                        raise SystemExit(f"--input: {name}, line {number}: not JSON ({err})") from None
+    return records
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, choices=MODEL_NAMES)
+    parser.add_argument("--size", default="real", choices=("real", "small", "mini", "tiny"))
+    parser.add_argument("--input", required=True, help="a .jsonl / .parquet file or a folder of them (local or s3://)")
+    parser.add_argument("--output", required=True, help="corpus folder (local or s3://); corpus.parquet goes there")
+    parser.add_argument("--tokenizer", default=None,
+                        help="the model's text tokenizer (folder): for records with text instead of text_ids; "
+                             "Spark needs it for its special-token ids")
+    parser.add_argument("--s3-endpoint", default=None, help="an S3-compatible endpoint (MinIO, ...)")
+    args = parser.parse_args(argv)
+
+    spec = get_spec(args.model, args.size)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+        if spec.family == "sparktts" and spec.speech_range[0] < 0:
+            spec = spec.with_tokenizer(tokenizer)
+    records = read_records(args.input, args.s3_endpoint)
+    rows, problems = build_rows(spec, records, tokenizer)
+    if rows:
+        table = pa.Table.from_pylist([{**r, "path": args.input} for r in rows])
+        problems += [f"record {c['id']!r}: {c['reason']}" for c in check_batch(table, spec).to_pylist() if c["reason"]]
+    if problems:
+        print(f"{len(problems)} of {len(records)} record(s) cannot become rows; nothing was written:", file=sys.stderr)
+        for line in problems[:50]:
+            print(f"  {line}", file=sys.stderr)
+        if len(problems) > 50:
+            print(f"  ... and {len(problems) - 50} more", file=sys.stderr)
+        return 2
+    fs, root = storage.resolve(args.output, args.s3_endpoint)
+    buffer = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buffer)
+    storage.write_bytes(fs, storage.join(root, "corpus.parquet"), buffer.getvalue())  # whole or not at all
+    generated = [len(r["input_ids"]) - r["prefix_length"] for r in rows]
+    print(f"wrote {len(rows)} rows to {args.output}/corpus.parquet ({spec.name} {spec.size} layout; "
+          f"{min(generated)}..{max(generated)} target tokens per row, stop id {spec.stop_token_ids[0]} included)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
