@@ -161,6 +161,10 @@ class RayHead:
         self.num_cpus = num_cpus
         self.port = port or free_port()
         self.dashboard_port = dashboard_port or free_port()
+        # The dashboard agent (which runs submitted jobs) defaults to port 52365 for every cluster on
+        # the machine: a second cluster's agent (an in-process ray.init, another head) cannot bind it,
+        # and job submissions then fail with "No available agent". Each head gets its own.
+        self.agent_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", **(env or {}), **ray_auth_env(self.token_path),
@@ -178,7 +182,8 @@ class RayHead:
         ray = Path(sys.executable).with_name("ray")
         cmd = [str(ray) if ray.exists() else "ray", "start", "--head", "--node-ip-address", "127.0.0.1",
                "--port", str(self.port), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-               "--num-cpus", str(self.num_cpus), "--include-dashboard", "true", "--disable-usage-stats"]
+               "--num-cpus", str(self.num_cpus), "--include-dashboard", "true", "--disable-usage-stats",
+               "--dashboard-agent-listen-port", str(self.agent_port)]
         if self.resources:
             cmd += ["--resources", json.dumps(self.resources)]
         if self.system_config:
@@ -198,6 +203,9 @@ class RayHead:
         try:  # the job server answers 401 without the token: ready means it accepts ours
             wait_http(f"{self.dashboard_url}/api/version", timeout, self.proc, "Ray head (dashboard / job server)",
                       headers={"Authorization": f"Bearer {read_token(self.token_path)}"})
+            # Jobs are run by the head's dashboard agent, which comes up after the dashboard.
+            wait_http(f"http://127.0.0.1:{self.agent_port}/api/healthz", timeout, self.proc,
+                      "Ray head (dashboard agent, which runs submitted jobs)")
         except RuntimeError:
             self.stop()
             raise
