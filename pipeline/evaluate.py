@@ -29,7 +29,6 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 import wand
-from wand.attention_mass import attention_mass
 from wand.kv import attention_flops_per_token, cache_bytes
 from wand.profiling import bucket_stats, profile_decode
 
@@ -327,14 +326,13 @@ def quality(spec, teacher, student, window: int, rows: list[dict], device: torch
 
 
 def window_chooser(spec, teacher, rows: list[dict], windows: list[int], device: torch.device) -> EvalResult:
-    sequences = [forward_inputs(spec, row, device) for row in rows]
-    longest = max(int(s["input_ids"].shape[1]) - s["prefix_length"] for s in sequences)
-    usable = [w for w in sorted(set(windows)) if w < longest]
-    notes = [] if usable == sorted(set(windows)) else [
-        f"windows >= the longest held-out generation ({longest} tokens) are left out"]
-    if not usable:
-        raise ValueError(f"evaluate.windows: every W is >= the longest held-out generation ({longest} tokens)")
-    masses = attention_mass(teacher, sequences, usable)
+    from .window_choice import choose_window  # it builds on this module's inputs
+
+    try:
+        choice = choose_window(spec, teacher, rows, windows, device)
+    except ValueError as err:
+        raise ValueError(f"evaluate.{err}") from None
+    masses, notes = choice.masses, choice.notes
     table = {"window": [m.window for m in masses], "prefix_share": [m.prefix for m in masses],
              "window_share": [m.window_share for m in masses], "kept": [m.kept for m in masses],
              "dropped": [m.dropped for m in masses], "queries": [m.queries for m in masses]}

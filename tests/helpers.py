@@ -70,3 +70,43 @@ def token_leaks(token: str, runs_dir, mlflow_client, experiment_id: str, texts: 
     ray_files, hits = _files_with(token.encode(), ray_dirs)
     found += hits
     return {"files": files, "mlflow": checked, "ray logs": ray_files, "found": found}
+
+
+def left_padded(rows, pad: int):
+    """(ids, mask) of a batch of 1-D id tensors, left-padded with ``pad`` (as generation wants)."""
+    import torch
+
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, row in enumerate(rows):
+        ids[b, width - len(row):] = row
+        mask[b, width - len(row):] = 1
+    return ids, mask
+
+
+def batch_of_three(name: str):
+    """(model factory, ids, mask, prefix lengths, prefill kwargs) for decoding tests: batch 3,
+    left-padded, three different prefix lengths; a tiny backbone (qwen2 / llama / gpt2) or a tiny
+    TTS spec (cosyvoice2 / indextts ...), deterministic weights."""
+    import torch
+
+    from conftest import VOCAB, tiny_model
+    from wand.models import get_spec
+
+    gen = torch.Generator().manual_seed(3)
+    if name in ("qwen2", "llama", "gpt2"):
+        ids, mask = left_padded([torch.randint(0, VOCAB, (n,), generator=gen) for n in (9, 4, 6)], 0)
+        return (lambda: tiny_model(name)), ids, mask, torch.tensor([7, 4, 2]), {}
+    spec = get_spec(name, "tiny")
+    made = [make_row(spec, text, prompt, 0, seed=s) for s, (text, prompt) in enumerate([(5, 2), (2, 0), (3, 1)])]
+    ids, mask = left_padded([row for row, _ in made], spec.speech_range[0])
+    kwargs = {}
+    if spec.family == "indextts":
+        kwargs["conditioning_latents"] = torch.randn(3, spec.extra["num_latents"], spec.config["n_embd"], generator=gen)
+
+    def build():
+        torch.manual_seed(0)
+        return spec.build().eval()
+
+    return build, ids, mask, torch.tensor([p for _, p in made]), kwargs

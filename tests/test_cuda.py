@@ -18,8 +18,7 @@ import torch
 
 import wand
 from conftest import VOCAB, tiny_model
-from pipeline.random_corpus import make_row
-from wand.models import get_spec
+from helpers import batch_of_three, left_padded
 
 DEVICE = os.environ.get("WAND_TEST_DEVICE", "cuda")
 pytestmark = [
@@ -58,37 +57,6 @@ def test_forward_on_device_equals_cpu(family, tau):
         got = dev(input_ids=ids.to(DEVICE), attention_mask=mask.to(DEVICE), prefix_lengths=prefix.to(DEVICE),
                   tau=tau).logits
     torch.testing.assert_close(got.cpu()[mask.bool()], expected[mask.bool()], atol=1e-4, rtol=0)
-
-
-def left_padded(rows: list[torch.Tensor], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = row
-        mask[b, width - len(row):] = 1
-    return ids, mask
-
-
-def batch_of_three(name: str):
-    """(model factory, ids, mask, prefix, prefill kwargs): batch 3, left-padded, different prefixes."""
-    gen = torch.Generator().manual_seed(3)
-    if name in ("qwen2", "llama", "gpt2"):
-        rows = [torch.randint(0, VOCAB, (n,), generator=gen) for n in (9, 4, 6)]
-        ids, mask = left_padded(rows, 0)
-        return (lambda: tiny_model(name)), ids, mask, torch.tensor([7, 4, 2]), {}
-    spec = get_spec(name, "tiny")
-    made = [make_row(spec, text, prompt, 0, seed=s) for s, (text, prompt) in enumerate([(5, 2), (2, 0), (3, 1)])]
-    ids, mask = left_padded([row for row, _ in made], spec.speech_range[0])
-    kwargs = {}
-    if spec.family == "indextts":
-        kwargs["conditioning_latents"] = torch.randn(3, spec.extra["num_latents"], spec.config["n_embd"], generator=gen)
-
-    def build():
-        torch.manual_seed(0)
-        return spec.build().eval()
-
-    return build, ids, mask, torch.tensor([p for _, p in made]), kwargs
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama", "gpt2", "cosyvoice2", "indextts"])

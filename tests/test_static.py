@@ -8,38 +8,17 @@ import torch
 
 import wand
 from conftest import VOCAB, tiny_model
-from pipeline.random_corpus import make_row
-from wand.models import get_spec
+from helpers import batch_of_three as shared_batch
 from wand.static import StaticDecoder
 
 WINDOW = 4
 STEPS = 5 * WINDOW
 
 
-def left_padded(rows, pad):
-    width = max(len(r) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, row in enumerate(rows):
-        ids[b, width - len(row):] = row
-        mask[b, width - len(row):] = 1
-    return ids, mask
-
-
 def batch_of_three(name):
-    """(model, ids, mask, prefix, prefill kwargs): batch 3, left-padded, different prefix lengths."""
-    gen = torch.Generator().manual_seed(3)
-    if name in ("qwen2", "llama", "gpt2"):
-        ids, mask = left_padded([torch.randint(0, VOCAB, (n,), generator=gen) for n in (9, 4, 6)], 0)
-        return wand.enable_wand(tiny_model(name), WINDOW), ids, mask, torch.tensor([7, 4, 2]), {}
-    spec = get_spec(name, "tiny")
-    made = [make_row(spec, text, prompt, 0, seed=s) for s, (text, prompt) in enumerate([(5, 2), (2, 0), (3, 1)])]
-    ids, mask = left_padded([row for row, _ in made], spec.speech_range[0])
-    kwargs = {}
-    if spec.family == "indextts":
-        kwargs["conditioning_latents"] = torch.randn(3, spec.extra["num_latents"], spec.config["n_embd"], generator=gen)
-    torch.manual_seed(0)
-    return wand.enable_wand(spec.build().eval(), WINDOW), ids, mask, torch.tensor([p for _, p in made]), kwargs
+    """(model with WAND at W, ids, mask, prefix, prefill kwargs): the shared batch, built."""
+    build, ids, mask, prefix, kwargs = shared_batch(name)
+    return wand.enable_wand(build(), WINDOW), ids, mask, prefix, kwargs
 
 
 MODELS = ["qwen2", "llama", "gpt2", "cosyvoice2", "indextts"]
