@@ -106,8 +106,10 @@ def test_the_head_refuses_clients_without_the_token(demo, tmp_path):
     (tmp_path / "wrong").write_text("0" * 64)
     os.chmod(tmp_path / "wrong", 0o600)
 
-    no_token = submit(bare_env(tmp_path), url, "echo", "ran-without-token")
-    assert no_token.returncode != 0 and "ran-without-token" not in no_token.stdout
+    # The demo's own job, as `make demo` submits it, without the token: refused before it is accepted.
+    distill = ["python", "jobs/distill.py", "--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2"]
+    no_token = submit(bare_env(tmp_path), url, *distill)
+    assert no_token.returncode != 0 and "raysubmit_" not in no_token.stdout
     assert "Missing authentication token" in no_token.stdout + no_token.stderr
     wrong = submit({**bare_env(tmp_path), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(tmp_path / "wrong")},
                    url, "echo", "ran-with-wrong-token")
