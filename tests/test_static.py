@@ -8,7 +8,7 @@ import torch
 
 import wand
 from conftest import VOCAB, tiny_model
-from helpers import batch_of_three as shared_batch
+from helpers import batch_of_three as shared_batch, left_padded
 from wand.static import StaticDecoder
 
 WINDOW = 4
@@ -78,7 +78,21 @@ def test_bad_static_requests_name_the_problem():
         wand.generate(model, ids, prefix, WINDOW, 4, attention_mask=mask, compile="fast")
     with pytest.raises(ValueError, match="CUDA graph"):
         wand.generate(model, ids, prefix, WINDOW, 4, attention_mask=mask, compile="graph")
+    flex = wand.enable_wand(tiny_model("qwen2"), WINDOW, backend="flex")
+    with pytest.raises(ValueError, match="needs dense attention .* 'wand_flex'"):
+        wand.generate(flex, ids, prefix, WINDOW, 4, attention_mask=mask, compile=True)
     with pytest.raises(ValueError, match="enable_wand"):
         StaticDecoder(tiny_model("qwen2"), wand.WandCache(prefix, WINDOW))
     with pytest.raises(ValueError, match="after a prefill"):
         StaticDecoder(model, wand.WandCache(prefix, WINDOW))
+
+
+def test_static_steps_at_batch_256_equal_the_default_path():
+    gen = torch.Generator().manual_seed(5)
+    lengths = torch.randint(3, 12, (256,), generator=gen)
+    rows = [torch.randint(0, VOCAB, (int(n),), generator=gen) for n in lengths]
+    ids, mask = left_padded(rows, 0)
+    prefix = (lengths - torch.randint(0, 3, (256,), generator=gen)).clamp(min=1)
+    model = wand.enable_wand(tiny_model("llama"), WINDOW)
+    expected = wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask)
+    assert torch.equal(wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, compile="eager"), expected)

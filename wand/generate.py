@@ -112,7 +112,7 @@ def generate(
         pad_token_id = eos_ids[0] if eos_ids else 0
     eos = torch.tensor(eos_ids, dtype=torch.long, device=input_ids.device)
 
-    mode = _static_mode(compile, window, input_ids.device)
+    mode = _static_mode(compile, window, input_ids.device, model)
     cache = WandCache(prefix_lengths, window) if window is not None else DynamicCache()
     sample = functools.partial(sample_next_token, do_sample=do_sample, temperature=temperature, top_k=top_k,
                                top_p=top_p, generator=generator)
@@ -149,11 +149,16 @@ def generate(
     return (tokens, cache) if return_cache else tokens
 
 
-def _static_mode(compile: bool | str, window: int | None, device: torch.device) -> str | None:
+def _static_mode(compile: bool | str, window: int | None, device: torch.device, model) -> str | None:
+    """The static path's mode, or a ValueError before the prefill takes any memory."""
     if compile is False:
         return None
     if window is None:
         raise ValueError("compile= is the static WAND decode path; full attention (window=None) decodes eagerly")
+    impl = model.config._attn_implementation
+    if impl not in ("sdpa", "eager"):
+        raise ValueError(f"compile=: the static decode step needs dense attention (sdpa or eager), the model has "
+                         f"{impl!r}; decode with model.set_attn_implementation('sdpa')")
     if compile is True:
         return "graph" if device.type == "cuda" else "compile"
     if compile not in STATIC_MODES:
