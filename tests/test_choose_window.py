@@ -48,7 +48,7 @@ def test_choose_window_matches_brute_force_and_logs_to_mlflow(tmp_path, mlflow_s
     (tmp_path / "corpus").mkdir()
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "c.parquet")
     config = {"experiment": "cw", "model": "llasa-3b", "model_size": "tiny", "corpus": str(tmp_path / "corpus"),
-              "shards": str(tmp_path / "topk"), "storage": str(tmp_path / "ckpt"),
+              "shards": str(tmp_path / "topk"), "storage": str(tmp_path / "ckpt"), "evaluate": {"enabled": False},
               "tracking": {"uri": mlflow_server.uri, "experiment_name": "choose-window-test"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     out = subprocess.run([sys.executable, str(ROOT / "jobs/choose_window.py"), "--config", str(tmp_path / "c.yaml"),
