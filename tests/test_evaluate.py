@@ -144,6 +144,7 @@ def test_run_evals_tables_and_measured_memory():
 def test_the_evals_run_as_a_ray_task_with_their_resources(ray_local, tmp_path):
     """On a cluster the evals go where evaluate.num_gpus / num_cpus say (a GPU node, not the driver's
     CPU head): here, a Ray task on the local cluster's CPUs, in another process than the driver."""
+    import io
     import os
 
     import pyarrow as pa
@@ -171,6 +172,11 @@ def test_the_evals_run_as_a_ray_task_with_their_resources(ray_local, tmp_path):
     hosts = {r.host for r in results}
     assert len(hosts) == 1 and not hosts.pop().endswith(f":{os.getpid()}")  # a Ray worker, not this process
     assert all(r.device.startswith("CPU") for r in results)
+    for result in results:  # the figures came back whole: they can be saved (logged) here
+        if result.figure is not None:
+            buffer = io.BytesIO()
+            result.figure.savefig(buffer, format="png")
+            assert buffer.tell() > 1000
 
 
 def test_the_training_corpus_is_refused_as_held_out_unless_allowed():
