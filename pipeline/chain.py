@@ -20,7 +20,7 @@ from .checks import require_teacher_weights
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
 from .teacher_topk import PrecomputeConfig, run_precompute
 from .tracking import Tracker, TrackingConfig, git_commit
-from .train import TrainConfig, initial_model, preflight, run_stage, stage_record
+from .train import TrainConfig, initial_model, preflight, run_stage
 
 __all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_student", "load_student", "evaluate_experiment", "track_stage"]
 

@@ -412,7 +412,6 @@ def train_loop_per_worker(loop_config: dict) -> None:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed picks an accelerator
     import deepspeed
     import ray.train
-    from ray.train import Checkpoint
 
     import wand
 

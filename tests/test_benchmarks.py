@@ -35,3 +35,14 @@ def test_gpu_check_names_every_cuda_test_file_and_benchmark():
     assert cuda_files == ["tests/test_cuda.py"] and "-m cuda tests/test_cuda.py" in script
     for bench in ("decode_latency.py", "train_step.py", "serving.py"):
         assert f"benchmarks/{bench} " in script and "--device cuda" in script
+
+
+def test_the_readme_counts_the_cuda_tests_that_exist():
+    import re
+
+    out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda",
+                          str(ROOT / "tests/test_cuda.py")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    collected = len([line for line in out.stdout.splitlines() if "::" in line])
+    said = {int(n) for n in re.findall(r"(\d+) (?:tests\)|`cuda` tests|tests marked\s+`cuda`)",
+                                       (ROOT / "README.md").read_text())}
+    assert collected > 20 and said == {collected}, (collected, said)

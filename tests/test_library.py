@@ -9,7 +9,23 @@ import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE_ONLY = ("ray", "mlflow", "deepspeed", "s3fs", "pyarrow", "pydantic", "matplotlib", "boto3", "pipeline")
+IMPORT_NAMES = {"pyyaml": "yaml"}  # distribution name -> module name, where they differ
+
+
+def pipeline_only() -> tuple[str, ...]:
+    """The modules of the [pipeline] extra (read from pyproject.toml) that transformers does not need
+    itself (it requires pyyaml), plus the pipeline package: what `wand` must run without."""
+    import tomllib
+    from importlib.metadata import requires
+
+    extra = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["pipeline"]
+    names = {re.split(r"[<>=\[ ]", d)[0].lower() for d in extra}
+    needed_by_transformers = {re.split(r"[<>=\[ ;]", r)[0].lower() for r in requires("transformers") or []
+                              if "extra ==" not in r}
+    return tuple(sorted(IMPORT_NAMES.get(n, n) for n in names - needed_by_transformers)) + ("pipeline",)
+
+
+PIPELINE_ONLY = pipeline_only()
 
 RUNNER = """
 import sys
@@ -58,6 +74,7 @@ def test_the_readme_training_step_runs_with_torch_and_transformers_alone():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
     assert "OK" in out.stdout and "pipeline modules loaded: []" in out.stdout
+    assert {"ray", "deepspeed", "mlflow", "s3fs"} <= set(PIPELINE_ONLY)  # the blocker saw the extra
 
 
 def test_the_core_package_depends_on_torch_and_transformers_only():

@@ -118,7 +118,7 @@ def generate(
                                top_p=top_p, generator=generator)
     if mode is not None and max_new_tokens > 0:
         tokens = _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache,
-                                  mode, sample, eos_ids, pad_token_id, prefill_kwargs)
+                                  mode, sample, eos_ids, eos, pad_token_id, prefill_kwargs)
         return (tokens, cache) if return_cache else tokens
     cache_kw = cache_kwarg_name(model)
     tokens = input_ids
@@ -171,14 +171,13 @@ STOP_CHECK_EVERY = 32
 
 
 def _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache, mode,
-                     sample, eos_ids, pad_token_id, prefill_kwargs):
+                     sample, eos_ids, eos, pad_token_id, prefill_kwargs):
     """Eager prefill, then static steps. Tokens equal the default path's: the step that finished the
     last sample is found on the device and the columns after it are cut off at the end."""
     device = input_ids.device
     out = model(input_ids=input_ids, attention_mask=attention_mask, prefix_lengths=prefix_lengths, window=window,
                 use_cache=True, **{cache_kwarg_name(model): cache}, **dict(prefill_kwargs or {}))
     decoder = StaticDecoder(model, cache, mode)
-    eos = torch.tensor(eos_ids, dtype=torch.long, device=device)
     pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     keep = torch.tensor(max_new_tokens, dtype=torch.long, device=device)  # columns to keep, found on device
