@@ -77,11 +77,12 @@ bench: install
 gpu-check:
 	PYTHON=$(PY) bash benchmarks/gpu_check.sh
 
-# Wheels of this venv's transformers (and the hub / tokenizer packages it needs) for a GPU box with an
+# Wheels of this venv's transformers (and the tokenizers / safetensors it needs; the box's huggingface-hub
+# 1.x satisfies it, and hub 2.x would need packages the box lacks) for a GPU box with an
 # older one (Python 3.12, x86_64); benchmarks/gpu_check.sh installs whatever is in .whl/.
 gpu-wheels: install
 	rm -rf .whl && mkdir -p .whl
-	for pkg in transformers huggingface-hub tokenizers safetensors; do \
+	for pkg in transformers tokenizers safetensors; do \
 	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    -d .whl "$$pkg==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$pkg'))")" || exit 1; \

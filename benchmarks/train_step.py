@@ -16,6 +16,7 @@ after one warm-up step (compilation). Targets (CUDA): WAND / full <= 0.9 at T = 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -95,7 +96,10 @@ def main() -> None:
     config = Qwen2Config(vocab_size=VOCAB, max_position_embeddings=max(lengths), **SHAPES[shape])
     full_model = Qwen2ForCausalLM(config).to(device=device, dtype=dtype)
     full_model.set_attn_implementation("sdpa")
-    wand_model = wand.enable_wand(Qwen2ForCausalLM(config).to(device=device, dtype=dtype), args.window, backend=backend)
+    # Its own copy of the config: set_attn_implementation writes to the config, and a shared one
+    # would switch the baseline to WAND's FlexAttention function too.
+    wand_model = wand.enable_wand(Qwen2ForCausalLM(copy.deepcopy(config)).to(device=device, dtype=dtype),
+                                  args.window, backend=backend)
     wand_model.load_state_dict(full_model.state_dict())
     rows = []
     with timing_conditions(device) as attention:

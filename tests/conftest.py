@@ -39,23 +39,24 @@ def ray_token(pytestconfig):
     return pytestconfig._wand_ray_token
 
 
-def tiny_model(family: str, attn: str = "sdpa", seed: int = 0) -> torch.nn.Module:
-    """A tiny fp32 model of the given backbone class, eval mode, deterministic weights."""
+def tiny_model(family: str, attn: str = "sdpa", seed: int = 0, hidden: int = 32) -> torch.nn.Module:
+    """A tiny fp32 model of the given backbone class, eval mode, deterministic weights. 4 heads of
+    ``hidden / 4``: compiled FlexAttention on CUDA needs a head size of at least 16 (hidden=64)."""
     torch.manual_seed(seed)
     if family == "qwen2":
         config = Qwen2Config(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
         )
         model = Qwen2ForCausalLM(config)
     elif family == "llama":
         config = LlamaConfig(
-            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            vocab_size=VOCAB, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=1024,
         )
         model = LlamaForCausalLM(config)
     elif family == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=1024, bos_token_id=0, eos_token_id=1)
+        config = GPT2Config(vocab_size=VOCAB, n_embd=hidden, n_layer=2, n_head=4, n_positions=1024, bos_token_id=0, eos_token_id=1)
         model = GPT2LMHeadModel(config)
     else:
         raise ValueError(family)

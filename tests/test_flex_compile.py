@@ -25,7 +25,7 @@ def run_curriculum(family: str, device: str) -> dict:
     import torch._dynamo.utils as dynamo_utils
 
     dynamo_utils.counters.clear()
-    model = wand.enable_wand(tiny_model(family, "sdpa").to(device), 128, backend="flex")
+    model = wand.enable_wand(tiny_model(family, "sdpa", hidden=64).to(device), 128, backend="flex")
     per_bucket: dict[int, int] = {}
     prefix = torch.tensor([20, 37], device=device)
     gen = torch.Generator().manual_seed(0)
@@ -53,7 +53,7 @@ def test_compiled_flex_compiles_once_per_bucket_over_a_curriculum(family, monkey
     # mask (every W) and one for the soft form (every tau), never one per W, tau or length.
     assert result["per_bucket"] == {128: 2, 256: 2, 384: 2}, result["per_bucket"]
     with torch.no_grad():
-        dense = wand.enable_wand(tiny_model(family, "sdpa"), 48)(
+        dense = wand.enable_wand(tiny_model(family, "sdpa", hidden=64), 48)(
             input_ids=result["ids"], prefix_lengths=result["prefix"]).logits
     torch.testing.assert_close(result["logits"], dense, atol=1e-4, rtol=0)
 
