@@ -38,8 +38,8 @@ def measure(model, spec, prefix: int, generated: int, window: int | None) -> int
     ids = torch.randint(lo, hi, (1, prefix + generated))
     cache = DynamicCache() if window is None else wand.WandCache(torch.tensor([prefix]), window)
     kwargs = {}
-    if spec.family == "indextts":
-        kwargs["conditioning_latents"] = torch.zeros(1, spec.extra["num_latents"], spec.config["n_embd"], dtype=torch.bfloat16)
+    if spec.latent_shape is not None:  # IndexTTS
+        kwargs["conditioning_latents"] = torch.zeros(1, *spec.latent_shape, dtype=torch.bfloat16)
     model(input_ids=ids, prefix_lengths=torch.tensor([prefix]), window=window, cache=cache, use_cache=True, **kwargs)
     return cache_nbytes(cache)
 

@@ -29,6 +29,7 @@ from pipeline import storage  # noqa: E402
 from pipeline.corpus import check_batch  # noqa: E402
 from pipeline.corpus_builder import build_rows  # noqa: E402
 from wand.models import MODEL_NAMES, get_spec  # noqa: E402
+from wand.models.sparktts import PROMPT_FORMS  # noqa: E402
 
 
 def read_records(uri: str, endpoint: str | None) -> list[dict]:
@@ -60,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tokenizer", default=None,
                         help="the model's text tokenizer (folder): for records with text instead of text_ids; "
                              "Spark needs it for its special-token ids")
+    parser.add_argument("--prompt-form", default=None, choices=PROMPT_FORMS,
+                        help="sparktts: clone (default; prompt transcript + prompt speech), clone_no_text "
+                             "(global tokens only), controllable (style labels; records hold 'style')")
     parser.add_argument("--s3-endpoint", default=None, help="an S3-compatible endpoint (MinIO, ...)")
     args = parser.parse_args(argv)
 
@@ -69,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-        if spec.family == "sparktts" and spec.speech_range[0] < 0:
-            spec = spec.with_tokenizer(tokenizer)
+        spec = spec.with_tokenizer(tokenizer)  # Spark's special-token ids; the others hold theirs
+    if args.prompt_form:
+        if not hasattr(spec, "with_prompt_form"):
+            parser.error(f"--prompt-form: {args.model} has one prompt form (only sparktts has three)")
+        try:
+            spec = spec.with_prompt_form(args.prompt_form)
+        except ValueError as err:
+            parser.error(f"--prompt-form {args.prompt_form}: {err}")
     records = read_records(args.input, args.s3_endpoint)
     rows, problems = build_rows(spec, records, tokenizer)
     if rows:

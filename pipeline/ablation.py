@@ -1,10 +1,12 @@
 """The results table's harness: WAND against its ablations on one trained teacher (issue 8).
 
-One process, plain torch, so a researcher can rerun the whole table on a laptop CPU; the pieces
-are the pipeline's own (``wand.losses.wand_loss``, ``wand.curriculum.Curriculum``, the WAND mask
-and ``WandCache``, ``wand.topk.sparse_teacher_targets``, ``pipeline.evaluate.position_scores``).
-What is not the pipeline's: Ray, DeepSpeed and the Parquet shards (the teacher's top-k are kept in
-memory), which change where the numbers are computed, not what they are.
+One process, plain torch, so a researcher can rerun the whole table on a laptop CPU. The data path
+is the pipeline's own: the precompute's top-k and shard encoding (``topk_of_rows``,
+``build_shard_table``), the training worker's top-k decoding (``pipeline.train.shard_topk``), collate
+(``wand.batch.collate``) and step (``wand.distill.distill_loss``), ``wand.curriculum.Curriculum``,
+the WAND mask and ``WandCache``, ``pipeline.evaluate.position_scores``. What is not the pipeline's:
+Ray, DeepSpeed and Parquet files (the shard tables stay in memory), and the loop (AdamW, random
+batches): where the numbers are computed, not what they are.
 
 Variants (every student starts from the teacher's weights and gets the same steps, rows and lr):
 
@@ -33,11 +35,12 @@ import wand
 from wand.cache import WandCache
 from wand.curriculum import Curriculum
 from wand.generate import cache_kwarg_name
-from wand.losses import wand_loss
-from wand.topk import sparse_teacher_targets
+from wand.batch import collate
+from wand.distill import distill_loss
 
 from .evaluate import DISTANCE_BUCKETS, distance_bucket, forward_inputs, position_scores, speech_ids
-from .teachers import batch_inputs
+from .teacher_topk import build_shard_table, topk_of_rows
+from .train import shard_topk
 
 __all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_student", "free_run",
            "score_variant", "run_ablation"]
@@ -84,19 +87,11 @@ VARIANTS = (
 )
 
 
-@torch.no_grad()
-def teacher_targets(spec, teacher, rows: list[dict], k: int) -> list[dict]:
-    """Per row, the teacher's top-k over the target ids at every generated position (full attention),
-    as the precompute stage writes them: values [n, k], head ids [n, k], rest [n]."""
-    target_ids = spec.target_ids()
-    out = []
-    for row in rows:
-        inputs = forward_inputs(spec, row, torch.device("cpu"))
-        prefix = inputs.pop("prefix_length")
-        logits = teacher(**inputs, prefix_lengths=torch.tensor([prefix]), window=None).logits[0, prefix - 1 : -1]
-        values, indices, rest = sparse_teacher_targets(logits, target_ids, k)
-        out.append({"values": values, "ids": target_ids[indices], "rest": rest})
-    return out
+def teacher_targets(spec, teacher, rows: list[dict], k: int, value_dtype: str = "float16") -> list[dict]:
+    """The rows as the training worker reads them from the shards: each with the teacher's top-k
+    (full attention) in the shard columns, computed and encoded by the precompute's own code."""
+    results = topk_of_rows(spec, teacher, rows, k, 1.0, 16384, torch.device("cpu"))
+    return build_shard_table(rows, results, k, value_dtype, len(spec.target_ids())).to_pylist()
 
 
 def curriculum_for(variant: Variant, config: AblationConfig) -> Curriculum:
@@ -105,32 +100,25 @@ def curriculum_for(variant: Variant, config: AblationConfig) -> Curriculum:
     return Curriculum(config.steps, config.window, config.window, tau_end=None, lr=config.lr)
 
 
-def train_student(spec, teacher, rows: list[dict], targets: list[dict], variant: Variant,
-                  config: AblationConfig) -> torch.nn.Module:
-    """A copy of ``teacher`` fine-tuned on ``rows`` with the variant's mask schedule and loss."""
+def train_student(spec, teacher, rows: list[dict], variant: Variant, config: AblationConfig,
+                  value_dtype: str = "float16") -> torch.nn.Module:
+    """A copy of ``teacher`` fine-tuned on ``rows`` (shard rows: ``teacher_targets``) with the variant's
+    mask schedule and loss, through the training worker's collate, top-k decoding and distill step."""
     torch.manual_seed(config.seed)
     student = copy.deepcopy(teacher).train()
     curriculum = curriculum_for(variant, config)
     optimizer = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=0.0)
     rng = np.random.default_rng(config.seed)  # the same batches for every variant
+    target_ids = spec.target_ids()
     start = time.perf_counter()
     for step in range(config.steps):
         values = curriculum.at(step)
         for group in optimizer.param_groups:
             group["lr"] = values.lr
-        pick = rng.integers(0, len(rows), config.batch_size)
-        batch = batch_inputs(spec, [rows[i] for i in pick])
-        batch_index, positions = [], []
-        for b, i in enumerate(pick):
-            span = torch.arange(rows[i]["prefix_length"] - 1, len(rows[i]["input_ids"]) - 1)
-            positions.append(span)
-            batch_index.append(torch.full_like(span, b))
-        batch_index, positions = torch.cat(batch_index), torch.cat(positions)
-        batch.pop("lengths")
-        hidden, head = spec.hidden_and_head(student, student, window=values.window, tau=values.tau, **batch)
-        out = wand_loss(hidden[batch_index, positions], head, batch["input_ids"][batch_index, positions + 1],
-                        torch.cat([targets[i]["values"] for i in pick]), torch.cat([targets[i]["ids"] for i in pick]),
-                        torch.cat([targets[i]["rest"] for i in pick]), kind=config.kd_kind, kd_weight=variant.kd_weight)
+        picked = [rows[i] for i in rng.integers(0, len(rows), config.batch_size)]
+        out = distill_loss(spec, student, collate(spec, picked), values.window, values.tau,
+                           shard_topk(picked, target_ids, config.k, value_dtype), kind=config.kd_kind,
+                           kd_weight=variant.kd_weight)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
@@ -223,11 +211,11 @@ def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], con
     """One table row per variant (dicts of the columns), in ``variants`` order."""
     wand.enable_wand(teacher, config.window)
     teacher.eval()
-    targets = teacher_targets(spec, teacher, train_rows, config.k) if any(v.train for v in variants) else []
+    shard_rows = teacher_targets(spec, teacher, train_rows, config.k) if any(v.train for v in variants) else []
     results = []
     for variant in variants:
         start = time.perf_counter()
-        model = train_student(spec, teacher, train_rows, targets, variant, config) if variant.train else teacher
+        model = train_student(spec, teacher, shard_rows, variant, config) if variant.train else teacher
         trained = time.perf_counter() - start
         result = score_variant(spec, teacher, model, variant, config, heldout, free_rows)
         result.update(model=spec.name, train_seconds=round(trained, 1), config=asdict(config))

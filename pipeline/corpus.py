@@ -31,13 +31,11 @@ CHECK_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("length",
 
 
 def required_columns(spec: ModelSpec) -> tuple[str, ...]:
-    return REQUIRED_COLUMNS + (("conditioning_latents",) if spec.family == "indextts" else ())
+    return REQUIRED_COLUMNS + spec.row_columns
 
 
-def _latent_size(spec: ModelSpec) -> int | None:
-    if spec.family != "indextts":
-        return None
-    return spec.extra["num_latents"] * spec.config["n_embd"]
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def check_batch(batch: pa.Table, spec: ModelSpec) -> pa.Table:
@@ -52,13 +50,12 @@ class RowChecker:
         self.spec = spec
         self.vocab = spec.vocab_size
         self.targets = set(spec.target_ids().tolist())
-        self.latent_size = _latent_size(spec)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names = set(batch.column_names)
         n = batch.num_rows
         col = {c: (batch.column(c).to_pylist() if c in names else [None] * n)
-               for c in required_columns(self.spec) + ("path",)}
+               for c in required_columns(self.spec) + ("path", "prompt_length")}
         out = {f: [] for f in CHECK_SCHEMA.names}
         for i in range(n):
             row = {c: col[c][i] for c in col}
@@ -75,8 +72,17 @@ class RowChecker:
         for column in required_columns(self.spec):
             if row[column] is None or (column == "id" and row[column] == ""):
                 return f"missing column '{column}'"
-        ids = np.asarray(row["input_ids"], dtype=np.int64)
         prefix = row["prefix_length"]
+        if not _is_int(prefix):
+            if isinstance(prefix, float) and prefix == prefix and prefix.is_integer():
+                return (f"prefix_length {prefix} is a float, not an integer (pandas writes a float column when "
+                        "any value is missing): write the column as int64")
+            return f"prefix_length {prefix!r} is not an integer"
+        raw = row["input_ids"]
+        if not all(_is_int(v) for v in raw):
+            bad = next(v for v in raw if not _is_int(v))
+            return f"input_ids holds {bad!r} ({type(bad).__name__}): token ids must be integers"
+        ids = np.asarray(raw, dtype=np.int64)
         if not 1 <= prefix < len(ids):
             return f"prefix_length {prefix} outside [1, {len(ids)}) (every row needs a prefix and at least one target token)"
         outside = np.nonzero((ids < 0) | (ids >= self.vocab))[0]
@@ -86,10 +92,7 @@ class RowChecker:
         for j in range(prefix, len(ids)):
             if int(ids[j]) not in self.targets:
                 return f"target token {int(ids[j])} at position {j} is not a speech or stop id of {self.spec.name}"
-        if self.latent_size is not None and len(row["conditioning_latents"]) != self.latent_size:
-            return (f"conditioning_latents has {len(row['conditioning_latents'])} values, expected "
-                    f"{self.latent_size} ({self.spec.extra['num_latents']} x {self.spec.config['n_embd']})")
-        return None
+        return self.spec.row_problem(row)
 
 
 def row_hash(row: dict) -> str:

@@ -13,6 +13,7 @@ speech codec (JSONL or Parquet):
     target_codes             the speech to learn, 0-based codec indices (Orpheus: SNAC codes already
                              in its 7-per-frame token order, as offsets from its first audio token)
     global_codes             Spark: the 32 BiCodec global (speaker) codes
+    style                    Spark's controllable form: [gender, pitch, speed] label indices
     conditioning_latents     IndexTTS: its 32 perceiver latents, flattened (or a .npy / .pt path)
 
 Output: corpus rows (``id``, ``input_ids``, ``prefix_length``, ``prompt_length`` and IndexTTS's
@@ -29,8 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
-from .random_corpus import assemble
 
 __all__ = ["build_row", "build_rows", "code_count", "RowError"]
 
@@ -71,7 +70,7 @@ def _codes(record: dict, field: str, count: int, required: bool = True) -> torch
 
 def _latents(spec, record: dict) -> list[float]:
     value = record.get("conditioning_latents")
-    n, dim = spec.extra["num_latents"], spec.config["n_embd"]
+    n, dim = spec.latent_shape
     if isinstance(value, str):
         try:
             value = (np.load(value) if value.endswith(".npy")
@@ -108,16 +107,21 @@ def build_row(spec, record: dict, tokenizer: Any = None) -> dict:
     target = _codes(record, "target_codes", count) + lo
     if not len(target):
         raise RowError(f"record {record['id']!r}: target_codes is empty")
-    glob = None
-    if spec.family == "sparktts":
-        glob = _codes(record, "global_codes", spec.extra["global_codes"])
-    ids, prefix = assemble(spec, torch.tensor(text, dtype=torch.long), prompt, target, glob)
-    ids = torch.cat([ids, torch.tensor([spec.stop_token_ids[0]])])
+    parts = {}
+    if spec.global_codes is not None:
+        parts["global_tokens"] = _codes(record, "global_codes", spec.global_codes)
+    if getattr(spec, "prompt_form", None) == "controllable":  # Spark without reference audio
+        parts["style"] = _ints(record, "style")
+    target = torch.cat([target, torch.tensor([spec.stop_token_ids[0]])])
+    try:
+        ids, prefix = spec.layout(torch.tensor(text, dtype=torch.long), prompt, target, **parts)
+    except ValueError as err:
+        raise RowError(f"record {record['id']!r}: {err}") from None
     if int(ids.max()) >= spec.vocab_size or int(ids.min()) < 0:
         raise RowError(f"record {record['id']!r}: text_ids fall outside {spec.name}'s vocabulary [0, {spec.vocab_size})")
     row = {"id": str(record["id"]), "input_ids": ids.tolist(), "prefix_length": int(prefix),
            "prompt_length": int(len(prompt))}
-    if spec.family == "indextts":
+    if spec.latent_shape is not None:
         row["conditioning_latents"] = _latents(spec, record)
     return row
 

@@ -110,12 +110,7 @@ def forward_inputs(spec, row: dict, device: torch.device) -> dict:
     prefix = int(row["prefix_length"])
     if not 0 < prefix < ids.shape[1]:
         raise ValueError(f"evaluate: row {row['id']}: prefix_length {prefix} must be in [1, {ids.shape[1]})")
-    inputs = {"input_ids": ids, "prefix_length": prefix}
-    if spec.family == "indextts":
-        n, dim = spec.extra["num_latents"], spec.config["n_embd"]
-        inputs["conditioning_latents"] = torch.tensor(
-            np.asarray(row["conditioning_latents"], dtype=np.float32).reshape(1, n, dim), device=device)
-    return inputs
+    return {"input_ids": ids, "prefix_length": prefix, **spec.row_inputs([row], device)}
 
 
 def speech_ids(spec) -> torch.Tensor:
@@ -125,7 +120,7 @@ def speech_ids(spec) -> torch.Tensor:
 
 def max_generated(spec) -> int | None:
     """The model's own limit on generated tokens (IndexTTS: its learned mel positions), or None."""
-    return spec.extra.get("max_mel_tokens")
+    return spec.max_generated_tokens
 
 
 def _figure(title: str, xlabel: str, ylabel: str):
@@ -362,7 +357,7 @@ def run_evals(spec, teacher: torch.nn.Module, student: torch.nn.Module, window: 
     device = resolve_device(cfg.device)
     teacher, student = teacher.to(device).eval(), student.to(device).eval()
     for model in (teacher, student):
-        if getattr(model, "_wand_original_forward", None) is None:
+        if not wand.is_enabled(model):
             wand.enable_wand(model, window)
     log.info("evals on %s: %d held-out rows, W=%d", device_name(device), len(rows), window)
     prefix_mean = round(float(np.mean([r["prefix_length"] for r in rows])))

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .random_corpus import assemble
 
 __all__ = ["SyntheticTask", "synthetic_rows", "phoneme_starts"]
 
@@ -93,12 +92,10 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
     ``alignment``, each row also holds ``phoneme_index`` (per generated token, the index into the text
     of the phoneme it speaks) for analysis; it is not a corpus column."""
     codes = _speech_codes(spec)
-    cap_text = spec.extra.get("max_text_tokens")
-    cap_mel = spec.extra.get("max_mel_tokens")
-    if cap_text is not None:
-        max_text = min(max_text, cap_text - 2)
-    if cap_mel is not None:  # mel positions: prompt + generated + start/stop
-        max_text = min(max_text, (cap_mel - task.prompt_tokens - 2) // task.max_duration)
+    if spec.max_text_tokens is not None:
+        max_text = min(max_text, spec.max_text_tokens - 2)
+    if spec.max_generated_tokens is not None:  # the model's positions: prompt + generated + start/stop
+        max_text = min(max_text, (spec.max_generated_tokens - 1 - task.prompt_tokens - 2) // task.max_duration)
     min_text = min(min_text, max_text)
     rng = np.random.default_rng([seed, task.seed, 7])
     rows = []
@@ -107,16 +104,16 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
         text = rng.integers(0, task.phonemes, int(rng.integers(min_text, max_text + 1))).tolist()
         generated, align = task.speech(len(codes), text, speaker)
         prompt = task.prompt(len(codes), speaker)
-        text_ids = torch.tensor(text) + (2 if spec.family == "indextts" else 0)  # IndexTTS: 0/1 are start/stop text
+        text_ids = torch.tensor(text) + spec.reserved_text_ids  # IndexTTS: 0/1 are start/stop text
         glob = None
-        if spec.family == "sparktts":
-            g = spec.extra["global_codes"]
+        if spec.global_codes is not None:  # Spark: the speaker's global tokens
+            g = spec.global_codes
             glob = torch.tensor([(speaker * 5 + k) % g for k in range(g)])
-        ids, prefix = assemble(spec, text_ids, torch.as_tensor(codes[prompt]), torch.as_tensor(codes[generated]), glob)
+        ids, prefix = spec.layout(text_ids, torch.as_tensor(codes[prompt]), torch.as_tensor(codes[generated]), glob)
         row = {"id": f"syn-{split}-{seed}-{i:05d}", "input_ids": ids.tolist(), "prefix_length": prefix,
                "prompt_length": len(prompt)}
-        if spec.family == "indextts":
-            n_lat, dim = spec.extra["num_latents"], spec.config["n_embd"]
+        if spec.latent_shape is not None:
+            n_lat, dim = spec.latent_shape
             latent_rng = np.random.default_rng([task.seed, speaker, 11])  # the speaker's voice embedding
             row["conditioning_latents"] = latent_rng.standard_normal(n_lat * dim).astype(np.float32).tolist()
         if alignment:

@@ -31,11 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 import wand
 from wand.models import MODEL_NAMES, get_spec
 from wand.models.weights import fingerprint
-from wand.topk import sparse_teacher_targets, target_positions
+from wand.batch import collate
+from wand.topk import sparse_teacher_targets
 
 from . import storage
 from .checks import one_of, require_teacher_weights
-from .corpus import check_batch
+from .corpus import check_batch, row_hash
 
 __all__ = ["PrecomputeConfig", "run_precompute", "load_manifest", "verify_manifest", "MANIFEST", "ShardFault"]
 
@@ -128,14 +129,17 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 
 def assign_shards(batch: pa.Table, mapping) -> pa.Table:
-    """Add the deterministic shard index of each row; drop rows not to compute this run.
-
-    ``mapping`` (id -> shard) arrives as an object ref so a large map is stored once."""
+    """Add the deterministic shard index of each row; drop rows not to compute this run, and every
+    copy of a duplicated id but the one kept (``mapping``: id -> (shard, path, row hash) of that copy;
+    it arrives as an object ref so a large map is stored once)."""
     import ray
 
     if isinstance(mapping, ray.ObjectRef):
         mapping = ray.get(mapping)
-    shards = [mapping.get(i, -1) for i in batch.column("id").to_pylist()]
+    shards = []
+    for row in batch.to_pylist():
+        shard, path, digest = mapping.get(row["id"], (-1, None, None))
+        shards.append(shard if shard >= 0 and row.get("path") == path and row_hash(row) == digest else -1)
     keep = pa.array([s >= 0 for s in shards])
     return batch.append_column("shard", pa.array(shards, type=pa.int64())).filter(keep)
 
@@ -156,9 +160,12 @@ class TeacherTopK:
         shard = int(batch.column("shard")[0].as_py())
         rows = batch.drop_columns([c for c in ("shard", "path") if c in batch.column_names]).to_pylist()
         rows.sort(key=lambda r: r["id"])
+        # Two identical copies of one id in one file both pass assign_shards: the shard holds it once.
+        rows = [r for i, r in enumerate(rows) if i == 0 or r["id"] != rows[i - 1]["id"]]
         maybe_fail(self.config.fail_once, shard)
         results = self.compute(rows)
-        table = build_shard_table(rows, results, self.config, len(self.target_ids))
+        table = build_shard_table(rows, results, self.config.k, self.config.value_dtype, len(self.target_ids),
+                                  shard_metadata(self.config, len(self.target_ids)))
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd")
         data = sink.getvalue()
@@ -171,47 +178,33 @@ class TeacherTopK:
         storage.write_json(self.fs, path.replace(".parquet", ".json"), sidecar)
         return pa.table({k: [v] for k, v in sidecar.items()})
 
-    @torch.no_grad()
-    def compute(self, rows: list[dict]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """Teacher-forced forward in length-sorted, token-budget batches; top-k per generated position."""
-        order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
-        results: list = [None] * len(rows)
-        batch: list[int] = []
-        for i in order + [None]:
-            longest = max([len(rows[j]["input_ids"]) for j in batch] + ([len(rows[i]["input_ids"])] if i is not None else [0]))
-            if batch and (i is None or longest * (len(batch) + 1) > self.config.max_tokens_per_batch):
-                for j, res in zip(batch, self._forward([rows[j] for j in batch])):
-                    results[j] = res
-                batch = []
-            if i is not None:
-                batch.append(i)
-        return results
+    def compute(self, rows: list[dict]) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+        return topk_of_rows(self.spec, self.model, rows, self.config.k, self.config.temperature,
+                            self.config.max_tokens_per_batch, self.device)
 
-    def _forward(self, rows: list[dict]):
-        lengths = [len(r["input_ids"]) for r in rows]
-        width = max(lengths)
-        pad_id = int(self.target_ids[0])
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for b, r in enumerate(rows):
-            ids[b, : lengths[b]] = torch.as_tensor(r["input_ids"])
-            mask[b, : lengths[b]] = 1
-        prefix = torch.tensor([r["prefix_length"] for r in rows])
-        kwargs = {}
-        if self.spec.family == "indextts":
-            n, dim = self.spec.extra["num_latents"], self.spec.config["n_embd"]
-            kwargs["conditioning_latents"] = torch.tensor(
-                np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows])
-            ).to(self.device)
-        logits = self.model(input_ids=ids.to(self.device), attention_mask=mask.to(self.device),
-                            prefix_lengths=prefix.to(self.device), **kwargs).logits
-        out = []
-        for b, r in enumerate(rows):
-            positions = target_positions(r["prefix_length"], lengths[b]).to(self.device)
-            values, index, rest = sparse_teacher_targets(logits[b, positions], self.target_ids, self.config.k,
-                                                         self.config.temperature)
-            out.append((values.cpu(), index.cpu().numpy(), rest.cpu().numpy().astype(np.float32)))
-        return out
+
+@torch.no_grad()
+def topk_of_rows(spec, model, rows: list[dict], k: int, temperature: float, max_tokens_per_batch: int,
+                 device: torch.device) -> list[tuple[torch.Tensor, np.ndarray, np.ndarray]]:
+    """Per row, the teacher's top-k at its generated positions (values, compact indices into the
+    target ids, rest): teacher-forced forwards in length-sorted, token-budget batches."""
+    target_ids = spec.target_ids().to(device)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]["input_ids"]))
+    results: list = [None] * len(rows)
+    batch: list[int] = []
+    for i in order + [None]:
+        longest = max([len(rows[j]["input_ids"]) for j in batch] + ([len(rows[i]["input_ids"])] if i is not None else [0]))
+        if batch and (i is None or longest * (len(batch) + 1) > max_tokens_per_batch):
+            collated = collate(spec, [rows[j] for j in batch], device)
+            # window=None: the teacher with full attention, whatever window its wrapper holds.
+            logits = model(**collated.model_inputs(), window=None).logits[collated.batch_index, collated.positions]
+            values, index, rest = sparse_teacher_targets(logits, target_ids, k, temperature)
+            for j, v, x, r in zip(batch, collated.per_sample(values), collated.per_sample(index), collated.per_sample(rest)):
+                results[j] = (v.cpu(), x.cpu().numpy(), r.cpu().numpy().astype(np.float32))
+            batch = []
+        if i is not None:
+            batch.append(i)
+    return results
 
 
 def maybe_fail(fail_once: str | None, shard: int) -> None:
@@ -240,11 +233,18 @@ def decode_values(array: np.ndarray, value_dtype: str) -> torch.Tensor:
     return torch.from_numpy(np.asarray(array)).float()
 
 
-def build_shard_table(rows, results, config: PrecomputeConfig, target_vocab: int) -> pa.Table:
-    k = config.k
+def shard_metadata(config: PrecomputeConfig, target_vocab: int) -> dict:
+    return {"format": FORMAT, "k": str(config.k), "temperature": str(config.temperature),
+            "value_dtype": config.value_dtype, "teacher": config.teacher, "target_vocab_size": str(target_vocab)}
+
+
+def build_shard_table(rows, results, k: int, value_dtype: str, target_vocab: int,
+                      metadata: dict | None = None) -> pa.Table:
+    """Rows with their teacher top-k (``topk_of_rows``) as one shard's table; ``metadata`` goes into
+    its schema as ``wand.<key>``. The training worker reads these columns back with ``shard_topk``."""
     counts = np.array([len(res[1]) for res in results], dtype=np.int32)
     offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    values, value_type = encode_values(torch.cat([res[0] for res in results]), config.value_dtype)
+    values, value_type = encode_values(torch.cat([res[0] for res in results]), value_dtype)
     idx_type = index_type(target_vocab)
     indices = np.concatenate([res[1] for res in results]).astype(idx_type.to_pandas_dtype())
     rests = np.concatenate([res[2] for res in results])
@@ -265,9 +265,7 @@ def build_shard_table(rows, results, config: PrecomputeConfig, target_vocab: int
         if optional in rows[0]:
             columns[optional] = pa.array([r[optional] for r in rows], type=dtype)
     table = pa.table(columns)
-    meta = {"format": FORMAT, "k": str(k), "temperature": str(config.temperature), "value_dtype": config.value_dtype,
-            "teacher": config.teacher, "target_vocab_size": str(target_vocab)}
-    return table.replace_schema_metadata({f"wand.{key}": value for key, value in meta.items()})
+    return table.replace_schema_metadata({f"wand.{key}": value for key, value in (metadata or {}).items()})
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -292,14 +290,18 @@ def check_corpus(ds, spec, config: PrecomputeConfig) -> tuple[list[dict], list[d
     checks = ds.map_batches(check_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow",
                             num_cpus=config.read_num_cpus).take_all()
     seen: Counter = Counter(r["id"] for r in checks)
-    first_path: dict[str, str] = {}
+    kept: dict[str, dict] = {}  # id -> the copy that stays: the first in file order
+    for r in sorted(checks, key=lambda r: r["path"]):  # stable: a file's own rows stay in order
+        if r["reason"] is None:
+            kept.setdefault(r["id"], r)
     good, bad = [], []
     for r in checks:
         reason = r["reason"]
-        if reason is None and seen[r["id"]] > 1:
-            other = first_path.setdefault(r["id"], r["path"])
-            reason = f"duplicate id (appears {seen[r['id']]} times; first in {other})"
-        first_path.setdefault(r["id"], r["path"])
+        if reason is None and kept[r["id"]] is not r:
+            first = kept[r["id"]]
+            same = "same content" if first["row_hash"] == r["row_hash"] else "different content"
+            reason = (f"duplicate id (appears {seen[r['id']]} times; the first, in {first['path']}, is kept; "
+                      f"this copy has the {same})")
         (bad if reason else good).append({**r, "reason": reason})
     fingerprint = hashlib.sha256("".join(sorted(r["row_hash"] for r in checks)).encode()).hexdigest()
     return good, bad, fingerprint
@@ -341,10 +343,11 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         storage.write_json(fs, run_path, run)
 
     ordered = sorted(r["id"] for r in good)
-    mapping = {row_id: i // config.rows_per_shard for i, row_id in enumerate(ordered)}
+    kept = {r["id"]: (r["path"], r["row_hash"]) for r in good}
+    mapping = {row_id: (i // config.rows_per_shard, *kept[row_id]) for i, row_id in enumerate(ordered)}
     n_shards = (len(ordered) + config.rows_per_shard - 1) // config.rows_per_shard
     done = {s for s in range(n_shards) if _shard_done(fs, root, s)}
-    pending = {row_id: s for row_id, s in mapping.items() if s not in done}
+    pending = {row_id: m for row_id, m in mapping.items() if m[0] not in done}
     if pending:
         log.info("precompute: %d rows in %d shards, %d done, %d to compute", len(ordered), n_shards, len(done),
                  n_shards - len(done))
@@ -359,7 +362,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         assigned = ds.map_batches(assign_shards, fn_kwargs={"mapping": ray.put(pending)}, batch_format="pyarrow",
                                   num_cpus=config.read_num_cpus)
         # One shuffle partition per pending shard (bounded): Ray's default of 200 is for big data.
-        partitions = max(1, min(len(set(pending.values())), 64))
+        partitions = max(1, min(len({m[0] for m in pending.values()}), 64))
         summaries = assigned.groupby("shard", num_partitions=partitions).map_groups(
             TeacherTopK, fn_constructor_args=(config.model_dump_json(),), batch_format="pyarrow",
             concurrency=config.num_actors, num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,

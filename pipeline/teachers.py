@@ -19,57 +19,30 @@ import numpy as np
 import torch
 
 import wand
+from wand.batch import Batch, collate
+from wand.distill import distill_loss
 
-__all__ = ["batch_inputs", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "file_sha256",
+__all__ = ["train_teacher", "teacher_forced_accuracy", "heldout_quality", "file_sha256",
            "read_teacher_record"]
 
 log = logging.getLogger("wand.teachers")
 
 
-def batch_inputs(spec, rows: list[dict], device: torch.device | str = "cpu") -> dict:
-    """Right-padded forward kwargs for ``rows`` plus ``prefix_lengths``, ``lengths``."""
-    lengths = [len(r["input_ids"]) for r in rows]
-    ids = torch.full((len(rows), max(lengths)), int(spec.target_ids()[0]), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for b, r in enumerate(rows):
-        ids[b, : lengths[b]] = torch.tensor(r["input_ids"])
-        mask[b, : lengths[b]] = 1
-    out = {"input_ids": ids.to(device), "attention_mask": mask.to(device),
-           "prefix_lengths": torch.tensor([r["prefix_length"] for r in rows], device=device),
-           "lengths": torch.tensor(lengths, device=device)}
-    if spec.family == "indextts":
-        n, dim = spec.extra["num_latents"], spec.config["n_embd"]
-        out["conditioning_latents"] = torch.tensor(
-            np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows]), device=device)
-    return out
-
-
-def _generated_logits(spec, model, batch: dict, window: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(logits over target ids [N, V], targets as indices into target ids [N], distance from the
-    prefix [N]) at every generated position of the batch."""
-    kwargs = {k: v for k, v in batch.items() if k not in ("lengths",)}
-    logits = model(**kwargs, window=window).logits
+def _generated_logits(spec, model, batch: Batch, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logits over target ids [N, V], targets as indices into target ids [N]) at every generated
+    position of the batch."""
+    logits = model(**batch.model_inputs(), window=window).logits
     targets = spec.target_ids().to(logits.device)
     index = torch.full((int(targets.max()) + 1,), -1, dtype=torch.long, device=logits.device)
     index[targets] = torch.arange(len(targets), device=logits.device)
-    rows, cols, dist = [], [], []
-    for b in range(logits.shape[0]):
-        p, n = int(batch["prefix_lengths"][b]), int(batch["lengths"][b])
-        span = torch.arange(p - 1, n - 1, device=logits.device)
-        rows.append(torch.full_like(span, b))
-        cols.append(span)
-        dist.append(span - (p - 1))
-    rows, cols, dist = torch.cat(rows), torch.cat(cols), torch.cat(dist)
-    picked = logits[rows, cols][:, targets]
-    labels = index[batch["input_ids"][rows, cols + 1]]
-    return picked, labels, dist
+    return logits[batch.batch_index, batch.positions][:, targets], index[batch.targets]
 
 
 def train_teacher(spec, rows: list[dict], steps: int, batch_size: int = 16, lr: float = 3e-3, seed: int = 0,
                   log_every: int = 100) -> torch.nn.Module:
     """A model of ``spec`` trained from seeded random weights with full attention on ``rows``."""
     torch.manual_seed(seed)
-    model = wand.enable_wand(spec.build(), 1)
+    model = wand.enable_wand(spec.build(), None)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     warmup = max(1, steps // 20)
@@ -78,9 +51,9 @@ def train_teacher(spec, rows: list[dict], steps: int, batch_size: int = 16, lr: 
     rng = np.random.default_rng(seed)
     start = time.perf_counter()
     for step in range(steps):
-        batch = batch_inputs(spec, [rows[i] for i in rng.integers(0, len(rows), batch_size)])
-        logits, labels, _ = _generated_logits(spec, model, batch, None)
-        loss = torch.nn.functional.cross_entropy(logits, labels)
+        batch = collate(spec, [rows[i] for i in rng.integers(0, len(rows), batch_size)])
+        # CE only, over the target ids (the speech codes and stop ids): the distillation step without a teacher.
+        loss = distill_loss(spec, model, batch, window=None, ce_over=spec.target_ids()).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -98,14 +71,14 @@ def teacher_forced_accuracy(spec, model, rows: list[dict], window: int | None = 
     """Top-1 accuracy against the corpus tokens at every generated position (teacher forcing),
     over the target ids, with the hard WAND mask at ``window`` (None: full attention). Returns
     ``accuracy``, ``positions`` and per-position arrays ``correct`` and ``distance`` (from the prefix)."""
-    if getattr(model, "_wand_original_forward", None) is None:
-        wand.enable_wand(model, window or 1)
+    if not wand.is_enabled(model):
+        wand.enable_wand(model, window)
     correct, distance = [], []
     for start in range(0, len(rows), batch_size):
-        batch = batch_inputs(spec, rows[start : start + batch_size])
-        logits, labels, dist = _generated_logits(spec, model, batch, window)
+        batch = collate(spec, rows[start : start + batch_size])
+        logits, labels = _generated_logits(spec, model, batch, window)
         correct.append((logits.argmax(-1) == labels).cpu())
-        distance.append(dist.cpu())
+        distance.append(batch.distance().cpu())
     correct_t, distance_t = torch.cat(correct), torch.cat(distance)
     return {"accuracy": float(correct_t.float().mean()), "positions": int(len(correct_t)),
             "correct": correct_t.numpy(), "distance": distance_t.numpy()}

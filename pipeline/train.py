@@ -32,7 +32,9 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from wand.curriculum import Curriculum, Stage
-from wand.losses import KD_KINDS, wand_loss
+from wand.batch import collate
+from wand.distill import SparseTeacher, distill_loss
+from wand.losses import KD_KINDS
 from wand.models import MODEL_NAMES, get_spec
 from wand.models.weights import fingerprint
 
@@ -350,36 +352,12 @@ def initial_model(config: TrainConfig, spec, init_checkpoint: str | None, filesy
     return model
 
 
-def _collate(rows: list[dict], spec, k: int, value_dtype: str, device):
-    lengths = [len(r["input_ids"]) for r in rows]
-    width = max(lengths)
-    target_ids = spec.target_ids()
-    ids = torch.full((len(rows), width), int(target_ids[0]), dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    batch_index, positions = [], []
-    for b, r in enumerate(rows):
-        ids[b, : lengths[b]] = torch.as_tensor(r["input_ids"])
-        mask[b, : lengths[b]] = 1
-        span = torch.arange(r["prefix_length"] - 1, lengths[b] - 1)
-        positions.append(span)
-        batch_index.append(torch.full_like(span, b))
-    batch_index, positions = torch.cat(batch_index), torch.cat(positions)
+def shard_topk(rows: list[dict], target_ids: torch.Tensor, k: int, value_dtype: str) -> SparseTeacher:
+    """The teacher's top-k that the shards store with each row, in collate's position order."""
     values = decode_values(np.concatenate([np.asarray(r["topk_logprobs"]) for r in rows]).reshape(-1, k), value_dtype)
     compact = torch.as_tensor(np.concatenate([np.asarray(r["topk_indices"], dtype=np.int64) for r in rows]).reshape(-1, k))
     rest = torch.as_tensor(np.concatenate([np.asarray(r["rest_logprob"], dtype=np.float32) for r in rows]))
-    kwargs = {}
-    if spec.family == "indextts":
-        n, dim = spec.extra["num_latents"], spec.config["n_embd"]
-        kwargs["conditioning_latents"] = torch.tensor(
-            np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows]))
-    return {
-        "input_ids": ids.to(device), "attention_mask": mask.to(device),
-        "prefix_lengths": torch.tensor([r["prefix_length"] for r in rows], device=device),
-        "batch_index": batch_index.to(device), "positions": positions.to(device),
-        "targets": ids[batch_index, positions + 1].to(device),
-        "teacher_values": values.to(device), "teacher_ids": target_ids[compact].to(device),
-        "teacher_rest": rest.to(device), "extra": {k_: v.to(device) for k_, v in kwargs.items()},
-    }
+    return SparseTeacher(values, target_ids[compact], rest)
 
 
 def _batches(shard, batch_size: int, skip: int):
@@ -425,6 +403,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     checkpoint_fs = fs if loop_config["storage_is_s3"] else None
 
     spec = config.spec()
+    target_ids = spec.target_ids()
     model = initial_model(config, spec, loop_config["init_checkpoint"], checkpoint_fs)
     init_checksum = param_checksum(model.state_dict())  # proves where the stage started from
     wand.enable_wand(model, config.window_start, backend=config.resolved_attention())
@@ -462,18 +441,16 @@ def train_loop_per_worker(loop_config: dict) -> None:
         for group in engine.optimizer.param_groups:
             group["lr"] = values.lr
         start = time.perf_counter()
-        batch = _collate(next(batches), spec, k, value_dtype, device)
-        hidden, head = spec.hidden_and_head(
-            engine, engine.module, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-            prefix_lengths=batch["prefix_lengths"], window=values.window, tau=values.tau, **batch["extra"])
-        out = wand_loss(hidden[batch["batch_index"], batch["positions"]], head, batch["targets"],
-                        batch["teacher_values"], batch["teacher_ids"], batch["teacher_rest"], kind=config.kd_kind,
-                        kd_weight=config.kd_weight, temperature=config.temperature, skew_alpha=config.skew_alpha,
-                        chunk_size=config.loss_chunk_size)
+        rows = next(batches)
+        batch = collate(spec, rows, device)
+        teacher = shard_topk(rows, target_ids, k, value_dtype).to(device)
+        out = distill_loss(spec, engine.module, batch, values.window, values.tau, teacher, forward=engine,
+                           kind=config.kd_kind, kd_weight=config.kd_weight, temperature=config.temperature,
+                           skew_alpha=config.skew_alpha, chunk_size=config.loss_chunk_size)
         engine.backward(out.loss)
         engine.step()
         seconds = time.perf_counter() - start
-        tokens = int(batch["attention_mask"].sum()) * config.num_workers
+        tokens = int(batch.attention_mask.sum()) * config.num_workers
         history.append({"step": step, "loss": float(out.loss.detach()), "ce": float(out.ce), "kd": float(out.kd),
                         "window": values.window, "tau": values.tau, "lr": values.lr,
                         "tokens_per_s": tokens / seconds})

@@ -6,7 +6,7 @@ This package never imports ray or mlflow: it is the method; ``pipeline/`` runs i
 from .cache import WandCache
 from .generate import generate
 from .masks import wand_mask
-from .patch import disable_wand, enable_wand
+from .patch import disable_wand, enable_wand, is_enabled
 
-__all__ = ["WandCache", "disable_wand", "enable_wand", "generate", "wand_mask"]
+__all__ = ["WandCache", "disable_wand", "enable_wand", "generate", "is_enabled", "wand_mask"]
 __version__ = "0.1.0"

@@ -123,9 +123,9 @@ def attention_mass(model: torch.nn.Module, sequences: list[dict], windows: list[
     The model runs with full attention through the WAND wrapper (``window=None``): the wrapper
     passes an explicit causal mask, which the probe needs (it has no mask function of its own).
     """
-    from .patch import enable_wand
+    from .patch import enable_wand, is_enabled
 
-    if getattr(model, "_wand_original_forward", None) is None:
+    if not is_enabled(model):
         enable_wand(model, max(windows))
     totals = {w: [0.0, 0.0, 0] for w in windows}  # per W: [L] prefix sums, [L] window sums, pairs per layer
     for sequence in sequences:

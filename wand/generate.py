@@ -10,7 +10,7 @@ from transformers.cache_utils import DynamicCache
 
 from .cache import WandCache
 from .masks import validate_prefix_lengths, validate_window
-from .patch import enable_wand
+from .patch import enable_wand, is_enabled, original_forward
 from .static import STATIC_MODES, StaticDecoder
 
 __all__ = ["generate", "cache_kwarg_name", "sample_next_token"]
@@ -18,7 +18,7 @@ __all__ = ["generate", "cache_kwarg_name", "sample_next_token"]
 
 def cache_kwarg_name(model: torch.nn.Module) -> str:
     """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever forward takes."""
-    forward = getattr(model, "_wand_original_forward", model.forward)
+    forward = original_forward(model)
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
@@ -105,7 +105,7 @@ def generate(
         raise ValueError("attention_mask must be left-padded for generation (padding first, then tokens)")
     prefix_lengths = validate_prefix_lengths(prefix_lengths, attention_mask.sum(-1), batch_size=batch)
 
-    if getattr(model, "_wand_original_forward", None) is None:
+    if not is_enabled(model):
         enable_wand(model, window)
     eos_ids = [] if eos_token_id is None else ([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id))
     if pad_token_id is None:

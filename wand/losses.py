@@ -78,6 +78,8 @@ def divergence(log_p: torch.Tensor, log_q: torch.Tensor, kind: str, skew_alpha: 
 def _chunk_loss(hidden, targets, teacher_values, teacher_ids, teacher_rest, head, kind, temperature, skew_alpha):
     logits = head(hidden).float()
     ce = F.cross_entropy(logits, targets, reduction="sum")
+    if teacher_values is None:  # CE only
+        return ce, ce.new_zeros(())
     log_q_full = torch.log_softmax(logits / temperature, dim=-1)
     log_q_top = log_q_full.gather(-1, teacher_ids)
     log_q_rest = torch.logsumexp(log_q_full.scatter(-1, teacher_ids, float("-inf")), dim=-1)
@@ -91,9 +93,9 @@ def wand_loss(
     hidden: torch.Tensor,
     head: Callable[[torch.Tensor], torch.Tensor],
     targets: torch.Tensor,
-    teacher_values: torch.Tensor,
-    teacher_ids: torch.Tensor,
-    teacher_rest: torch.Tensor,
+    teacher_values: torch.Tensor | None,
+    teacher_ids: torch.Tensor | None,
+    teacher_rest: torch.Tensor | None,
     kind: str = "skew_fkl",
     kd_weight: float = 1.0,
     temperature: float = 1.0,
@@ -108,6 +110,7 @@ def wand_loss(
         targets: [N] ground-truth head ids.
         teacher_values / teacher_rest: [N, k] / [N] teacher log-probs (top-k and outside mass).
         teacher_ids: [N, k] head ids of the teacher's top-k.
+        The three teacher tensors may all be None: CE only (kd is 0).
     """
     if kind not in KD_KINDS:
         raise ValueError(f"unknown KD kind {kind!r}; known: {', '.join(KD_KINDS)}")
@@ -123,7 +126,9 @@ def wand_loss(
     kd_total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_size):
         part = slice(start, start + chunk_size)
-        args = (hidden[part], targets[part], teacher_values[part], teacher_ids[part], teacher_rest[part])
+        teacher = (None, None, None) if teacher_values is None else (
+            teacher_values[part], teacher_ids[part], teacher_rest[part])
+        args = (hidden[part], targets[part], *teacher)
         if torch.is_grad_enabled() and hidden.requires_grad:
             ce, kd = checkpoint(_chunk_loss, *args, head, kind, temperature, skew_alpha, use_reentrant=False)
         else:

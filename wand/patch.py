@@ -134,6 +134,16 @@ def enable_wand(model: torch.nn.Module, window: int | None, backend: str | None 
     return model
 
 
+def is_enabled(model: torch.nn.Module) -> bool:
+    """Whether :func:`enable_wand` has patched ``model``."""
+    return getattr(model, "_wand_original_forward", None) is not None
+
+
+def original_forward(model: torch.nn.Module):
+    """The model's own forward (before :func:`enable_wand`), or its forward if it is not patched."""
+    return getattr(model, "_wand_original_forward", model.forward)
+
+
 def disable_wand(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`enable_wand` (restores the original forward)."""
     original = getattr(model, "_wand_original_forward", None)

@@ -13,7 +13,7 @@ from transformers.cache_utils import DynamicCache
 
 from .cache import WandCache
 from .generate import cache_kwarg_name
-from .patch import enable_wand
+from .patch import enable_wand, is_enabled, original_forward
 
 __all__ = ["DecodeProfile", "profile_decode", "cache_nbytes", "bucket_stats", "timing_conditions"]
 
@@ -98,7 +98,7 @@ def profile_decode(
     ``window=None`` is the full-attention baseline with transformers' DynamicCache.
     """
     device = next(model.parameters()).device
-    if window is not None and getattr(model, "_wand_original_forward", None) is None:
+    if window is not None and not is_enabled(model):
         enable_wand(model, window)
     if prompt is None:
         vocab = vocab_limit or model.config.vocab_size
@@ -112,11 +112,11 @@ def profile_decode(
         # transformers' fastest full-attention path; except for models whose positions depend on
         # the prefix (IndexTTS numbers text and mel separately): they take the wrapper's full mask.
         cache = DynamicCache()
-        forward = getattr(model, "_wand_original_forward", model.forward)
+        forward = original_forward(model)
         kw = {cache_kwarg_name(model): cache}
         if "prefix_lengths" in inspect.signature(forward).parameters:
-            if getattr(model, "_wand_original_forward", None) is None:
-                enable_wand(model, 1)
+            if not is_enabled(model):
+                enable_wand(model, None)
             forward = model.forward
             kw.update(prefix_lengths=prefix, window=None)
     else:

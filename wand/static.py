@@ -30,6 +30,7 @@ from transformers.cache_utils import Cache
 
 from .cache import WandCache
 from .masks import additive_mask, visibility
+from .patch import is_enabled, original_forward
 
 __all__ = ["StaticDecoder", "STATIC_MODES"]
 
@@ -90,7 +91,7 @@ class StaticDecoder:
     def __init__(self, model: torch.nn.Module, cache: WandCache, mode: str = "eager", model_kwargs: dict | None = None):
         if mode not in STATIC_MODES:
             raise ValueError(f"mode must be one of {', '.join(STATIC_MODES)}, got {mode!r}")
-        if getattr(model, "_wand_original_forward", None) is None:
+        if not is_enabled(model):
             raise ValueError("StaticDecoder needs a model patched with wand.enable_wand(model, window)")
         impl = model.config._attn_implementation
         if impl not in ("sdpa", "eager"):
@@ -108,7 +109,7 @@ class StaticDecoder:
         self.batch = keys.shape[0]
         self.dtype = keys.dtype
         self.mode = mode
-        forward = model._wand_original_forward
+        forward = original_forward(model)
         params = inspect.signature(forward).parameters
         self.cache_kw = "cache" if "cache" in params else "past_key_values"
         self.extra = dict(model_kwargs or {})
@@ -137,7 +138,7 @@ class StaticDecoder:
         self.key_valid.index_fill_(1, self.slot, True)
         visible, _ = visibility(positions, self.key_positions, self.prefix_lengths, self.window, self.key_valid)
         mask = additive_mask(visible, None, self.dtype)
-        out = self.model._wand_original_forward(
+        out = original_forward(self.model)(
             input_ids=self.tokens.view(-1, 1), attention_mask=mask, position_ids=positions, use_cache=True,
             **{self.cache_kw: self.static_cache}, **self.extra)
         self.next_position.add_(1)

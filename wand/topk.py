@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import torch
 
+from .batch import target_positions  # noqa: F401 - the shift lives in wand.batch; kept importable here
+
 __all__ = ["sparse_teacher_targets", "target_positions"]
-
-
-def target_positions(prefix_length: int, length: int) -> torch.Tensor:
-    """Logit positions that predict the generated tokens: token j in [P, L) comes from logits[j - 1]."""
-    return torch.arange(prefix_length - 1, length - 1)
 
 
 @torch.no_grad()

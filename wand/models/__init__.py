@@ -12,12 +12,13 @@ from .causal_lm import CausalLMSpec
 from .cosyvoice2 import CosyVoice2LM, CosyVoice2Spec
 from .indextts import IndexTTSGPT, IndexTTSSpec
 from .presets import BUILDERS, shrink, widen
+from .sparktts import SparkTTSSpec
 from .spec import ModelSpec
 from .weights import WeightsNotFound
 
 __all__ = [
     "MODEL_NAMES", "get_spec", "kv_bytes_per_token", "ModelSpec", "CausalLMSpec", "CosyVoice2Spec",
-    "CosyVoice2LM", "IndexTTSSpec", "IndexTTSGPT", "WeightsNotFound",
+    "CosyVoice2LM", "IndexTTSSpec", "IndexTTSGPT", "SparkTTSSpec", "WeightsNotFound",
 ]
 
 MODEL_NAMES = tuple(BUILDERS)

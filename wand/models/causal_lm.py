@@ -16,14 +16,9 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 from .spec import ModelSpec
 from .weights import WeightsNotFound, resolve_source
 
-__all__ = ["CausalLMSpec", "SPARK_SPECIAL_TOKENS"]
+__all__ = ["CausalLMSpec"]
 
 _BACKBONES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
-# Spark's prompt layout (cli/SparkTTS.py upstream); ids come from the checkpoint's tokenizer.
-SPARK_SPECIAL_TOKENS = (
-    "<|task_tts|>", "<|start_content|>", "<|end_content|>", "<|start_global_token|>",
-    "<|end_global_token|>", "<|start_semantic_token|>", "<|im_end|>",
-)
 # Fields of the backbone config that must match the spec when loading a released folder.
 _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
 
@@ -76,20 +71,6 @@ class CausalLMSpec(ModelSpec):
         return model.eval()
 
     def with_tokenizer(self, tokenizer) -> "CausalLMSpec":
-        """The same spec with token ids read from the checkpoint's own tokenizer (needed for
-        SparkTTS, whose special-token ids are only known from its ``LLM/tokenizer.json``)."""
-        if self.family != "sparktts":
-            return self
-        ids = {tok: tokenizer.convert_tokens_to_ids(tok) for tok in SPARK_SPECIAL_TOKENS}
-        first = tokenizer.convert_tokens_to_ids("<|bicodec_semantic_0|>")
-        last = tokenizer.convert_tokens_to_ids(f"<|bicodec_semantic_{self.extra['semantic_codes'] - 1}|>")
-        missing = [t for t, i in ids.items() if i is None or i == tokenizer.unk_token_id]
-        if missing or first is None or last is None or last - first + 1 != self.extra["semantic_codes"]:
-            raise ValueError(f"{self.name}: this tokenizer lacks Spark's tokens ({missing or 'bicodec_semantic_*'})")
-        return replace(
-            self,
-            prefix_end_token_id=ids["<|start_semantic_token|>"],
-            speech_range=(first, last + 1),
-            stop_token_ids=(ids["<|im_end|>"],),
-            extra={**self.extra, "token_ids": ids, "ids_from_tokenizer": True},
-        )
+        """The same spec with token ids read from the checkpoint's own tokenizer; Llasa's and
+        Orpheus's presets already hold them (SparkTTS's spec overrides this)."""
+        return self

@@ -124,6 +124,17 @@ class CosyVoice2Spec(ModelSpec):
         """Map Qwen text-tokenizer ids into this spec's id space."""
         return text_token_ids + self.extra["speech_token_size"] + 5
 
+    @property
+    def text_vocab_size(self) -> int:
+        return self.config["vocab_size"]
+
+    def layout(self, text, prompt, generated, global_tokens=None):
+        """``[sos, text, task_id, prompt speech, speech]`` (upstream ``Qwen2LM.forward`` /
+        ``inference``: sos_eos, text, task_id, then the prompt's and the target's speech tokens)."""
+        sos, task = self.prefix_end_token_id - 1, self.prefix_end_token_id
+        head = torch.cat([torch.tensor([sos]), self.text_ids(text), torch.tensor([task])])
+        return torch.cat([head, prompt, generated]), len(head) + len(prompt)
+
     def save(self, model: CosyVoice2LM, directory: str | Path) -> Path:
         """Write ``llm.pt`` as CosyVoice 2 ships it (a plain state dict)."""
         return self.save_state_dict(model, directory)

@@ -24,6 +24,7 @@ import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import GPT2Config, GPT2Model
@@ -89,7 +90,17 @@ class IndexTTSGPT(nn.Module):
         is_latent = input_ids == self.latent_id
         # Text starts right after the latents; mel codes at start_mel, the prefix's last token.
         text_pos = (position_ids - self.num_latents).clamp(0, self.text_pos_embedding.emb.num_embeddings - 1)
-        mel_pos = (position_ids - (prefix_lengths.view(-1, 1) - 1)).clamp(0, self.mel_pos_embedding.emb.num_embeddings - 1)
+        mel_pos = position_ids - (prefix_lengths.view(-1, 1) - 1)
+        last = self.mel_pos_embedding.emb.num_embeddings - 1
+        if input_ids.shape[1] == 1:
+            # A decode step past the learned mel positions: upstream stops at max_mel_tokens; clamping
+            # would silently reuse the last position. (Training rows are checked by the row checks.)
+            past = f"IndexTTSGPT: generated past max_mel_tokens (mel position > {last}); stop generation there"
+            if input_ids.device.type == "cuda" or torch.compiler.is_compiling():
+                torch._assert_async(~(mel_pos > last).any(), past)
+            elif bool((mel_pos > last).any()):
+                raise ValueError(past)
+        mel_pos = mel_pos.clamp(0, last)
         mel = self.mel_embedding(input_ids.clamp(max=self.number_mel_codes - 1)) + self.mel_pos_embedding.emb(mel_pos)
         text = self.text_embedding((input_ids - self.text_offset).clamp(min=0)) + self.text_pos_embedding.emb(text_pos)
         emb = torch.where(is_mel, mel, text)
@@ -142,6 +153,55 @@ class IndexTTSSpec(ModelSpec):
     def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
         """Map IndexTTS BPE ids (start_text 0, stop_text 1 included) into this spec's id space."""
         return text_token_ids + self.extra["number_mel_codes"] + 1
+
+    row_columns = ("conditioning_latents",)
+
+    @property
+    def reserved_text_ids(self) -> int:
+        return 2  # start_text 0, stop_text 1
+
+    @property
+    def text_vocab_size(self) -> int:
+        return self.extra["number_text_tokens"]
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        return self.extra["num_latents"], self.config["n_embd"]
+
+    @property
+    def max_text_tokens(self) -> int:
+        return self.extra["max_text_tokens"]
+
+    @property
+    def max_generated_tokens(self) -> int:
+        # Upstream pads mel codes to max_mel_tokens and adds start/stop: the mel positions hold
+        # start_mel (the prefix's last token), max_mel_tokens codes and the stop code.
+        return self.extra["max_mel_tokens"] + 1
+
+    def layout(self, text, prompt, generated, global_tokens=None):
+        """``[latents, start_text, text, stop_text, start_mel, speech]`` (upstream ``UnifiedVoice``:
+        conditioning latents, then text and mel each between its start and stop token)."""
+        latents = torch.full((self.extra["num_latents"],), self.extra["number_mel_codes"])
+        start, stop = self.text_ids(torch.tensor([0])), self.text_ids(torch.tensor([1]))
+        head = torch.cat([latents, start, self.text_ids(text), stop, torch.tensor([self.prefix_end_token_id])])
+        return torch.cat([head, prompt, generated]), len(head) + len(prompt)
+
+    def row_inputs(self, rows, device=None):
+        n, dim = self.latent_shape
+        latents = np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows])
+        return {"conditioning_latents": torch.from_numpy(latents).to(device or "cpu")}
+
+    def row_problem(self, row):
+        latents = row.get("conditioning_latents")
+        n, dim = self.latent_shape
+        if latents is None:
+            return f"missing column 'conditioning_latents' ({n} x {dim} floats)"
+        if len(latents) != n * dim:
+            return f"conditioning_latents has {len(latents)} values, expected {n * dim} ({n} x {dim})"
+        text = int(row["prefix_length"]) - n - 3 - int(row.get("prompt_length") or 0)  # and start/stop text, start_mel
+        if text > self.max_text_tokens:
+            return f"{text} text tokens, more than {self.name}'s limit of {self.max_text_tokens}"
+        return super().row_problem(row)
 
     def save(self, model: IndexTTSGPT, directory: str | Path) -> Path:
         """Write ``gpt.pth`` as IndexTTS ships it (a plain state dict)."""

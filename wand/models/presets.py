@@ -11,6 +11,8 @@ from __future__ import annotations
 from .causal_lm import CausalLMSpec
 from .cosyvoice2 import CosyVoice2Spec
 from .indextts import IndexTTSSpec
+from .sparktts import SPECIAL_TOKENS as SPARK_SPECIAL_TOKENS
+from .sparktts import SparkTTSSpec
 
 # Qwen2.5-0.5B, the backbone of CosyVoice 2 and SparkTTS.
 _QWEN25_05B = dict(
@@ -75,7 +77,7 @@ def _indextts(size: str) -> IndexTTSSpec:
 def _sparktts(size: str) -> CausalLMSpec:
     if size == "real":
         # Special-token ids live in the checkpoint's LLM/tokenizer.json: use spec.with_tokenizer(tok).
-        return CausalLMSpec(
+        return SparkTTSSpec(
             name="sparktts", size=size, family="sparktts", backbone="qwen2",
             config=dict(_QWEN25_05B, vocab_size=166000), vocab_size=166000,
             speech_range=(-1, -1), stop_token_ids=(), prefix_end_token_id=-1,
@@ -85,16 +87,14 @@ def _sparktts(size: str) -> CausalLMSpec:
         )
     text, specials, globals_, semantic = 64, 7, 32, 256
     first_semantic = text + specials + globals_
-    return CausalLMSpec(
+    return SparkTTSSpec(
         name="sparktts", size=size, family="sparktts", backbone="qwen2",
         config=dict(_TINY_QWEN2, vocab_size=first_semantic + semantic), vocab_size=first_semantic + semantic,
         speech_range=(first_semantic, first_semantic + semantic), stop_token_ids=(text + 6,),  # <|im_end|>
         prefix_end_token_id=text + 5,  # <|start_semantic_token|>
         token_rate_hz=50.0, target_window=64, paper_prefix_length=227, source=None,
         extra={"semantic_codes": semantic, "global_codes": globals_, "prefix_end_token": "<|start_semantic_token|>",
-               "token_ids": {tok: text + i for i, tok in enumerate(
-                   ("<|task_tts|>", "<|start_content|>", "<|end_content|>", "<|start_global_token|>",
-                    "<|end_global_token|>", "<|start_semantic_token|>", "<|im_end|>"))},
+               "token_ids": {tok: text + i for i, tok in enumerate(SPARK_SPECIAL_TOKENS)},
                "first_global_id": text + specials},
     )
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -159,6 +159,68 @@ class ModelSpec:
                 )
             out[b] = end
         return out
+
+    # ------------------------------------------------------------------ rows: layout, inputs, limits
+    # A corpus row is {"id", "input_ids", "prefix_length", "prompt_length", + ``row_columns``}. What
+    # differs per model (the layout of the prefix, extra forward inputs, length limits) is answered
+    # here, so the data pipeline never asks which family a spec is.
+    row_columns: ClassVar[tuple[str, ...]] = ()  # model-specific corpus columns (IndexTTS: conditioning_latents)
+
+    def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
+        """Text-tokenizer ids mapped into this spec's input id space (identity for one-vocabulary models)."""
+        return text_token_ids
+
+    @property
+    def reserved_text_ids(self) -> int:
+        """Raw text ids below this are the model's own markers, not text (IndexTTS: start/stop text)."""
+        return 0
+
+    @property
+    def text_vocab_size(self) -> int | None:
+        """Size of the raw text vocabulary where the model has its own text table, else None."""
+        return None
+
+    @property
+    def global_codes(self) -> int | None:
+        """Size of the global (speaker) codebook the prefix holds (Spark), or None."""
+        return None
+
+    @property
+    def latent_shape(self) -> tuple[int, int] | None:
+        """(count, width) of the conditioning latents a row carries (IndexTTS), or None."""
+        return None
+
+    @property
+    def max_text_tokens(self) -> int | None:
+        """The model's limit on text tokens in the prefix, or None."""
+        return None
+
+    @property
+    def max_generated_tokens(self) -> int | None:
+        """The model's limit on generated tokens, stop id included (IndexTTS's learned mel positions), or None."""
+        return None
+
+    def layout(self, text: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor,
+               global_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """One sequence from its parts, in the layout of the model's own training and inference code;
+        returns (ids, prefix length). ``text``: raw text-tokenizer ids (mapped with ``text_ids`` here);
+        ``prompt`` / ``generated``: speech ids (the caller appends the stop id to ``generated``)."""
+        head = torch.cat([self.text_ids(text), torch.tensor([self.prefix_end_token_id])])  # Llasa / Orpheus
+        return torch.cat([head, prompt, generated]), len(head) + len(prompt)
+
+    def row_inputs(self, rows: list[dict], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+        """The model-specific forward inputs of a batch of rows (none for most models)."""
+        return {}
+
+    def row_problem(self, row: dict) -> str | None:
+        """Why a row cannot be used with this model beyond the vocabulary (its own columns, its
+        length limits), or None. ``input_ids`` and ``prefix_length`` are already checked."""
+        limit = self.max_generated_tokens
+        generated = len(row["input_ids"]) - int(row["prefix_length"])
+        if limit is not None and generated > limit:
+            return (f"{generated} generated tokens, more than {self.name}'s limit of {limit} "
+                    "(the model has no positions past it)")
+        return None
 
     # ------------------------------------------------------------------ pickled state-dict releases
     def save_state_dict(self, model: torch.nn.Module, directory) -> "Path":

@@ -1,0 +1,63 @@
+"""One distillation step: the WAND-masked student forward and the loss on a batch.
+
+The Ray Train worker (pipeline/train.py), the results table's harness (pipeline/ablation.py) and,
+with no teacher (CE only), the teacher trainer (pipeline/teachers.py) all compute their loss here;
+their loops (optimizer, schedule, data) are theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .batch import Batch
+from .losses import LossOutput, wand_loss
+
+__all__ = ["SparseTeacher", "distill_loss"]
+
+
+@dataclass
+class SparseTeacher:
+    """The teacher at a batch's N target positions (``wand.topk.sparse_teacher_targets``)."""
+
+    values: torch.Tensor  # [N, k] log-probabilities
+    ids: torch.Tensor  # [N, k] head ids
+    rest: torch.Tensor  # [N] log of the mass outside the k
+
+    def to(self, device) -> "SparseTeacher":
+        return SparseTeacher(self.values.to(device), self.ids.to(device), self.rest.to(device))
+
+    @classmethod
+    def cat(cls, parts: list["SparseTeacher"]) -> "SparseTeacher":
+        return cls(torch.cat([p.values for p in parts]), torch.cat([p.ids for p in parts]),
+                   torch.cat([p.rest for p in parts]))
+
+
+def distill_loss(spec, model: torch.nn.Module, batch: Batch, window: int | None, tau: float | None = None,
+                 teacher: SparseTeacher | None = None, *, forward=None, kind: str = "skew_fkl",
+                 kd_weight: float = 1.0, temperature: float = 1.0, skew_alpha: float = 0.1,
+                 chunk_size: int = 1024, ce_over: torch.Tensor | None = None) -> LossOutput:
+    """CE + kd_weight x KD at the batch's generated positions under the WAND mask (``window`` None:
+    full attention; ``tau``: the soft mask's temperature, None for the hard mask).
+
+    ``forward``: what runs the model (a DeepSpeed engine), default ``model`` itself. ``teacher``
+    None: CE only. ``ce_over``: head ids the CE is restricted to (the teacher trainer's target
+    vocabulary); targets must be among them."""
+    hidden, head = spec.hidden_and_head(forward or model, model, **batch.model_inputs(), window=window, tau=tau)
+    hidden = hidden[batch.batch_index, batch.positions]
+    targets = batch.targets
+    if ce_over is not None:
+        ce_over = ce_over.to(targets.device)
+        index = torch.full((int(ce_over.max()) + 1,), -1, dtype=torch.long, device=targets.device)
+        index[ce_over] = torch.arange(len(ce_over), device=targets.device)
+        targets = index[targets]
+        if bool((targets < 0).any()):
+            raise ValueError("distill_loss: a target is outside ce_over")
+        full_head = head
+        head = lambda h: full_head(h)[:, ce_over]  # noqa: E731
+    if teacher is None:
+        return wand_loss(hidden, head, targets, None, None, None, kind=kind, kd_weight=0.0,
+                         temperature=temperature, skew_alpha=skew_alpha, chunk_size=chunk_size)
+    return wand_loss(hidden, head, targets, teacher.values, teacher.ids, teacher.rest, kind=kind,
+                     kd_weight=kd_weight, temperature=temperature, skew_alpha=skew_alpha, chunk_size=chunk_size)
