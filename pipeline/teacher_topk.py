@@ -73,8 +73,6 @@ class PrecomputeConfig(BaseModel):
     read_num_cpus: float = Field(0.5, gt=0)
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
-    fail_once: str | None = Field(None, description="testing hook 'SHARD:MARKER_FILE': fail shard SHARD once "
-                                  "(the marker file records that it did) to exercise resume")
 
     @field_validator("teacher")
     @classmethod
@@ -147,8 +145,9 @@ def assign_shards(batch: pa.Table, mapping) -> pa.Table:
 class TeacherTopK:
     """map_groups callable: one group = one shard; computes its top-k and writes it."""
 
-    def __init__(self, config_json: str):
+    def __init__(self, config_json: str, fault: str | None = None):
         self.config = PrecomputeConfig.model_validate_json(config_json)
+        self.fault = fault
         use_gpu = self.config.num_gpus_per_actor > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda" if use_gpu else "cpu")
         self.model, self.spec = load_teacher(self.config, self.device)
@@ -162,7 +161,7 @@ class TeacherTopK:
         rows.sort(key=lambda r: r["id"])
         # Two identical copies of one id in one file both pass assign_shards: the shard holds it once.
         rows = [r for i, r in enumerate(rows) if i == 0 or r["id"] != rows[i - 1]["id"]]
-        maybe_fail(self.config.fail_once, shard)
+        maybe_fail(self.fault, shard)
         results = self.compute(rows)
         table = build_shard_table(rows, results, self.config.k, self.config.value_dtype, len(self.target_ids),
                                   shard_metadata(self.config, len(self.target_ids)))
@@ -207,14 +206,19 @@ def topk_of_rows(spec, model, rows: list[dict], k: int, temperature: float, max_
     return results
 
 
-def maybe_fail(fail_once: str | None, shard: int) -> None:
-    if not fail_once:
+# Fault injection for tests (never a config field): "SHARD:MARKER_FILE" fails that shard once (the
+# marker file records that it did). Read by the driver and handed to the actors.
+FAULT_ENV = "WAND_TEST_SHARD_FAULT"
+
+
+def maybe_fail(fault: str | None, shard: int) -> None:
+    if not fault:
         return
-    target, marker = fail_once.split(":", 1)
+    target, marker = fault.split(":", 1)
     if int(target) == shard and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write("failed once\n")
-        raise ShardFault(f"injected failure on shard {shard} (fail_once)")
+        raise ShardFault(f"injected failure on shard {shard} ({FAULT_ENV})")
 
 
 def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[np.ndarray, pa.DataType]:
@@ -364,7 +368,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         # One shuffle partition per pending shard (bounded): Ray's default of 200 is for big data.
         partitions = max(1, min(len({m[0] for m in pending.values()}), 64))
         summaries = assigned.groupby("shard", num_partitions=partitions).map_groups(
-            TeacherTopK, fn_constructor_args=(config.model_dump_json(),), batch_format="pyarrow",
+            TeacherTopK, fn_constructor_args=(config.model_dump_json(), os.environ.get(FAULT_ENV)), batch_format="pyarrow",
             concurrency=config.num_actors, num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
         ).take_all()
         computed = {int(s["shard"]) for s in summaries}

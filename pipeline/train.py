@@ -1,9 +1,10 @@
 """One curriculum stage = one Ray Train run of the student with DeepSpeed ZeRO.
 
 Each worker: ``deepspeed.initialize`` (ZeRO 1/2/3, torch AdamW as the client optimizer; gloo and
-DeepSpeed's CPU accelerator on CPU, bf16 on GPU) -> streams its split of the teacher top-k shards
-(``ray.train.get_dataset_shard``) -> per global step t, the curriculum's W(t), tau(t) and lr(t),
-the WAND-masked student forward, ``wand.losses.wand_loss`` -> every ``checkpoint_every`` steps
+DeepSpeed's CPU accelerator on CPU, bf16 on GPU) -> per global step t, its rows of the teacher
+top-k shards in the seeded order of ``pipeline.row_order``, the curriculum's W(t), tau(t) and lr(t),
+``wand.batch.collate`` and ``wand.distill.distill_loss`` (the WAND-masked student forward, CE + KD)
+-> every ``checkpoint_every`` steps
 every rank saves its DeepSpeed checkpoint and reports it with ``ray.train.report``.
 
 Resume: a worker failure restarts the group from the last reported checkpoint
@@ -27,7 +28,7 @@ import time
 from typing import Literal
 
 import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,6 +41,7 @@ from wand.models.weights import fingerprint
 
 from . import storage
 from .checks import one_of, require_teacher_weights
+from .row_order import RowOrder, ShardRows
 from .teacher_topk import decode_values, load_manifest, verify_manifest
 
 __all__ = ["TrainConfig", "plan_stages", "preflight", "run_stage", "stage_record", "param_checksum"]
@@ -89,14 +91,15 @@ class TrainConfig(BaseModel):
     attention: Literal["auto", "flex", "sdpa"] = Field(
         "auto", description="the student's attention in training: flex (FlexAttention block masks, GPUs), "
         "sdpa (the dense mask); auto = flex with GPUs, sdpa without", **OPERATIONAL)  # the same function
-    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (Ray Data needs CPUs too)",
+    cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (the evals' task needs CPUs too)",
                                    **OPERATIONAL)
     max_failures: int = Field(2, ge=0, **OPERATIONAL)
     checkpoint_every: int = Field(50, ge=1, **OPERATIONAL)
     loss_chunk_size: int = Field(1024, ge=1, **OPERATIONAL)  # memory only: the loss is the same
     gradient_clipping: float = Field(1.0, ge=0)
-    fail_once: str | None = Field(None, description="testing hook 'STEP:MARKER_FILE': rank 1 dies once at STEP",
-                                  **OPERATIONAL)
+    seed: int = Field(0, description="the order of the training rows (a seeded shuffle per epoch)")
+    shuffle_window: int = Field(16, ge=1, description="rows of this many shards are shuffled together "
+                                "(memory: a worker holds up to twice as many shards)")
 
     @field_validator("experiment")
     @classmethod
@@ -218,34 +221,6 @@ def check_same_run(found: dict, identity: dict, config: TrainConfig, where: str)
             f"({'; '.join(diffs)}); name this run differently (experiment:) or remove that folder to start over")
 
 
-def _stage_rows(config: TrainConfig, manifest: dict, stage: Stage, rows_per_step: int):
-    """The Ray dataset of this stage's rows: global positions [start, end) x rows_per_step of the
-    id-sorted corpus, wrapping around for epochs > 1 (a row then appears once per use)."""
-    import pyarrow.parquet as pq
-    import ray
-    import ray.data
-
-    fs, root = storage.resolve(config.shards, config.s3_endpoint)
-    files = [storage.join(root, s["file"]) for s in manifest["shards"]]
-    ids = [i for f in files for i in pq.read_table(f, columns=["id"], filesystem=fs).column("id").to_pylist()]
-    wanted = np.arange(stage.start * rows_per_step, stage.end * rows_per_step) % len(ids)
-    counts: dict[str, int] = {}
-    for position in wanted:
-        counts[ids[position]] = counts.get(ids[position], 0) + 1
-    ds = ray.data.read_parquet(files, filesystem=fs, num_cpus=config.cpus_per_worker)
-    return ds.map_batches(_select_rows, fn_kwargs={"counts": ray.put(counts)}, batch_format="pyarrow",
-                          num_cpus=config.cpus_per_worker)
-
-
-def _select_rows(batch: pa.Table, counts) -> pa.Table:
-    import ray
-
-    if isinstance(counts, ray.ObjectRef):
-        counts = ray.get(counts)
-    take = [i for i, row_id in enumerate(batch.column("id").to_pylist()) for _ in range(counts.get(row_id, 0))]
-    return batch.take(pa.array(take, type=pa.int64()))
-
-
 def _latest_checkpoint(config: TrainConfig, stage: int):
     """The newest checkpoint a previous submission of this stage left (driver restart), or None."""
     from ray.train import Checkpoint
@@ -299,6 +274,7 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
         check_same_run(storage.read_json(fs, storage.join(resumed.path, "state.json")), identity, config, resumed.path)
     loop_config = {
         "config": config.model_dump(), "stage": {"index": stage.index, "start": stage.start, "end": stage.end},
+        "shards": [[s["file"], s["rows"]] for s in manifest["shards"]], "fault": os.environ.get(FAULT_ENV),
         "total_steps": curriculum.total_steps, "init_checkpoint": init,
         "storage_is_s3": storage.is_remote(config.storage), "k": manifest["k"],
         "value_dtype": manifest["value_dtype"], "tracking": tracking, "identity": identity,
@@ -312,7 +288,6 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         run_config=RunConfig(name=config.run_name(stage_index), failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), **storage_kwargs),
-        datasets={"train": _stage_rows(config, manifest, stage, config.batch_size * config.num_workers)},
     )
     result = trainer.fit()
     if result.checkpoint is None:
@@ -360,24 +335,16 @@ def shard_topk(rows: list[dict], target_ids: torch.Tensor, k: int, value_dtype: 
     return SparseTeacher(values, target_ids[compact], rest)
 
 
-def _batches(shard, batch_size: int, skip: int):
-    """Endless stream of row batches from this worker's split, the first ``skip`` dropped."""
-    seen = 0
-    while True:
-        produced = False
-        for batch in shard.iter_batches(batch_size=batch_size, batch_format="pyarrow", drop_last=True):
-            produced = True
-            if seen >= skip:
-                yield batch.to_pylist()
-            seen += 1
-        if not produced:
-            raise RuntimeError("this worker's data split is empty: fewer rows than batch_size x workers")
+# Fault injection for tests (never a config field): "STEP:MARKER_FILE" makes worker rank 1 exit at
+# STEP once, the way a killed process dies (no Python exception). Read by the driver (run_stage)
+# and handed to the workers with the stage.
+FAULT_ENV = "WAND_TEST_WORKER_EXIT"
 
 
-def _maybe_fail(config: TrainConfig, step: int, rank: int) -> None:
-    if not config.fail_once or rank != min(1, config.num_workers - 1):
+def _maybe_fail(fault: str | None, step: int, rank: int, workers: int) -> None:
+    if not fault or rank != min(1, workers - 1):
         return
-    target, marker = config.fail_once.split(":", 1)
+    target, marker = fault.split(":", 1)
     if step == int(target) and not os.path.exists(marker):
         with open(marker, "w") as f:
             f.write(f"worker {rank} died at step {step}\n")
@@ -435,13 +402,19 @@ def train_loop_per_worker(loop_config: dict) -> None:
         starts = state["starts"]
     starts = starts + [step]  # where each (re)start of this stage began: resumes are visible
 
-    batches = _batches(ray.train.get_dataset_shard("train"), config.batch_size, skip=step - stage.start)
+    # Each worker reads its own rows of each step from the shards (pipeline.row_order): the order is
+    # a function of the seed and the step, so a restarted stage reads what it would have read.
+    shard_fs, shard_root = storage.resolve(config.shards, config.s3_endpoint)
+    order = RowOrder([rows for _, rows in loop_config["shards"]], config.seed, config.shuffle_window)
+    reader = ShardRows(lambda path: pq.read_table(path, filesystem=shard_fs),
+                       [storage.join(shard_root, name) for name, _ in loop_config["shards"]], order,
+                       cache=2 * config.shuffle_window)
     while step < stage.end:
         values = curriculum.at(step)
         for group in engine.optimizer.param_groups:
             group["lr"] = values.lr
         start = time.perf_counter()
-        rows = next(batches)
+        rows = reader.take(order.batch(step, rank, config.batch_size, config.num_workers))
         batch = collate(spec, rows, device)
         teacher = shard_topk(rows, target_ids, k, value_dtype).to(device)
         out = distill_loss(spec, engine.module, batch, values.window, values.tau, teacher, forward=engine,
@@ -454,7 +427,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append({"step": step, "loss": float(out.loss.detach()), "ce": float(out.ce), "kd": float(out.kd),
                         "window": values.window, "tau": values.tau, "lr": values.lr,
                         "tokens_per_s": tokens / seconds})
-        _maybe_fail(config, step, rank)
+        _maybe_fail(loop_config["fault"], step, rank, config.num_workers)
         step += 1
         if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
             _save_and_report(engine, config, step, stage, history, rank, init_checksum, starts, loop_config["identity"])

@@ -13,7 +13,7 @@ import torch
 import wand
 from helpers import corpus_rows
 from pipeline import storage
-from pipeline.teacher_topk import PrecomputeConfig, ShardFault, decode_values, load_manifest, run_precompute, verify_manifest
+from pipeline.teacher_topk import FAULT_ENV, PrecomputeConfig, ShardFault, decode_values, load_manifest, run_precompute, verify_manifest
 from wand.models import get_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -116,13 +116,13 @@ def test_round_trip_s3_with_latents_and_bf16(ray_local, s3_server, tmp_path):
     check_round_trip(config, rows, atol=0.02)  # bf16 keeps 8 bits of mantissa
 
 
-def test_interrupted_run_resumes_and_keeps_every_row_once(ray_local, tmp_path):
+def test_interrupted_run_resumes_and_keeps_every_row_once(ray_local, tmp_path, monkeypatch):
     spec = get_spec("llasa-1b", "tiny")
     rows = corpus_rows(spec, 30, seed=3)
     write_corpus(tmp_path / "in", rows, parts=3)
     config = PrecomputeConfig(teacher="llasa-1b", teacher_size="tiny", input=str(tmp_path / "in"),
-                              output=str(tmp_path / "out"), k=4, rows_per_shard=6,
-                              fail_once=f"3:{tmp_path / 'failed-once'}")
+                              output=str(tmp_path / "out"), k=4, rows_per_shard=6)
+    monkeypatch.setenv(FAULT_ENV, f"3:{tmp_path / 'failed-once'}")
     with pytest.raises(Exception) as info:
         run_precompute(config)
     assert "injected failure on shard 3" in str(info.value) or isinstance(info.value, ShardFault)

@@ -9,7 +9,7 @@ import wand
 from helpers import corpus_rows
 from pipeline.chain import DistillConfig, load_student, run_chain
 from pipeline.teacher_topk import PrecomputeConfig, run_precompute
-from pipeline.train import TrainConfig, plan_stages, preflight, run_stage, stage_record
+from pipeline.train import FAULT_ENV, TrainConfig, plan_stages, preflight, run_stage, stage_record
 from wand.models import get_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -75,20 +75,28 @@ def test_zero3_stage(shards):
     assert record["init_param_checksum"] != record["param_checksum"]
 
 
-def test_worker_death_resumes_from_the_last_checkpoint(shards, tmp_path):
-    config = base(shards, stages=1, epochs=1.0, max_failures=1, fail_once=f"5:{tmp_path / 'died'}")
+def test_worker_death_resumes_from_the_last_checkpoint_with_the_same_rows(shards, tmp_path, monkeypatch):
+    config = base(shards, stages=1, epochs=1.0, max_failures=1)
+    reference = run_stage(config.train_config().model_copy(update={"experiment": "no-fault"}), 1)
     train = config.train_config().model_copy(update={"experiment": "fault"})
+    monkeypatch.setenv(FAULT_ENV, f"5:{tmp_path / 'died'}")
     record = run_stage(train, 1)
     assert (tmp_path / "died").exists()  # a worker really died
     assert record["starts"] == [0, 4]  # restarted from the step-4 checkpoint
     assert_steps_exactly_once(record, plan_stages(train)[0])
+    # The resumed stage read the rows an uninterrupted one reads (the order is the seed's): the same
+    # losses step by step and the same final weights.
+    assert [m["loss"] for m in record["metrics"]] == pytest.approx([m["loss"] for m in reference["metrics"]], rel=1e-5)
+    assert record["param_checksum"] == reference["param_checksum"]
 
 
-def test_resubmitted_stage_resumes_instead_of_restarting(shards, tmp_path):
-    config = base(shards, stages=1, epochs=1.0, max_failures=0, fail_once=f"5:{tmp_path / 'died'}")
+def test_resubmitted_stage_resumes_instead_of_restarting(shards, tmp_path, monkeypatch):
+    config = base(shards, stages=1, epochs=1.0, max_failures=0)
     train = config.train_config().model_copy(update={"experiment": "resubmit"})
-    with pytest.raises(Exception):
-        run_stage(train, 1)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULT_ENV, f"5:{tmp_path / 'died'}")
+        with pytest.raises(Exception):
+            run_stage(train, 1)
     assert stage_record(train, 1) is None
     record = run_stage(train, 1)  # the same command again
     assert record["starts"] == [0, 4]
@@ -142,7 +150,8 @@ def test_the_run_identity_covers_every_setting_that_changes_a_result():
     identity = run_identity(config, manifest, 32)
     assert {"tau_start", "tau_end", "warmup_fraction", "skew_alpha", "weight_decay", "zero_stage", "lr",
             "gradient_clipping", "teacher_fingerprint", "data_fingerprint", "total_steps"} <= identity.keys()
-    assert not {"storage", "shards", "checkpoint_every", "cpus_per_worker", "fail_once"} & identity.keys()
+    assert not {"storage", "shards", "checkpoint_every", "cpus_per_worker"} & identity.keys()
+    assert {"seed", "shuffle_window"} <= identity.keys()  # they choose the rows
     for change in ({"tau_start": 0.7}, {"warmup_fraction": 0.1}, {"skew_alpha": 0.3}, {"zero_stage": 3},
                    {"weight_decay": 0.01}):
         other = run_identity(config.model_copy(update=change), manifest, 32)
