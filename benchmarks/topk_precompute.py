@@ -82,8 +82,8 @@ def main() -> None:
         measured = {}
         timing = {}
         for k in KS:
-            config = PrecomputeConfig(teacher="cosyvoice2", teacher_size="small", input=str(work / "in"),
-                                      output=str(work / f"out-k{k}"), k=k, rows_per_shard=32,
+            config = PrecomputeConfig(model="cosyvoice2", model_size="small", corpus=str(work / "in"),
+                                      shards=str(work / f"out-k{k}"), k=k, rows_per_shard=32,
                                       max_tokens_per_batch=4096)
             start = time.perf_counter()
             manifest = run_precompute(config)
@@ -99,8 +99,8 @@ def main() -> None:
 
         # Bare forward over the same rows with the same batching (load excluded, as the stage's
         # actors load once too; both include nothing else).
-        config = PrecomputeConfig(teacher="cosyvoice2", teacher_size="small", input=str(work / "in"),
-                                  output=str(work / "unused"), k=16, max_tokens_per_batch=4096)
+        config = PrecomputeConfig(model="cosyvoice2", model_size="small", corpus=str(work / "in"),
+                                  shards=str(work / "unused"), k=16, max_tokens_per_batch=4096)
         teacher, _ = load_teacher(config, torch.device("cpu"))
         actor = stage.TeacherTopK.__new__(stage.TeacherTopK)
         actor.config, actor.spec, actor.device = config, spec, torch.device("cpu")

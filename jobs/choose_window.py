@@ -2,12 +2,12 @@
 
     python jobs/choose_window.py --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/choose_window.py --config jobs/configs/cosyvoice2.yaml --rows 64 --device cuda
+        python jobs/choose_window.py --config jobs/configs/paper.yaml --only cosyvoice2 --rows 64 --device cuda
 
 Runs the experiment's teacher (full attention, `teacher_source`) on a seeded sample of its corpus and
 prints, per W, the mean share of each generated query's attention on the prefix and on the last W
 tokens (overall and its lowest layer), the smallest W keeping 90 / 95 / 99% of it, and the
-recommended `train.window_target` (95%) and `train.window_start` (4x). With tracking on it logs them
+recommended `curriculum.window_target` (95%) and `curriculum.window_start` (4x). With tracking on it logs them
 as a `choose-window` child of the experiment's parent run.
 """
 

@@ -1,7 +1,7 @@
 """The whole WAND distillation chain per model: precompute -> curriculum stages -> student -> evals.
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py --config jobs/configs/tiny.yaml --root "$PWD"
-    python jobs/distill.py --config jobs/configs/cosyvoice2.yaml --set train.num_workers=8 --set storage=s3://bucket/runs
+    python jobs/distill.py --config jobs/configs/paper.yaml --only cosyvoice2 --set train.num_workers=8 --set storage=s3://bucket/runs
 
 A config holds one experiment, or ``defaults:`` + ``experiments:`` (the embedded default runs the
 three tiny families one after the other; ``--only sparktts`` picks one). With an MLflow tracking

@@ -1,7 +1,7 @@
 """Run the evals on an experiment's final student (or any student folder) and log them to MLflow.
 
     python jobs/evaluate.py --config jobs/configs/tiny.yaml --only cosyvoice2
-    python jobs/evaluate.py --config jobs/configs/cosyvoice2.yaml --student s3://bucket/runs/cosyvoice2-wand/student
+    python jobs/evaluate.py --config jobs/configs/paper.yaml --only cosyvoice2 --student s3://bucket/runs/cosyvoice2-wand/student
 
 Evals (pipeline/evaluate.py): KV-cache memory vs length, per-step decode latency, attention FLOPs,
 teacher-forced agreement/KL by distance from the prefix, and the window chooser. With tracking on,

@@ -1,11 +1,14 @@
-"""Precompute the frozen teacher's top-k log-probabilities as sharded Parquet (a Ray Data stage).
+"""Precompute the frozen teacher's top-k log-probabilities of one experiment as sharded Parquet (a Ray Data stage).
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/precompute.py --config jobs/configs/precompute-tiny.yaml
-    python jobs/precompute.py --config my.yaml --output s3://bucket/topk/cosyvoice2 --k 32
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/precompute.py --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
+    python jobs/precompute.py --config jobs/configs/paper.yaml --only cosyvoice2 --set shards=s3://bucket/topk/cosyvoice2 --set precompute.k=32
 
-The config is YAML with the fields of pipeline.teacher_topk.PrecomputeConfig; any field can be
-overridden on the command line (--field value). Rerunning the same command resumes: finished
-shards are kept, the rest are computed, and manifest.json is written at the end.
+The experiment config is the one jobs/distill.py takes (its `precompute:` section and the shared
+model, corpus and shards); fields are overridden with --set (the one override syntax of every entry
+point). jobs/distill.py runs this step itself; run it alone to precompute ahead of training.
+Rerunning the same command resumes: finished shards are kept, the rest are computed, and
+manifest.json is written at the end. Writes: <shards>/shard-*.parquet, manifest.json, _run.json
+and, with on_bad_rows: quarantine, errors/bad_rows.parquet. Prints a JSON summary.
 """
 
 from __future__ import annotations
@@ -17,17 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.cli import config_from_args, init_ray  # noqa: E402
-from pipeline.teacher_topk import PrecomputeConfig, run_precompute  # noqa: E402
+from pipeline.chain import DistillConfig  # noqa: E402
+from pipeline.cli import init_ray, load_config_with_overrides  # noqa: E402
+from pipeline.teacher_topk import run_precompute  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config = config_from_args(PrecomputeConfig, parser, argv)
+    config = load_config_with_overrides(DistillConfig, parser, argv).precompute_config()
     init_ray()
     manifest = run_precompute(config)
     summary = {k: manifest[k] for k in ("rows", "generated_tokens", "k", "value_dtype", "index_dtype")}
-    summary.update(shards=len(manifest["shards"]), bad_rows=manifest["bad_rows"]["count"], output=config.output)
+    summary.update(shards=len(manifest["shards"]), bad_rows=manifest["bad_rows"]["count"], output=config.shards)
     print(json.dumps(summary, indent=2))
     return 0
 

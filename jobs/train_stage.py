@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train = config.train_config()
     if not 1 <= args.stage <= train.stages:
-        parser.error(f"--stage must be in [1, {train.stages}] (train.stages)")
+        parser.error(f"--stage must be in [1, {train.stages}] (curriculum.stages)")
     init_ray()
     tracker = Tracker.from_config(config.tracking)
     parent = None

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import pickle
-from typing import Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+
+from wand.models.weights import s3_endpoint
 
 from . import storage
-from .checks import require_teacher_weights
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
 from .teacher_topk import PrecomputeConfig, run_precompute
 from .tracking import Tracker, TrackingConfig, git_commit
@@ -33,30 +33,49 @@ HEADLINE = ("kv_reduction_10s", "kv_reduction_60s", "kv_wand_bytes_60s", "kv_ful
             "kl_teacher_student", "kl_far")
 
 
-class DistillConfig(BaseModel):
-    """One experiment. Shared fields sit at the top; ``precompute`` and ``train`` hold the rest of
-    ``PrecomputeConfig`` / ``TrainConfig`` (errors name them as ``precompute.k``, ``train.stages``)."""
+def section(name: str, source: type[BaseModel], fields: tuple[str, ...], doc: str) -> type[BaseModel]:
+    """A config class of ``source``'s own field definitions (type, default, limits, description): a
+    fact is defined once, in the stage config that uses it, and the experiment config reuses it."""
+    picked = {n: (source.model_fields[n].annotation, source.model_fields[n]) for n in fields}
+    model = create_model(name, __config__=ConfigDict(extra="forbid"), **picked)
+    model.__doc__ = doc
+    return model
 
-    model_config = ConfigDict(extra="forbid")
 
-    experiment: str
-    model: str
-    model_size: Literal["real", "small", "mini", "tiny"] = "real"
-    teacher_source: str | None = None
-    teacher_seed: int = 0
-    corpus: str = Field(description="tokenized corpus (Parquet/JSONL, local or s3://)")
-    shards: str = Field(description="where the teacher top-k shards go")
-    storage: str = Field(description="checkpoints and the final student")
-    temperature: float = 1.0
-    s3_endpoint: str | None = None
-    precompute: dict[str, Any] = Field(default_factory=dict)
-    train: dict[str, Any] = Field(default_factory=dict)
+# The facts every step shares sit at the top of an experiment; each stage's own settings in its section.
+SHARED = ("experiment", "model", "model_size", "teacher_source", "teacher_seed", "corpus", "shards", "storage",
+          "s3_endpoint")
+CURRICULUM = ("stages", "epochs", "window_start", "window_target", "tau_start", "tau_end", "lr", "warmup_fraction")
+PRECOMPUTE = tuple(n for n in PrecomputeConfig.model_fields if n not in SHARED)
+TRAIN = tuple(n for n in TrainConfig.model_fields if n not in SHARED + CURRICULUM + ("k", "temperature"))
+_SOURCES = {"corpus": PrecomputeConfig}
+
+Shared = create_model("Shared", __config__=ConfigDict(extra="forbid"), **{
+    n: (cls.model_fields[n].annotation, cls.model_fields[n])
+    for n in SHARED for cls in [_SOURCES.get(n, TrainConfig)]})
+PrecomputeSection = section("PrecomputeSection", PrecomputeConfig, PRECOMPUTE,
+                            "The teacher top-k stage (pipeline.teacher_topk): k, temperature, shards, actors.")
+CurriculumSection = section("CurriculumSection", TrainConfig, CURRICULUM,
+                            "The schedule: stages, epochs, W from window_start to window_target, tau, lr.")
+TrainSection = section("TrainSection", TrainConfig, TRAIN,
+                       "The student's training: batch, loss, DeepSpeed ZeRO, workers, checkpoints, row order.")
+SECTION_OF = {**{n: "precompute" for n in PRECOMPUTE}, **{n: "curriculum" for n in CURRICULUM},
+              **{n: "train" for n in TRAIN}}
+
+
+class DistillConfig(Shared):
+    """One experiment: the shared facts (model and teacher, data and storage) at the top, then one
+    typed section per step. The stage configs (``PrecomputeConfig``, ``TrainConfig``) are derived from
+    it, never written by hand; errors name the section (``precompute.k``, ``curriculum.stages``)."""
+
+    precompute: PrecomputeSection = Field(default_factory=PrecomputeSection)
+    curriculum: CurriculumSection = Field(default_factory=CurriculumSection)
+    train: TrainSection = Field(default_factory=TrainSection)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _sections(self) -> "DistillConfig":
-        require_teacher_weights(self.model_size, self.teacher_source)
         held_out = self.evaluate.corpus
         if self.evaluate.enabled and not self.evaluate.allow_training_corpus and (
                 held_out is None or held_out.rstrip("/") == self.corpus.rstrip("/")):
@@ -67,30 +86,30 @@ class DistillConfig(BaseModel):
         self.train_config()
         return self
 
-    def _shared(self) -> dict:
-        return dict(teacher_source=self.teacher_source, teacher_seed=self.teacher_seed,
-                    temperature=self.temperature, s3_endpoint=self.s3_endpoint)
+    @property
+    def temperature(self) -> float:
+        return self.precompute.temperature
 
     def precompute_config(self) -> PrecomputeConfig:
-        values = {**self.precompute, **self._shared(), "teacher": self.model, "teacher_size": self.model_size,
-                  "input": self.corpus, "output": self.shards}
-        return _typed(PrecomputeConfig, values, "precompute", set(self.precompute))
+        shared = self.model_dump(include=set(PrecomputeConfig.model_fields) & set(SHARED))
+        return _typed(PrecomputeConfig, {**shared, **self.precompute.model_dump()})
 
     def train_config(self) -> TrainConfig:
-        values = {**self.train, **self._shared(), "experiment": self.experiment, "model": self.model,
-                  "k": self.precompute.get("k", PrecomputeConfig.model_fields["k"].default),
-                  "model_size": self.model_size, "shards": self.shards, "storage": self.storage}
-        return _typed(TrainConfig, values, "train", set(self.train))
+        shared = self.model_dump(include=set(TrainConfig.model_fields) & set(SHARED))
+        return _typed(TrainConfig, {**shared, **self.curriculum.model_dump(), **self.train.model_dump(),
+                                    "k": self.precompute.k, "temperature": self.precompute.temperature})
 
 
-def _typed(model: type[BaseModel], values: dict, section: str, own: set[str]):
+def _typed(model: type[BaseModel], values: dict):
+    """A stage config; its cross-field errors are named by the section the field sits in."""
     try:
         return model.model_validate(values)
     except ValidationError as err:
         first = err.errors()[0]
         field = ".".join(str(p) for p in first["loc"])
-        where = f"{section}.{field}" if field in own or not field else field
-        raise ValueError(f"{where}: {first['msg']}") from None
+        where = f"{SECTION_OF[field]}.{field}" if field in SECTION_OF else field
+        message = first["msg"].removeprefix("Value error, ")
+        raise ValueError(f"{where}: {message}" if where else message) from None
 
 
 def run_chain(config: DistillConfig) -> dict:
@@ -175,9 +194,8 @@ def _parent_params(config: DistillConfig, manifest: dict, total_steps: int) -> d
         "teacher_seed": config.teacher_seed, "teacher_fingerprint": manifest["teacher"]["fingerprint"],
         "data_fingerprint": manifest["input"]["fingerprint"], "corpus": config.corpus, "rows": manifest["rows"],
         "k": manifest["k"], "temperature": config.temperature, "storage": config.storage,
-        "curriculum": {"stages": train.stages, "total_steps": total_steps, "window_start": train.window_start,
-                       "window_target": train.resolved_window_target(), "tau_start": train.tau_start,
-                       "tau_end": train.tau_end, "lr": train.lr, "warmup_fraction": train.warmup_fraction},
+        "curriculum": {**config.curriculum.model_dump(), "window_target": train.resolved_window_target(),
+                       "total_steps": total_steps},
         "kd": {"kind": train.kd_kind, "weight": train.kd_weight, "skew_alpha": train.skew_alpha},
         "zero_stage": train.zero_stage, "num_workers": train.num_workers, "batch_size": train.batch_size,
         "use_gpu": train.use_gpu,
@@ -199,8 +217,8 @@ def _cluster_size() -> dict:
 def _log_precompute(tracker: Tracker, run_id: str, precompute: PrecomputeConfig, manifest: dict) -> None:
     tracker.log_params(run_id, {"k": precompute.k, "rows_per_shard": precompute.rows_per_shard,
                                 "value_dtype": manifest["value_dtype"], "index_dtype": manifest["index_dtype"],
-                                "input": precompute.input, "output": precompute.output})
-    tracker.set_tags(run_id, {"wand.shards_uri": precompute.output})
+                                "corpus": precompute.corpus, "shards": precompute.shards})
+    tracker.set_tags(run_id, {"wand.shards_uri": precompute.shards})
     tracker.log_metrics(run_id, {"rows": manifest["rows"], "shards": len(manifest["shards"]),
                                  "generated_tokens": manifest["generated_tokens"],
                                  "bad_rows": manifest["bad_rows"]["count"]})
@@ -338,4 +356,5 @@ def load_student(config: DistillConfig, path: str | None = None) -> torch.nn.Mod
         path = storage.join(root, config.experiment, "student")
         if storage.is_remote(config.storage):
             path = f"s3://{path}"
-    return spec.load(path)
+    with s3_endpoint(config.s3_endpoint):
+        return spec.load(path)

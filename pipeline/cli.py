@@ -1,4 +1,4 @@
-"""Shared plumbing of the entry points: typed YAML configs with CLI overrides, Ray start-up."""
+"""Shared plumbing of the entry points: the experiment YAML with ``--set`` overrides, Ray start-up."""
 
 from __future__ import annotations
 
@@ -12,34 +12,6 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
-
-
-def config_from_args(model: type[T], parser: argparse.ArgumentParser, argv: list[str] | None = None) -> T:
-    """``--config file.yaml`` plus ``--<field> value`` for every field of ``model``.
-
-    Errors name the field and exit with status 2 before anything runs."""
-    parser.add_argument("--config", type=Path, help="YAML file with the config fields")
-    for name, field in model.model_fields.items():
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None,
-                            help=(field.description or "") + f" (default: {field.default!r})")
-    args = parser.parse_args(argv)
-    values: dict = {}
-    if args.config is not None:
-        if not args.config.exists():
-            parser.error(f"--config: no such file: {args.config}")
-        values = yaml.safe_load(args.config.read_text()) or {}
-        if not isinstance(values, dict):
-            parser.error(f"--config: {args.config} must hold a mapping of field: value")
-    for name in model.model_fields:
-        override = getattr(args, name)
-        if override is not None:
-            values[name] = yaml.safe_load(override)  # "32" -> 32, "null" -> None, "s3://..." stays a string
-    try:
-        return model.model_validate(values)
-    except ValidationError as err:
-        lines = [f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors()]
-        print(f"invalid config ({args.config or 'command line'}):\n" + "\n".join(lines), file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def init_ray() -> None:

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 import wand
 from wand.models import MODEL_NAMES, get_spec
-from wand.models.weights import fingerprint
+from wand.models.weights import fingerprint, s3_endpoint
 from wand.batch import collate
 from wand.topk import sparse_teacher_targets
 
@@ -55,13 +55,13 @@ class PrecomputeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    teacher: str = Field(description="model preset, one of wand.models.MODEL_NAMES")
-    teacher_size: Literal["real", "small", "mini", "tiny"] = "real"
+    model: str = Field(description="the teacher's model preset, one of wand.models.MODEL_NAMES")
+    model_size: Literal["real", "small", "mini", "tiny"] = "real"
     teacher_source: str | None = Field(None, description="weights: local path, s3:// URI or HF id; None = "
                                        "random weights from teacher_seed (tests and demos only)")
     teacher_seed: int = 0
-    input: str = Field(description="corpus: a Parquet/JSONL file or a folder of them, local or s3://")
-    output: str = Field(description="shard folder, local or s3://bucket/prefix")
+    corpus: str = Field(description="tokenized corpus: a Parquet/JSONL file or a folder of them, local or s3://")
+    shards: str = Field(description="where the teacher top-k shards go: a folder, local or s3://bucket/prefix")
     k: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0)
     value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -74,26 +74,27 @@ class PrecomputeConfig(BaseModel):
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
 
-    @field_validator("teacher")
+    @field_validator("model")
     @classmethod
-    def _known_teacher(cls, value: str) -> str:
-        return one_of(value, MODEL_NAMES, "teacher preset")
+    def _known_model(cls, value: str) -> str:
+        return one_of(value, MODEL_NAMES, "model preset")
 
     @model_validator(mode="after")
     def _k_fits(self) -> "PrecomputeConfig":
-        require_teacher_weights(self.teacher_size, self.teacher_source)
-        spec = get_spec(self.teacher, self.teacher_size)
+        require_teacher_weights(self.model_size, self.teacher_source)
+        spec = get_spec(self.model, self.model_size)
         if spec.speech_range[0] >= 0 and self.k > len(spec.target_ids()):
-            raise ValueError(f"k={self.k} exceeds the target vocabulary of {self.teacher} ({len(spec.target_ids())})")
+            raise ValueError(f"k={self.k} exceeds the target vocabulary of {self.model} ({len(spec.target_ids())})")
         return self
 
     def spec(self):
-        return get_spec(self.teacher, self.teacher_size)
+        return get_spec(self.model, self.model_size)
 
     def resume_key(self) -> dict:
-        """What must be equal for existing shards to be reused."""
-        return self.model_dump(include={"teacher", "teacher_size", "teacher_source", "teacher_seed", "k",
-                                        "temperature", "value_dtype", "rows_per_shard"})
+        """What must be equal for existing shards to be reused (under the names shards record)."""
+        key = self.model_dump(include={"teacher_source", "teacher_seed", "k", "temperature", "value_dtype",
+                                       "rows_per_shard"})
+        return {"teacher": self.model, "teacher_size": self.model_size, **key}
 
 
 def index_type(target_vocab: int) -> pa.DataType:
@@ -113,7 +114,8 @@ def shard_name(index: int) -> str:
 def load_teacher(config: PrecomputeConfig, device: torch.device):
     spec = config.spec()
     if config.teacher_source:
-        model = spec.load(config.teacher_source)
+        with s3_endpoint(config.s3_endpoint):
+            model = spec.load(config.teacher_source)
     else:
         torch.manual_seed(config.teacher_seed)
         model = spec.build()
@@ -153,7 +155,7 @@ class TeacherTopK:
         self.model, self.spec = load_teacher(self.config, self.device)
         self.fingerprint = weights_fingerprint(self.model)
         self.target_ids = self.spec.target_ids().to(self.device)
-        self.fs, self.root = storage.resolve(self.config.output, self.config.s3_endpoint)
+        self.fs, self.root = storage.resolve(self.config.shards, self.config.s3_endpoint)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         shard = int(batch.column("shard")[0].as_py())
@@ -239,7 +241,7 @@ def decode_values(array: np.ndarray, value_dtype: str) -> torch.Tensor:
 
 def shard_metadata(config: PrecomputeConfig, target_vocab: int) -> dict:
     return {"format": FORMAT, "k": str(config.k), "temperature": str(config.temperature),
-            "value_dtype": config.value_dtype, "teacher": config.teacher, "target_vocab_size": str(target_vocab)}
+            "value_dtype": config.value_dtype, "teacher": config.model, "target_vocab_size": str(target_vocab)}
 
 
 def build_shard_table(rows, results, k: int, value_dtype: str, target_vocab: int,
@@ -276,13 +278,13 @@ def build_shard_table(rows, results, k: int, value_dtype: str, target_vocab: int
 def read_corpus(config: PrecomputeConfig):
     import ray.data
 
-    fs, path = storage.resolve(config.input, config.s3_endpoint)
+    fs, path = storage.resolve(config.corpus, config.s3_endpoint)
     files = storage.list_files(fs, path, (".parquet", ".jsonl"))
     if not files:
-        raise ValueError(f"input: no .parquet or .jsonl files under {config.input}")
+        raise ValueError(f"input: no .parquet or .jsonl files under {config.corpus}")
     kinds = {f.endswith(".parquet") for f in files}
     if len(kinds) > 1:
-        raise ValueError(f"input: mixes Parquet and JSONL files under {config.input}; use one format")
+        raise ValueError(f"input: mixes Parquet and JSONL files under {config.corpus}; use one format")
     reader = ray.data.read_parquet if kinds == {True} else ray.data.read_json
     # One read task per file keeps the `path` column exact.
     ds = reader(files, filesystem=fs, include_paths=True, num_cpus=config.read_num_cpus)
@@ -321,13 +323,13 @@ def bad_rows_error(bad: list[dict]) -> str:
 def run_precompute(config: PrecomputeConfig) -> dict:
     """Run (or resume) the stage; return the manifest. Ray must be initialised (``ray.init``)."""
     spec = config.spec()
-    fs, root = storage.resolve(config.output, config.s3_endpoint)
+    fs, root = storage.resolve(config.shards, config.s3_endpoint)
     ds, files = read_corpus(config)
     good, bad, fingerprint = check_corpus(ds, spec, config)
     if bad and config.on_bad_rows == "fail":
         raise ValueError(bad_rows_error(bad))
     if not good:
-        raise ValueError(f"input: no valid rows in {config.input}")
+        raise ValueError(f"input: no valid rows in {config.corpus}")
 
     run = {"settings": config.resume_key(), "input_fingerprint": fingerprint, "format": FORMAT,
            "teacher_files": teacher_files_fingerprint(config.teacher_source, config.s3_endpoint)}
@@ -340,7 +342,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
             storage.write_json(fs, run_path, previous)
         if previous != run:
             raise ValueError(
-                f"output {config.output} holds shards of another run (settings, input or teacher weights differ: "
+                f"output {config.shards} holds shards of another run (settings, input or teacher weights differ: "
                 f"{_diff(previous, run)}); use a new output folder"
             )
     else:
@@ -357,7 +359,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                  n_shards - len(done))
     else:
         log.info("precompute: matching shards found in %s (%d shards; settings, input and teacher files "
-                 "unchanged); nothing to compute", config.output, n_shards)
+                 "unchanged); nothing to compute", config.shards, n_shards)
     if pending:
         import ray
 
@@ -385,12 +387,12 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         raise RuntimeError(f"precompute: shards were computed by different teacher weights: {sorted(fingerprints)}")
     manifest = {
         "format": FORMAT,
-        "teacher": {"preset": config.teacher, "size": config.teacher_size, "source": config.teacher_source,
+        "teacher": {"preset": config.model, "size": config.model_size, "source": config.teacher_source,
                     "seed": None if config.teacher_source else config.teacher_seed,
                     "fingerprint": fingerprints.pop()},
         "k": config.k, "temperature": config.temperature, "value_dtype": config.value_dtype,
         "index_dtype": str(index_type(len(spec.target_ids()))), "target_vocab_size": len(spec.target_ids()),
-        "input": {"uri": config.input, "files": len(files), "fingerprint": fingerprint},
+        "input": {"uri": config.corpus, "files": len(files), "fingerprint": fingerprint},
         "rows": len(ordered), "rows_per_shard": config.rows_per_shard,
         "generated_tokens": sum(s["generated_tokens"] for s in sidecars),
         "shards": [{k: s[k] for k in ("file", "rows", "sha256", "first_id", "last_id")} for s in sidecars],

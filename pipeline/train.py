@@ -37,7 +37,7 @@ from wand.batch import collate
 from wand.distill import SparseTeacher, distill_loss
 from wand.losses import KD_KINDS
 from wand.models import MODEL_NAMES, get_spec
-from wand.models.weights import fingerprint
+from wand.models.weights import fingerprint, s3_endpoint
 
 from . import storage
 from .checks import one_of, require_teacher_weights
@@ -314,7 +314,8 @@ def initial_model(config: TrainConfig, spec, init_checkpoint: str | None, filesy
     """Stage 1: the teacher's weights. Stage k + 1: stage k's consolidated model.safetensors."""
     if init_checkpoint is None:
         if config.teacher_source:
-            return spec.load(config.teacher_source)
+            with s3_endpoint(config.s3_endpoint):
+                return spec.load(config.teacher_source)
         torch.manual_seed(config.teacher_seed)
         return spec.build()
     from ray.train import Checkpoint
@@ -430,7 +431,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
         _maybe_fail(loop_config["fault"], step, rank, config.num_workers)
         step += 1
         if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
-            _save_and_report(engine, config, step, stage, history, rank, init_checksum, starts, loop_config["identity"])
+            _save_and_report(engine, config, stage, rank, next_step=step, history=history, init_checksum=init_checksum,
+                             starts=starts, identity=loop_config["identity"])
             if rank == 0 and loop_config.get("tracking"):
                 _log_progress(loop_config["tracking"], history)
 
@@ -447,8 +449,11 @@ def _log_progress(tracking: dict, history: list[dict]) -> None:
         log.warning("tracking: could not log steps to %s: %s", tracking["uri"], err)
 
 
-def _save_and_report(engine, config: TrainConfig, step: int, stage: Stage, history: list, rank: int,
+def _save_and_report(engine, config: TrainConfig, stage: Stage, rank: int, *, next_step: int, history: list,
                      init_checksum: str, starts: list[int], identity: dict) -> None:
+    """Every rank saves its DeepSpeed shard; rank 0 adds state.json (the step to resume at, the
+    metrics so far, the run identity) and, at the stage's end, the consolidated model.safetensors."""
+    step = next_step
     import deepspeed
     import ray.train
     from ray.train import Checkpoint

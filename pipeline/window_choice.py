@@ -52,7 +52,7 @@ class WindowChoice:
         reached = ", ".join(f"{round(c * 100)}%: {'W = ' + str(w) if w else 'none of these W'}"
                             for c, w in self.smallest.items())
         lines += ["", f"Smallest W keeping {reached}.",
-                  f"Recommended: train.window_target: {self.window_target}, train.window_start: {self.window_start} "
+                  f"Recommended: curriculum.window_target: {self.window_target}, curriculum.window_start: {self.window_start} "
                   f"({self.rows} rows, generations up to {self.longest_generation} tokens)."]
         return "\n".join(lines + [f"Note: {n}" for n in self.notes])
 

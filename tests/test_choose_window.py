@@ -56,7 +56,7 @@ def test_choose_window_matches_brute_force_and_logs_to_mlflow(tmp_path, mlflow_s
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "cw.json").read_text())
-    assert "Recommended: train.window_target:" in out.stdout
+    assert "Recommended: curriculum.window_target:" in out.stdout
 
     torch.manual_seed(0)  # the teacher the job built: the tiny preset from teacher_seed 0
     teacher = spec.build().eval()

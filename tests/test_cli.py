@@ -18,7 +18,7 @@ def load(*argv):
 def test_the_embedded_default_holds_the_three_families():
     configs = load("--config", str(ROOT / "jobs/configs/tiny.yaml"))
     assert [c.model for c in configs] == ["cosyvoice2", "indextts", "sparktts"]
-    assert all(c.model_size == "mini" and c.train["stages"] == 2 for c in configs)
+    assert all(c.model_size == "mini" and c.curriculum.stages == 2 for c in configs)
     assert [c.teacher_source for c in configs] == [f"teachers/{c.model}" for c in configs]
     assert all((ROOT / c.teacher_source / "teacher.json").exists() for c in configs)  # committed
     assert configs[1].evaluate.corpus == "runs/corpus/syn-indextts-heldout"
@@ -27,9 +27,9 @@ def test_the_embedded_default_holds_the_three_families():
 
 def test_set_only_and_root(tmp_path):
     configs = load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--only", "sparktts",
-                   "--set", "train.stages=3", "--set", "storage=s3://bucket/runs", "--root", str(tmp_path))
+                   "--set", "curriculum.stages=3", "--set", "storage=s3://bucket/runs", "--root", str(tmp_path))
     (config,) = configs
-    assert config.model == "sparktts" and config.train["stages"] == 3 and config.train["num_workers"] == 2
+    assert config.model == "sparktts" and config.curriculum.stages == 3 and config.train.num_workers == 2
     assert config.storage == "s3://bucket/runs"  # remote paths are left alone
     assert config.corpus == str(tmp_path / "runs/corpus/syn-sparktts")
     assert config.evaluate.corpus == str(tmp_path / "runs/corpus/syn-sparktts-heldout")
@@ -46,7 +46,7 @@ def test_single_experiment_entry_points_need_only(capsys):
 
 def test_errors_name_the_experiment_and_field(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--set", "train.window_target=64")
+        load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--set", "curriculum.window_target=64")
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "experiment tiny-cosyvoice2" in err and "window_target (64) must be <= window_start" in err

@@ -111,7 +111,7 @@ cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include
 cluster.add_node(num_cpus=1)
 ray.init(address=cluster.address)
 cluster.wait_for_nodes()
-base = dict(experiment="x", model="cosyvoice2", model_size="tiny", precompute={{"k": 8}}, train={{"window_target": 4, "window_start": 8}},
+base = dict(experiment="x", model="cosyvoice2", model_size="tiny", precompute={{"k": 8}}, curriculum={{"window_target": 4, "window_start": 8}},
             evaluate={{"enabled": False}})
 try:
     check_cluster_storage(DistillConfig(**base, corpus="s3://b/c", shards="runs/topk", storage="/data/ckpt"))

@@ -29,8 +29,8 @@ def head_env() -> dict:
             "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions")}
 
 
-TINY_RANDOM = ["--set", "model_size=tiny", "--set", "teacher_source=null", "--set", "train.window_start=16",
-               "--set", "train.window_target=4"]
+TINY_RANDOM = ["--set", "model_size=tiny", "--set", "teacher_source=null", "--set", "curriculum.window_start=16",
+               "--set", "curriculum.window_target=4"]
 
 
 def write_corpus(folder: Path, model: str, rows: int, seed: int) -> None:
@@ -69,7 +69,7 @@ def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_serve
     args = ["--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2", "--root", str(tmp_path), *TINY_RANDOM,
             "--set", "corpus=runs/corpus/tiny-cosyvoice2", "--set", "shards=runs/topk/tiny-cosyvoice2",
             "--set", "evaluate.corpus=runs/corpus/tiny-cosyvoice2-heldout",
-            "--set", "train.epochs=6.0", "--set", "train.checkpoint_every=2", "--set", "tracking.experiment_name=e2e"]
+            "--set", "curriculum.epochs=6.0", "--set", "train.checkpoint_every=2", "--set", "tracking.experiment_name=e2e"]
     entrypoint = "python jobs/distill.py " + " ".join(args)
     runtime_env = {"working_dir": str(ROOT), "env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri}}
     client = JobSubmissionClient(ray_head.dashboard_url)
@@ -187,7 +187,7 @@ def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp
         # is installed in the venv (editable), so absolute paths are enough.
         entrypoint = (f"python {ROOT}/jobs/distill.py --config {ROOT}/jobs/configs/tiny.yaml --only sparktts "
                       "--set corpus=s3://autoscale/corpus/sparktts --set shards=s3://autoscale/topk/sparktts "
-                      "--set storage=s3://autoscale/runs --set train.stages=1 --set evaluate.enabled=false "
+                      "--set storage=s3://autoscale/runs --set curriculum.stages=1 --set evaluate.enabled=false "
                       f"{' '.join(TINY_RANDOM)} "
                       f"--set s3_endpoint={s3_server.endpoint} --set tracking.uri=null")
         job = client.submit_job(entrypoint=entrypoint)

@@ -162,7 +162,7 @@ def test_the_evals_run_as_a_ray_task_with_their_resources(ray_local, tmp_path):
     spec.save(spec.build(), str(tmp_path / "student"))
     config = DistillConfig(experiment="ev", model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "train"),
                            shards=str(tmp_path / "topk"), storage=str(tmp_path / "ckpt"),
-                           train={"window_start": 8, "window_target": 4},
+                           curriculum={"window_start": 8, "window_target": 4},
                            evaluate={"corpus": str(tmp_path / "heldout"), "rows": 4, "seconds": [2.0],
                                      "windows": [4, 8], "num_cpus": 1.5, "num_gpus": "auto"})
     assert config.evaluate.resolved_gpus(False, 0) == 0 and config.evaluate.resolved_gpus(True, 0) == 1

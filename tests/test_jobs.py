@@ -12,7 +12,6 @@ import yaml
 
 from helpers import corpus_rows
 from pipeline.chain import DistillConfig
-from pipeline.teacher_topk import PrecomputeConfig
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,13 +20,13 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((ROOT / "jobs" / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_loads(path):
     values = yaml.safe_load(path.read_text())
-    if path.name.startswith("precompute-"):
-        PrecomputeConfig.model_validate(values)
-        return
     from pipeline.cli import _merge
 
     entries = [_merge(values.get("defaults") or {}, e) for e in values["experiments"]] if "experiments" in values else [values]
-    for config in (DistillConfig.model_validate(e) for e in entries):
+    configs = [DistillConfig.model_validate(e) for e in entries]
+    if path.name == "paper.yaml":  # the paper's three models
+        assert [c.model for c in configs] == ["cosyvoice2", "indextts", "sparktts"]
+    for config in configs:
         train = config.train_config()
         assert train.resolved_window_target() <= train.window_start
         if config.model_size == "real":  # the paper's settings
@@ -41,10 +40,13 @@ def run_job(*args, timeout=600):
 
 
 def test_bad_config_fails_naming_the_field(tmp_path):
-    out = run_job("--config", "jobs/configs/precompute-tiny.yaml", "--k", "0", "--on-bad-rows", "skip")
+    out = run_job("--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2", "--set", "precompute.k=0",
+                  "--set", "precompute.on_bad_rows=skip")
     assert out.returncode == 2
-    assert "k: Input should be greater than or equal to 1" in out.stderr
-    assert "on_bad_rows: Input should be 'fail' or 'quarantine'" in out.stderr
+    assert "precompute.k: Input should be greater than or equal to 1" in out.stderr
+    assert "precompute.on_bad_rows: Input should be 'fail' or 'quarantine'" in out.stderr
+    out = run_job("--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2", "--k", "8")  # one override syntax
+    assert out.returncode == 2 and "unrecognized arguments: --k" in out.stderr
     out = run_job("--config", str(tmp_path / "missing.yaml"))
     assert out.returncode == 2 and "no such file" in out.stderr
 
@@ -54,8 +56,9 @@ def test_precompute_job_runs_from_the_command_line(tmp_path):
     spec = get_spec("sparktts", "tiny")
     (tmp_path / "in").mkdir()
     pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 9, seed=7)), tmp_path / "in" / "a.parquet")
-    out = run_job("--config", "jobs/configs/precompute-tiny.yaml", "--teacher", "sparktts", "--input",
-                  str(tmp_path / "in"), "--output", str(tmp_path / "out"), "--rows-per-shard", "4", "--k", "8")
+    out = run_job("--config", "jobs/configs/tiny.yaml", "--only", "sparktts", "--root", str(ROOT),
+                  "--set", "model_size=tiny", "--set", "teacher_source=null", "--set", f"corpus={tmp_path / 'in'}",
+                  "--set", f"shards={tmp_path / 'out'}", "--set", "precompute.rows_per_shard=4", "--set", "precompute.k=8")
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads(out.stdout[out.stdout.index("{"):])
     assert summary["rows"] == 9 and summary["shards"] == 3 and summary["k"] == 8

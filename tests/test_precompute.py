@@ -13,6 +13,7 @@ import torch
 import wand
 from helpers import corpus_rows
 from pipeline import storage
+from pipeline.corpus import RowChecker, check_batch
 from pipeline.teacher_topk import FAULT_ENV, PrecomputeConfig, ShardFault, decode_values, load_manifest, run_precompute, verify_manifest
 from wand.models import get_spec
 
@@ -56,8 +57,8 @@ def direct_topk(config, row):
 
 
 def check_round_trip(config, rows, atol):
-    manifest = load_manifest(config.output)
-    stored = {r["id"]: r for r in read_shards(config.output, manifest)}
+    manifest = load_manifest(config.shards)
+    stored = {r["id"]: r for r in read_shards(config.shards, manifest)}
     assert sorted(stored) == sorted(r["id"] for r in rows)
     for row in rows:
         got = stored[row["id"]]
@@ -76,8 +77,8 @@ def test_round_trip_local(ray_local, tmp_path):
     spec = get_spec("cosyvoice2", "tiny")
     rows = corpus_rows(spec, 23, seed=1)
     write_corpus(tmp_path / "in", rows)
-    config = PrecomputeConfig(teacher="cosyvoice2", teacher_size="tiny", input=str(tmp_path / "in"),
-                              output=str(tmp_path / "out"), k=8, temperature=0.8, value_dtype="float32",
+    config = PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "in"),
+                              shards=str(tmp_path / "out"), k=8, temperature=0.8, value_dtype="float32",
                               rows_per_shard=10, max_tokens_per_batch=200)
     manifest = run_precompute(config)
     assert [s["rows"] for s in manifest["shards"]] == [10, 10, 3]
@@ -109,8 +110,8 @@ def test_round_trip_s3_with_latents_and_bf16(ray_local, s3_server, tmp_path):
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
     fs.mkdir("corpus")
     fs.put(str(tmp_path / "in") + "/", "corpus/tiny/", recursive=True)
-    config = PrecomputeConfig(teacher="indextts", teacher_size="tiny", input="s3://corpus/tiny",
-                              output="s3://corpus/topk", k=4, value_dtype="bfloat16", rows_per_shard=5)
+    config = PrecomputeConfig(model="indextts", model_size="tiny", corpus="s3://corpus/tiny",
+                              shards="s3://corpus/topk", k=4, value_dtype="bfloat16", rows_per_shard=5)
     manifest = run_precompute(config)
     assert fs.exists("corpus/topk/manifest.json") and len(manifest["shards"]) == 3
     check_round_trip(config, rows, atol=0.02)  # bf16 keeps 8 bits of mantissa
@@ -120,8 +121,8 @@ def test_interrupted_run_resumes_and_keeps_every_row_once(ray_local, tmp_path, m
     spec = get_spec("llasa-1b", "tiny")
     rows = corpus_rows(spec, 30, seed=3)
     write_corpus(tmp_path / "in", rows, parts=3)
-    config = PrecomputeConfig(teacher="llasa-1b", teacher_size="tiny", input=str(tmp_path / "in"),
-                              output=str(tmp_path / "out"), k=4, rows_per_shard=6)
+    config = PrecomputeConfig(model="llasa-1b", model_size="tiny", corpus=str(tmp_path / "in"),
+                              shards=str(tmp_path / "out"), k=4, rows_per_shard=6)
     monkeypatch.setenv(FAULT_ENV, f"3:{tmp_path / 'failed-once'}")
     with pytest.raises(Exception) as info:
         run_precompute(config)
@@ -129,7 +130,7 @@ def test_interrupted_run_resumes_and_keeps_every_row_once(ray_local, tmp_path, m
     assert not (tmp_path / "out" / "manifest.json").exists()
     assert not (tmp_path / "out" / "shard-00003.json").exists()
     manifest = run_precompute(config)
-    ids = [r["id"] for r in read_shards(config.output, manifest)]
+    ids = [r["id"] for r in read_shards(config.shards, manifest)]
     assert len(ids) == len(set(ids)) == 30 and set(ids) == {r["id"] for r in rows}
     assert [s["file"] for s in manifest["shards"]] == [f"shard-{i:05d}.parquet" for i in range(5)]
 
@@ -155,8 +156,8 @@ def test_bad_rows_fail_before_writing(ray_local, tmp_path, fmt):
     spec = get_spec("cosyvoice2", "tiny")
     rows, reasons = bad_corpus(spec)
     write_corpus(tmp_path / "in", rows, parts=2, fmt=fmt)
-    config = PrecomputeConfig(teacher="cosyvoice2", teacher_size="tiny", input=str(tmp_path / "in"),
-                              output=str(tmp_path / "out"), k=4)
+    config = PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "in"),
+                              shards=str(tmp_path / "out"), k=4)
     with pytest.raises(ValueError) as info:
         run_precompute(config)
     message = str(info.value)
@@ -171,8 +172,9 @@ def test_bad_rows_quarantine(ray_local, tmp_path):
     spec = get_spec("cosyvoice2", "tiny")
     rows, reasons = bad_corpus(spec)
     write_corpus(tmp_path / "in", rows)
-    config = PrecomputeConfig(teacher="cosyvoice2", teacher_size="tiny", input=str(tmp_path / "in"),
-                              output=str(tmp_path / "out"), k=4, on_bad_rows="quarantine")
+    config = PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "in"),
+                              shards=str(tmp_path / "out"), k=4, on_bad_rows="quarantine")
+    assert rows[0]["id"] == rows[-1]["id"]  # the duplicate: last in the file order
     manifest = run_precompute(config)
     errors = pq.read_table(tmp_path / "out" / "errors" / "bad_rows.parquet").to_pylist()
     assert manifest["bad_rows"] == {"mode": "quarantine", "count": len(errors), "file": "errors/bad_rows.parquet"}
@@ -181,21 +183,69 @@ def test_bad_rows_quarantine(ray_local, tmp_path):
         by_id.setdefault(e["id"], []).append(e["reason"])
     for row_id, reason in reasons.items():
         assert any(reason in r for r in by_id[row_id]), (row_id, by_id.get(row_id))
-    stored = {r["id"] for r in read_shards(config.output, manifest)}
-    assert stored.isdisjoint(by_id) and manifest["rows"] == len(stored) > 0
+    shard_rows = read_shards(config.shards, manifest)
+    stored = [r["id"] for r in shard_rows]
+    duplicated = rows[0]["id"]  # rows[0] is the first copy in file order; its later copy is quarantined
+    assert len(stored) == len(set(stored)) == manifest["rows"] > 0
+    assert set(stored) & set(by_id) == {duplicated} and len(by_id[duplicated]) == 1
+    kept = next(r for r in shard_rows if r["id"] == duplicated)
+    assert list(kept["input_ids"]) == list(rows[0]["input_ids"])  # the first copy, not the later one
+
+
+def test_rows_the_checks_used_to_miss_are_listed_with_row_and_field():
+    """A float prefix_length (pandas writes one when a value is missing) used to raise TypeError in a
+    Ray task; float token ids were truncated silently; IndexTTS rows past max_mel_tokens were clamped."""
+    spec = get_spec("cosyvoice2", "tiny")
+    row = corpus_rows(spec, 1, seed=9)[0]
+    checker = RowChecker(spec)
+    prefix = row["prefix_length"]
+    assert f"prefix_length {float(prefix)} is a float" in checker.reason({**row, "prefix_length": float(prefix)})
+    assert "write the column as int64" in checker.reason({**row, "prefix_length": float(prefix)})
+    assert "not an integer" in checker.reason({**row, "prefix_length": float("nan")})
+    ids = list(row["input_ids"])
+    assert "input_ids holds 7.5 (float)" in checker.reason({**row, "input_ids": ids[:-1] + [7.5]})
+    table = pa.Table.from_pylist([{**row, "prefix_length": float(prefix), "path": "p"}])
+    (checked,) = check_batch(table, spec).to_pylist()  # a float column: listed, not a crash
+    assert checked["id"] == row["id"] and "is a float" in checked["reason"]
+
+    index = get_spec("indextts", "tiny")
+    limit = index.max_generated_tokens  # max_mel_tokens codes + the stop code
+    base = corpus_rows(index, 1, seed=9)[0]
+    speech = int(index.target_ids()[0])
+    long_row = {**base, "input_ids": base["input_ids"][: base["prefix_length"]] + [speech] * (limit + 1)}
+    assert f"{limit + 1} generated tokens, more than indextts's limit of {limit}" in RowChecker(index).reason(long_row)
+    ok_row = {**long_row, "input_ids": long_row["input_ids"][:-1]}
+    assert RowChecker(index).reason(ok_row) is None
+
+
+def test_indextts_generation_past_its_mel_positions_raises_with_the_limit():
+    spec = get_spec("indextts", "tiny")
+    torch.manual_seed(0)
+    model = wand.enable_wand(spec.build().eval(), 8)
+    row = corpus_rows(spec, 1, seed=2)[0]
+    prefix = row["prefix_length"]
+    ids = torch.tensor([row["input_ids"][:prefix]])
+    latents = spec.row_inputs([row])
+    last = spec.extra["max_mel_tokens"] + 2  # the last learned mel position (start_mel is at 0)
+    # Tokens are fed back up to the last position; feeding one past it raises instead of silently
+    # reusing the last position's embedding (the token generated from it is the last one kept).
+    out = wand.generate(model, ids, [prefix], 8, max_new_tokens=last + 1, prefill_kwargs=latents)
+    assert out.shape[1] == prefix + last + 1
+    with pytest.raises(ValueError, match="generated past max_mel_tokens"):
+        wand.generate(model, ids, [prefix], 8, max_new_tokens=last + 2, prefill_kwargs=latents)
 
 
 def test_config_errors_name_the_field():
     from pydantic import ValidationError
 
-    with pytest.raises(ValidationError, match="unknown teacher preset 'tacotron'"):
-        PrecomputeConfig(teacher="tacotron", input="x", output="y")
+    with pytest.raises(ValidationError, match="unknown model preset 'tacotron'"):
+        PrecomputeConfig(model="tacotron", corpus="x", shards="y")
     with pytest.raises(ValidationError, match="k=500 exceeds the target vocabulary"):
-        PrecomputeConfig(teacher="cosyvoice2", teacher_size="tiny", input="x", output="y", k=500)
+        PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus="x", shards="y", k=500)
     with pytest.raises(ValidationError, match="temperature"):
-        PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", temperature=0)
+        PrecomputeConfig(model="cosyvoice2", corpus="x", shards="y", temperature=0)
     with pytest.raises(ValidationError, match="rows_per_shard"):
-        PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", rows_per_shard=0)
+        PrecomputeConfig(model="cosyvoice2", corpus="x", shards="y", rows_per_shard=0)
 
 
 def test_a_real_size_teacher_without_weights_is_a_config_error():
@@ -206,14 +256,14 @@ def test_a_real_size_teacher_without_weights_is_a_config_error():
     from pipeline.train import TrainConfig
 
     with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
-        PrecomputeConfig(teacher="cosyvoice2", input="x", output="y")
+        PrecomputeConfig(model="cosyvoice2", corpus="x", shards="y")
     with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
         TrainConfig(experiment="e", model="cosyvoice2", shards="s", storage="st")
     with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
         DistillConfig(experiment="e", model="cosyvoice2", corpus="c", shards="s", storage="st",
                       evaluate={"enabled": False})
     # With weights named, or at a test size, it is fine.
-    PrecomputeConfig(teacher="cosyvoice2", input="x", output="y", teacher_source="s3://b/cosyvoice2")
+    PrecomputeConfig(model="cosyvoice2", corpus="x", shards="y", teacher_source="s3://b/cosyvoice2")
     DistillConfig(experiment="e", model="cosyvoice2", model_size="tiny", corpus="c", shards="s", storage="st",
                   evaluate={"enabled": False})
 
@@ -232,7 +282,7 @@ def test_stale_shards_are_never_reused_silently(ray_local, tmp_path):
     config = DistillConfig(experiment="stale", model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "corpus"),
                            shards=str(tmp_path / "topk"), storage=str(tmp_path / "ckpt"),
                            teacher_source=str(tmp_path / "teacher"), precompute={"k": 4, "rows_per_shard": 8},
-                           train={"stages": 1, "window_start": 8, "window_target": 4}, tracking={"uri": None},
+                           curriculum={"stages": 1, "window_start": 8, "window_target": 4}, tracking={"uri": None},
                            evaluate={"enabled": False})
     first = run_precompute(config.precompute_config())
 
@@ -254,3 +304,24 @@ def test_stale_shards_are_never_reused_silently(ray_local, tmp_path):
     spec.save(spec.build(), str(tmp_path / "teacher"))
     with pytest.raises(ValueError, match=r"teacher weights differ: teacher_files"):
         run_chain(config)
+
+
+def test_teacher_weights_on_s3_are_read_from_the_configured_endpoint(s3_server, tmp_path, monkeypatch):
+    """wand.models.weights opened its own S3 client with AWS_ENDPOINT_URL only, ignoring a config's
+    s3_endpoint (an S3-compatible server such as MinIO)."""
+    import s3fs
+
+    from wand.models.weights import fingerprint, s3_endpoint
+
+    spec = get_spec("cosyvoice2", "tiny")
+    torch.manual_seed(5)
+    teacher = spec.build()
+    spec.save(teacher, str(tmp_path / "teacher"))
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
+    fs.mkdir("models")
+    fs.put(str(tmp_path / "teacher") + "/", "models/endpoint-teacher/", recursive=True)
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the configured endpoint knows where the bucket is
+    monkeypatch.setenv("WAND_CACHE_DIR", str(tmp_path / "cache"))
+    with s3_endpoint(s3_server.endpoint):
+        loaded = spec.load("s3://models/endpoint-teacher")
+    assert fingerprint(loaded.state_dict()) == fingerprint(teacher.state_dict())

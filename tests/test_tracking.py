@@ -81,8 +81,8 @@ def tracked(ray_local, mlflow_server, tmp_path_factory):
     config = DistillConfig(
         experiment="tracked-cosyvoice2", model="cosyvoice2", model_size="tiny", corpus=str(corpus),
         shards=str(root / "topk"), storage=str(root / "ckpt"), precompute={"k": 8, "rows_per_shard": 16},
-        train={"stages": 2, "batch_size": 2, "num_workers": 2, "window_start": 16, "window_target": 4, "lr": 1e-2,
-               "epochs": 3.0, "checkpoint_every": 4, "max_failures": 0},
+        curriculum={"stages": 2, "window_start": 16, "window_target": 4, "lr": 1e-2, "epochs": 3.0},
+        train={"batch_size": 2, "num_workers": 2, "checkpoint_every": 4, "max_failures": 0},
         evaluate={"allow_training_corpus": True},
         tracking={"uri": mlflow_server.uri, "experiment_name": "wand-tts-test"})
     saved = {k: os.environ.get(k) for k in SECRETS}

@@ -7,7 +7,7 @@ import torch
 
 import wand
 from helpers import corpus_rows
-from pipeline.chain import DistillConfig, load_student, run_chain
+from pipeline.chain import CURRICULUM, DistillConfig, load_student, run_chain
 from pipeline.teacher_topk import PrecomputeConfig, run_precompute
 from pipeline.train import FAULT_ENV, TrainConfig, plan_stages, preflight, run_stage, stage_record
 from wand.models import get_spec
@@ -22,16 +22,19 @@ def shards(ray_local, tmp_path_factory):
     (root / "corpus").mkdir()
     pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 32, seed=21, min_gen=10, max_gen=24)),
                    root / "corpus" / "c.parquet")
-    run_precompute(PrecomputeConfig(teacher="cosyvoice2", teacher_size="tiny", input=str(root / "corpus"),
-                                    output=str(root / "topk"), k=8, rows_per_shard=16))
+    run_precompute(PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
+                                    shards=str(root / "topk"), k=8, rows_per_shard=16))
     return root
 
 
-def base(root, **train):
+def base(root, **changes):
+    curriculum = {"stages": 2, "window_start": 16, "window_target": 4, "lr": 1e-2, "epochs": 3.0}
+    train = {"batch_size": 2, "num_workers": 2, "checkpoint_every": 4}
+    for key, value in changes.items():
+        (curriculum if key in CURRICULUM else train)[key] = value
     return DistillConfig(experiment="exp", model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
                          shards=str(root / "topk"), storage=str(root / "ckpt"), precompute={"k": 8, "rows_per_shard": 16},
-                         train={"stages": 2, "batch_size": 2, "num_workers": 2, "window_start": 16, "window_target": 4,
-                                "lr": 1e-2, "epochs": 3.0, "checkpoint_every": 4, **train},
+                         curriculum=curriculum, train=train,
                          evaluate={"seconds": [2.0], "windows": [4, 8], "allow_training_corpus": True})
 
 
@@ -108,7 +111,7 @@ def test_bad_configs_fail_before_training(shards, tmp_path):
         base(shards).model_copy(update={"model": "tacotron"}).train_config()
     with pytest.raises(ValueError, match=r"window_target \(200\) must be <= window_start"):
         base(shards, window_target=200).train_config()
-    with pytest.raises(ValueError, match="train.stages"):
+    with pytest.raises(ValueError, match="curriculum.stages"):
         base(shards, stages=0)
     with pytest.raises(ValueError, match="shards: no manifest.json"):
         preflight(base(shards).train_config().model_copy(update={"shards": str(tmp_path / "none")}))

@@ -43,7 +43,7 @@ class ModelSpec:
     """Common interface of all model specs. Subclasses implement ``build`` and ``load``."""
 
     name: str
-    size: str  # "real" or "tiny"
+    size: str  # "real", "small", "mini" or "tiny" (wand.models.SIZES)
     family: str
     config: dict[str, Any]  # architecture of the backbone (transformers config kwargs)
     vocab_size: int  # size of the input id space

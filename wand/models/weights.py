@@ -3,11 +3,14 @@
 Never unpickles arbitrary objects: ``.pt``/``.pth``/``.bin`` go through
 ``torch.load(..., weights_only=True)``; safetensors is preferred wherever a model ships it.
 Credentials for S3 come only from the environment or the instance role (s3fs/botocore's own
-chain); an S3-compatible endpoint is taken from ``AWS_ENDPOINT_URL``.
+chain); an S3-compatible endpoint is taken from ``s3_endpoint(...)`` (the pipeline's configured one), else
+``AWS_ENDPOINT_URL``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import os
 from pathlib import Path
 
@@ -34,6 +37,20 @@ def _how_to(spec_name: str, hf_id: str | None) -> str:
     return f"{spec_name}: {hint}"
 
 
+_S3_ENDPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("wand_s3_endpoint", default=None)
+
+
+@contextlib.contextmanager
+def s3_endpoint(endpoint: str | None):
+    """Within this block, ``s3://`` weights are read from ``endpoint`` (an S3-compatible server such
+    as MinIO; the pipeline's configured ``s3_endpoint``) instead of ``AWS_ENDPOINT_URL``."""
+    token = _S3_ENDPOINT.set(endpoint)
+    try:
+        yield
+    finally:
+        _S3_ENDPOINT.reset(token)
+
+
 def resolve_source(source: str, spec_name: str, hf_id: str | None = None) -> Path:
     """Return a local path (file or directory) for ``source``."""
     if source.startswith("s3://"):
@@ -53,7 +70,7 @@ def _download_s3(uri: str, spec_name: str, hf_id: str | None) -> Path:
         raise WeightsNotFound(f"{spec_name}: loading {uri} needs s3fs, which comes with the pipeline: "
                               "pip install 'wand-tts[pipeline]' (or pip install s3fs)") from None
 
-    endpoint = os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = _S3_ENDPOINT.get() or os.environ.get("AWS_ENDPOINT_URL")
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint} if endpoint else None)
     key = uri[len("s3://"):].rstrip("/")
     target = _cache_root() / "s3" / key
