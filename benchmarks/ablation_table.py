@@ -10,8 +10,9 @@ teacher's weights, same rows, steps and lr) and score every variant, with the tr
 StreamingLLM-style cache and the bare mask, on held-out synthetic rows (seed 1, never trained on).
 Columns: teacher-forced top-1 agreement with the teacher and KL(teacher || variant) by distance
 from the prefix (near < W <= mid < 4W <= far), teacher-forced and free-running accuracy against the
-corpus tokens, KV bytes after decoding the longest held-out utterance (float32 on CPU) and the
-per-step latency ratio (late / early) of that decode. Writes benchmarks/results/ablation_table.json
+corpus tokens, PER / speaker accuracy / law consistency of free-running decodes (pipeline/transcribe.py),
+KV bytes after decoding the longest held-out utterance (float32 on CPU) and the per-step latency
+ratio (late / early) of that decode. Writes benchmarks/results/ablation_table.json
 and the table between the README's ablation-table markers. About 16 minutes on 2 CPU cores (measured).
 """
 
@@ -55,16 +56,22 @@ def markdown(results: list[dict], config: AblationConfig, device: str) -> str:
         "Agreement / KL: teacher-forced, against the teacher, by distance from the prefix "
         f"(near < {config.window} <= mid < {4 * config.window} <= far). Accuracy: against the corpus tokens "
         "(teacher-forced / free-running greedy); match: free-running tokens before the first error. KV: cache after decoding the longest held-out utterance "
-        "(float32). Latency: median step time, last 48 steps / steps 8-56 of that decode.",
+        "(float32). Latency: median step time, last 48 steps / steps 8-56 of that decode. PER / speaker / law: "
+        "free-running greedy decodes until the stop id (at most the reference's length), transcribed exactly "
+        "by the corpus law (pipeline/transcribe.py): phoneme error rate against the text, fraction of tokens "
+        "lawful for the utterance's speaker, and for the best-fitting speaker; stops: fraction that emitted the stop id.",
         "",
-        "| model | variant | agree near | agree mid | agree far | KL near | KL mid | KL far | acc TF | acc free | match | KV | latency late/early |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | variant | agree near | agree mid | agree far | KL near | KL mid | KL far | acc TF | acc free | match "
+        "| PER | speaker | law | stops | KV | latency late/early |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r['model']} | {r['variant']} | {fmt(r['agreement_near'])} | {fmt(r['agreement_mid'])} | "
             f"{fmt(r['agreement_far'])} | {fmt(r['kl_near'], 3)} | {fmt(r['kl_mid'], 3)} | {fmt(r['kl_far'], 3)} | "
-            f"{fmt(r['teacher_forced_accuracy'])} | {fmt(r['free_running_accuracy'])} | {r['free_running_matched']:.1f} | {kib(r['kv_bytes_longest'])} | "
+            f"{fmt(r['teacher_forced_accuracy'])} | {fmt(r['free_running_accuracy'])} | {r['free_running_matched']:.1f} | "
+            f"{fmt(r.get('per'))} | {fmt(r.get('speaker_accuracy'))} | {fmt(r.get('law_consistency'))} | "
+            f"{fmt(r.get('stopped'))} | {kib(r['kv_bytes_longest'])} | "
             f"{fmt(r['latency_late_over_early'])} |")
     lines.append("")
     lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in VARIANTS) + ".")
@@ -123,9 +130,10 @@ def main(argv=None) -> int:
         task = SyntheticTask(**record["task"])
         teacher = spec.load(str(directory))
         train_rows = synthetic_rows(spec, args.train_rows, task, seed=record["train"]["seed"])
-        heldout = synthetic_rows(spec, args.heldout, task, seed=record["heldout"]["seed"], split="heldout")
+        heldout = synthetic_rows(spec, args.heldout, task, seed=record["heldout"]["seed"], split="heldout",
+                                 alignment=True)  # with their text and speaker, for the transcriber
         teachers[name] = {"size": record["size"], "heldout_accuracy": record["heldout"]["accuracy"]}
-        results += run_ablation(spec, teacher, train_rows, heldout, config, free_rows=args.free_rows)
+        results += run_ablation(spec, teacher, train_rows, heldout, config, free_rows=args.free_rows, task=task)
         print(f"{name}: done ({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
     table = markdown(results, config, device)
     args.output.parent.mkdir(parents=True, exist_ok=True)

@@ -39,7 +39,9 @@ from wand.batch import collate
 from wand.distill import distill_loss
 
 from .evaluate import DISTANCE_BUCKETS, distance_bucket, forward_inputs, position_scores, speech_ids
+from .synthetic import SyntheticTask
 from .teacher_topk import build_shard_table, topk_of_rows
+from .transcribe import score, speech_codes_of
 from .train import shard_topk
 
 __all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_student", "free_run",
@@ -138,15 +140,18 @@ def attention(variant: Variant, config: AblationConfig, prefix: int) -> tuple[in
 
 
 @torch.no_grad()
-def free_run(spec, model, row: dict, window: int | None, keep: int) -> dict:
+def free_run(spec, model, row: dict, window: int | None, keep: int, stop: bool = False) -> dict:
     """Greedy decoding from the row's prefix for as many tokens as the row has, restricted to the
-    speech codes; the cache is a WandCache keeping ``keep`` first tokens + ``window`` (None: the full
-    DynamicCache). Returns the tokens' accuracy against the row, per-step seconds and cache bytes."""
+    speech codes (with ``stop``, also the stop ids, and decoding ends at one); the cache is a
+    WandCache keeping ``keep`` first tokens + ``window`` (None: the full DynamicCache). Returns the
+    tokens' accuracy against the row, per-step seconds and cache bytes."""
     inputs = forward_inputs(spec, row, torch.device("cpu"))
     prefix = inputs.pop("prefix_length")
     ids = inputs.pop("input_ids")
     truth = ids[0, prefix:]
     codes = speech_ids(spec)
+    if stop:
+        codes = torch.cat([codes, torch.tensor(spec.stop_token_ids, dtype=codes.dtype)])
     keep_t = torch.tensor([keep])
     cache = WandCache(keep_t, window) if window is not None else DynamicCache()
     kw = {cache_kwarg_name(model): cache, "prefix_lengths": keep_t, "window": window, "use_cache": True,
@@ -155,14 +160,19 @@ def free_run(spec, model, row: dict, window: int | None, keep: int) -> dict:
     token = codes[out.logits[0, -1, codes].argmax()].view(1, 1)
     generated, seconds = [token], []
     for _ in range(len(truth) - 1):
+        if stop and int(token) in spec.stop_token_ids:
+            break
         start = time.perf_counter()
         out = model(input_ids=token, **kw)
         token = codes[out.logits[0, -1, codes].argmax()].view(1, 1)
         seconds.append(time.perf_counter() - start)
         generated.append(token)
     tokens = torch.cat(generated, 1)[0]
-    wrong = torch.nonzero(tokens != truth).flatten()
-    return {"accuracy": float((tokens == truth).float().mean()), "step_seconds": seconds,
+    compared = torch.full_like(truth, -1)
+    compared[: len(tokens)] = tokens  # stopped early: the rest count as wrong
+    wrong = torch.nonzero(compared != truth).flatten()
+    return {"accuracy": float((compared == truth).float().mean()), "step_seconds": seconds,
+            "stopped": bool(stop and int(tokens[-1]) in spec.stop_token_ids),
             "matched": int(wrong[0]) if len(wrong) else len(truth),  # tokens before the first error
             "cache_bytes": wand.profiling.cache_nbytes(cache), "tokens": tokens}
 
@@ -175,7 +185,7 @@ def latency_ratio(step_seconds: list[float], span: int = 48) -> float:
 
 
 def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig, heldout: list[dict],
-                  free_rows: int) -> dict:
+                  free_rows: int, task: SyntheticTask = SyntheticTask()) -> dict:
     """The table's columns for one variant on held-out rows."""
     agree, kl, correct, buckets = [], [], [], []
     for row in heldout:
@@ -196,9 +206,19 @@ def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig
         result[f"positions_{name}"] = int(pick.sum())
     # Free running: the first rows for accuracy; the longest held-out row for KV bytes and latency.
     longest = max(heldout, key=lambda r: len(r["input_ids"]) - r["prefix_length"])
-    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"])) for row in heldout[:free_rows]]
+    # Free running until the stop id (or the reference's length): what it says, the WAND analog of
+    # WER (pipeline.transcribe, when the rows carry their text and speaker).
+    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"]), stop=True)
+            for row in heldout[:free_rows]]
+    if all("text" in row for row in heldout[:free_rows]):
+        codes = len(speech_ids(spec))
+        said = [score(task, codes, speech_codes_of(spec, run["tokens"].tolist()), row["text"], row["speaker"])
+                for run, row in zip(runs, heldout)]
+        result.update({key: float(np.mean([s[key] for s in said]))
+                       for key in ("per", "speaker_accuracy", "law_consistency")})
     long_run = free_run(spec, model, longest, *attention(variant, config, longest["prefix_length"]))
     result.update(free_running_accuracy=float(np.mean([r["accuracy"] for r in runs])), free_rows=len(runs),
+                  stopped=float(np.mean([r["stopped"] for r in runs])),
                   free_running_matched=float(np.mean([r["matched"] for r in runs])),
                   kv_bytes_longest=long_run["cache_bytes"],
                   longest_tokens=len(longest["input_ids"]), longest_prefix=longest["prefix_length"],
@@ -207,7 +227,7 @@ def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig
 
 
 def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], config: AblationConfig,
-                 variants=VARIANTS, free_rows: int = 8) -> list[dict]:
+                 variants=VARIANTS, free_rows: int = 8, task: SyntheticTask = SyntheticTask()) -> list[dict]:
     """One table row per variant (dicts of the columns), in ``variants`` order."""
     wand.enable_wand(teacher, config.window)
     teacher.eval()
@@ -217,7 +237,7 @@ def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], con
         start = time.perf_counter()
         model = train_student(spec, teacher, shard_rows, variant, config) if variant.train else teacher
         trained = time.perf_counter() - start
-        result = score_variant(spec, teacher, model, variant, config, heldout, free_rows)
+        result = score_variant(spec, teacher, model, variant, config, heldout, free_rows, task)
         result.update(model=spec.name, train_seconds=round(trained, 1), config=asdict(config))
         log.info("%s %s: %s", spec.name, variant.name, {k: v for k, v in result.items() if k != "config"})
         results.append(result)

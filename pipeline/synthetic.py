@@ -15,8 +15,9 @@ phoneme boundary, however far from the prefix. The law is deterministic: the gen
 the oracle (``next_code``) that tests and the results table check models against.
 
 Rows are in the corpus schema (``id``, ``input_ids``, ``prefix_length``, ``prompt_length``,
-IndexTTS ``conditioning_latents``), laid out per model spec, so the pipeline reads them like
-real data.
+IndexTTS ``conditioning_latents``), laid out per model spec (``spec.layout``) and ending with the
+model's stop id, as upstream training data do, so the pipeline reads them like real data and a
+model trained on them learns where to stop.
 """
 
 from __future__ import annotations
@@ -90,11 +91,12 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
 
     Text lengths are capped by the spec's own limits (IndexTTS's text and mel positions). With
     ``alignment``, each row also holds ``phoneme_index`` (per generated token, the index into the text
-    of the phoneme it speaks) for analysis; it is not a corpus column."""
+    of the phoneme it speaks), ``text`` (the phoneme ids) and ``speaker`` for analysis; they are not
+    corpus columns."""
     codes = _speech_codes(spec)
     if spec.max_text_tokens is not None:
         max_text = min(max_text, spec.max_text_tokens - 2)
-    if spec.max_generated_tokens is not None:  # the model's positions: prompt + generated + start/stop
+    if spec.max_generated_tokens is not None:  # the model's positions: prompt + generated + stop
         max_text = min(max_text, (spec.max_generated_tokens - 1 - task.prompt_tokens - 2) // task.max_duration)
     min_text = min(min_text, max_text)
     rng = np.random.default_rng([seed, task.seed, 7])
@@ -104,20 +106,24 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
         text = rng.integers(0, task.phonemes, int(rng.integers(min_text, max_text + 1))).tolist()
         generated, align = task.speech(len(codes), text, speaker)
         prompt = task.prompt(len(codes), speaker)
+        # The end-of-speech id after the speech, as upstream training lays out its targets: a model
+        # trained on these rows learns to stop. It "speaks" position len(text), one past the text.
+        spoken = torch.cat([torch.as_tensor(codes[generated]), torch.tensor([spec.stop_token_ids[0]])])
+        align = align + [len(text)]
         text_ids = torch.tensor(text) + spec.reserved_text_ids  # IndexTTS: 0/1 are start/stop text
         glob = None
         if spec.global_codes is not None:  # Spark: the speaker's global tokens
             g = spec.global_codes
             glob = torch.tensor([(speaker * 5 + k) % g for k in range(g)])
-        ids, prefix = spec.layout(text_ids, torch.as_tensor(codes[prompt]), torch.as_tensor(codes[generated]), glob)
+        ids, prefix = spec.layout(text_ids, torch.as_tensor(codes[prompt]), spoken, glob)
         row = {"id": f"syn-{split}-{seed}-{i:05d}", "input_ids": ids.tolist(), "prefix_length": prefix,
                "prompt_length": len(prompt)}
         if spec.latent_shape is not None:
             n_lat, dim = spec.latent_shape
             latent_rng = np.random.default_rng([task.seed, speaker, 11])  # the speaker's voice embedding
             row["conditioning_latents"] = latent_rng.standard_normal(n_lat * dim).astype(np.float32).tolist()
-        if alignment:
-            row["phoneme_index"] = align
+        if alignment:  # for analysis (the transcriber, phoneme-start accuracy): not corpus columns
+            row.update(phoneme_index=align, text=text, speaker=speaker)
         rows.append(row)
     return rows
 

@@ -26,13 +26,16 @@ def test_rows_are_deterministic_and_in_the_specs_layout(name):
         # The spec finds the same prefix from the ids and the prompt count (independent of the generator).
         assert int(spec.prefix_lengths(ids, [row["prompt_length"]])[0]) == row["prefix_length"]
         generated = ids[0, row["prefix_length"]:]
-        assert bool(spec.is_speech(generated).all()) and not any(int(t) in spec.stop_token_ids for t in generated)
+        # Speech, then the stop id once, last (upstream training's target layout).
+        assert int(generated[-1]) == spec.stop_token_ids[0]
+        speech = generated[:-1]
+        assert bool(spec.is_speech(speech).all()) and not any(int(t) in spec.stop_token_ids for t in speech)
     checked = RowChecker(spec)(pa.Table.from_pylist(rows))  # the precompute's own row checks
     assert checked.column("reason").to_pylist() == [None] * len(rows)
     lengths = [len(r["input_ids"]) - r["prefix_length"] for r in rows]
     assert min(lengths) >= 100  # generated length >> the tiny W (4 .. 16)
     if name == "indextts":
-        assert max(lengths) + rows[0]["prompt_length"] + 2 <= spec.extra["max_mel_tokens"]
+        assert max(lengths) <= spec.max_generated_tokens
 
 
 def utterances(task, codes, n, seed):

@@ -36,7 +36,7 @@ def test_training_beats_the_untrained_model_and_accuracy_is_exact():
             total += ids.shape[1] - p
     assert result["positions"] == total
     assert abs(result["accuracy"] - hits / total) < 1e-6
-    assert isinstance(model, torch.nn.Module) and getattr(model, "_wand_original_forward", None) is not None
+    assert isinstance(model, torch.nn.Module) and wand.is_enabled(model)
     wand.generate(model, torch.tensor([held[0]["input_ids"][: held[0]["prefix_length"]]]),
                   torch.tensor([held[0]["prefix_length"]]), 4, 5)  # the trained teacher decodes with a WandCache
 
