@@ -5,7 +5,10 @@
 
 Speech tokens follow the phoneme being spoken (aligned to the text in the prefix), the speaker
 (in the prefix) and the previous token; the same --task-seed gives the same law, --seed other
-utterances. Deterministic: the same arguments write the same rows.
+utterances. Deterministic: the same arguments write the same rows. Writes <output>/corpus.parquet:
+the corpus columns (id, input_ids ending with the stop id, prefix_length, prompt_length, IndexTTS's
+conditioning_latents) plus text, speaker and task_seed, which training ignores and the evals use to
+transcribe what a model says (pipeline/transcribe.py).
 """
 
 from __future__ import annotations
@@ -38,7 +41,12 @@ def main(argv=None) -> int:
     if args.rows < 1 or not 1 <= args.min_text <= args.max_text:
         parser.error("--rows must be >= 1 and 1 <= --min-text <= --max-text")
     rows = synthetic_rows(get_spec(args.model, args.size), args.rows, SyntheticTask(seed=args.task_seed), args.seed,
-                          args.min_text, args.max_text, args.split)
+                          args.min_text, args.max_text, args.split, alignment=True)
+    # Each row keeps its text and speaker (not used by training): the evals transcribe what a model
+    # says against them (pipeline/transcribe.py). The per-token alignment stays out of the corpus.
+    for row in rows:
+        del row["phoneme_index"]
+        row["task_seed"] = args.task_seed
     args.output.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), args.output / "corpus.parquet")
     lengths = [len(r["input_ids"]) - r["prefix_length"] for r in rows]

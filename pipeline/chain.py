@@ -30,7 +30,8 @@ HEADLINE = ("kv_reduction_10s", "kv_reduction_60s", "kv_wand_bytes_60s", "kv_ful
             "kv_wand_bytes_analytic_60s", "kv_full_bytes_analytic_60s",
             "latency_full_ratio_late_early", "latency_wand_ratio_late_early", "attn_flops_speedup_60s",
             "top1_agreement", "top1_agreement_near", "top1_agreement_mid", "top1_agreement_far",
-            "kl_teacher_student", "kl_far")
+            "kl_teacher_student", "kl_far", "per_teacher", "per_student", "speaker_accuracy_teacher",
+            "speaker_accuracy_student", "law_consistency_teacher", "law_consistency_student")
 
 
 def section(name: str, source: type[BaseModel], fields: tuple[str, ...], doc: str) -> type[BaseModel]:

@@ -320,6 +320,51 @@ def quality(spec, teacher, student, window: int, rows: list[dict], device: torch
     return EvalResult("quality", metrics, table, fig)
 
 
+@torch.no_grad()
+def content(spec, teacher, student, window: int, rows: list[dict], device: torch.device) -> EvalResult | None:
+    """Does the student still say the text? On rows of the synthetic corpus (they carry ``text`` and
+    ``speaker``), teacher (full attention) and student (WAND) decode greedily from each row's prefix
+    until the stop id (at most twice the reference's length) and the speech is transcribed exactly
+    (``pipeline.transcribe``): PER, speaker accuracy, law consistency, and how many stopped.
+    None for rows without a transcript (real data needs an ASR model: not part of these evals)."""
+    from .synthetic import SyntheticTask
+    from .transcribe import score, speech_codes_of
+
+    rows = [r for r in rows if r.get("text") is not None and r.get("speaker") is not None]
+    if not rows:
+        return None
+    codes = len(speech_ids(spec))
+    metrics: dict[str, float] = {"content_rows": len(rows)}
+    table: dict[str, list] = {"model": [], "per": [], "speaker_accuracy": [], "law_consistency": [], "stopped": []}
+    for name, model, w in (("teacher", teacher, None), ("student", student, window)):
+        said = []
+        for row in rows:
+            inputs = forward_inputs(spec, row, device)
+            prefix = inputs.pop("prefix_length")
+            reference = len(row["input_ids"]) - prefix
+            cap = min(2 * reference, max_generated(spec) or 2 * reference)
+            out = wand.generate(model, inputs.pop("input_ids")[:, :prefix], [prefix], w, cap,
+                                eos_token_id=list(spec.stop_token_ids), prefill_kwargs=inputs)
+            generated = out[0, prefix:].tolist()
+            task = SyntheticTask(seed=int(row.get("task_seed") or 0))  # the law the corpus was made with
+            result = score(task, codes, speech_codes_of(spec, generated), list(row["text"]), int(row["speaker"]))
+            result["stopped"] = any(t in spec.stop_token_ids for t in generated)
+            said.append(result)
+        table["model"].append(name)
+        for key in ("per", "speaker_accuracy", "law_consistency", "stopped"):
+            value = float(np.mean([s[key] for s in said]))
+            table[key].append(value)
+            metrics[f"{key}_{name}"] = value
+    fig, ax = _figure(f"{spec.name} ({spec.size}): what the models say (synthetic transcriber)", "metric", "value")
+    keys = ("per", "speaker_accuracy", "law_consistency", "stopped")
+    x = np.arange(len(keys))
+    for i, name in enumerate(table["model"]):
+        ax.bar(x + 0.4 * i, [table[k][i] for k in keys], width=0.4, label=name)
+    ax.set_xticks(x + 0.2, ["PER", "speaker acc.", "law", "stopped"])
+    ax.legend()
+    return EvalResult("content", metrics, table, fig)
+
+
 def window_chooser(spec, teacher, rows: list[dict], windows: list[int], device: torch.device) -> EvalResult:
     from .window_choice import choose_window  # it builds on this module's inputs
 
@@ -366,6 +411,9 @@ def run_evals(spec, teacher: torch.nn.Module, student: torch.nn.Module, window: 
     results = [memory, latency, attention_flops(spec, window, prefix_mean, cfg),
                quality(spec, teacher, student, window, rows, device),
                window_chooser(spec, teacher, rows, cfg.windows, device)]
+    said = content(spec, teacher, student, window, rows, device)
+    if said is not None:
+        results.append(said)
     for r in results:
         r.metrics = {k: float(v) for k, v in r.metrics.items()}
         r.device = device_name(device)

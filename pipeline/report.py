@@ -25,6 +25,8 @@ COLUMNS = (
     ("attn FLOPs x @60s (theory)", ("attn_flops_speedup_60s",), "ratio"),
     ("top-1 agree near / mid / far", ("top1_agreement_near", "top1_agreement_mid", "top1_agreement_far"), "num"),
     ("KL far", ("kl_far",), "num"),
+    ("PER teacher / WAND (synthetic)", ("per_teacher", "per_student"), "num"),
+    ("speaker acc. teacher / WAND", ("speaker_accuracy_teacher", "speaker_accuracy_student"), "num"),
 )
 
 

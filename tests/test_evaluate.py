@@ -139,6 +139,37 @@ def test_run_evals_tables_and_measured_memory():
     assert all(math.isfinite(v) for r in results.values() for v in r.metrics.values())
 
 
+def test_the_content_eval_transcribes_what_each_model_says():
+    from pipeline.evaluate import content
+    from pipeline.synthetic import SyntheticTask, synthetic_rows
+    from pipeline.transcribe import score, speech_codes_of
+
+    spec = get_spec("cosyvoice2", "tiny")
+    torch.manual_seed(0)
+    teacher = wand.enable_wand(spec.build().eval(), None)
+    student = wand.enable_wand(spec.build().eval(), 4)
+    rows = synthetic_rows(spec, 2, seed=1, min_text=6, max_text=8, alignment=True)
+    assert content(spec, teacher, student, 4, corpus_rows(spec, 2, seed=1), torch.device("cpu")) is None  # no text
+    result = content(spec, teacher, student, 4, rows, torch.device("cpu"))
+    assert result.table["model"] == ["teacher", "student"] and result.metrics["content_rows"] == 2
+    # Independently for the teacher: decode each row with plain greedy argmax steps (no cache), cut at
+    # the stop id, transcribe against the row's own text and speaker.
+    pers = []
+    for row in rows:
+        ids = torch.tensor([row["input_ids"][: row["prefix_length"]]])
+        reference = len(row["input_ids"]) - row["prefix_length"]
+        with torch.no_grad():
+            for _ in range(2 * reference):
+                logits = teacher(input_ids=ids, prefix_lengths=torch.tensor([row["prefix_length"]]), window=None).logits
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], 1)
+                if int(ids[0, -1]) in spec.stop_token_ids:
+                    break
+        tokens = speech_codes_of(spec, ids[0, row["prefix_length"]:].tolist())
+        pers.append(score(SyntheticTask(), len(spec.target_ids()) - 3, tokens, row["text"], row["speaker"])["per"])
+    assert result.metrics["per_teacher"] == pytest.approx(sum(pers) / len(pers))
+    assert all(0 <= result.metrics[f"speaker_accuracy_{m}"] <= 1 for m in ("teacher", "student"))
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_the_evals_run_as_a_ray_task_with_their_resources(ray_local, tmp_path):
