@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import wand
-from wand.models import MODEL_NAMES, get_spec
+from wand.models import MODEL_NAMES, get_spec, spec_for
 from wand.models.weights import fingerprint, s3_endpoint
 from wand.batch import collate
 from wand.topk import sparse_teacher_targets
@@ -88,7 +88,8 @@ class PrecomputeConfig(BaseModel):
         return self
 
     def spec(self):
-        return get_spec(self.model, self.model_size)
+        with s3_endpoint(self.s3_endpoint):
+            return spec_for(self.model, self.model_size, self.teacher_source)
 
     def resume_key(self) -> dict:
         """What must be equal for existing shards to be reused (under the names shards record)."""

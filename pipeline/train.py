@@ -36,7 +36,7 @@ from wand.curriculum import Curriculum, Stage
 from wand.batch import collate
 from wand.distill import SparseTeacher, distill_loss
 from wand.losses import KD_KINDS
-from wand.models import MODEL_NAMES, get_spec
+from wand.models import MODEL_NAMES, spec_for
 from wand.models.weights import fingerprint, s3_endpoint
 
 from . import storage
@@ -130,7 +130,8 @@ class TrainConfig(BaseModel):
         return self
 
     def spec(self):
-        return get_spec(self.model, self.model_size)
+        with s3_endpoint(self.s3_endpoint):
+            return spec_for(self.model, self.model_size, self.teacher_source)
 
     def resolved_attention(self) -> str:
         """The ``enable_wand`` backend the workers train with."""

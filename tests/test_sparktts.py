@@ -89,3 +89,26 @@ def test_a_tokenizer_without_sparks_tokens_is_refused():
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>")
     with pytest.raises(ValueError, match="lacks Spark's tokens"):
         get_spec("sparktts", "tiny").with_tokenizer(plain)
+
+
+def test_the_real_spark_spec_takes_its_ids_from_the_checkpoint_folder(tmp_path):
+    """At real size Spark's ids exist only in the checkpoint's LLM/tokenizer.json: the pipeline's
+    stage configs read them from teacher_source (a folder or s3://) instead of failing on target_ids."""
+    from pipeline.teacher_topk import PrecomputeConfig
+    from wand.models import spec_for
+
+    semantic, glob = 8192, 4096
+    names = ["<unk>"] + [f"t{i}" for i in range(10)] + list(SPECIAL_TOKENS)
+    names += [f"<|bicodec_global_{i}|>" for i in range(glob)] + [f"<|bicodec_semantic_{i}|>" for i in range(semantic)]
+    vocab = {name: i for i, name in enumerate(names)}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>")
+    tok.save_pretrained(str(tmp_path / "Spark-TTS-0.5B" / "LLM"))
+    spec = spec_for("sparktts", "real", str(tmp_path / "Spark-TTS-0.5B"))
+    first = vocab["<|bicodec_semantic_0|>"]
+    assert spec.speech_range == (first, first + semantic) and spec.stop_token_ids == (vocab["<|im_end|>"],)
+    assert spec.prefix_end_token_id == vocab["<|start_semantic_token|>"] and len(spec.target_ids()) == semantic + 1
+    config = PrecomputeConfig(model="sparktts", model_size="real", teacher_source=str(tmp_path / "Spark-TTS-0.5B"),
+                              corpus="c", shards="s")
+    assert config.spec().speech_range == spec.speech_range
+    with pytest.raises(ValueError, match="LLM/tokenizer.json"):
+        spec_for("sparktts", "real", str(tmp_path))  # not the checkpoint folder

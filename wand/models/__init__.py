@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import functools
+
 from .causal_lm import CausalLMSpec
 from .cosyvoice2 import CosyVoice2LM, CosyVoice2Spec
 from .indextts import IndexTTSGPT, IndexTTSSpec
@@ -17,7 +19,7 @@ from .spec import ModelSpec
 from .weights import WeightsNotFound
 
 __all__ = [
-    "MODEL_NAMES", "get_spec", "kv_bytes_per_token", "ModelSpec", "CausalLMSpec", "CosyVoice2Spec",
+    "MODEL_NAMES", "get_spec", "spec_for", "kv_bytes_per_token", "ModelSpec", "CausalLMSpec", "CosyVoice2Spec",
     "CosyVoice2LM", "IndexTTSSpec", "IndexTTSGPT", "SparkTTSSpec", "WeightsNotFound",
 ]
 
@@ -41,6 +43,31 @@ def get_spec(name: str, size: str = "real") -> ModelSpec:
     if size == "mini":
         return widen(BUILDERS[name]("tiny"))
     return BUILDERS[name](size)
+
+
+@functools.lru_cache(maxsize=16)
+def spec_for(name: str, size: str = "real", source: str | None = None) -> ModelSpec:
+    """``get_spec(name, size)``, with the token ids that only the checkpoint's tokenizer knows read
+    from it (SparkTTS at real size: its special tokens and BiCodec codes live in ``LLM/tokenizer.json``).
+    ``source``: the released checkpoint (a local folder or s3://; ``weights.s3_endpoint`` applies)."""
+    spec = get_spec(name, size)
+    if spec.speech_range[0] >= 0:
+        return spec
+    if source is None:
+        raise ValueError(f"{name} ({size}): its token ids come from the checkpoint's tokenizer; give the "
+                         "checkpoint (teacher_source: a folder with LLM/tokenizer.json, or s3://)")
+    from transformers import AutoTokenizer
+
+    from .weights import resolve_source
+
+    path = resolve_source(source, name, spec.source)
+    folder = path / "LLM" if (path / "LLM").is_dir() else path
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    except (OSError, ValueError) as err:
+        raise ValueError(f"{name}: no usable tokenizer under {folder} ({err}); teacher_source must be the "
+                         "released checkpoint folder (it holds LLM/tokenizer.json)") from None
+    return spec.with_tokenizer(tokenizer)
 
 
 def kv_bytes_per_token(spec: ModelSpec, dtype=None) -> int:
