@@ -18,9 +18,9 @@ from wand.models.weights import s3_endpoint
 
 from . import storage
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
-from .teacher_topk import PrecomputeConfig, run_precompute
+from .teacher_topk import PrecomputeConfig, run_precompute, teacher_weights
 from .tracking import Tracker, TrackingConfig, git_commit
-from .train import TrainConfig, initial_model, preflight, run_stage
+from .train import TrainConfig, preflight, run_stage
 
 __all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_student", "load_student", "evaluate_experiment", "track_stage"]
 
@@ -288,7 +288,7 @@ def _evaluate(config: DistillConfig, student_dir: str | None) -> list[EvalResult
     train = config.train_config()
     spec = train.spec()
     rows = read_rows(config.evaluate.corpus or config.corpus, config.s3_endpoint, config.evaluate.rows)
-    teacher = initial_model(train, spec, None, None)  # the teacher the shards were made with
+    teacher = teacher_weights(spec, config.teacher_source, config.teacher_seed, config.s3_endpoint)  # the shards' teacher
     student = load_student(config, student_dir)
     return run_evals(spec, teacher, student, train.resolved_window_target(), rows, config.evaluate)
 

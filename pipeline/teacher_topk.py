@@ -112,14 +112,19 @@ def shard_name(index: int) -> str:
 
 
 # ----------------------------------------------------------------------------- teacher side
+def teacher_weights(spec, source: str | None, seed: int, endpoint: str | None) -> torch.nn.Module:
+    """The teacher of an experiment, the one place it is loaded (the precompute's actors, a student's
+    first stage, the evals): released weights from ``source``, else seeded random weights (test sizes)."""
+    if source:
+        with s3_endpoint(endpoint):
+            return spec.load(source)
+    torch.manual_seed(seed)
+    return spec.build()
+
+
 def load_teacher(config: PrecomputeConfig, device: torch.device):
     spec = config.spec()
-    if config.teacher_source:
-        with s3_endpoint(config.s3_endpoint):
-            model = spec.load(config.teacher_source)
-    else:
-        torch.manual_seed(config.teacher_seed)
-        model = spec.build()
+    model = teacher_weights(spec, config.teacher_source, config.teacher_seed, config.s3_endpoint)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(device=device, dtype=dtype).eval()
     return wand.enable_wand(model, None), spec  # full attention: the teacher

@@ -42,7 +42,7 @@ from wand.models.weights import fingerprint, s3_endpoint
 from . import storage
 from .checks import one_of, require_teacher_weights
 from .row_order import RowOrder, ShardRows
-from .teacher_topk import decode_values, load_manifest, verify_manifest
+from .teacher_topk import decode_values, load_manifest, teacher_weights, verify_manifest
 
 __all__ = ["TrainConfig", "plan_stages", "preflight", "run_stage", "stage_record", "param_checksum"]
 
@@ -314,11 +314,7 @@ def param_checksum(state_dict: dict[str, torch.Tensor]) -> str:
 def initial_model(config: TrainConfig, spec, init_checkpoint: str | None, filesystem):
     """Stage 1: the teacher's weights. Stage k + 1: stage k's consolidated model.safetensors."""
     if init_checkpoint is None:
-        if config.teacher_source:
-            with s3_endpoint(config.s3_endpoint):
-                return spec.load(config.teacher_source)
-        torch.manual_seed(config.teacher_seed)
-        return spec.build()
+        return teacher_weights(spec, config.teacher_source, config.teacher_seed, config.s3_endpoint)
     from ray.train import Checkpoint
     from safetensors.torch import load_file
 
