@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chain import DistillConfig, check_cluster_storage, run_chain  # noqa: E402
 from pipeline.cli import init_ray, load_experiments  # noqa: E402
-from pipeline.report import results_table  # noqa: E402
+from pipeline.report import results_table, ui_lines  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summaries, indent=2))
     print(results_table(summaries))
+    print(ui_lines(summaries))
     return 0
 
 

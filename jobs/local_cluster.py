@@ -126,7 +126,7 @@ def where(args) -> int:
     print("Compare:        .venv/bin/python jobs/compare.py --tracking-uri " + state["mlflow_uri"])
     print("Stop:           make stop\n")
     from jobs.compare import rows_from_server
-    from pipeline.report import results_table
+    from pipeline.report import results_table, ui_lines
 
     try:
         wait_http(f"{state['mlflow_uri']}/health", 10, what="mlflow server")
@@ -135,6 +135,7 @@ def where(args) -> int:
         print(f"(no comparison: {err})")
         return 0
     print(results_table(rows))
+    print(ui_lines(rows))
     return 0
 
 

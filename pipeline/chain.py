@@ -135,6 +135,10 @@ def run_chain(config: DistillConfig) -> dict:
         _, curriculum = preflight(train)
         if tracker:
             tracker.log_params(parent, _parent_params(config, manifest, curriculum.total_steps))
+            tracker.log_dataset(parent, _dataset_name(config.corpus), config.corpus, manifest["input"]["fingerprint"],
+                                "training", manifest["rows"])
+            tracker.log_dataset(parent, _dataset_name(config.shards), config.shards, _shards_fingerprint(manifest),
+                                "teacher-top-k", manifest["rows"])
         records = []
         for index in range(1, train.stages + 1):
             log.info("stage %d/%d", index, train.stages)
@@ -213,6 +217,17 @@ def _cluster_size() -> dict:
     resources = ray.cluster_resources()
     return {"nodes": len([n for n in ray.nodes() if n.get("Alive")]), "cpus": resources.get("CPU", 0),
             "gpus": resources.get("GPU", 0)}
+
+
+def _dataset_name(uri: str) -> str:
+    return uri.rstrip("/").rsplit("/", 1)[-1] or uri
+
+
+def _shards_fingerprint(manifest: dict) -> str:
+    """The shards' own content: every shard's sha256, in order."""
+    import hashlib
+
+    return hashlib.sha256("".join(s["sha256"] for s in manifest["shards"]).encode()).hexdigest()
 
 
 def _log_precompute(tracker: Tracker, run_id: str, precompute: PrecomputeConfig, manifest: dict) -> None:

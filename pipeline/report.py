@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["results_table", "COLUMNS"]
+__all__ = ["results_table", "COLUMNS", "ui_lines"]
 
 
 def _fmt(value, kind: str) -> str:
@@ -52,3 +52,16 @@ def results_table(rows: list[dict]) -> str:
                      if run and uri.startswith("http") and row.get("experiment_id") else (run or "-"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def ui_lines(rows: list[dict]) -> str:
+    """The MLflow UI links of the rows' experiment and the Compare view of their parent runs."""
+    from .tracking import ui_links
+
+    tracked = [r for r in rows if r.get("parent_run_id") and str(r.get("tracking_uri") or "").startswith("http")
+               and r.get("experiment_id")]
+    if not tracked:
+        return ""
+    links = ui_links(tracked[0]["tracking_uri"], tracked[0]["experiment_id"], [r["parent_run_id"] for r in tracked])
+    return (f"MLflow experiment:   {links['experiment']}\n"
+            f"Compare the models:  {links['compare']}")

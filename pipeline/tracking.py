@@ -104,6 +104,22 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+EXPERIMENT_KIND = "custom_model_development"
+DIGEST_CHARS = 16
+
+
+def ui_links(uri: str, experiment_id: str, parent_run_ids: list[str]) -> dict[str, str]:
+    """The MLflow UI pages a person opens: the experiment, and the Compare view of the parent runs."""
+    import json
+    import urllib.parse
+
+    base = f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
+    runs = urllib.parse.quote(json.dumps(parent_run_ids, separators=(",", ":")))
+    experiments = urllib.parse.quote(json.dumps([experiment_id], separators=(",", ":")))
+    return {"experiment": base,
+            "compare": f"{uri.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"}
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient`` with the layout above. All methods take run ids, so
     workers can log into a run the driver created."""
@@ -119,6 +135,9 @@ class Tracker:
         experiment = self.client.get_experiment_by_name(experiment_name)
         self.experiment_id = (experiment.experiment_id if experiment is not None
                               else self.client.create_experiment(experiment_name))
+        # MLflow 3 opens an experiment of unknown kind in its GenAI view (traces, prompts); this
+        # one is model training: its runs table, charts and Compare view.
+        self.client.set_experiment_tag(self.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
 
     @classmethod
     def from_config(cls, config: TrackingConfig) -> "Tracker | None":
@@ -176,6 +195,24 @@ class Tracker:
         if self.uri.startswith("http"):
             return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
         return run_id
+
+    def log_dataset(self, run_id: str, name: str, uri: str, fingerprint: str, context: str, rows: int | None = None) -> None:
+        """Record ``uri`` as a dataset input of the run (the runs table's Dataset column): its digest
+        is our content fingerprint (shortened; the full one is in the source), so two runs on the same
+        rows show the same dataset."""
+        import json
+
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        have = {(d.dataset.name, d.dataset.digest) for d in self.client.get_run(run_id).inputs.dataset_inputs}
+        digest = fingerprint[:DIGEST_CHARS]
+        if (name, digest) in have:
+            return
+        source = json.dumps({"uri": redact(uri), "fingerprint": fingerprint})
+        profile = json.dumps({"num_rows": rows}) if rows is not None else None
+        dataset = Dataset(name=name, digest=digest, source_type="s3" if uri.startswith("s3://") else "local",
+                          source=source, profile=profile)
+        self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
     # ------------------------------------------------------------------ values
     def log_params(self, run_id: str, params: dict[str, Any]) -> None:

@@ -41,6 +41,7 @@ from wand.models.weights import fingerprint, s3_endpoint
 
 from . import storage
 from .checks import one_of, require_teacher_weights
+from .progress import Progress
 from .row_order import RowOrder, ShardRows
 from .teacher_topk import decode_values, load_manifest, teacher_weights, verify_manifest
 
@@ -95,6 +96,8 @@ class TrainConfig(BaseModel):
                                    **OPERATIONAL)
     max_failures: int = Field(2, ge=0, **OPERATIONAL)
     checkpoint_every: int = Field(50, ge=1, **OPERATIONAL)
+    progress_every_s: float = Field(30.0, gt=0, description="seconds between progress lines in the job's log",
+                                    **OPERATIONAL)
     loss_chunk_size: int = Field(1024, ge=1, **OPERATIONAL)  # memory only: the loss is the same
     gradient_clipping: float = Field(1.0, ge=0)
     seed: int = Field(0, description="the order of the training rows (a seeded shuffle per epoch)")
@@ -407,6 +410,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     reader = ShardRows(lambda path: pq.read_table(path, filesystem=shard_fs),
                        [storage.join(shard_root, name) for name, _ in loop_config["shards"]], order,
                        cache=2 * config.shuffle_window)
+    progress = Progress(f"{config.experiment} stage {stage.index}/{config.stages}", step, stage.end,
+                        curriculum.total_steps, config.progress_every_s)
     while step < stage.end:
         values = curriculum.at(step)
         for group in engine.optimizer.param_groups:
@@ -425,6 +430,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
         history.append({"step": step, "loss": float(out.loss.detach()), "ce": float(out.ce), "kd": float(out.kd),
                         "window": values.window, "tau": values.tau, "lr": values.lr,
                         "tokens_per_s": tokens / seconds})
+        line = progress.update(step, history[-1]["loss"], values.window, values.tau, tokens)
+        if line and rank == 0:
+            print(line, flush=True)  # a worker's stdout reaches `ray job logs` (its logging does not)
         _maybe_fail(loop_config["fault"], step, rank, config.num_workers)
         step += 1
         if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
