@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
+.PHONY: install browser demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -57,8 +57,16 @@ teachers: install
 demo-generate: install
 	$(PY) jobs/demo_generate.py
 
-test: install
+test: install browser
 	$(PY) -m pytest tests
+
+# The MLflow UI test (tests/test_mlflow_ui.py) drives headless Chromium: Debian's chromium and
+# chromium-driver packages (no browser download at run time). Installed here when missing (CI runs as
+# root); elsewhere install them yourself (apt-get install chromium chromium-driver).
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  echo "installing Debian's chromium and chromium-driver for the MLflow UI test"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null; }
 
 test-fast: install
 	$(PY) -m pytest tests -m "not slow"

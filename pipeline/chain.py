@@ -187,9 +187,16 @@ def check_cluster_storage(config: DistillConfig) -> None:
 
 
 def parent_tags(config: DistillConfig) -> dict:
+    import sys
+
     spec = config.train_config().spec()
+    commit = git_commit()
+    # The runs table's Source column: the entry point that ran the chain (jobs/distill.py under
+    # `ray job submit`) and its commit.
+    source = os.path.relpath(os.path.abspath(sys.argv[0])) if sys.argv and sys.argv[0] else "pipeline.chain"
     return {"wand.model": config.model, "wand.family": spec.family, "wand.model_size": config.model_size,
-            "wand.git_commit": git_commit()}
+            "wand.git_commit": commit, "mlflow.source.name": source, "mlflow.source.type": "JOB",
+            **({"mlflow.source.git.commit": commit} if commit and commit != "unknown" else {})}
 
 
 def _parent_params(config: DistillConfig, manifest: dict, total_steps: int) -> dict:

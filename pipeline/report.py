@@ -48,7 +48,7 @@ def results_table(rows: list[dict]) -> str:
         cells.append(_fmt(row.get("final_loss"), "num"))
         run = row.get("parent_run_id")
         uri = row.get("tracking_uri") or ""
-        cells.append(f"{uri.rstrip('/')}/#/experiments/{row['experiment_id']}/runs/{run}"
+        cells.append(f"{uri.rstrip('/')}/#/experiments/{row['experiment_id']}/runs/{run}?workflowType=machine_learning"
                      if run and uri.startswith("http") and row.get("experiment_id") else (run or "-"))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -113,11 +113,13 @@ def ui_links(uri: str, experiment_id: str, parent_run_ids: list[str]) -> dict[st
     import json
     import urllib.parse
 
-    base = f"{uri.rstrip('/')}/#/experiments/{experiment_id}"
+    # workflowType: MLflow 3 opens experiments in its GenAI view unless told (or a browser remembers).
+    base = f"{uri.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
     runs = urllib.parse.quote(json.dumps(parent_run_ids, separators=(",", ":")))
     experiments = urllib.parse.quote(json.dumps([experiment_id], separators=(",", ":")))
     return {"experiment": base,
-            "compare": f"{uri.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"}
+            "compare": f"{uri.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
+                       "&workflowType=machine_learning"}
 
 
 class Tracker:
@@ -193,7 +195,8 @@ class Tracker:
 
     def run_url(self, run_id: str) -> str:
         if self.uri.startswith("http"):
-            return f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+            return (f"{self.uri.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{run_id}"
+                    "?workflowType=machine_learning")
         return run_id
 
     def log_dataset(self, run_id: str, name: str, uri: str, fingerprint: str, context: str, rows: int | None = None) -> None:

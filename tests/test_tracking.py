@@ -126,7 +126,16 @@ def test_one_parent_and_one_child_per_stage(tracked):
     assert params["model"] == "cosyvoice2" and params["zero_stage"] == "2" and params["curriculum.window_target"] == "4"
     assert len(params["teacher_fingerprint"]) >= 16 and len(params["data_fingerprint"]) >= 16
     assert params["cluster.nodes"] == "1"
-    assert tags["wand.family"] == "cosyvoice2" and tags["wand.git_commit"]
+    assert tags["wand.family"] == "cosyvoice2" and tags["wand.git_commit"] and tags["mlflow.source.type"] == "JOB"
+    # The UI: a model-training experiment, and the data each run used in its Dataset column (the
+    # corpus and the shards, digests from our fingerprints), logged once across three submissions.
+    client = tracked["client"]
+    assert client.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    inputs = {d.dataset.name: d for d in client.get_run(parent.info.run_id).inputs.dataset_inputs}
+    assert len(client.get_run(parent.info.run_id).inputs.dataset_inputs) == 2
+    corpus = inputs[os.path.basename(tracked["config"].corpus)]
+    assert corpus.dataset.digest == params["data_fingerprint"][:16] and corpus.tags[0].value == "training"
+    assert inputs["topk"].tags[0].value == "teacher-top-k"
     for r in children:
         assert r.info.status == "FINISHED"
     stages = {r.data.tags["wand.stage"]: r for r in children}

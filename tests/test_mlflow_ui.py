@@ -1,0 +1,167 @@
+"""The MLflow UI as a user sees it: a real `mlflow server` with the three families' parent runs, their
+stage and eval children, driven by headless Chromium (Debian's chromium + chromium-driver, `make browser`).
+
+The tracking layout is written by the pipeline's own code (``Tracker``: parent and child runs, the
+step metrics of a few real WAND distillation steps, ``log_evals`` with the real evals of tiny models).
+Screenshots go to $WAND_UI_SCREENSHOTS (default: the test's tmp folder); docs/ holds three of them.
+"""
+
+import json
+import os
+import shutil
+import time
+import urllib.parse
+from pathlib import Path
+
+import pytest
+import torch
+
+import wand
+from helpers import corpus_rows
+from pipeline.chain import DistillConfig, log_evals
+from pipeline.evaluate import run_evals
+from pipeline.tracking import Tracker, ui_links
+from wand.batch import collate
+from wand.distill import distill_loss
+from wand.models import get_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+FAMILIES = ("cosyvoice2", "indextts", "sparktts")
+
+
+def browser():
+    """Headless Chromium through its driver; a missing one fails the test with how to install it."""
+    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
+    if not (chromium and driver):
+        pytest.fail("the MLflow UI test needs Debian's chromium and chromium-driver: run `make browser` "
+                    "(apt-get install chromium chromium-driver)")
+    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager look for a driver online
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1000"):
+        options.add_argument(arg)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+def wait_for(driver, check, timeout=60.0, what="the page"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            found = check(driver)
+            if found:
+                return found
+        except Exception:  # noqa: BLE001 - the page is still rendering
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{what} did not show within {timeout} s; the page said:\n"
+                         f"{driver.find_element('tag name', 'body').text[:2000]}")
+
+
+def body(driver) -> str:
+    return driver.find_element("tag name", "body").text
+
+
+def close_side_panel(driver) -> None:
+    """MLflow 3 opens an assistant panel beside every page; close it so screenshots show the page."""
+    for button in driver.find_elements("xpath", "//*[text()='MLflow Assistant']/following::button"):
+        if (button.get_attribute("aria-label") or "").lower().startswith("close"):
+            button.click()
+            return
+
+
+@pytest.fixture(scope="module")
+def layout(mlflow_server):
+    """Three parent runs (one per family) with a stage child (real distillation steps) and an eval child."""
+    tracker = Tracker(mlflow_server.uri, "wand-tts-ui")
+    parents, evals = {}, {}
+    for name in FAMILIES:
+        spec = get_spec(name, "tiny")
+        torch.manual_seed(0)
+        teacher = wand.enable_wand(spec.build().eval(), None)
+        student = wand.enable_wand(spec.build(), 8)
+        rows = corpus_rows(spec, 3, seed=5, min_gen=40, max_gen=60)
+        config = DistillConfig(experiment=f"ui-{name}", model=name, model_size="tiny", corpus=f"runs/corpus/ui-{name}",
+                               shards=f"runs/topk/ui-{name}", storage="runs/checkpoints",
+                               evaluate={"seconds": [10.0], "windows": [4, 8], "allow_training_corpus": True})
+        parent = tracker.parent_run(config.experiment, {"wand.model": name, "wand.family": spec.family})
+        optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
+        steps = []
+        for step in range(4):
+            out = distill_loss(spec, student, collate(spec, rows), 8)
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            steps.append({"step": step, "loss": float(out.loss.detach()), "ce": float(out.ce), "kd": 0.0,
+                          "window": 8, "tau": None, "lr": 1e-3})
+        child = tracker.child_run(parent, "stage-1")
+        tracker.log_steps(child, steps)
+        tracker.finish(child)
+        tracker.log_dataset(parent, f"ui-{name}", config.corpus, f"{len(rows):064x}", "training", len(rows))
+        evals[name] = log_evals(tracker, parent, run_evals(spec, teacher, student.eval(), 8, rows, config.evaluate),
+                                config, "checksum")
+        tracker.finish(parent)
+        parents[name] = parent
+    return tracker, parents, evals
+
+
+def test_the_mlflow_ui_shows_parents_children_compare_and_figures(layout, tmp_path):
+    tracker, parents, evals = layout
+    shots = Path(os.environ.get("WAND_UI_SCREENSHOTS", tmp_path))
+    shots.mkdir(parents=True, exist_ok=True)
+    links = ui_links(tracker.uri, tracker.experiment_id, list(parents.values()))
+    driver = browser()
+    try:
+        # The experiment opens as model training (its runs table), one parent run per model.
+        driver.get(links["experiment"])
+        wait_for(driver, lambda d: all(f"ui-{n}" in body(d) for n in FAMILIES), what="the three parent runs")
+        text = body(driver)
+        assert "Runs" in text and "Traces\n0" not in text  # not MLflow 3's GenAI overview
+        assert "ui-cosyvoice2 (" in text or "ui-cosyvoice2" in text
+        assert "Training" in text  # the Dataset column: each parent's corpus as a training input
+        close_side_panel(driver)
+        driver.save_screenshot(str(shots / "mlflow-runs.png"))
+
+        # Expanding a parent shows its stage and eval children.
+        row = wait_for(driver, lambda d: d.find_element(
+            "xpath", "//*[text()='ui-cosyvoice2']/ancestor::*[@role='row' or contains(@class,'row')][1]"),
+            what="the cosyvoice2 parent row")
+        row.find_element("xpath", ".//button").click()
+        wait_for(driver, lambda d: "ui-cosyvoice2/stage-1" in body(d) and "ui-cosyvoice2/eval" in body(d),
+                 what="the stage and eval children of the cosyvoice2 parent")
+        driver.save_screenshot(str(shots / "mlflow-children.png"))
+
+        # The Compare view of the three parents holds the KV-memory and latency metrics.
+        driver.get(links["compare"])
+        wait_for(driver, lambda d: "kv_reduction_10s" in body(d) and "latency_wand_ratio_late_early" in body(d),
+                 what="the KV-memory and latency metrics in the Compare view")
+        assert all(f"ui-{n}" in body(driver) for n in FAMILIES)
+        close_side_panel(driver)
+        metrics = driver.find_elements("xpath", "//*[text()='kv_reduction_10s']")
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", metrics[-1])  # the metrics table
+        driver.save_screenshot(str(shots / "mlflow-compare.png"))
+
+        # The eval run's figure (KV bytes against generated length) loads as an image.
+        eval_run = evals["cosyvoice2"]
+        driver.get(f"{tracker.uri}/#/experiments/{tracker.experiment_id}/runs/{eval_run}/artifacts/evals/kv_memory.png"
+                   "?workflowType=machine_learning")
+        # The UI fetches the artifact and shows it from a blob: URL once the bytes have arrived.
+        width = wait_for(driver, lambda d: "evals/kv_memory.png" in body(d) and d.execute_script(
+            "const i = [...document.images].find(i => i.src.startsWith('blob:') && i.complete);"
+            "return i ? i.naturalWidth : 0;"), what="the kv_memory.png figure")
+        assert width >= 600  # the figure is 640 pixels wide (6.4 in x 100 dpi)
+        close_side_panel(driver)
+        driver.save_screenshot(str(shots / "mlflow-figure.png"))
+    finally:
+        driver.quit()
+
+
+def test_the_links_printed_for_users_name_the_runs(layout):
+    tracker, parents, _ = layout
+    links = ui_links(tracker.uri, tracker.experiment_id, list(parents.values()))
+    assert links["experiment"].endswith(f"/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
+    query = urllib.parse.parse_qs(links["compare"].split("?", 1)[1])
+    assert json.loads(query["runs"][0]) == list(parents.values())
+    assert json.loads(query["experiments"][0]) == [tracker.experiment_id]
