@@ -209,11 +209,11 @@ class Tracker:
 
         have = {(d.dataset.name, d.dataset.digest) for d in self.client.get_run(run_id).inputs.dataset_inputs}
         digest = fingerprint[:DIGEST_CHARS]
-        if (name, digest) in have:
+        if (redact(name), digest) in have:
             return
         source = json.dumps({"uri": redact(uri), "fingerprint": fingerprint})
         profile = json.dumps({"num_rows": rows}) if rows is not None else None
-        dataset = Dataset(name=name, digest=digest, source_type="s3" if uri.startswith("s3://") else "local",
+        dataset = Dataset(name=redact(name), digest=digest, source_type="s3" if uri.startswith("s3://") else "local",
                           source=source, profile=profile)
         self.client.log_inputs(run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", context)])])
 
