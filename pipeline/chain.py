@@ -14,6 +14,7 @@ import pickle
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from wand.models import get_spec
 from wand.models.weights import s3_endpoint
 
 from . import storage
@@ -189,7 +190,7 @@ def check_cluster_storage(config: DistillConfig) -> None:
 def parent_tags(config: DistillConfig) -> dict:
     import sys
 
-    spec = config.train_config().spec()
+    spec = get_spec(config.model, config.model_size)  # the family is the preset's (no tokenizer needed)
     commit = git_commit()
     # The runs table's Source column: the entry point that ran the chain (jobs/distill.py under
     # `ray job submit`) and its commit.

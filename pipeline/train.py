@@ -36,7 +36,7 @@ from wand.curriculum import Curriculum, Stage
 from wand.batch import collate
 from wand.distill import SparseTeacher, distill_loss
 from wand.losses import KD_KINDS
-from wand.models import MODEL_NAMES, spec_for
+from wand.models import MODEL_NAMES, get_spec, spec_for
 from wand.models.weights import fingerprint, s3_endpoint
 
 from . import storage
@@ -143,7 +143,8 @@ class TrainConfig(BaseModel):
         return self.attention
 
     def resolved_window_target(self) -> int:
-        return self.window_target or self.spec().target_window
+        # The preset's W: no need for the checkpoint's tokenizer (validation never reads S3).
+        return self.window_target or get_spec(self.model, self.model_size).target_window
 
     def curriculum(self, total_steps: int) -> Curriculum:
         return Curriculum(total_steps=total_steps, window_start=self.window_start,
