@@ -66,3 +66,27 @@ def test_committed_teachers_reach_their_stated_quality_on_heldout_rows(name):
     # Qwen2 teachers learned it fully. Phoneme starts, which need the text alignment, stay near
     # the 1-in-24 chance for all three (README: what the teachers did not learn).
     assert quality["accuracy_inside_phonemes"] >= STATED_INSIDE[name]
+
+
+@pytest.mark.parametrize("name", sorted(STATED))
+def test_committed_teachers_stop_at_the_stop_id(name):
+    """The synthetic rows end with the stop id (upstream's target layout), so the teachers learned to
+    stop: greedy wand.generate from held-out prefixes ends at the stop id on every row, near the
+    reference's length (the teachers do not align to the text, so not exactly there)."""
+    from pipeline.evaluate import forward_inputs
+
+    spec = get_spec(name, "mini")
+    teacher = wand.enable_wand(spec.load(str(ROOT / "teachers" / name)), None)
+    ratios = []
+    for row in synthetic_rows(spec, 6, seed=1, split="heldout"):
+        inputs = forward_inputs(spec, row, torch.device("cpu"))
+        prefix, ids = inputs.pop("prefix_length"), inputs.pop("input_ids")
+        reference = ids.shape[1] - prefix  # the row's speech and its stop id
+        assert int(ids[0, -1]) == spec.stop_token_ids[0]
+        out = wand.generate(teacher, ids[:, :prefix], [prefix], None, 2 * reference,
+                            eos_token_id=list(spec.stop_token_ids), prefill_kwargs=inputs)
+        generated = out[0, prefix:].tolist()
+        assert generated[-1] in spec.stop_token_ids, "generation ran to the cap without a stop id"
+        assert not any(t in spec.stop_token_ids for t in generated[:-1])  # stopped at the first one
+        ratios.append(len(generated) / reference)
+    assert 0.7 <= sorted(ratios)[len(ratios) // 2] <= 1.5, ratios  # median length near the reference's
