@@ -8,6 +8,10 @@ three tiny families one after the other; ``--only sparktts`` picks one). With an
 URI (``tracking.uri`` or $MLFLOW_TRACKING_URI) every experiment is a parent run with a child run
 per stage. Resubmitting the same command resumes: matching shards are reused, finished stages are
 skipped, an interrupted stage continues from its last checkpoint, logged evals are not redone.
+Writes: the teacher's top-k shards under ``shards``, checkpoints and ``stage-k.json`` under
+``<storage>/<experiment>``, the student in its release format under ``<storage>/<experiment>/student``,
+MLflow runs; prints a progress line per stage every ``train.progress_every_s``, then the results
+table and the MLflow links (the experiment and the Compare view of its parent runs).
 """
 
 from __future__ import annotations

@@ -4,8 +4,10 @@
     python jobs/evaluate.py --config jobs/configs/paper.yaml --only cosyvoice2 --student s3://bucket/runs/cosyvoice2-wand/student
 
 Evals (pipeline/evaluate.py): KV-cache memory vs length, per-step decode latency, attention FLOPs,
-teacher-forced agreement/KL by distance from the prefix, and the window chooser. With tracking on,
-they replace the ``eval`` child run of the experiment's parent run.
+teacher-forced agreement/KL by distance from the prefix, the window chooser and, on synthetic
+rows, what the models say (PER, speaker accuracy). Writes nothing to storage: with tracking on, the
+results (metrics, a JSON table and a PNG figure per eval) replace the ``eval`` child run of the
+experiment's parent run; it prints the metrics as JSON.
 """
 
 from __future__ import annotations

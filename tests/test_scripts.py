@@ -29,8 +29,11 @@ def test_every_script_answers_help_without_running(script):
                          cwd=ROOT, env={**os.environ, "RAY_ADDRESS": ""})
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.lstrip().startswith("usage:"), out.stdout[:500]
-    # The first line of the help is the module docstring's first line, which says what it does.
+    # The first line of the help is the module docstring's first line, which says what it does; then
+    # the exact command that runs it, and what it writes (files, runs) or prints.
     assert len(out.stdout.splitlines()) > 3
+    assert f"python {script}" in out.stdout or f"python {script.split('/')[-1]}" in out.stdout, "no exact command"
+    assert any(word in out.stdout.lower() for word in ("writ", "print", "logs")), "does not say what it writes"
     assert snapshot() == before, "--help wrote or changed files"
 
 
