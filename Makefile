@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install browser demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
+.PHONY: install browser precompute-bench demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -79,6 +79,10 @@ bench: install
 	$(PY) benchmarks/decode_latency.py
 	$(PY) benchmarks/kv_cache_table.py
 	$(PY) benchmarks/topk_precompute.py
+
+# The precompute at steady state against a bare teacher forward (2,000 rows per family), about 20 min.
+precompute-bench: install
+	$(PY) benchmarks/precompute_steady.py
 
 # Every GPU test (pytest -m cuda) and GPU benchmark, on one GPU, in under 8 minutes (needs only torch and
 # transformers). Writes benchmarks/results/*_cuda.json. Never part of `make test`: CI has no GPU.
