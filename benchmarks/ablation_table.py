@@ -13,7 +13,7 @@ from the prefix (near < W <= mid < 4W <= far), teacher-forced and free-running a
 corpus tokens, PER / speaker accuracy / law consistency of free-running decodes (pipeline/transcribe.py),
 KV bytes after decoding the longest held-out utterance (float32 on CPU) and the per-step latency
 ratio (late / early) of that decode. Writes benchmarks/results/ablation_table.json
-and the table between the README's ablation-table markers. About 16 minutes on 2 CPU cores (measured).
+and the table between the README's ablation-table markers. About 13 minutes on 2 CPU cores (measured).
 """
 
 from __future__ import annotations
