@@ -41,7 +41,7 @@ def read_shards(uri, manifest):
 
 def direct_topk(config, row):
     """Independent reference: one unpadded teacher forward per row, then torch.topk(log_softmax)."""
-    spec = get_spec(config.teacher, config.teacher_size)
+    spec = get_spec(config.model, config.model_size)
     torch.manual_seed(config.teacher_seed)
     model = wand.enable_wand(spec.build().eval(), None)
     ids = torch.tensor([row["input_ids"]])
@@ -318,10 +318,10 @@ def test_teacher_weights_on_s3_are_read_from_the_configured_endpoint(s3_server, 
     teacher = spec.build()
     spec.save(teacher, str(tmp_path / "teacher"))
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint})
-    fs.mkdir("models")
-    fs.put(str(tmp_path / "teacher") + "/", "models/endpoint-teacher/", recursive=True)
+    fs.mkdir("endpoint-models", exist_ok=True)  # the session's S3 server may hold it from another test
+    fs.put(str(tmp_path / "teacher") + "/", "endpoint-models/teacher/", recursive=True)
     monkeypatch.delenv("AWS_ENDPOINT_URL")  # only the configured endpoint knows where the bucket is
     monkeypatch.setenv("WAND_CACHE_DIR", str(tmp_path / "cache"))
     with s3_endpoint(s3_server.endpoint):
-        loaded = spec.load("s3://models/endpoint-teacher")
+        loaded = spec.load("s3://endpoint-models/teacher")
     assert fingerprint(loaded.state_dict()) == fingerprint(teacher.state_dict())
