@@ -114,8 +114,9 @@ def forward_inputs(spec, row: dict, device: torch.device) -> dict:
 
 
 def speech_ids(spec) -> torch.Tensor:
-    lo, hi = spec.speech_range
-    return torch.tensor([i for i in range(lo, hi) if i not in spec.stop_token_ids])
+    from .synthetic import speech_codes
+
+    return torch.from_numpy(speech_codes(spec))
 
 
 def max_generated(spec) -> int | None:

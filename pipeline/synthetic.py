@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 
-__all__ = ["SyntheticTask", "synthetic_rows", "phoneme_starts"]
+__all__ = ["SyntheticTask", "synthetic_rows", "phoneme_starts", "speech_codes"]
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,9 @@ class SyntheticTask:
         return [int((voice[speaker] * (i + 3) + i) % codes) for i in range(self.prompt_tokens)]
 
 
-def _speech_codes(spec) -> np.ndarray:
+def speech_codes(spec) -> np.ndarray:
+    """The spec's speech ids without its stop ids: the codebook the law speaks in (code k is id
+    ``speech_codes(spec)[k]``), and the ids the evals restrict greedy speech decoding to."""
     lo, hi = spec.speech_range
     return np.array([i for i in range(lo, hi) if i not in spec.stop_token_ids])
 
@@ -93,7 +95,7 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
     ``alignment``, each row also holds ``phoneme_index`` (per generated token, the index into the text
     of the phoneme it speaks), ``text`` (the phoneme ids) and ``speaker`` for analysis; they are not
     corpus columns."""
-    codes = _speech_codes(spec)
+    codes = speech_codes(spec)
     if spec.max_text_tokens is not None:
         max_text = min(max_text, spec.max_text_tokens - 2)
     if spec.max_generated_tokens is not None:  # the model's positions: prompt + generated + stop

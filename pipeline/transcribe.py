@@ -159,9 +159,9 @@ def score(task: SyntheticTask, codes: int, tokens, text: list[int], speaker: int
 def speech_codes_of(spec, ids) -> list[int]:
     """Generated ids -> codec indices of the synthetic law (``pipeline.synthetic``'s speech codes),
     cut at the first stop id; an id that is no speech code becomes -1 (an error token)."""
-    from .synthetic import _speech_codes
+    from .synthetic import speech_codes
 
-    table = {int(i): k for k, i in enumerate(_speech_codes(spec))}
+    table = {int(i): k for k, i in enumerate(speech_codes(spec))}
     out = []
     for token in (int(t) for t in ids):
         if token in spec.stop_token_ids:

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from pipeline.synthetic import SyntheticTask, _speech_codes, synthetic_rows
+from pipeline.synthetic import SyntheticTask, speech_codes, synthetic_rows
 from pipeline.transcribe import edit_distance, homophones, score, speech_codes_of, transcribe
 from wand.models import get_spec
 
@@ -35,7 +35,7 @@ def test_edit_distance_against_hand_counts():
 @pytest.mark.parametrize("name", ["cosyvoice2", "indextts", "sparktts"])
 def test_the_corpus_rows_transcribe_to_their_text(name):
     spec = get_spec(name, "tiny")
-    codes = len(_speech_codes(spec))
+    codes = len(speech_codes(spec))
     for row in synthetic_rows(spec, 4, seed=5, min_text=20, max_text=40, alignment=True):
         generated = row["input_ids"][row["prefix_length"]:]
         tokens = speech_codes_of(spec, generated)
