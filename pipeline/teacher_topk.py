@@ -136,16 +136,20 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
 
 def assign_shards(batch: pa.Table, mapping) -> pa.Table:
     """Add the deterministic shard index of each row; drop rows not to compute this run, and every
-    copy of a duplicated id but the one kept (``mapping``: id -> (shard, path, row hash) of that copy;
-    it arrives as an object ref so a large map is stored once)."""
+    copy of a duplicated id but the one kept (``mapping``: id -> (shard, path, row hash), the path and
+    hash set only for duplicated ids: those rows alone are hashed again; it arrives as an object ref
+    so a large map is stored once)."""
     import ray
 
     if isinstance(mapping, ray.ObjectRef):
         mapping = ray.get(mapping)
     shards = []
-    for row in batch.to_pylist():
-        shard, path, digest = mapping.get(row["id"], (-1, None, None))
-        shards.append(shard if shard >= 0 and row.get("path") == path and row_hash(row) == digest else -1)
+    for i, row_id in enumerate(batch.column("id").to_pylist()):
+        shard, path, digest = mapping.get(row_id, (-1, None, None))
+        if shard >= 0 and path is not None:  # a duplicated id: only the kept copy goes on
+            row = batch.slice(i, 1).to_pylist()[0]
+            shard = shard if row.get("path") == path and row_hash(row) == digest else -1
+        shards.append(shard)
     keep = pa.array([s >= 0 for s in shards])
     return batch.append_column("shard", pa.array(shards, type=pa.int64())).filter(keep)
 
@@ -356,7 +360,9 @@ def run_precompute(config: PrecomputeConfig) -> dict:
 
     ordered = sorted(r["id"] for r in good)
     kept = {r["id"]: (r["path"], r["row_hash"]) for r in good}
-    mapping = {row_id: (i // config.rows_per_shard, *kept[row_id]) for i, row_id in enumerate(ordered)}
+    duplicated = {r["id"] for r in bad if r["id"] in kept}  # another copy of the id is the kept one
+    mapping = {row_id: (i // config.rows_per_shard, *(kept[row_id] if row_id in duplicated else (None, None)))
+               for i, row_id in enumerate(ordered)}
     n_shards = (len(ordered) + config.rows_per_shard - 1) // config.rows_per_shard
     done = {s for s in range(n_shards) if _shard_done(fs, root, s)}
     pending = {row_id: m for row_id, m in mapping.items() if m[0] not in done}
