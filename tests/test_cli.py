@@ -61,3 +61,19 @@ def test_errors_name_the_experiment_and_field(tmp_path, capsys):
     with pytest.raises(SystemExit):
         load("--config", str(bad))
     assert "holds only 'defaults' and 'experiments'" in capsys.readouterr().err
+
+
+def test_every_stage_setting_has_one_place_in_the_experiment_config():
+    """The sections are generated from the stage configs; the hand-kept lists (SHARED, CURRICULUM)
+    must still put every stage field in exactly one place, so no setting is unreachable from YAML."""
+    from pipeline.chain import CURRICULUM, PRECOMPUTE, SHARED, TRAIN
+    from pipeline.teacher_topk import PrecomputeConfig
+    from pipeline.train import TrainConfig
+
+    places = [set(SHARED), set(CURRICULUM), set(TRAIN), {"k", "temperature"}]
+    for a in range(len(places)):
+        for b in range(a + 1, len(places)):
+            assert not places[a] & places[b]
+    assert set(TrainConfig.model_fields) == set().union(*places) - {"corpus"}
+    assert set(PrecomputeConfig.model_fields) == (set(SHARED) & set(PrecomputeConfig.model_fields)) | set(PRECOMPUTE)
+    assert {"k", "temperature"} <= set(PRECOMPUTE)  # training takes them from the precompute's section
