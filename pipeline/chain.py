@@ -129,7 +129,7 @@ def run_chain(config: DistillConfig) -> dict:
             manifest = run_precompute(precompute)
         except BaseException:
             if tracker:
-                tracker.finish(child, ok=False)
+                tracker.mark_failed(child)
             raise
         if tracker:
             _log_precompute(tracker, child, precompute, manifest)
@@ -166,7 +166,7 @@ def run_chain(config: DistillConfig) -> dict:
             tracker.finish(parent)
     except BaseException:
         if tracker:
-            tracker.finish(parent, ok=False)
+            tracker.mark_failed(parent)
         raise
     return {"stages": records, "student": student, "evals": evals, "parent_run_id": parent,
             "tracking_uri": tracker.uri if tracker else None, "experiment_id": tracker.experiment_id if tracker else None}
@@ -259,7 +259,7 @@ def track_stage(tracker: Tracker | None, parent: str | None, train: TrainConfig,
     try:
         record = run_stage(train, index, tracking={"uri": tracker.uri, "run_id": run_id})
     except BaseException:
-        tracker.finish(run_id, ok=False)
+        tracker.mark_failed(run_id)
         raise
     tracker.log_steps(run_id, record["metrics"])
     tracker.log_params(run_id, {"start_step": record["start"], "end_step": record["end"]})

@@ -15,11 +15,33 @@ within a step, worker r takes positions [r * batch_size, (r + 1) * batch_size).
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 from collections import OrderedDict
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-__all__ = ["RowOrder", "ShardRows"]
+from . import storage
+
+__all__ = ["RowOrder", "ShardRows", "ShardCorrupt", "read_shard"]
+
+
+class ShardCorrupt(RuntimeError):
+    """A shard file whose bytes are not the ones the precompute wrote (flipped, truncated, replaced)."""
+
+
+def read_shard(fs, path: str, sha256: str) -> pa.Table:
+    """A shard's table, after checking its bytes against the checksum the manifest recorded: a
+    shard changed on storage is refused by name before any of its rows reach training."""
+    data = storage.read_bytes(fs, path)
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise ShardCorrupt(f"{path}: {len(data)} bytes whose sha256 ({found[:12]}...) is not the manifest's "
+                           f"({sha256[:12]}...): the shard changed after it was written. Rerun the precompute "
+                           "(jobs/precompute.py, or the whole chain): it recomputes shards that fail their checksum")
+    return pq.read_table(io.BytesIO(data))
 
 
 class RowOrder:

@@ -6,15 +6,62 @@ an S3-compatible store is reached through ``endpoint`` (config) or ``AWS_ENDPOIN
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import time
+from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 __all__ = ["resolve", "join", "write_bytes", "read_bytes", "exists", "write_json", "read_json", "sha256_file",
-           "list_files", "is_remote"]
+           "list_files", "list_dir", "is_remote", "StorageError", "retrying", "RETRY_ENV"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+# How long one object-store operation keeps retrying a network failure (an S3 endpoint that times
+# out, restarts or drops connections) before the run fails naming the object. Read at each call,
+# so a job's runtime environment can set it; 120 s rides out a restarting endpoint without hiding
+# one that is down.
+RETRY_ENV = "WAND_STORAGE_RETRY_S"
+DEFAULT_RETRY_S = 120.0
+# Failures that no retry fixes: wrong credentials, a missing bucket, a denied request.
+PERMANENT = ("ACCESS_DENIED", "AccessDenied", "NO_SUCH_BUCKET", "NoSuchBucket", "InvalidAccessKeyId",
+             "INVALID_ACCESS_KEY_ID", "SignatureDoesNotMatch", "SIGNATURE_DOES_NOT_MATCH")
+
+
+class StorageError(OSError):
+    """A storage operation that failed for good; the message names the object (and so the bucket)."""
+
+
+def retry_seconds() -> float:
+    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+
+
+def retrying(fs: pafs.FileSystem, what: str, path: str, call: Callable[[], T]) -> T:
+    """``call()``, retried with exponential backoff while an object store answers with network
+    errors, for up to ``WAND_STORAGE_RETRY_S`` seconds; then a ``StorageError`` naming ``path``.
+    Local filesystems are not retried (a full disk or a missing folder does not heal by waiting)."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        return call()
+    deadline, delay = time.monotonic() + retry_seconds(), 0.5
+    while True:
+        try:
+            return call()
+        except OSError as err:
+            if any(marker in str(err) for marker in PERMANENT):
+                raise StorageError(f"storage: {what} s3://{path} failed: {err}") from err
+            if time.monotonic() + delay > deadline:
+                raise StorageError(f"storage: {what} s3://{path} still failing after {retry_seconds():.0f} s of "
+                                   f"retries (is the object store at this endpoint up? {RETRY_ENV} sets how long "
+                                   f"to wait): {err}") from err
+            log.warning("storage: %s s3://%s failed (%s); retrying in %.1f s", what, path, str(err)[:200], delay)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
 
 
 def is_remote(uri: str) -> bool:
@@ -41,27 +88,43 @@ def join(base: str, *parts: str) -> str:
 
 
 def exists(fs: pafs.FileSystem, path: str) -> bool:
-    return fs.get_file_info(path).type != pafs.FileType.NotFound
+    return retrying(fs, "looking up", path, lambda: fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def write_bytes(fs: pafs.FileSystem, path: str, data: bytes) -> None:
-    """Write whole or not at all: local files go through a temp name and a rename; an S3 PUT of
-    one object is already atomic."""
+    """Write whole or not at all: local files go through a temp name and a rename (a full disk
+    leaves no file at ``path`` and no temp file behind); an S3 PUT of one object is already atomic."""
     parent = path.rsplit("/", 1)[0]
-    fs.create_dir(parent, recursive=True)
     if isinstance(fs, pafs.LocalFileSystem):
         tmp = f"{path}.tmp-{os.getpid()}"
-        with fs.open_output_stream(tmp) as out:
-            out.write(data)
-        fs.move(tmp, path)
-    else:
+        try:
+            fs.create_dir(parent, recursive=True)
+            with fs.open_output_stream(tmp) as out:
+                out.write(data)
+            fs.move(tmp, path)
+        except OSError as err:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            full = getattr(err, "errno", None) in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or "No space" in str(err) \
+                or "too large" in str(err)
+            raise StorageError(f"storage: could not write {path} ({len(data)} bytes)"
+                               f"{' - the disk is full or over its size limit' if full else ''}: {err}") from err
+        return
+
+    def put() -> None:
+        fs.create_dir(parent, recursive=True)
         with fs.open_output_stream(path) as out:
             out.write(data)
 
+    retrying(fs, "writing", path, put)
+
 
 def read_bytes(fs: pafs.FileSystem, path: str) -> bytes:
-    with fs.open_input_stream(path) as stream:
-        return stream.read()
+    def get() -> bytes:
+        with fs.open_input_stream(path) as stream:
+            return stream.read()
+
+    return retrying(fs, "reading", path, get)
 
 
 def write_json(fs: pafs.FileSystem, path: str, payload) -> None:
@@ -73,20 +136,28 @@ def read_json(fs: pafs.FileSystem, path: str):
 
 
 def sha256_file(fs: pafs.FileSystem, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open_input_stream(path) as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+    def digest() -> str:
+        hasher = hashlib.sha256()
+        with fs.open_input_stream(path) as stream:
+            while chunk := stream.read(1 << 20):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    return retrying(fs, "reading", path, digest)
 
 
 def list_files(fs: pafs.FileSystem, path: str, suffixes: tuple[str, ...]) -> list[str]:
     """Files under ``path`` (or ``path`` itself) with one of ``suffixes``, sorted."""
-    info = fs.get_file_info(path)
+    info = retrying(fs, "looking up", path, lambda: fs.get_file_info(path))
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(path)
     if info.type == pafs.FileType.File:
         return [path]
     selector = pafs.FileSelector(path, recursive=True)
-    return sorted(f.path for f in fs.get_file_info(selector)
+    return sorted(f.path for f in retrying(fs, "listing", path, lambda: fs.get_file_info(selector))
                   if f.type == pafs.FileType.File and f.path.endswith(suffixes))
+
+
+def list_dir(fs: pafs.FileSystem, path: str) -> list[pafs.FileInfo]:
+    """The entries directly under ``path`` (retried like every other object-store call)."""
+    return retrying(fs, "listing", path, lambda: fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))

@@ -26,12 +26,13 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field
 
-__all__ = ["TrackingConfig", "Tracker", "redact", "git_commit", "load_logged_student"]
+__all__ = ["TrackingConfig", "Tracker", "TrackingUnavailable", "redact", "git_commit", "load_logged_student"]
 
 log = logging.getLogger("wand.tracking")
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY|AUTH", re.I)
@@ -47,6 +48,9 @@ class TrackingConfig(BaseModel):
     uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI; neither: off")
     experiment_name: str = Field("wand-tts", description="MLflow experiment holding the runs")
     log_student: bool = Field(True, description="copy the final student into the parent run's artifacts")
+    grace_s: float = Field(300.0, ge=0, description=(
+        "how long the driver waits for an MLflow server that does not answer (restarting, unreachable) "
+        "before the job fails naming the tracking URI; the checkpoints are kept, so resubmitting resumes"))
 
     def resolved_uri(self) -> str | None:
         uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
@@ -122,15 +126,72 @@ def ui_links(uri: str, experiment_id: str, parent_run_ids: list[str]) -> dict[st
                        "&workflowType=machine_learning"}
 
 
+class TrackingUnavailable(RuntimeError):
+    """The MLflow server did not answer within the grace period."""
+
+
+# Signs that a request never reached a working server (refused, reset, a proxy's 502-504 while it
+# restarts): worth waiting for. Anything else (a bad request, a missing run) is raised at once.
+UNREACHABLE = ("Max retries exceeded", "Connection refused", "Connection aborted", "Connection reset",
+               "RemoteDisconnected", "NewConnectionError", "502", "503", "504")
+
+
+def _unreachable(err: BaseException) -> bool:
+    while err is not None:
+        if isinstance(err, ConnectionError) or any(marker in str(err) for marker in UNREACHABLE):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+class PatientClient:
+    """An ``MlflowClient`` whose calls wait out a server that does not answer, retrying with
+    backoff for up to ``grace_s`` seconds, then raise ``TrackingUnavailable`` naming the URI."""
+
+    def __init__(self, client, uri: str, grace_s: float):
+        self._client, self._uri, self._grace = client, uri, grace_s
+
+    def __getattr__(self, name: str):
+        attr = getattr(self._client, name)
+        if not callable(attr):
+            return attr
+
+        def call(*args, **kwargs):
+            deadline, delay = time.monotonic() + self._grace, 1.0
+            while True:
+                try:
+                    return attr(*args, **kwargs)
+                except Exception as err:  # noqa: BLE001 - MLflow wraps network errors in its own types
+                    if not _unreachable(err):
+                        raise
+                    if time.monotonic() + delay > deadline:
+                        raise TrackingUnavailable(
+                            f"tracking: the MLflow server at {redact(self._uri)} did not answer for {self._grace:.0f} s "
+                            f"(tracking.grace_s) during {name}: start it again, or point tracking.uri at a running one, "
+                            "and resubmit the job: finished stages and checkpoints are kept, and it resumes") from err
+                    log.warning("tracking: %s at %s failed (server unreachable); retrying in %.0f s",
+                                name, redact(self._uri), delay)
+                    time.sleep(delay)
+                    delay = min(2 * delay, 15.0)
+
+        return call
+
+
 class Tracker:
     """Thin wrapper over ``MlflowClient`` with the layout above. All methods take run ids, so
-    workers can log into a run the driver created."""
+    workers can log into a run the driver created.
 
-    def __init__(self, uri: str, experiment_name: str | None = None):
+    ``grace_s``: how long each call waits for an unreachable server (the driver waits; a training
+    worker, which must not stall, uses 0 and sends what it could not at its next checkpoint)."""
+
+    def __init__(self, uri: str, experiment_name: str | None = None, grace_s: float = 300.0):
+        # MLflow's own retries (7, with backoff up to 2 min) would hold each failed call for minutes
+        # before the grace period above even starts counting: one retry, then ours.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         from mlflow import MlflowClient
 
         self.uri = uri
-        self.client = MlflowClient(tracking_uri=uri)
+        self.client = PatientClient(MlflowClient(tracking_uri=uri), uri, grace_s)
         self.experiment_id = None
         if experiment_name is None:  # a worker logging into runs the driver made
             return
@@ -147,7 +208,7 @@ class Tracker:
         if not uri:
             log.info("tracking off: set tracking.uri or MLFLOW_TRACKING_URI to record runs in MLflow")
             return None
-        return cls(uri, config.experiment_name)
+        return cls(uri, config.experiment_name, grace_s=config.grace_s)
 
     # ------------------------------------------------------------------ runs
     def find_run(self, **tags: str):
@@ -192,6 +253,16 @@ class Tracker:
 
     def finish(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, "FINISHED" if ok else "FAILED")
+
+    def mark_failed(self, run_id: str | None) -> None:
+        """On the way out of a failure: mark the run FAILED if the server answers now; never wait
+        for it or hide the error that is being raised."""
+        if run_id is None:
+            return
+        try:
+            PatientClient(self.client._client, self.uri, 0).set_terminated(run_id, "FAILED")
+        except Exception as err:  # noqa: BLE001
+            log.warning("tracking: could not mark run %s failed: %s", run_id, redact(err))
 
     def run_url(self, run_id: str) -> str:
         if self.uri.startswith("http"):

@@ -28,7 +28,6 @@ import time
 from typing import Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -39,10 +38,10 @@ from wand.losses import KD_KINDS
 from wand.models import MODEL_NAMES, get_spec, spec_for
 from wand.models.weights import fingerprint, s3_endpoint
 
-from . import storage
+from . import checkpoints, storage
 from .checks import one_of, require_teacher_weights
 from .progress import Progress
-from .row_order import RowOrder, ShardRows
+from .row_order import RowOrder, ShardRows, read_shard
 from .teacher_topk import decode_values, load_manifest, teacher_weights, verify_manifest
 
 __all__ = ["TrainConfig", "plan_stages", "preflight", "run_stage", "stage_record", "param_checksum"]
@@ -227,23 +226,14 @@ def check_same_run(found: dict, identity: dict, config: TrainConfig, where: str)
 
 
 def _latest_checkpoint(config: TrainConfig, stage: int):
-    """The newest checkpoint a previous submission of this stage left (driver restart), or None."""
+    """The newest good checkpoint a previous attempt or submission of this stage left (worker
+    restart, driver restart), or None; corrupt or half-written ones are skipped with a warning
+    (``pipeline.checkpoints``)."""
     from ray.train import Checkpoint
 
     fs, root = storage.resolve(config.storage, config.s3_endpoint)
-    run_dir = storage.join(root, config.run_name(stage))
-    if not storage.exists(fs, run_dir):
-        return None
-    import pyarrow.fs as pafs
-
-    best, best_step = None, -1
-    for info in fs.get_file_info(pafs.FileSelector(run_dir)):
-        state = storage.join(info.path, "state.json")
-        if info.type == pafs.FileType.Directory and storage.exists(fs, state):
-            step = storage.read_json(fs, state)["next_step"]
-            if step > best_step:
-                best, best_step = info.path, step
-    return None if best is None else Checkpoint(best, fs)
+    path = checkpoints.latest_good(fs, storage.join(root, config.run_name(stage)), config.num_workers)
+    return None if path is None else Checkpoint(path, fs)
 
 
 def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = None) -> dict:
@@ -279,7 +269,7 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
         check_same_run(storage.read_json(fs, storage.join(resumed.path, "state.json")), identity, config, resumed.path)
     loop_config = {
         "config": config.model_dump(), "stage": {"index": stage.index, "start": stage.start, "end": stage.end},
-        "shards": [[s["file"], s["rows"]] for s in manifest["shards"]], "fault": os.environ.get(FAULT_ENV),
+        "shards": [[s["file"], s["rows"], s["sha256"]] for s in manifest["shards"]], "fault": os.environ.get(FAULT_ENV),
         "total_steps": curriculum.total_steps, "init_checkpoint": init,
         "storage_is_s3": storage.is_remote(config.storage), "k": manifest["k"],
         "value_dtype": manifest["value_dtype"], "tracking": tracking, "identity": identity,
@@ -391,9 +381,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
     deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
-    # A restarted worker group gets its last checkpoint from Ray; if Ray has none registered (the
-    # driver was resubmitted, or the failure raced the registration), the run's storage has it.
-    checkpoint = ray.train.get_checkpoint() or _latest_checkpoint(config, stage.index)
+    # The run's storage, not Ray's registry, says where to resume: it also holds what a resubmitted
+    # driver left, and each checkpoint is checked against its workers' checksums first (a corrupt or
+    # half-written newest one falls back to the one before it, with a warning naming it).
+    checkpoint = _latest_checkpoint(config, stage.index)
     step, history, starts = stage.start, [], []
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
@@ -407,9 +398,9 @@ def train_loop_per_worker(loop_config: dict) -> None:
     # Each worker reads its own rows of each step from the shards (pipeline.row_order): the order is
     # a function of the seed and the step, so a restarted stage reads what it would have read.
     shard_fs, shard_root = storage.resolve(config.shards, config.s3_endpoint)
-    order = RowOrder([rows for _, rows in loop_config["shards"]], config.seed, config.shuffle_window)
-    reader = ShardRows(lambda path: pq.read_table(path, filesystem=shard_fs),
-                       [storage.join(shard_root, name) for name, _ in loop_config["shards"]], order,
+    order = RowOrder([rows for _, rows, _ in loop_config["shards"]], config.seed, config.shuffle_window)
+    checksums = {storage.join(shard_root, name): sha for name, _, sha in loop_config["shards"]}
+    reader = ShardRows(lambda path: read_shard(shard_fs, path, checksums[path]), list(checksums), order,
                        cache=2 * config.shuffle_window)
     progress = Progress(f"{config.experiment} stage {stage.index}/{config.stages}", step, stage.end,
                         curriculum.total_steps, config.progress_every_s)
@@ -450,9 +441,12 @@ def _log_progress(tracking: dict, history: list[dict]) -> None:
     from .tracking import Tracker
 
     try:
-        Tracker(tracking["uri"]).log_steps(tracking["run_id"], history)
+        Tracker(tracking["uri"], grace_s=0).log_steps(tracking["run_id"], history)
     except Exception as err:  # noqa: BLE001 - any MLflow/network error
-        log.warning("tracking: could not log steps to %s: %s", tracking["uri"], err)
+        # The steps stay in the history (and the checkpoint): the next checkpoint's call, or the
+        # driver when the stage ends, sends every step the server does not hold yet.
+        print(f"WARNING: tracking: could not log steps to {tracking['uri']} ({str(err)[:200]}); "
+              f"{len(history)} steps kept, sent when the server answers", flush=True)
 
 
 def _save_and_report(engine, config: TrainConfig, stage: Stage, rank: int, *, next_step: int, history: list,
@@ -488,6 +482,7 @@ def _save_and_report(engine, config: TrainConfig, stage: Stage, rank: int, *, ne
                 state["param_checksum"] = param_checksum(state_dict)
             with open(os.path.join(directory, "state.json"), "w") as f:
                 json.dump(state, f)
+        checkpoints.write_checksums(directory, rank)  # last: its presence means this rank's files are whole
         last = history[-1] if history else {}
         ray.train.report({**{k: v for k, v in last.items() if v is not None}, "next_step": step},
                          checkpoint=Checkpoint.from_directory(directory))

@@ -1,0 +1,89 @@
+"""Which of a stage's checkpoints can be resumed from: each worker records a checksum of every file
+it wrote, and a checkpoint is taken only when every worker's list is there and every file matches.
+
+A checkpoint half written when the disk filled, cut short by a killed upload, or with bytes flipped
+on storage is skipped with a warning that names it; the stage resumes from the one before it (Ray
+keeps two), or from the stage's start when none is good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+
+from . import storage
+
+log = logging.getLogger(__name__)
+
+CHECKSUMS = "checksums"
+STATE = "state.json"
+
+
+def _sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(directory: str, rank: int) -> None:
+    """After a worker has written its part of a checkpoint into ``directory``: record each file's
+    size and sha256 in ``checksums/rank-<rank>.json`` (written last, so its presence means the
+    worker's files are complete)."""
+    files = {}
+    for folder, _, names in os.walk(directory):
+        for name in names:
+            path = os.path.join(folder, name)
+            relative = os.path.relpath(path, directory)
+            if not relative.startswith(CHECKSUMS + os.sep):
+                files[relative.replace(os.sep, "/")] = {"bytes": os.path.getsize(path), "sha256": _sha256(path)}
+    os.makedirs(os.path.join(directory, CHECKSUMS), exist_ok=True)
+    with open(os.path.join(directory, CHECKSUMS, f"rank-{rank}.json"), "w") as handle:
+        json.dump(files, handle, sort_keys=True)
+
+
+def problem(fs, path: str, workers: int) -> str | None:
+    """Why the checkpoint at ``path`` cannot be resumed from, or None when it can."""
+    lists = [info for info in storage.list_dir(fs, storage.join(path, CHECKSUMS)) if info.path.endswith(".json")]
+    if len(lists) < workers:
+        return f"checksums of {len(lists)} of {workers} workers (written before checksums, or cut short)"
+    for item in lists:
+        try:
+            files = json.loads(storage.read_bytes(fs, item.path))
+        except ValueError as err:
+            return f"{os.path.basename(item.path)} is unreadable ({err})"
+        for name, expected in sorted(files.items()):
+            target = storage.join(path, name)
+            if not storage.exists(fs, target):
+                return f"{name} is missing"
+            if storage.sha256_file(fs, target) != expected["sha256"]:
+                return f"{name} does not match its checksum ({expected['bytes']} bytes expected)"
+    try:
+        json.loads(storage.read_bytes(fs, storage.join(path, STATE)))
+    except (OSError, ValueError) as err:
+        return f"{STATE} is unreadable ({err})"
+    return None
+
+
+def latest_good(fs, run_dir: str, workers: int) -> str | None:
+    """The newest checkpoint under ``run_dir`` that passes ``problem``; warns about every newer one
+    it skips (naming it and why), so a resume from an older checkpoint is never silent."""
+    if not storage.exists(fs, run_dir):
+        return None
+    import pyarrow.fs as pafs
+
+    # Ray names checkpoint folders by their time (checkpoint_<date>_<time>): the name orders them.
+    candidates = sorted((i.path for i in storage.list_dir(fs, run_dir)
+                         if i.type == pafs.FileType.Directory and os.path.basename(i.path).startswith("checkpoint_")),
+                        reverse=True)
+    for path in candidates:
+        reason = problem(fs, path, workers)
+        if reason is None:
+            return path
+        message = f"checkpoint {path} is unusable: {reason}; resuming from the one before it"
+        log.warning(message)
+        print(f"WARNING: {message}", flush=True)  # a worker's stdout reaches `ray job logs`
+    return None
