@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from pipeline.teacher_topk import run_precompute  # noqa: E402
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config = load_config_with_overrides(DistillConfig, parser, argv).precompute_config()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     init_ray()
     manifest = run_precompute(config)
     summary = {k: manifest[k] for k in ("rows", "generated_tokens", "k", "value_dtype", "index_dtype")}

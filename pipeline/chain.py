@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import pickle
+import re
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
@@ -111,6 +112,10 @@ def _typed(model: type[BaseModel], values: dict):
         field = ".".join(str(p) for p in first["loc"])
         where = f"{SECTION_OF[field]}.{field}" if field in SECTION_OF else field
         message = first["msg"].removeprefix("Value error, ")
+        if not where:  # a cross-field check: its message opens with the field it is about
+            name = re.match(r"\w+", message)
+            if name and name.group() in SECTION_OF:
+                raise ValueError(f"{SECTION_OF[name.group()]}.{message}") from None
         raise ValueError(f"{where}: {message}" if where else message) from None
 
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 import pyarrow.fs as pafs
 
 __all__ = ["resolve", "join", "write_bytes", "read_bytes", "exists", "write_json", "read_json", "sha256_file",
-           "list_files", "list_dir", "is_remote", "StorageError", "retrying", "RETRY_ENV"]
+           "list_files", "list_dir", "is_remote", "require_credentials", "StorageError", "retrying", "RETRY_ENV"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -55,12 +55,14 @@ def retrying(fs: pafs.FileSystem, what: str, path: str, call: Callable[[], T]) -
         except OSError as err:
             if any(marker in str(err) for marker in PERMANENT):
                 raise StorageError(f"storage: {what} s3://{path} failed: {err}") from err
-            if time.monotonic() + delay > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise StorageError(f"storage: {what} s3://{path} still failing after {retry_seconds():.0f} s of "
                                    f"retries (is the object store at this endpoint up? {RETRY_ENV} sets how long "
                                    f"to wait): {err}") from err
-            log.warning("storage: %s s3://%s failed (%s); retrying in %.1f s", what, path, str(err)[:200], delay)
-            time.sleep(delay)
+            log.warning("storage: %s s3://%s failed (%s); retrying in %.1f s", what, path, str(err)[:200],
+                        min(delay, remaining))
+            time.sleep(min(delay, remaining))
             delay = min(2 * delay, 10.0)
 
 
@@ -81,6 +83,21 @@ def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str
             kwargs["region"] = region
         return pafs.S3FileSystem(**kwargs), uri[len("s3://"):].rstrip("/")
     return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+
+
+def require_credentials(*uris: str | None) -> None:
+    """Fail before anything is written when an ``s3://`` location is named but no credentials can
+    be found (environment, shared files, web identity, container or instance role: botocore's own
+    chain). Credentials never come from configs, so the error says where they do come from."""
+    remote = [u for u in uris if u and is_remote(u)]
+    if not remote:
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:
+        raise StorageError(
+            f"{remote[0]}: no S3 credentials found. Set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or AWS_PROFILE) "
+            "in the job's environment, or run where an instance or pod role provides them; configs never hold them")
 
 
 def join(base: str, *parts: str) -> str:

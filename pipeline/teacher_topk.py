@@ -60,8 +60,10 @@ class PrecomputeConfig(BaseModel):
     teacher_source: str | None = Field(None, description="weights: local path, s3:// URI or HF id; None = "
                                        "random weights from teacher_seed (tests and demos only)")
     teacher_seed: int = 0
-    corpus: str = Field(description="tokenized corpus: a Parquet/JSONL file or a folder of them, local or s3://")
-    shards: str = Field(description="where the teacher top-k shards go: a folder, local or s3://bucket/prefix")
+    corpus: str = Field(description="tokenized corpus: a Parquet/JSONL file or a folder of them, local or s3://",
+                        min_length=1)
+    shards: str = Field(description="where the teacher top-k shards go: a folder, local or s3://bucket/prefix",
+                        min_length=1)
     k: int = Field(16, ge=1)
     temperature: float = Field(1.0, gt=0)
     value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
@@ -84,7 +86,7 @@ class PrecomputeConfig(BaseModel):
         require_teacher_weights(self.model_size, self.teacher_source)
         spec = get_spec(self.model, self.model_size)
         if spec.speech_range[0] >= 0 and self.k > len(spec.target_ids()):
-            raise ValueError(f"k={self.k} exceeds the target vocabulary of {self.model} ({len(spec.target_ids())})")
+            raise ValueError(f"k ({self.k}) exceeds the target vocabulary of {self.model} ({len(spec.target_ids())})")
         return self
 
     def spec(self):
@@ -332,6 +334,7 @@ def bad_rows_error(bad: list[dict]) -> str:
 
 def run_precompute(config: PrecomputeConfig) -> dict:
     """Run (or resume) the stage; return the manifest. Ray must be initialised (``ray.init``)."""
+    storage.require_credentials(config.corpus, config.shards, config.teacher_source)
     spec = config.spec()
     fs, root = storage.resolve(config.shards, config.s3_endpoint)
     ds, files = read_corpus(config)

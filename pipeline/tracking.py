@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 __all__ = ["TrackingConfig", "Tracker", "TrackingUnavailable", "redact", "git_commit", "load_logged_student"]
 
@@ -38,6 +38,10 @@ log = logging.getLogger("wand.tracking")
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY|AUTH", re.I)
 URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
+
+
+CREDENTIALS_IN_URI = ("put MLflow credentials in MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN, "
+                      "not in the URI")
 
 
 class TrackingConfig(BaseModel):
@@ -52,11 +56,17 @@ class TrackingConfig(BaseModel):
         "how long the driver waits for an MLflow server that does not answer (restarting, unreachable) "
         "before the job fails naming the tracking URI; the checkpoints are kept, so resubmitting resumes"))
 
+    @field_validator("uri")
+    @classmethod
+    def _no_credentials(cls, value: str | None) -> str | None:
+        if value and URL_USERINFO.search(value):  # said before the value can reach a log or a param
+            raise ValueError(CREDENTIALS_IN_URI)
+        return value
+
     def resolved_uri(self) -> str | None:
         uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
         if uri and URL_USERINFO.search(uri):
-            raise ValueError("tracking.uri: put MLflow credentials in MLFLOW_TRACKING_USERNAME / _PASSWORD "
-                             "or MLFLOW_TRACKING_TOKEN, not in the URI")
+            raise ValueError(f"tracking.uri: {CREDENTIALS_IN_URI}")
         return uri
 
 
@@ -164,14 +174,15 @@ class PatientClient:
                 except Exception as err:  # noqa: BLE001 - MLflow wraps network errors in its own types
                     if not _unreachable(err):
                         raise
-                    if time.monotonic() + delay > deadline:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
                         raise TrackingUnavailable(
                             f"tracking: the MLflow server at {redact(self._uri)} did not answer for {self._grace:.0f} s "
                             f"(tracking.grace_s) during {name}: start it again, or point tracking.uri at a running one, "
                             "and resubmit the job: finished stages and checkpoints are kept, and it resumes") from err
                     log.warning("tracking: %s at %s failed (server unreachable); retrying in %.0f s",
-                                name, redact(self._uri), delay)
-                    time.sleep(delay)
+                                name, redact(self._uri), min(delay, remaining))
+                    time.sleep(min(delay, remaining))
                     delay = min(2 * delay, 15.0)
 
         return call

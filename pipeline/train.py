@@ -65,11 +65,12 @@ class TrainConfig(BaseModel):
     teacher_source: str | None = Field(None, description="teacher weights (local, s3://, HF id); None = seeded random",
                                        **OPERATIONAL)  # the teacher fingerprint is in the identity
     teacher_seed: int = Field(0, **OPERATIONAL)  # likewise (it makes the random teacher)
-    shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)", **OPERATIONAL)
+    shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)", min_length=1,
+                        **OPERATIONAL)
     k: int | None = Field(None, ge=1, description="the shards' top-k; None accepts what the manifest says",
                           **OPERATIONAL)  # a check on the shards (preflight), which hold one k
     storage: str = Field(description="Ray Train storage path for checkpoints: local folder or s3://bucket/prefix",
-                         **OPERATIONAL)
+                         min_length=1, **OPERATIONAL)
     s3_endpoint: str | None = Field(None, **OPERATIONAL)
     stages: int = Field(3, ge=1, description="curriculum stages (separate Ray Train runs / resume points)")
     epochs: float = Field(1.0, gt=0)
@@ -129,6 +130,10 @@ class TrainConfig(BaseModel):
         target = self.resolved_window_target()
         if target > self.window_start:
             raise ValueError(f"window_target ({target}) must be <= window_start ({self.window_start})")
+        context = get_spec(self.model, self.model_size).context_length
+        if context is not None and self.window_start > context:
+            raise ValueError(f"window_start ({self.window_start}) is wider than {self.model}'s context of {context} "
+                             "positions: such a window never masks anything")
         return self
 
     def spec(self):
@@ -157,6 +162,7 @@ class TrainConfig(BaseModel):
 # ----------------------------------------------------------------------------- driver side
 def preflight(config: TrainConfig) -> tuple[dict, Curriculum]:
     """Everything that can be checked before training: shards, manifest, schedule. Raises with the field."""
+    storage.require_credentials(config.shards, config.storage, config.teacher_source)
     try:
         manifest = load_manifest(config.shards, config.s3_endpoint)
     except FileNotFoundError as err:

@@ -200,6 +200,13 @@ class ModelSpec:
         """The model's limit on generated tokens, stop id included (IndexTTS's learned mel positions), or None."""
         return None
 
+    @property
+    def context_length(self) -> int | None:
+        """Positions the backbone has (its ``max_position_embeddings``), or None where its own limits
+        (``max_text_tokens``, ``max_generated_tokens``) say it."""
+        config = self.config if isinstance(self.config, dict) else {}
+        return config.get("max_position_embeddings") or config.get("n_positions") or self.max_generated_tokens
+
     def layout(self, text: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor,
                global_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """One sequence from its parts, in the layout of the model's own training and inference code;
@@ -220,6 +227,10 @@ class ModelSpec:
         if limit is not None and generated > limit:
             return (f"{generated} generated tokens, more than {self.name}'s limit of {limit} "
                     "(the model has no positions past it)")
+        context = self.config.get("max_position_embeddings") if isinstance(self.config, dict) else None
+        if context is not None and len(row["input_ids"]) > context:
+            return (f"{len(row['input_ids'])} tokens, longer than {self.name}'s context of {context} positions "
+                    "(max_position_embeddings): split the utterance or drop it")
         return None
 
     # ------------------------------------------------------------------ pickled state-dict releases

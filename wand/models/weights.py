@@ -12,11 +12,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import os
+import pickle
 from pathlib import Path
 
 import torch
 
-__all__ = ["resolve_source", "read_state_dict", "load_checked", "fingerprint", "WeightsNotFound"]
+__all__ = ["resolve_source", "read_state_dict", "load_checked", "fingerprint", "WeightsNotFound", "WeightsRefused"]
 
 
 class WeightsNotFound(ValueError):
@@ -38,6 +39,10 @@ def _how_to(spec_name: str, hf_id: str | None) -> str:
 
 
 _S3_ENDPOINT: contextvars.ContextVar[str | None] = contextvars.ContextVar("wand_s3_endpoint", default=None)
+
+
+class WeightsRefused(ValueError):
+    """A weights file that cannot be read without executing code from it."""
 
 
 @contextlib.contextmanager
@@ -88,7 +93,8 @@ def _download_s3(uri: str, spec_name: str, hf_id: str | None) -> Path:
 def _download_hf(repo_id: str, spec_name: str) -> Path:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         raise WeightsNotFound(
-            f"{spec_name}: '{repo_id}' is a Hugging Face id but HF_HUB_OFFLINE is set (no network). "
+            f"{spec_name}: '{repo_id}' is not a local path (no such file or directory under {os.getcwd()}), "
+            "and as a Hugging Face id it cannot be fetched: HF_HUB_OFFLINE is set (no network). "
             + _how_to(spec_name, repo_id)
         )
     try:
@@ -97,8 +103,9 @@ def _download_hf(repo_id: str, spec_name: str) -> Path:
         return Path(snapshot_download(repo_id))
     except Exception as err:  # network errors come in many types; the message says what to do
         raise WeightsNotFound(
-            f"{spec_name}: could not download '{repo_id}' from the Hugging Face Hub ({type(err).__name__}: "
-            f"{err}). " + _how_to(spec_name, repo_id)
+            f"{spec_name}: '{repo_id}' is not a local path (no such file or directory under {os.getcwd()}), and "
+            f"could not be downloaded from the Hugging Face Hub ({type(err).__name__}: {str(err)[:300]}). "
+            + _how_to(spec_name, repo_id)
         ) from err
 
 
@@ -116,7 +123,14 @@ def read_state_dict(path: Path, names: tuple[str, ...]) -> tuple[dict[str, torch
 
         return load_file(str(path)), path
     if path.suffix in (".pt", ".pth", ".bin"):
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:  # raised before any of the file's own code runs
+            raise WeightsRefused(
+                f"{path}: refused: it pickles objects other than tensors, and loading them would run code from "
+                "the file (weights are read with torch.load(weights_only=True)). Use the model's released "
+                f"weights, or save a plain state dict (ideally safetensors) from a trusted copy. ({str(err)[:300]})"
+            ) from err
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # some training checkpoints nest the weights
         return state, path

@@ -1,0 +1,264 @@
+"""Services killed from outside with signals while the pipeline runs on them: a Ray Train worker,
+the MLflow server, the object store (behind a TCP forwarder, so its data survives the outage) and
+the precompute's driver. Goal for each: the run completes (or fails naming the cause, and resumes
+when resubmitted) and nothing is lost or counted twice. Rows of the README's fault table."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from helpers import corpus_rows
+from pipeline import checkpoints, storage
+from pipeline.chain import CURRICULUM, DistillConfig, track_stage
+from pipeline.services import MLflowServer, free_port
+from pipeline.teacher_topk import PrecomputeConfig, load_manifest, run_precompute
+from pipeline.tracking import Tracker, TrackingUnavailable
+from pipeline.train import plan_stages, run_stage, stage_record
+from wand.models import get_spec
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def shards(ray_local, tmp_path_factory):
+    root = tmp_path_factory.mktemp("faults")
+    spec = get_spec("cosyvoice2", "tiny")
+    (root / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 32, seed=23, min_gen=10, max_gen=24)),
+                   root / "corpus" / "c.parquet")
+    run_precompute(PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
+                                    shards=str(root / "topk"), k=8, rows_per_shard=16))
+    return root
+
+
+def stage_config(root: Path, experiment: str, **changes):
+    curriculum = {"stages": 1, "window_start": 16, "window_target": 4, "lr": 1e-2, "epochs": 3.0}
+    train = {"batch_size": 2, "num_workers": 2, "checkpoint_every": 4, "max_failures": 1}
+    for key, value in changes.items():
+        (curriculum if key in CURRICULUM else train)[key] = value
+    return DistillConfig(experiment=experiment, model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
+                         shards=str(root / "topk"), storage=str(root / "ckpt"), precompute={"k": 8, "rows_per_shard": 16},
+                         curriculum=curriculum, train=train, evaluate={"enabled": False}).train_config()
+
+
+def when(condition, then, timeout: float = 600) -> threading.Thread:
+    """Run ``then()`` in a thread as soon as ``condition()`` holds (polled every 0.1 s)."""
+    def watch():
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                then()
+                return
+            time.sleep(0.1)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def has_checkpoint(train) -> bool:
+    fs, root = storage.resolve(train.storage)
+    return checkpoints.latest_good(fs, storage.join(root, train.run_name(1)), train.num_workers) is not None
+
+
+def logged_steps(uri: str, run_id: str) -> list[int]:
+    from mlflow import MlflowClient
+
+    return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss"))
+
+
+def test_a_ray_train_worker_sigkilled_from_outside_resumes_with_nothing_lost(shards, mlflow_server):
+    reference = run_stage(stage_config(shards, "sigkill-reference"), 1)
+    train = stage_config(shards, "sigkill")
+    killed = []
+
+    def kill_a_worker():
+        workers = [p for p in psutil.process_iter(["pid", "cmdline"])
+                   if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+        victim = max(workers, key=lambda p: p.pid)
+        os.kill(victim.pid, signal.SIGKILL)
+        killed.append(victim.pid)
+
+    watcher = when(lambda: has_checkpoint(train), kill_a_worker)
+    tracker = Tracker(mlflow_server.uri, "wand-faults")
+    parent = tracker.parent_run("sigkill", {})
+    record = track_stage(tracker, parent, train, 1)
+    watcher.join(timeout=5)
+    assert killed, "no Ray Train worker was found to kill"
+    assert len(record["starts"]) == 2 and record["starts"][1] > 0, record["starts"]  # resumed, not restarted
+    stage = plan_stages(train)[0]
+    assert [m["step"] for m in record["metrics"]] == list(range(stage.start, stage.end))
+    # Every step's loss reached MLflow exactly once, and the weights are an uninterrupted run's.
+    assert logged_steps(mlflow_server.uri, tracker.find_child(parent, "stage-1").info.run_id) == list(range(stage.end))
+    assert record["param_checksum"] == reference["param_checksum"]
+
+
+def test_the_mlflow_server_killed_mid_stage_and_restarted_loses_no_step(shards, tmp_path):
+    store, port = tmp_path / "mlflow", free_port()
+    server = MLflowServer(store, port).start()
+    train = stage_config(shards, "mlflow-restart")
+    events = {}
+
+    def outage():
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        events["killed"] = time.monotonic()
+        time.sleep(15)
+        events["server"] = MLflowServer(store, port).start()  # the same store, the same address
+        events["restarted"] = time.monotonic()
+
+    tracker = Tracker(server.uri, "wand-faults", grace_s=300)
+    parent = tracker.parent_run("mlflow-restart", {})
+    watcher = when(lambda: has_checkpoint(train), outage)
+    try:
+        record = track_stage(tracker, parent, train, 1)
+        watcher.join(timeout=120)
+        assert "restarted" in events, events
+        assert record["starts"] == [0]  # training itself never stopped
+        stage = plan_stages(train)[0]
+        assert logged_steps(server.uri, tracker.find_child(parent, "stage-1").info.run_id) == list(range(stage.end))
+    finally:
+        events.get("server", server).stop()
+
+
+def test_an_mlflow_server_down_past_the_grace_period_fails_the_job_and_the_resubmission_resumes(shards, tmp_path):
+    store, port = tmp_path / "mlflow", free_port()
+    server = MLflowServer(store, port).start()
+    train = stage_config(shards, "mlflow-down")
+    tracker = Tracker(server.uri, "wand-faults", grace_s=5)
+    parent = tracker.parent_run("mlflow-down", {})
+    watcher = when(lambda: has_checkpoint(train), lambda: os.killpg(server.proc.pid, signal.SIGKILL))
+    with pytest.raises(TrackingUnavailable, match=f"MLflow server at {server.uri} did not answer"):
+        track_stage(tracker, parent, train, 1)
+    watcher.join(timeout=5)
+    record = stage_record(train, 1)
+    assert record is not None  # the stage's result and checkpoint are kept
+    with MLflowServer(store, port) as again:
+        tracker = Tracker(again.uri, "wand-faults")
+        resumed = track_stage(tracker, tracker.parent_run("mlflow-down", {}), train, 1)  # the resubmission
+        assert resumed["checkpoint"] == record["checkpoint"]  # nothing retrained
+        stage = plan_stages(train)[0]
+        assert logged_steps(again.uri, tracker.find_child(parent, "stage-1").info.run_id) == list(range(stage.end))
+
+
+def start_proxy(listen: int, target: int) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, str(ROOT / "tests" / "tcp_proxy.py"), str(listen), str(target)],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
+
+
+def shard_ids(fs, root: str, manifest: dict) -> list[str]:
+    ids = []
+    for shard in manifest["shards"]:
+        path = storage.join(root, shard["file"])
+        assert storage.sha256_file(fs, path) == shard["sha256"]  # the manifest describes the files
+        ids += pq.read_table(path, filesystem=fs, columns=["id"]).column("id").to_pylist()
+    return ids
+
+
+def test_the_object_store_killed_mid_precompute_and_restarted(ray_local, s3_server, tmp_path, caplog):
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint}).mkdir("faults-s3")
+    direct, _ = storage.resolve("s3://faults-s3", s3_server.endpoint)
+    port = free_port()
+    proxy = {"proc": start_proxy(port, s3_server.port)}
+    spec = get_spec("cosyvoice2", "tiny")
+    rows = corpus_rows(spec, 48, seed=29, min_gen=10, max_gen=24)
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "c.parquet")
+    config = PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "corpus"),
+                              shards="s3://faults-s3/topk", s3_endpoint=f"http://127.0.0.1:{port}", k=8,
+                              rows_per_shard=4)
+    events = {}
+
+    def outage():  # as soon as the run has started writing to the store
+        os.killpg(proxy["proc"].pid, signal.SIGKILL)
+        events["killed"] = time.monotonic()
+        time.sleep(8)
+        proxy["proc"] = start_proxy(port, s3_server.port)
+        events["restarted"] = time.monotonic()
+
+    watcher = when(lambda: storage.exists(direct, "faults-s3/topk/_run.json"), outage)
+    try:
+        with caplog.at_level("WARNING", logger="pipeline.storage"):
+            manifest = run_precompute(config)
+        watcher.join(timeout=30)
+    finally:
+        os.killpg(proxy["proc"].pid, signal.SIGKILL)
+    assert "restarted" in events
+    assert "retrying" in caplog.text and "s3://faults-s3/topk" in caplog.text  # the outage was met, and ridden out
+    ids = shard_ids(direct, "faults-s3/topk", manifest)
+    assert sorted(ids) == sorted(r["id"] for r in rows)  # every row once
+
+
+def test_the_driver_killed_during_the_precompute_resumes_with_the_finished_shards(ray_local, tmp_path):
+    spec = get_spec("cosyvoice2", "tiny")
+    rows = corpus_rows(spec, 160, seed=31, min_gen=40, max_gen=80)
+    (tmp_path / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "c.parquet")
+    config = tmp_path / "exp.yaml"
+    config.write_text(f"experiment: kill-driver\nmodel: cosyvoice2\nmodel_size: tiny\ncorpus: {tmp_path / 'corpus'}\n"
+                      f"shards: {tmp_path / 'topk'}\nstorage: {tmp_path / 'ckpt'}\n"
+                      "precompute: {k: 8, rows_per_shard: 4, num_actors: 1}\nevaluate: {enabled: false}\n")
+    import ray
+
+    env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, str(ROOT / "jobs" / "precompute.py"), "--config", str(config)]
+    log = tmp_path / "first.log"
+    with open(log, "w") as out:
+        first = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    topk = tmp_path / "topk"
+    deadline = time.monotonic() + 300
+    while not list(topk.glob("shard-*.json")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.05)
+    assert first.poll() is None, f"the precompute ended before it could be killed:\n{log.read_text()[-3000:]}"
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    finished = {p.name: p.stat().st_mtime_ns for p in topk.glob("shard-*.parquet")
+                if p.with_suffix(".json").exists()}
+    assert 0 < len(finished) < 40, f"the kill was meant to land mid-run: {len(finished)} of 40 shards done"
+    assert not (topk / "manifest.json").exists()
+
+    again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(finished)} done, {40 - len(finished)} to compute" in again.stderr + again.stdout
+    for name, mtime in finished.items():  # reused, not recomputed
+        assert (topk / name).stat().st_mtime_ns == mtime
+    fs, root = storage.resolve(str(topk))
+    manifest = load_manifest(str(topk))
+    assert sorted(shard_ids(fs, root, manifest)) == sorted(r["id"] for r in rows)  # every row once
+
+
+def test_a_shard_corrupted_on_storage_is_recomputed_by_the_next_precompute(ray_local, tmp_path):
+    spec = get_spec("cosyvoice2", "tiny")
+    (tmp_path / "corpus").mkdir()
+    rows = corpus_rows(spec, 24, seed=37, min_gen=10, max_gen=24)
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "corpus" / "c.parquet")
+    config = PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "corpus"),
+                              shards=str(tmp_path / "topk"), k=8, rows_per_shard=8)
+    manifest = run_precompute(config)
+    topk = tmp_path / "topk"
+    flipped, truncated, intact = (topk / s["file"] for s in manifest["shards"])
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    flipped.write_bytes(bytes(data))
+    truncated.write_bytes(truncated.read_bytes()[:-50])
+    intact_mtime = intact.stat().st_mtime_ns
+    again = run_precompute(config)
+    assert again["shards"] == manifest["shards"]  # the same bytes again (a deterministic teacher)
+    assert intact.stat().st_mtime_ns == intact_mtime
+    fs, root = storage.resolve(str(topk))
+    assert sorted(shard_ids(fs, root, again)) == sorted(r["id"] for r in rows)

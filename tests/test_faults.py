@@ -1,0 +1,160 @@
+"""Faults from outside the pipeline: full disks, flipped and truncated files, object storage and the
+tracking server going away. Each test is a row of the README's "Faults and bad input" table.
+
+The slow ones (tests/test_fault_services.py) kill real processes with signals; these need none."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import checkpoints, storage
+from pipeline.row_order import ShardCorrupt, read_shard
+from pipeline.services import free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def under_file_size_limit(code: str, limit: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Run ``code`` in a process whose files cannot grow past ``limit`` bytes: the kernel fails the
+    write that crosses it (EFBIG), the way a full disk fails it (ENOSPC), after part of it landed."""
+    script = tmp_path / "limited.py"
+    script.write_text(textwrap.dedent(f"""
+        import resource, signal, sys
+        sys.path.insert(0, {str(ROOT)!r})
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, ({limit}, {limit}))
+    """) + textwrap.dedent(code))
+    return subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+
+
+def test_a_full_disk_while_writing_a_shard_leaves_no_file_and_names_the_path(tmp_path):
+    target = tmp_path / "topk" / "shard-00000.parquet"
+    done = under_file_size_limit(f"""
+        from pipeline import storage
+        fs, path = storage.resolve({str(target)!r})
+        try:
+            storage.write_bytes(fs, path, b"x" * 100_000)
+        except storage.StorageError as err:
+            print(err)
+            sys.exit(3)
+    """, 8192, tmp_path)
+    assert done.returncode == 3, done.stderr
+    assert str(target) in done.stdout and "disk is full" in done.stdout
+    assert os.listdir(target.parent) == []  # neither the file nor a temp file is left
+
+
+def _checkpoint(root: Path, name: str, workers: int = 2, step: int = 4) -> Path:
+    """A checkpoint as the workers write it: each rank's files, then its checksum list."""
+    path = root / name
+    for rank in range(workers):
+        rank_dir = root / f"{name}-rank{rank}"
+        (rank_dir / "ds").mkdir(parents=True)
+        (rank_dir / "ds" / f"zero_pp_rank_{rank}_optim_states.pt").write_bytes(os.urandom(5000))
+        if rank == 0:
+            (rank_dir / "state.json").write_text(f'{{"next_step": {step}}}')
+        checkpoints.write_checksums(str(rank_dir), rank)
+        subprocess.run(["cp", "-r", f"{rank_dir}/.", str(path)], check=True)  # Ray merges the ranks' folders
+    return path
+
+
+def test_a_corrupt_or_truncated_newest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
+    run = tmp_path / "run"
+    older = _checkpoint(run, "checkpoint_2026-11-26_10-00-00.000001", step=4)
+    newer = _checkpoint(run, "checkpoint_2026-11-26_10-00-05.000001", step=8)
+    (run / "scratch").mkdir()
+    fs, _ = storage.resolve(str(run))
+    assert checkpoints.latest_good(fs, str(run), 2) == str(newer)
+
+    optim = newer / "ds" / "zero_pp_rank_1_optim_states.pt"
+    data = bytearray(optim.read_bytes())
+    data[100] ^= 0xFF  # one flipped byte
+    optim.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="pipeline.checkpoints"):
+        assert checkpoints.latest_good(fs, str(run), 2) == str(older)
+    assert str(newer) in caplog.text and "zero_pp_rank_1_optim_states.pt does not match" in caplog.text
+
+    optim.write_bytes(bytes(data[:1000]))  # truncated
+    assert checkpoints.problem(fs, str(newer), 2).endswith("does not match its checksum (5000 bytes expected)")
+    (older / "state.json").write_text('{"next_')  # now neither is usable: the stage starts over
+    (older / checkpoints.CHECKSUMS / "rank-0.json").unlink()
+    assert checkpoints.latest_good(fs, str(run), 2) is None
+
+
+def test_a_full_disk_while_a_worker_writes_its_checkpoint_is_never_resumed_from(tmp_path):
+    run = tmp_path / "run"
+    good = _checkpoint(run, "checkpoint_2026-11-26_10-00-00.000001", step=4)
+    half = run / "checkpoint_2026-11-26_10-00-05.000001"
+    (half / "ds").mkdir(parents=True)
+    done = under_file_size_limit(f"""
+        import os
+        from pipeline import checkpoints
+        try:
+            with open({str(half / 'ds' / 'optim.pt')!r}, "wb") as out:
+                out.write(os.urandom(100_000))
+            checkpoints.write_checksums({str(half)!r}, 0)
+        except OSError as err:
+            print(err)
+            sys.exit(3)
+    """, 4096, tmp_path)
+    assert done.returncode == 3 and "File too large" in done.stdout
+    assert (half / "ds" / "optim.pt").stat().st_size == 4096  # part of it landed
+    fs, _ = storage.resolve(str(run))
+    assert "checksums of 0 of 2 workers" in checkpoints.problem(fs, str(half), 2)
+    assert checkpoints.latest_good(fs, str(run), 2) == str(good)
+
+
+def _shard(path: Path) -> str:
+    sink = io.BytesIO()
+    pq.write_table(pa.table({"id": ["a", "b"], "x": [1, 2]}), sink)
+    path.write_bytes(sink.getvalue())
+    return hashlib.sha256(sink.getvalue()).hexdigest()
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_a_shard_changed_after_it_was_written_is_refused_by_name(tmp_path, damage):
+    path = tmp_path / "shard-00003.parquet"
+    sha = _shard(path)
+    fs, root = storage.resolve(str(path))
+    assert read_shard(fs, root, sha).column("id").to_pylist() == ["a", "b"]
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[: len(data) - 7]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ShardCorrupt, match=r"shard-00003\.parquet.*Rerun the precompute"):
+        read_shard(fs, root, sha)
+
+
+def test_an_object_store_that_stays_down_fails_naming_the_bucket(monkeypatch):
+    port = free_port()  # nothing listens there
+    monkeypatch.setenv(storage.RETRY_ENV, "3")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    fs, path = storage.resolve("s3://down-bucket/topk/run", f"http://127.0.0.1:{port}")
+    start = time.monotonic()
+    with pytest.raises(storage.StorageError, match=r"writing s3://down-bucket/topk/run/_run.json still failing "
+                                                   r"after 3 s of retries"):
+        storage.write_json(fs, storage.join(path, "_run.json"), {"a": 1})
+    assert 2 <= time.monotonic() - start < 60
+
+
+def test_a_tracking_server_that_stays_down_fails_after_the_grace_period_naming_the_uri():
+    from pipeline.tracking import Tracker, TrackingUnavailable
+
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    start = time.monotonic()
+    with pytest.raises(TrackingUnavailable, match=rf"MLflow server at {uri} did not answer for 3 s.*resubmit"):
+        Tracker(uri, "wand-tts", grace_s=3)
+    assert 3 <= time.monotonic() - start < 90
