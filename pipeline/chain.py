@@ -21,7 +21,7 @@ from wand.models.weights import s3_endpoint
 from . import storage
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
 from .teacher_topk import PrecomputeConfig, run_precompute, teacher_weights
-from .tracking import Tracker, TrackingConfig, git_commit
+from .tracking import CREDENTIALS_FROM_ENV, URL_USERINFO, Tracker, TrackingConfig, flatten, git_commit
 from .train import TrainConfig, preflight, run_stage
 
 __all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_student", "load_student", "evaluate_experiment", "track_stage"]
@@ -40,7 +40,7 @@ def section(name: str, source: type[BaseModel], fields: tuple[str, ...], doc: st
     """A config class of ``source``'s own field definitions (type, default, limits, description): a
     fact is defined once, in the stage config that uses it, and the experiment config reuses it."""
     picked = {n: (source.model_fields[n].annotation, source.model_fields[n]) for n in fields}
-    model = create_model(name, __config__=ConfigDict(extra="forbid"), **picked)
+    model = create_model(name, __config__=ConfigDict(extra="forbid", hide_input_in_errors=True), **picked)
     model.__doc__ = doc
     return model
 
@@ -53,7 +53,7 @@ PRECOMPUTE = tuple(n for n in PrecomputeConfig.model_fields if n not in SHARED)
 TRAIN = tuple(n for n in TrainConfig.model_fields if n not in SHARED + CURRICULUM + ("k", "temperature"))
 _SOURCES = {"corpus": PrecomputeConfig}
 
-Shared = create_model("Shared", __config__=ConfigDict(extra="forbid"), **{
+Shared = create_model("Shared", __config__=ConfigDict(extra="forbid", hide_input_in_errors=True), **{
     n: (cls.model_fields[n].annotation, cls.model_fields[n])
     for n in SHARED for cls in [_SOURCES.get(n, TrainConfig)]})
 PrecomputeSection = section("PrecomputeSection", PrecomputeConfig, PRECOMPUTE,
@@ -79,6 +79,9 @@ class DistillConfig(Shared):
 
     @model_validator(mode="after")
     def _sections(self) -> "DistillConfig":
+        for field, value in flatten(self.model_dump()).items():  # configs get logged: no credentials in them
+            if isinstance(value, str) and URL_USERINFO.search(value):
+                raise ValueError(f"{field}: a URL with user-info (user:password@): {CREDENTIALS_FROM_ENV}")
         held_out = self.evaluate.corpus
         if self.evaluate.enabled and not self.evaluate.allow_training_corpus and (
                 held_out is None or held_out.rstrip("/") == self.corpus.rstrip("/")):

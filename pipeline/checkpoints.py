@@ -87,3 +87,52 @@ def latest_good(fs, run_dir: str, workers: int) -> str | None:
         log.warning(message)
         print(f"WARNING: {message}", flush=True)  # a worker's stdout reaches `ray job logs`
     return None
+
+
+# DeepSpeed pickles these few classes of its own into ZeRO optimizer states (measured with
+# torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-2/3 checkpoints: the loss scaler,
+# the ZeRO stage enum, the fragment address of a flattened parameter).
+DEEPSPEED_GLOBALS = (
+    ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
+    ("deepspeed.runtime.fp16.loss_scaler", "DynamicLossScaler"),
+    ("deepspeed.runtime.zero.config", "ZeroStageEnum"),
+    ("deepspeed.utils.tensor_fragment", "fragment_address"),
+)
+TRUST_ENV = "WAND_TRUST_CHECKPOINTS"
+
+
+def load_weights_only(engine, directory: str, tag: str) -> None:
+    """``engine.load_checkpoint``, with DeepSpeed's own ``torch.load(..., weights_only=False)``
+    replaced by a weights-only load that admits only ``DEEPSPEED_GLOBALS``: a checkpoint folder
+    someone else could write to cannot run code in the workers that resume from it.
+    ``WAND_TRUST_CHECKPOINTS=1`` restores DeepSpeed's loader (for a DeepSpeed version that pickles
+    another class; the error names it)."""
+    if os.environ.get(TRUST_ENV) == "1":
+        engine.load_checkpoint(directory, tag=tag)
+        return
+    import importlib
+    import pickle
+
+    import torch
+
+    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_GLOBALS]
+    checkpoint_engine = engine.checkpoint_engine
+    deepspeed_load = checkpoint_engine.load
+
+    def load(path: str, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            lines = str(err).splitlines() or [""]
+            detail = next((line for line in lines if "global" in line.lower()), lines[-1]).strip()
+            raise RuntimeError(
+                f"checkpoint {path}: refused by the weights-only loader ({detail[:300]}). "
+                f"If this run wrote it and its storage is private, set {TRUST_ENV}=1 to load it with DeepSpeed's "
+                "own loader (weights_only=False)") from err
+
+    checkpoint_engine.load = load
+    try:
+        engine.load_checkpoint(directory, tag=tag)
+    finally:
+        checkpoint_engine.load = deepspeed_load

@@ -70,13 +70,27 @@ def _rooted(values: dict, root: Path) -> dict:
         for key in path[:-1]:
             node = node.get(key) if isinstance(node.get(key), dict) else {}
         value = node.get(path[-1])
-        if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+        # An empty path stays empty (the config then refuses it): rooted, it would name the root itself.
+        if isinstance(value, str) and value and "://" not in value and not Path(value).is_absolute():
             node[path[-1]] = str(root / value)
     # A teacher may also be a Hugging Face id ("org/name"): rooted only where that folder exists.
     teacher = values.get("teacher_source")
     if isinstance(teacher, str) and "://" not in teacher and not Path(teacher).is_absolute() and (root / teacher).exists():
         values["teacher_source"] = str(root / teacher)
     return values
+
+
+def describe_errors(err: Exception) -> list[str]:
+    """One line per problem, ``field: what is wrong`` (cross-field checks name their field in the
+    message itself); never the value that was given, which may hold a secret."""
+    if not isinstance(err, ValidationError):
+        return [str(err)]
+    lines = []
+    for error in err.errors():
+        where = ".".join(str(p) for p in error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        lines.append(f"{where}: {message}" if where else message)
+    return lines
 
 
 def load_experiments(model: type[T], parser: argparse.ArgumentParser, argv: list[str] | None = None):
@@ -130,10 +144,7 @@ def load_experiments(model: type[T], parser: argparse.ArgumentParser, argv: list
             configs.append(model.model_validate(values))
         except (ValidationError, ValueError) as err:
             name = values.get("experiment", "(unnamed)")
-            if isinstance(err, ValidationError):
-                detail = "\n".join(f"  {'.'.join(str(p) for p in e['loc']) or '(config)'}: {e['msg']}" for e in err.errors())
-            else:
-                detail = f"  {err}"
+            detail = "\n".join(f"  {line}" for line in describe_errors(err))
             print(f"invalid config ({args.config}, experiment {name}):\n{detail}", file=sys.stderr)
             raise SystemExit(2) from None
     return configs, args

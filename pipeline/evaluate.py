@@ -43,7 +43,7 @@ DISTANCE_BUCKETS = ("near", "mid", "far")  # generated index d < W, W <= d < 4W,
 class EvalConfig(BaseModel):
     """The ``evaluate:`` section of an experiment config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     enabled: bool = True
     corpus: str | None = Field(None, description="held-out rows (corpus schema); None: the training corpus (flagged)")

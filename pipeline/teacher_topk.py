@@ -53,7 +53,7 @@ class ShardFault(RuntimeError):
 class PrecomputeConfig(BaseModel):
     """Settings of the teacher top-k stage. Shards record them; a resume must match them."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     model: str = Field(description="the teacher's model preset, one of wand.models.MODEL_NAMES")
     model_size: Literal["real", "small", "mini", "tiny"] = "real"

@@ -32,7 +32,8 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["TrackingConfig", "Tracker", "TrackingUnavailable", "redact", "git_commit", "load_logged_student"]
+__all__ = ["TrackingConfig", "Tracker", "TrackingUnavailable", "redact", "flatten", "URL_USERINFO",
+           "CREDENTIALS_FROM_ENV", "git_commit", "load_logged_student"]
 
 log = logging.getLogger("wand.tracking")
 SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY|AUTH", re.I)
@@ -40,6 +41,9 @@ URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
+CREDENTIALS_FROM_ENV = ("credentials come from the environment or the instance role (AWS_ACCESS_KEY_ID / "
+                        "AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN), "
+                        "never from a config")
 CREDENTIALS_IN_URI = ("put MLflow credentials in MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN, "
                       "not in the URI")
 
@@ -47,7 +51,7 @@ CREDENTIALS_IN_URI = ("put MLflow credentials in MLFLOW_TRACKING_USERNAME / _PAS
 class TrackingConfig(BaseModel):
     """The ``tracking:`` section of an experiment config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI; neither: off")
     experiment_name: str = Field("wand-tts", description="MLflow experiment holding the runs")
@@ -107,12 +111,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def _flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
     flat = {}
     for key, value in values.items():
         name = f"{prefix}{key}"
         if isinstance(value, dict):
-            flat.update(_flatten(value, name + "."))
+            flat.update(flatten(value, name + "."))
         else:
             flat[name] = value
     return flat
@@ -305,7 +310,7 @@ class Tracker:
         from mlflow.entities import Param
 
         have = self.client.get_run(run_id).data.params
-        fresh = [Param(k, redact(v)[:6000]) for k, v in _flatten(params).items() if k not in have]
+        fresh = [Param(k, redact(v)[:6000]) for k, v in flatten(params).items() if k not in have]
         for start in range(0, len(fresh), 100):
             self.client.log_batch(run_id, params=fresh[start : start + 100])
 

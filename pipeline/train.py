@@ -57,7 +57,7 @@ OPERATIONAL = {"json_schema_extra": {"operational": True}}
 class TrainConfig(BaseModel):
     """Student distillation settings (one experiment = a chain of curriculum stages)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     experiment: str = Field(description="run name prefix; stage k runs as <experiment>-stage<k>", **OPERATIONAL)
     model: str = Field(description="model preset (the teacher's; the student starts from its weights)")
@@ -394,7 +394,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     step, history, starts = stage.start, [], []
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            engine.load_checkpoint(directory, tag="ds")
+            checkpoints.load_weights_only(engine, directory, "ds")
             with open(os.path.join(directory, "state.json")) as f:
                 state = json.load(f)
         step, history, init_checksum = state["next_step"], state["metrics"], state["init_param_checksum"]

@@ -158,3 +158,48 @@ def test_a_tracking_server_that_stays_down_fails_after_the_grace_period_naming_t
     with pytest.raises(TrackingUnavailable, match=rf"MLflow server at {uri} did not answer for 3 s.*resubmit"):
         Tracker(uri, "wand-tts", grace_s=3)
     assert 3 <= time.monotonic() - start < 90
+
+
+class _Engine:
+    """The part of a DeepSpeed engine that ``load_weights_only`` touches (its checkpoint engine)."""
+
+    class _TorchCheckpointEngine:
+        def load(self, path, map_location=None):
+            import torch
+
+            return torch.load(path, map_location=map_location, weights_only=False)  # DeepSpeed's own
+
+    def __init__(self):
+        self.checkpoint_engine = self._TorchCheckpointEngine()
+        self.loaded = None
+
+    def load_checkpoint(self, directory, tag):
+        self.loaded = self.checkpoint_engine.load(os.path.join(directory, tag, "optim_states.pt"))
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resuming_reads_deepspeed_states_weights_only_and_refuses_pickled_code(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+
+    (tmp_path / "ds").mkdir()
+    state = {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients, "state": torch.ones(3)}
+    torch.save(state, tmp_path / "ds" / "optim_states.pt")
+    engine = _Engine()
+    checkpoints.load_weights_only(engine, str(tmp_path), "ds")  # DeepSpeed's own classes are admitted
+    assert engine.loaded["zero_stage"] == ZeroStageEnum.gradients and engine.loaded["state"].sum() == 3
+    assert engine.checkpoint_engine.load.__func__ is _Engine._TorchCheckpointEngine.load  # put back
+
+    torch.save({**state, "extra": _Payload(tmp_path / "executed")}, tmp_path / "ds" / "optim_states.pt")
+    with pytest.raises(RuntimeError, match=r"optim_states\.pt: refused by the weights-only loader.*posix\.system"
+                                           r".*WAND_TRUST_CHECKPOINTS=1"):
+        checkpoints.load_weights_only(_Engine(), str(tmp_path), "ds")
+    assert not (tmp_path / "executed").exists()

@@ -42,8 +42,13 @@ def test_redact_removes_the_ray_token_that_the_environment_points_at(monkeypatch
 
 def test_tracking_uri_with_credentials_is_refused(monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(ValueError, match="tracking.uri: put MLflow credentials in"):
-        TrackingConfig(uri="http://bob:secret@127.0.0.1:5000").resolved_uri()
+    with pytest.raises(ValueError, match="uri\n.*put MLflow credentials in") as err:  # when the config is read
+        TrackingConfig(uri="http://bob:secret@127.0.0.1:5000")
+    assert "secret" not in str(err.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://bob:secret@127.0.0.1:5000")
+    with pytest.raises(ValueError, match="tracking.uri: put MLflow credentials in"):  # from the environment
+        TrackingConfig().resolved_uri()
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
     assert TrackingConfig().resolved_uri() is None
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:1")
     assert TrackingConfig().resolved_uri() == "http://127.0.0.1:1"
