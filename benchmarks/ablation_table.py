@@ -23,6 +23,7 @@ import json
 import logging
 import platform
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pipeline.ablation import VARIANTS, AblationConfig, run_ablation  # noqa: E402
-from pipeline.synthetic import SyntheticTask, synthetic_rows  # noqa: E402
+from pipeline.synthetic import TEXT_LENGTHS, SyntheticTask, synthetic_rows  # noqa: E402
 from pipeline.teachers import read_teacher_record  # noqa: E402
 from wand.models import get_spec  # noqa: E402
 
@@ -49,10 +50,32 @@ def kib(n: int) -> str:
     return f"{n / 1024:.0f} KiB" if n >= 10 * 1024 else f"{n / 1024:.1f} KiB"
 
 
-def markdown(results: list[dict], config: AblationConfig, device: str) -> str:
+def grouped(results: list[dict]) -> list[list[dict]]:
+    """The results of one (model, variant), all its seeds together, in table order."""
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["model"], r["variant"]), []).append(r)
+    return list(groups.values())
+
+
+def cell(runs: list[dict], key: str, digits: int = 2, spread: bool = False) -> str:
+    """Mean over the seeds; with ``spread`` and several seeds, +- their standard deviation."""
+    values = [r.get(key) for r in runs]
+    if any(v is None for v in values):
+        return "n/a"
+    mean = statistics.fmean(values)
+    if spread and len(values) > 1:
+        return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return f"{mean:.{digits}f}"
+
+
+def markdown(results: list[dict], config: AblationConfig, device: str, notes: dict | None = None) -> str:
+    seeds = sorted({r["seed"] for r in results if r.get("seed") is not None})
     lines = [
         f"Measured on {device}; W = {config.window} (curriculum {config.window_start} -> {config.window}), "
-        f"{config.steps} steps x {config.batch_size} rows per trained student, {config.sinks} sinks for StreamingLLM. "
+        f"{config.steps} steps x {config.batch_size} rows per trained student, {config.sinks} sinks for StreamingLLM; "
+        f"each trained student with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): the figures are their "
+        "mean, ± their standard deviation where shown (training-free rows have one run). "
         "Agreement / KL: teacher-forced, against the teacher, by distance from the prefix "
         f"(near < {config.window} <= mid < {4 * config.window} <= far). Accuracy: against the corpus tokens "
         "(teacher-forced / free-running greedy); match: free-running tokens before the first error. KV: cache after decoding the longest held-out utterance "
@@ -65,17 +88,56 @@ def markdown(results: list[dict], config: AblationConfig, device: str) -> str:
         "| PER | speaker | law | stops | KV | latency late/early |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in results:
+    for runs in grouped(results):
+        r = runs[0]
         lines.append(
-            f"| {r['model']} | {r['variant']} | {fmt(r['agreement_near'])} | {fmt(r['agreement_mid'])} | "
-            f"{fmt(r['agreement_far'])} | {fmt(r['kl_near'], 3)} | {fmt(r['kl_mid'], 3)} | {fmt(r['kl_far'], 3)} | "
-            f"{fmt(r['teacher_forced_accuracy'])} | {fmt(r['free_running_accuracy'])} | {r['free_running_matched']:.1f} | "
-            f"{fmt(r.get('per'))} | {fmt(r.get('speaker_accuracy'))} | {fmt(r.get('law_consistency'))} | "
-            f"{fmt(r.get('stopped'))} | {kib(r['kv_bytes_longest'])} | "
-            f"{fmt(r['latency_late_over_early'])} |")
+            f"| {r['model']} | {r['variant']} | {cell(runs, 'agreement_near')} | {cell(runs, 'agreement_mid')} | "
+            f"{cell(runs, 'agreement_far', spread=True)} | {cell(runs, 'kl_near', 3)} | {cell(runs, 'kl_mid', 3)} | "
+            f"{cell(runs, 'kl_far', 3, spread=True)} | {cell(runs, 'teacher_forced_accuracy')} | "
+            f"{cell(runs, 'free_running_accuracy')} | {cell(runs, 'free_running_matched', 1)} | "
+            f"{cell(runs, 'per', spread=True)} | {cell(runs, 'speaker_accuracy', spread=True)} | "
+            f"{cell(runs, 'law_consistency')} | {cell(runs, 'stopped')} | {kib(r['kv_bytes_longest'])} | "
+            f"{cell(runs, 'latency_late_over_early')} |")
     lines.append("")
     lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in VARIANTS) + ".")
+    long_runs = [runs for runs in grouped(results) if "long_per" in runs[0]]
+    if long_runs or notes:
+        lines += [
+            "",
+            "**Long form**: held-out texts 3-4x longer than any training text (the 60 s analog), where the "
+            "teacher is past every length it was trained on; teacher-forced figures against the teacher, "
+            "free-running ones against the text, as above.",
+            "",
+            "| model | variant | generated tokens | agree far | KL far | acc TF | PER | speaker | law | stops |",
+            "|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for runs in long_runs:
+            r = runs[0]
+            lines.append(
+                f"| {r['model']} | {r['variant']} | {r['long_generated_tokens']} | "
+                f"{cell(runs, 'long_agreement_far', spread=True)} | {cell(runs, 'long_kl_far', 3, spread=True)} | "
+                f"{cell(runs, 'long_teacher_forced_accuracy')} | {cell(runs, 'long_per', spread=True)} | "
+                f"{cell(runs, 'long_speaker_accuracy', spread=True)} | {cell(runs, 'long_law_consistency', spread=True)} | "
+                f"{cell(runs, 'long_stopped')} |")
+        for model, note in (notes or {}).items():
+            lines.append(f"| {model} | (all) | n/a: {note} | | | | | | | |")
     return "\n".join(lines)
+
+
+# Long form: texts 3-4x the longest training text (the 60 s analog of the paper's long-form test).
+LONG_TEXT = (3 * TEXT_LENGTHS[1], 4 * TEXT_LENGTHS[1])
+
+
+def long_form_rows(spec, task: SyntheticTask, n: int, seed: int) -> tuple[list[dict] | None, str | None]:
+    """Held-out rows with texts 3-4x the longest training text, or (None, why not) where the model
+    has no positions for them (IndexTTS's learned mel positions)."""
+    rows = synthetic_rows(spec, n, task, seed=seed + 1000, min_text=LONG_TEXT[0], max_text=LONG_TEXT[1],
+                          split="longform", alignment=True)
+    longest_text = max(len(r["text"]) for r in rows)
+    if longest_text < LONG_TEXT[0]:
+        return None, (f"{spec.name} has {spec.max_generated_tokens} generated positions (learned), room for "
+                      f"{longest_text}-phoneme texts at most")
+    return rows, None
 
 
 def write_readme(readme: Path, table: str) -> None:
@@ -98,6 +160,10 @@ def main(argv=None) -> int:
     parser.add_argument("--train-rows", type=int, default=256, help="training utterances (seed 0, the teachers' own)")
     parser.add_argument("--heldout", type=int, default=32, help="held-out utterances (seed 1) scored teacher-forced")
     parser.add_argument("--free-rows", type=int, default=8, help="held-out utterances decoded free-running")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
+                        help="seeds of each trained student (its batches): the table shows mean ± sd")
+    parser.add_argument("--long-rows", type=int, default=4,
+                        help="long-form held-out utterances (texts 3-4x the longest training text); 0: none")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/ablation_table.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
@@ -106,13 +172,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.from_json:
         saved = json.loads(args.from_json.read_text())
-        table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"])
+        table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"],
+                         saved.get("long_form_notes"))
         print(table)
         if not args.no_readme:
             write_readme(args.readme, table)
         return 0
-    if min(args.train_rows, args.heldout, args.free_rows) < 1:
-        parser.error("--train-rows, --heldout and --free-rows must be >= 1")
+    if min(args.train_rows, args.heldout, args.free_rows) < 1 or args.long_rows < 0:
+        parser.error("--train-rows, --heldout and --free-rows must be >= 1, --long-rows >= 0")
     try:
         config = AblationConfig(window=args.window, window_start=args.window_start, steps=args.steps,
                                 batch_size=args.batch_size, lr=args.lr)
@@ -121,7 +188,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
-    results, teachers = [], {}
+    results, teachers, notes = [], {}, {}
     start = time.perf_counter()
     for name in args.models:
         directory = args.teachers / name
@@ -133,11 +200,19 @@ def main(argv=None) -> int:
         heldout = synthetic_rows(spec, args.heldout, task, seed=record["heldout"]["seed"], split="heldout",
                                  alignment=True)  # with their text and speaker, for the transcriber
         teachers[name] = {"size": record["size"], "heldout_accuracy": record["heldout"]["accuracy"]}
-        results += run_ablation(spec, teacher, train_rows, heldout, config, free_rows=args.free_rows, task=task)
+        long_form = None
+        if args.long_rows:
+            long_form, note = long_form_rows(spec, task, args.long_rows, record["heldout"]["seed"])
+            if note:
+                notes[name] = note
+        results += run_ablation(spec, teacher, train_rows, heldout, config, free_rows=args.free_rows, task=task,
+                                seeds=tuple(args.seeds), long_form=long_form)
         print(f"{name}: done ({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
-    table = markdown(results, config, device)
+    table = markdown(results, config, device, notes)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"device": device, "teachers": teachers, "results": results}, indent=2) + "\n")
+    minutes = round((time.perf_counter() - start) / 60, 1)
+    args.output.write_text(json.dumps({"device": device, "minutes": minutes, "teachers": teachers,
+                                       "long_form_notes": notes, "results": results}, indent=2) + "\n")
     print(table)
     if not args.no_readme:
         write_readme(args.readme, table)

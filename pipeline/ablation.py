@@ -25,7 +25,7 @@ import copy
 import logging
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -44,8 +44,8 @@ from .teacher_topk import build_shard_table, topk_of_rows
 from .transcribe import score, speech_codes_of
 from .train import shard_topk
 
-__all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_student", "free_run",
-           "score_variant", "run_ablation"]
+__all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_student", "free_run", "said",
+           "forced", "score_variant", "run_ablation"]
 
 log = logging.getLogger("wand.ablation")
 
@@ -184,11 +184,29 @@ def latency_ratio(step_seconds: list[float], span: int = 48) -> float:
     return statistics.median(late) / statistics.median(early)
 
 
-def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig, heldout: list[dict],
-                  free_rows: int, task: SyntheticTask = SyntheticTask()) -> dict:
-    """The table's columns for one variant on held-out rows."""
+def said(spec, model, variant: Variant, config: AblationConfig, rows: list[dict],
+         task: SyntheticTask = SyntheticTask()) -> dict:
+    """What a variant says, free-running greedy until the stop id (at most each reference's
+    length): accuracy against the corpus, tokens before the first error, the stop rate and, when the
+    rows carry their text and speaker, PER / speaker accuracy / law consistency (pipeline/transcribe.py)."""
+    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"]), stop=True) for row in rows]
+    result = {"free_running_accuracy": float(np.mean([r["accuracy"] for r in runs])), "free_rows": len(runs),
+              "stopped": float(np.mean([r["stopped"] for r in runs])),
+              "free_running_matched": float(np.mean([r["matched"] for r in runs]))}
+    if all("text" in row for row in rows):
+        codes = len(speech_ids(spec))
+        scores = [score(task, codes, speech_codes_of(spec, run["tokens"].tolist()), row["text"], row["speaker"])
+                  for run, row in zip(runs, rows)]
+        result.update({key: float(np.mean([s[key] for s in scores]))
+                       for key in ("per", "speaker_accuracy", "law_consistency")})
+    return result
+
+
+def forced(spec, teacher, model, variant: Variant, config: AblationConfig, rows: list[dict]) -> dict:
+    """Teacher-forced agreement with the teacher and KL(teacher || variant) by distance from the
+    prefix, and accuracy against the corpus tokens."""
     agree, kl, correct, buckets = [], [], [], []
-    for row in heldout:
+    for row in rows:
         window, keep = attention(variant, config, row["prefix_length"])
         scores = position_scores(spec, teacher, model, window, row, torch.device("cpu"),
                                  student_prefix=keep if variant.attends == "sinks" else None)
@@ -197,48 +215,55 @@ def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig
         correct.append(scores["correct"])
         buckets += [distance_bucket(int(d), config.window) for d in scores["distance"]]
     agree_a, kl_a, buckets_a = np.concatenate(agree).astype(float), np.concatenate(kl), np.array(buckets)
-    result = {"variant": variant.name, "description": variant.description,
-              "teacher_forced_accuracy": float(np.concatenate(correct).mean())}
+    result = {"teacher_forced_accuracy": float(np.concatenate(correct).mean())}
     for name in DISTANCE_BUCKETS:
         pick = buckets_a == name
         result[f"agreement_{name}"] = float(agree_a[pick].mean()) if pick.any() else None
         result[f"kl_{name}"] = float(kl_a[pick].mean()) if pick.any() else None
         result[f"positions_{name}"] = int(pick.sum())
-    # Free running: the first rows for accuracy; the longest held-out row for KV bytes and latency.
+    return result
+
+
+def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig, heldout: list[dict],
+                  free_rows: int, task: SyntheticTask = SyntheticTask(), long_form: list[dict] | None = None) -> dict:
+    """The table's columns for one variant on held-out rows; with ``long_form`` (held-out rows far
+    longer than any training row), the same content and distance columns there, prefixed ``long_``."""
+    result = {"variant": variant.name, "description": variant.description,
+              **forced(spec, teacher, model, variant, config, heldout),
+              **said(spec, model, variant, config, heldout[:free_rows], task)}
+    # The longest held-out row, decoded to its length: KV bytes and the latency ratio.
     longest = max(heldout, key=lambda r: len(r["input_ids"]) - r["prefix_length"])
-    # Free running until the stop id (or the reference's length): what it says, the WAND analog of
-    # WER (pipeline.transcribe, when the rows carry their text and speaker).
-    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"]), stop=True)
-            for row in heldout[:free_rows]]
-    if all("text" in row for row in heldout[:free_rows]):
-        codes = len(speech_ids(spec))
-        said = [score(task, codes, speech_codes_of(spec, run["tokens"].tolist()), row["text"], row["speaker"])
-                for run, row in zip(runs, heldout)]
-        result.update({key: float(np.mean([s[key] for s in said]))
-                       for key in ("per", "speaker_accuracy", "law_consistency")})
     long_run = free_run(spec, model, longest, *attention(variant, config, longest["prefix_length"]))
-    result.update(free_running_accuracy=float(np.mean([r["accuracy"] for r in runs])), free_rows=len(runs),
-                  stopped=float(np.mean([r["stopped"] for r in runs])),
-                  free_running_matched=float(np.mean([r["matched"] for r in runs])),
-                  kv_bytes_longest=long_run["cache_bytes"],
+    result.update(kv_bytes_longest=long_run["cache_bytes"],
                   longest_tokens=len(longest["input_ids"]), longest_prefix=longest["prefix_length"],
                   latency_late_over_early=latency_ratio(long_run["step_seconds"]))
+    if long_form:
+        scores = {**forced(spec, teacher, model, variant, config, long_form),
+                  **said(spec, model, variant, config, long_form, task)}
+        result.update({f"long_{key}": value for key, value in scores.items()})
+        result["long_generated_tokens"] = int(np.mean([len(r["input_ids"]) - r["prefix_length"] for r in long_form]))
     return result
 
 
 def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], config: AblationConfig,
-                 variants=VARIANTS, free_rows: int = 8, task: SyntheticTask = SyntheticTask()) -> list[dict]:
-    """One table row per variant (dicts of the columns), in ``variants`` order."""
+                 variants=VARIANTS, free_rows: int = 8, task: SyntheticTask = SyntheticTask(),
+                 seeds: tuple[int, ...] | None = None, long_form: list[dict] | None = None) -> list[dict]:
+    """Table rows in ``variants`` order: one per training-free variant, one per seed of each trained
+    variant (``seeds``, default ``(config.seed,)``: the student's batches and any randomness of its
+    training). ``long_form``: held-out rows past the training lengths, scored as well."""
     wand.enable_wand(teacher, config.window)
     teacher.eval()
     shard_rows = teacher_targets(spec, teacher, train_rows, config.k) if any(v.train for v in variants) else []
     results = []
     for variant in variants:
-        start = time.perf_counter()
-        model = train_student(spec, teacher, shard_rows, variant, config) if variant.train else teacher
-        trained = time.perf_counter() - start
-        result = score_variant(spec, teacher, model, variant, config, heldout, free_rows, task)
-        result.update(model=spec.name, train_seconds=round(trained, 1), config=asdict(config))
-        log.info("%s %s: %s", spec.name, variant.name, {k: v for k, v in result.items() if k != "config"})
-        results.append(result)
+        for seed in (seeds or (config.seed,)) if variant.train else (None,):
+            run_config = config if seed is None else replace(config, seed=seed)
+            start = time.perf_counter()
+            model = train_student(spec, teacher, shard_rows, variant, run_config) if variant.train else teacher
+            trained = time.perf_counter() - start
+            result = score_variant(spec, teacher, model, variant, run_config, heldout, free_rows, task, long_form)
+            result.update(model=spec.name, seed=seed, train_seconds=round(trained, 1), config=asdict(run_config))
+            log.info("%s %s seed %s: %s", spec.name, variant.name, seed,
+                     {k: v for k, v in result.items() if k != "config"})
+            results.append(result)
     return results

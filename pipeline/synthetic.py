@@ -29,7 +29,9 @@ import numpy as np
 import torch
 
 
-__all__ = ["SyntheticTask", "synthetic_rows", "phoneme_starts", "speech_codes"]
+__all__ = ["SyntheticTask", "synthetic_rows", "phoneme_starts", "speech_codes", "TEXT_LENGTHS"]
+
+TEXT_LENGTHS = (40, 120)  # phonemes per training utterance (min, max): about 140-420 generated tokens
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,8 @@ def speech_codes(spec) -> np.ndarray:
 
 
 def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: int = 0,
-                   min_text: int = 40, max_text: int = 120, split: str = "train", alignment: bool = False) -> list[dict]:
+                   min_text: int = TEXT_LENGTHS[0], max_text: int = TEXT_LENGTHS[1], split: str = "train",
+                   alignment: bool = False) -> list[dict]:
     """``n`` utterances for a model spec; ``seed`` picks the utterances (the law is ``task``'s).
 
     Text lengths are capped by the spec's own limits (IndexTTS's text and mel positions). With

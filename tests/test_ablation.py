@@ -133,3 +133,25 @@ def test_the_table_has_every_variant_with_consistent_columns():
         n = sum(r[f"positions_{b}"] for b in ("near", "mid", "far"))
         assert n == sum(len(h["input_ids"]) - h["prefix_length"] for h in held)
         assert 0 <= r["free_running_accuracy"] <= 1 and r["latency_late_over_early"] > 0
+
+
+def test_students_of_several_seeds_and_long_form_rows_get_their_own_figures():
+    from pipeline.ablation import forced, said
+
+    spec, teacher, rows, held = setup("sparktts")
+    long_form = synthetic_rows(spec, 1, seed=5, min_text=40, max_text=44, split="longform", alignment=True)
+    variants = [v for v in VARIANTS if v.name in ("teacher", "wand")]
+    results = run_ablation(spec, teacher, rows, held, CONFIG, variants=variants, free_rows=1, seeds=(0, 1),
+                           long_form=long_form)
+    assert [(r["variant"], r["seed"]) for r in results] == [("teacher", None), ("wand", 0), ("wand", 1)]
+    assert results[1]["config"]["seed"] == 0 and results[2]["config"]["seed"] == 1
+    assert results[1]["kl_far"] != results[2]["kl_far"]  # another seed: other batches, another student
+    # The long-form columns are the same functions on the long rows (recomputed here for the teacher).
+    teacher_variant = variants[0]
+    expected = {**forced(spec, teacher, teacher, teacher_variant, CONFIG, long_form),
+                **said(spec, teacher, teacher_variant, CONFIG, long_form)}
+    for key, value in expected.items():
+        assert results[0][f"long_{key}"] == pytest.approx(value), key
+    assert results[0]["long_generated_tokens"] == len(long_form[0]["input_ids"]) - long_form[0]["prefix_length"]
+    assert results[0]["long_kl_far"] == pytest.approx(0.0, abs=1e-6)
+    assert 0 <= results[1]["long_per"] and 0 <= results[1]["long_speaker_accuracy"] <= 1
