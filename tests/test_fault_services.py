@@ -43,6 +43,12 @@ def shards(ray_local, tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def reference(shards):
+    """The stage run once without faults: what every faulted run must end equal to."""
+    return run_stage(stage_config(shards, "reference"), 1)
+
+
 def stage_config(root: Path, experiment: str, **changes):
     curriculum = {"stages": 1, "window_start": 16, "window_target": 4, "lr": 1e-2, "epochs": 3.0}
     train = {"batch_size": 2, "num_workers": 2, "checkpoint_every": 4, "max_failures": 1}
@@ -79,8 +85,7 @@ def logged_steps(uri: str, run_id: str) -> list[int]:
     return sorted(m.step for m in MlflowClient(uri).get_metric_history(run_id, "loss"))
 
 
-def test_a_ray_train_worker_sigkilled_from_outside_resumes_with_nothing_lost(shards, mlflow_server):
-    reference = run_stage(stage_config(shards, "sigkill-reference"), 1)
+def test_a_ray_train_worker_sigkilled_from_outside_resumes_with_nothing_lost(shards, reference, mlflow_server):
     train = stage_config(shards, "sigkill")
     killed = []
 
@@ -102,6 +107,32 @@ def test_a_ray_train_worker_sigkilled_from_outside_resumes_with_nothing_lost(sha
     assert [m["step"] for m in record["metrics"]] == list(range(stage.start, stage.end))
     # Every step's loss reached MLflow exactly once, and the weights are an uninterrupted run's.
     assert logged_steps(mlflow_server.uri, tracker.find_child(parent, "stage-1").info.run_id) == list(range(stage.end))
+    assert record["param_checksum"] == reference["param_checksum"]
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_by_the_resubmission_with_a_warning(shards, reference, tmp_path,
+                                                                                  monkeypatch, caplog):
+    from pipeline.train import FAULT_ENV
+
+    train = stage_config(shards, "corrupt-checkpoint", max_failures=0)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(FAULT_ENV, f"9:{tmp_path / 'died'}")  # a worker dies after the step-4 and step-8 checkpoints
+        with pytest.raises(Exception):
+            run_stage(train, 1)
+    fs, root = storage.resolve(train.storage)
+    run_dir = Path(root) / train.run_name(1)
+    newest = Path(checkpoints.latest_good(fs, str(run_dir), train.num_workers))
+    assert storage.read_json(fs, str(newest / "state.json"))["next_step"] == 8
+    optim = sorted((newest / "ds").glob("zero_pp_rank_*_optim_states.pt"))[0]
+    data = bytearray(optim.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # storage flipped a byte of the newest checkpoint
+    optim.write_bytes(bytes(data))
+    with caplog.at_level("WARNING", logger="pipeline.checkpoints"):
+        record = run_stage(train, 1)  # the resubmission
+    assert f"checkpoint {newest} is unusable: ds/{optim.name} does not match its checksum" in caplog.text
+    assert record["starts"] == [0, 4]  # from the previous good checkpoint, not the corrupt one
+    stage = plan_stages(train)[0]
+    assert [m["step"] for m in record["metrics"]] == list(range(stage.start, stage.end))
     assert record["param_checksum"] == reference["param_checksum"]
 
 
