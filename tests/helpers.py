@@ -110,3 +110,21 @@ def batch_of_three(name: str):
         return spec.build().eval()
 
     return build, ids, mask, torch.tensor([p for _, p in made]), kwargs
+
+
+def precomputed_tiny_corpus(root, seed: int):
+    """32 random rows of tiny CosyVoice 2 under ``root/corpus`` and their teacher top-k (k 8, two
+    shards of 16) under ``root/topk``; needs a running Ray. Returns ``root``."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from pipeline.teacher_topk import PrecomputeConfig, run_precompute
+    from wand.models import get_spec
+
+    spec = get_spec("cosyvoice2", "tiny")
+    (root / "corpus").mkdir()
+    pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 32, seed=seed, min_gen=10, max_gen=24)),
+                   root / "corpus" / "c.parquet")
+    run_precompute(PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
+                                    shards=str(root / "topk"), k=8, rows_per_shard=16))
+    return root

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from helpers import corpus_rows
+from helpers import corpus_rows, precomputed_tiny_corpus
 from pipeline import checkpoints, storage
 from pipeline.chain import CURRICULUM, DistillConfig, track_stage
 from pipeline.services import MLflowServer, free_port
@@ -33,14 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def shards(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("faults")
-    spec = get_spec("cosyvoice2", "tiny")
-    (root / "corpus").mkdir()
-    pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 32, seed=23, min_gen=10, max_gen=24)),
-                   root / "corpus" / "c.parquet")
-    run_precompute(PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
-                                    shards=str(root / "topk"), k=8, rows_per_shard=16))
-    return root
+    return precomputed_tiny_corpus(tmp_path_factory.mktemp("faults"), seed=23)
 
 
 @pytest.fixture(scope="module")

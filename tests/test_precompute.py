@@ -163,7 +163,7 @@ def test_bad_rows_fail_before_writing(ray_local, tmp_path, fmt):
     message = str(info.value)
     for row_id, reason in reasons.items():
         line = next(line for line in message.splitlines() if f"id {row_id!r}" in line)
-        assert reason in line and f"part-" in line
+        assert reason in line and "part-" in line
     assert "nothing was written" in message
     assert not (tmp_path / "out").exists()
 

@@ -1,30 +1,18 @@
 """Curriculum stages on Ray Train + DeepSpeed (2 workers, gloo, CPU), chained into a student."""
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
-import torch
 
 import wand
-from helpers import corpus_rows
+from helpers import precomputed_tiny_corpus
 from pipeline.chain import CURRICULUM, DistillConfig, load_student, run_chain
-from pipeline.teacher_topk import PrecomputeConfig, run_precompute
 from pipeline.train import FAULT_ENV, TrainConfig, plan_stages, preflight, run_stage, stage_record
-from wand.models import get_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
 
 @pytest.fixture(scope="module")
 def shards(ray_local, tmp_path_factory):
-    root = tmp_path_factory.mktemp("train")
-    spec = get_spec("cosyvoice2", "tiny")
-    (root / "corpus").mkdir()
-    pq.write_table(pa.Table.from_pylist(corpus_rows(spec, 32, seed=21, min_gen=10, max_gen=24)),
-                   root / "corpus" / "c.parquet")
-    run_precompute(PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
-                                    shards=str(root / "topk"), k=8, rows_per_shard=16))
-    return root
+    return precomputed_tiny_corpus(tmp_path_factory.mktemp("train"), seed=21)
 
 
 def base(root, **changes):

@@ -7,7 +7,7 @@ transformers class itself (``Qwen2ForCausalLM`` / ``LlamaForCausalLM``), loaded 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
