@@ -44,11 +44,12 @@ stop:
 
 # The synthetic AR-TTS corpus (the teachers' own law, pipeline/synthetic.py): training rows (seed 0,
 # the utterances the teachers were trained on) and held-out rows (seed 1) for the evals.
-# Rewritten when the corpus law or its writer changes; the demo's shards and checkpoints of that
-# model go with the old rows (the precompute and the stages refuse to reuse them for new rows).
+# Rewritten when the corpus law, its writer or the model's committed teacher changes; the demo's
+# shards and checkpoints of that model go with them (the precompute and the stages refuse to reuse
+# them for new rows or another teacher).
 runs/corpus/syn-%-heldout/corpus.parquet: pipeline/synthetic.py jobs/make_synthetic_corpus.py | install
 	$(PY) jobs/make_synthetic_corpus.py --model $* --size mini --rows 16 --seed 1 --split heldout --output $(@D)
-runs/corpus/syn-%/corpus.parquet: pipeline/synthetic.py jobs/make_synthetic_corpus.py | install
+runs/corpus/syn-%/corpus.parquet: pipeline/synthetic.py jobs/make_synthetic_corpus.py teachers/%/teacher.json | install
 	rm -rf runs/topk/syn-$* runs/checkpoints/tiny-$* runs/checkpoints/tiny-$*-stage*
 	$(PY) jobs/make_synthetic_corpus.py --model $* --size mini --rows 128 --seed 0 --output $(@D)
 

@@ -1,11 +1,12 @@
 """Train the embedded default's teachers: one full-attention model per family on the synthetic corpus.
 
     python jobs/train_teachers.py                                  # all three, into teachers/
-    python jobs/train_teachers.py --models cosyvoice2 --steps 200 --output /tmp/teachers
+    python jobs/train_teachers.py --models cosyvoice2 --phases 200:4:12:16 --output /tmp/teachers
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
 trained from seeded random weights with cross-entropy on the generated tokens of synthetic rows
-(pipeline/synthetic.py, train seed 0), then scored on held-out rows (seed 1). It is written in the
+(pipeline/synthetic.py, train seed 0) on a length curriculum (short texts first: that is where the
+text alignment is learned; pipeline.teachers.CURRICULUM), then scored on held-out rows (seed 1). It is written in the
 family's release format, so ``teacher_source: teachers/<model>`` loads it like a real checkpoint:
 CosyVoice 2 ``llm.pt``, IndexTTS ``gpt.pth``, SparkTTS a transformers folder (safetensors). Next to
 it, ``teacher.json`` records the recipe and the measured held-out quality that tests check.
@@ -19,6 +20,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import platform
 import sys
 import time
 from pathlib import Path
@@ -28,12 +30,25 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from pipeline.synthetic import SyntheticTask, synthetic_rows  # noqa: E402
-from pipeline.teachers import file_sha256, heldout_quality, read_teacher_record, train_teacher  # noqa: E402
+from pipeline.teachers import (CURRICULUM, Phase, file_sha256, heldout_quality, read_teacher_record,  # noqa: E402
+                               spoken_quality, train_teacher)
 from wand.models import CausalLMSpec, get_spec  # noqa: E402
 
 FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 SIZE = "mini"
 TRAIN_SEED, HELDOUT_SEED = 0, 1
+SPOKEN_ROWS = 16  # held-out rows decoded free-running for the PER
+
+
+def phase(text: str) -> Phase:
+    """``STEPS:MIN:MAX:BATCH`` -> Phase (argparse type)."""
+    try:
+        steps, low, high, batch = (int(v) for v in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected STEPS:MIN:MAX:BATCH, e.g. 3000:4:12:32") from None
+    if min(steps, low, batch) < 1 or high < low:
+        raise argparse.ArgumentTypeError(f"{text!r}: need STEPS, MIN, BATCH >= 1 and MAX >= MIN")
+    return Phase(steps, low, high, batch)
 
 
 def save_teacher(spec, model, directory: Path) -> list[Path]:
@@ -47,18 +62,20 @@ def save_teacher(spec, model, directory: Path) -> list[Path]:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=FAMILIES, default=list(FAMILIES))
-    parser.add_argument("--steps", type=int, default=1500, help="optimizer steps per teacher")
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--phases", nargs="+", type=phase, default=list(CURRICULUM), metavar="STEPS:MIN:MAX:BATCH",
+                        help="the length curriculum: STEPS batches of BATCH utterances with MIN..MAX-phoneme texts, "
+                             "phase after phase (default: " + " ".join(f"{p.steps}:{p.min_text}:{p.max_text}:{p.batch_size}"
+                                                                        for p in CURRICULUM) + ")")
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--rows", type=int, default=1024, help="training utterances (seed 0)")
+    parser.add_argument("--rows", type=int, default=4096, help="training utterances per phase (seed 0)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out utterances (seed 1) for the stated quality")
     parser.add_argument("--seed", type=int, default=0, help="weight init and batch order")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: run families side by side)")
     parser.add_argument("--output", type=Path, default=Path("teachers"))
     parser.add_argument("--rescore", action="store_true", help="score the teachers already in --output again, no training")
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.rows < 1 or args.heldout < 1:
-        parser.error("--steps, --rows and --heldout must be >= 1")
+    if args.rows < 1 or args.heldout < 1:
+        parser.error("--rows and --heldout must be >= 1")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     task = SyntheticTask()
@@ -70,27 +87,33 @@ def main(argv=None) -> int:
             record = read_teacher_record(directory)
             model = spec.load(str(directory))
         else:
-            rows = synthetic_rows(spec, args.rows, task, seed=TRAIN_SEED)
+            phases = [(synthetic_rows(spec, args.rows, task, seed=TRAIN_SEED, min_text=p.min_text, max_text=p.max_text),
+                       p.steps, p.batch_size) for p in args.phases]
             start = time.perf_counter()
-            model = train_teacher(spec, rows, args.steps, args.batch_size, args.lr, args.seed)
+            model = train_teacher(spec, phases, args.lr, args.seed)
             seconds = time.perf_counter() - start
             directory.mkdir(parents=True, exist_ok=True)
             files = save_teacher(spec, model, directory)
             record = {
                 "model": name, "size": SIZE, "parameters": sum(p.numel() for p in model.parameters()),
                 "task": dataclasses.asdict(task),
-                "train": {"rows": args.rows, "seed": TRAIN_SEED, "steps": args.steps, "batch_size": args.batch_size,
-                          "lr": args.lr, "init_seed": args.seed, "seconds": round(seconds, 1),
-                          "threads": args.threads, "torch": torch.__version__},
+                "train": {"rows_per_phase": args.rows, "seed": TRAIN_SEED,
+                          "phases": [dataclasses.asdict(p) for p in args.phases],
+                          "steps": sum(p.steps for p in args.phases), "lr": args.lr, "init_seed": args.seed,
+                          "seconds": round(seconds, 1), "threads": args.threads, "torch": torch.__version__,
+                          "device": f"CPU ({platform.machine()})"},
                 "files": {p.name: file_sha256(p) for p in files},
             }
-        # The stated quality: teacher-forced top-1 accuracy against the corpus tokens on held-out rows.
-        record["heldout"] = {"seed": HELDOUT_SEED, **heldout_quality(spec, model, held)}
+        # The stated quality: teacher-forced top-1 accuracy against the corpus tokens on held-out rows,
+        # and what the teacher says free-running (PER against the text, pipeline/transcribe.py).
+        record["heldout"] = {"seed": HELDOUT_SEED, **heldout_quality(spec, model, held),
+                             **spoken_quality(spec, model, held[:SPOKEN_ROWS], task)}
         (directory / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")
         q = record["heldout"]
         print(f"{name}: held-out teacher-forced accuracy {q['accuracy']:.3f} (phoneme starts "
               f"{q['accuracy_phoneme_starts']:.3f}, inside {q['accuracy_inside_phonemes']:.3f}) over "
-              f"{q['positions']} tokens; {record['parameters']:,} parameters; wrote {directory}", flush=True)
+              f"{q['positions']} tokens; free-running PER {q['per']:.3f} on {q['spoken_rows']} rows; "
+              f"{record['parameters']:,} parameters; wrote {directory}", flush=True)
     return 0
 
 

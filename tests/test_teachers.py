@@ -20,7 +20,7 @@ def test_training_beats_the_untrained_model_and_accuracy_is_exact():
     held = synthetic_rows(spec, 8, seed=1, min_text=8, max_text=16, split="heldout")
     torch.manual_seed(0)
     untrained = teacher_forced_accuracy(spec, spec.build().eval(), held)["accuracy"]
-    model = train_teacher(spec, rows, steps=60, batch_size=8, lr=1e-2, log_every=0)
+    model = train_teacher(spec, [(rows, 60, 8)], lr=1e-2, log_every=0)
     result = teacher_forced_accuracy(spec, model, held)
     assert result["accuracy"] > max(0.1, 3 * untrained), (result["accuracy"], untrained)
     # Independent: one unpadded forward per row, argmax over the target ids, compared by hand.
