@@ -75,7 +75,7 @@ browser:
 test-fast: install
 	$(PY) -m pytest tests -m "not slow"
 
-# The README's results table (WAND vs its ablations on the committed teachers), about 13 min on 2 cores.
+# The README's results table (WAND vs its ablations on the committed teachers; 3 student seeds, long form), about 26 min on 2 cores.
 ablation: install
 	$(PY) benchmarks/ablation_table.py
 

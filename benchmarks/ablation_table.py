@@ -13,7 +13,8 @@ from the prefix (near < W <= mid < 4W <= far), teacher-forced and free-running a
 corpus tokens, PER / speaker accuracy / law consistency of free-running decodes (pipeline/transcribe.py),
 KV bytes after decoding the longest held-out utterance (float32 on CPU) and the per-step latency
 ratio (late / early) of that decode. Writes benchmarks/results/ablation_table.json
-and the table between the README's ablation-table markers. About 13 minutes on 2 CPU cores (measured).
+and the table between the README's ablation-table markers. About 26 minutes on 2 CPU cores with the default 3 seeds and
+long form (measured); --seeds 0 --long-rows 0 takes about 13.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
         f"(near < {config.window} <= mid < {4 * config.window} <= far). Accuracy: against the corpus tokens "
         "(teacher-forced / free-running greedy); match: free-running tokens before the first error. KV: cache after decoding the longest held-out utterance "
         "(float32). Latency: median step time, last 48 steps / steps 8-56 of that decode. PER / speaker / law: "
-        "free-running greedy decodes until the stop id (at most the reference's length), transcribed exactly "
+        "free-running greedy decodes until the stop id (at most twice the reference's length), transcribed exactly "
         "by the corpus law (pipeline/transcribe.py): phoneme error rate against the text, fraction of tokens "
         "lawful for the utterance's speaker, and for the best-fitting speaker; stops: fraction that emitted the stop id.",
         "",

@@ -140,11 +140,13 @@ def attention(variant: Variant, config: AblationConfig, prefix: int) -> tuple[in
 
 
 @torch.no_grad()
-def free_run(spec, model, row: dict, window: int | None, keep: int, stop: bool = False) -> dict:
-    """Greedy decoding from the row's prefix for as many tokens as the row has, restricted to the
-    speech codes (with ``stop``, also the stop ids, and decoding ends at one); the cache is a
-    WandCache keeping ``keep`` first tokens + ``window`` (None: the full DynamicCache). Returns the
-    tokens' accuracy against the row, per-step seconds and cache bytes."""
+def free_run(spec, model, row: dict, window: int | None, keep: int, stop: bool = False,
+             max_tokens: int | None = None) -> dict:
+    """Greedy decoding from the row's prefix, restricted to the speech codes (with ``stop``, also the
+    stop ids, and decoding ends at one), for ``max_tokens`` tokens at most (default: as many as the
+    row has); the cache is a WandCache keeping ``keep`` first tokens + ``window`` (None: the full
+    DynamicCache). Returns the tokens, their accuracy against the row (over the row's length),
+    per-step seconds and cache bytes."""
     inputs = forward_inputs(spec, row, torch.device("cpu"))
     prefix = inputs.pop("prefix_length")
     ids = inputs.pop("input_ids")
@@ -159,7 +161,7 @@ def free_run(spec, model, row: dict, window: int | None, keep: int, stop: bool =
     out = model(input_ids=ids[:, :prefix], **kw, **inputs)
     token = codes[out.logits[0, -1, codes].argmax()].view(1, 1)
     generated, seconds = [token], []
-    for _ in range(len(truth) - 1):
+    for _ in range((max_tokens or len(truth)) - 1):
         if stop and int(token) in spec.stop_token_ids:
             break
         start = time.perf_counter()
@@ -169,7 +171,7 @@ def free_run(spec, model, row: dict, window: int | None, keep: int, stop: bool =
         generated.append(token)
     tokens = torch.cat(generated, 1)[0]
     compared = torch.full_like(truth, -1)
-    compared[: len(tokens)] = tokens  # stopped early: the rest count as wrong
+    compared[: min(len(tokens), len(truth))] = tokens[: len(truth)]  # stopped early: the rest count as wrong
     wrong = torch.nonzero(compared != truth).flatten()
     return {"accuracy": float((compared == truth).float().mean()), "step_seconds": seconds,
             "stopped": bool(stop and int(tokens[-1]) in spec.stop_token_ids),
@@ -186,10 +188,13 @@ def latency_ratio(step_seconds: list[float], span: int = 48) -> float:
 
 def said(spec, model, variant: Variant, config: AblationConfig, rows: list[dict],
          task: SyntheticTask = SyntheticTask()) -> dict:
-    """What a variant says, free-running greedy until the stop id (at most each reference's
+    """What a variant says, free-running greedy until the stop id (at most twice each reference's
     length): accuracy against the corpus, tokens before the first error, the stop rate and, when the
     rows carry their text and speaker, PER / speaker accuracy / law consistency (pipeline/transcribe.py)."""
-    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"]), stop=True) for row in rows]
+    # Up to twice the reference's length, as TTS evaluations decode to the end-of-speech token with
+    # a generous cap: a model that speaks a little slower is not cut off mid-text.
+    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"]), stop=True,
+                     max_tokens=2 * (len(row["input_ids"]) - row["prefix_length"])) for row in rows]
     result = {"free_running_accuracy": float(np.mean([r["accuracy"] for r in runs])), "free_rows": len(runs),
               "stopped": float(np.mean([r["stopped"] for r in runs])),
               "free_running_matched": float(np.mean([r["matched"] for r in runs]))}
