@@ -52,6 +52,8 @@ def retrying(fs: pafs.FileSystem, what: str, path: str, call: Callable[[], T]) -
     while True:
         try:
             return call()
+        except (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError):
+            raise  # an answer, not an outage: callers handle these themselves
         except OSError as err:
             if any(marker in str(err) for marker in PERMANENT):
                 raise StorageError(f"storage: {what} s3://{path} failed: {err}") from err

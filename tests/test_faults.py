@@ -203,3 +203,17 @@ def test_resuming_reads_deepspeed_states_weights_only_and_refuses_pickled_code(t
                                            r".*WAND_TRUST_CHECKPOINTS=1"):
         checkpoints.load_weights_only(_Engine(), str(tmp_path), "ds")
     assert not (tmp_path / "executed").exists()
+
+
+def test_a_missing_object_is_an_answer_not_an_outage(s3_server, monkeypatch):
+    """Only network failures are retried: a key that is not there fails at once, as FileNotFoundError."""
+    import s3fs
+
+    s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_server.endpoint}).mkdir("faults-missing")
+    monkeypatch.setenv(storage.RETRY_ENV, "60")
+    fs, path = storage.resolve("s3://faults-missing/topk", s3_server.endpoint)
+    start = time.monotonic()
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(fs, storage.join(path, "manifest.json"))
+    assert time.monotonic() - start < 10
+    assert not storage.exists(fs, storage.join(path, "manifest.json"))
