@@ -148,7 +148,7 @@ class TrackingUnavailable(RuntimeError):
 # Signs that a request never reached a working server (refused, reset, a proxy's 502-504 while it
 # restarts): worth waiting for. Anything else (a bad request, a missing run) is raised at once.
 UNREACHABLE = ("Max retries exceeded", "Connection refused", "Connection aborted", "Connection reset",
-               "RemoteDisconnected", "NewConnectionError", "502", "503", "504")
+               "RemoteDisconnected", "NewConnectionError", "error code 502", "error code 503", "error code 504")
 
 
 def _unreachable(err: BaseException) -> bool:
