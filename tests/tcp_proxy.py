@@ -8,6 +8,7 @@ returns), while the service behind it keeps its state.
 from __future__ import annotations
 
 import socket
+import subprocess
 import sys
 import threading
 
@@ -41,6 +42,14 @@ def serve(listen_port: int, target_port: int) -> None:
             continue
         for a, b in ((client, upstream), (upstream, client)):
             threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+
+def start(listen_port: int, target_port: int) -> subprocess.Popen:
+    """The forwarder as its own process (its own session: a test kills it with os.killpg)."""
+    proc = subprocess.Popen([sys.executable, __file__, str(listen_port), str(target_port)],
+                            stdout=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline().strip() == "ready"
+    return proc
 
 
 if __name__ == "__main__":
