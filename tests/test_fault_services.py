@@ -106,7 +106,7 @@ def test_a_ray_train_worker_sigkilled_from_outside_resumes_with_nothing_lost(sha
 
 
 def test_a_corrupt_newest_checkpoint_is_skipped_by_the_resubmission_with_a_warning(shards, reference, tmp_path,
-                                                                                  monkeypatch, caplog):
+                                                                                  caplog):
     from pipeline.train import FAULT_ENV
 
     train = stage_config(shards, "corrupt-checkpoint", max_failures=0)

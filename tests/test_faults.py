@@ -245,3 +245,17 @@ def test_an_object_store_that_comes_back_within_the_retry_window_loses_nothing(s
     assert "writing s3://faults-back/topk/_run.json failed" in caplog.text and "retrying" in caplog.text
     direct, _ = storage.resolve("s3://faults-back", s3_server.endpoint)
     assert storage.read_json(direct, "faults-back/topk/_run.json") == {"a": 1}
+
+
+def test_every_test_the_readme_fault_tables_name_exists():
+    """The README's "Faults and bad input" rows cite tests by name (a prefix with ``*``): each must
+    match a test function in that file, so a renamed test cannot leave the table pointing nowhere."""
+    import re as regex
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Faults and bad input"): readme.index("## Tests\n")]
+    cited = regex.findall(r"`(test_\w+\.py)::(test_\w+)(\*?)`", section)
+    assert len(cited) >= 12
+    for file, name, wildcard in cited:
+        defined = regex.findall(r"^def (test_\w+)", (ROOT / "tests" / file).read_text(), regex.M)
+        assert any(d.startswith(name) if wildcard else d == name for d in defined), f"{file}::{name}{wildcard}"

@@ -201,11 +201,16 @@ class ModelSpec:
         return None
 
     @property
-    def context_length(self) -> int | None:
-        """Positions the backbone has (its ``max_position_embeddings``), or None where its own limits
-        (``max_text_tokens``, ``max_generated_tokens``) say it."""
+    def backbone_positions(self) -> int | None:
+        """Positions the backbone's config declares (``max_position_embeddings``), or None."""
         config = self.config if isinstance(self.config, dict) else {}
-        return config.get("max_position_embeddings") or config.get("n_positions") or self.max_generated_tokens
+        return config.get("max_position_embeddings") or config.get("n_positions")
+
+    @property
+    def context_length(self) -> int | None:
+        """The widest window that can mask anything: the backbone's positions, or the generated
+        positions where the model's own limits say it (IndexTTS)."""
+        return self.backbone_positions or self.max_generated_tokens
 
     def layout(self, text: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor,
                global_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
@@ -227,7 +232,7 @@ class ModelSpec:
         if limit is not None and generated > limit:
             return (f"{generated} generated tokens, more than {self.name}'s limit of {limit} "
                     "(the model has no positions past it)")
-        context = self.config.get("max_position_embeddings") if isinstance(self.config, dict) else None
+        context = self.backbone_positions
         if context is not None and len(row["input_ids"]) > context:
             return (f"{len(row['input_ids'])} tokens, longer than {self.name}'s context of {context} positions "
                     "(max_position_embeddings): split the utterance or drop it")
