@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 import pickle
 import re
 
@@ -16,12 +17,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from wand.models import get_spec
-from wand.models.weights import s3_endpoint
+from wand.models.weights import load_tied, read_safetensors, s3_endpoint
 
 from . import storage
 from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
 from .teacher_topk import PrecomputeConfig, run_precompute, teacher_weights
-from .tracking import CREDENTIALS_FROM_ENV, URL_USERINFO, Tracker, TrackingConfig, flatten, git_commit
+from .redaction import has_credentials
+from .tracking import CREDENTIALS_FROM_ENV, Tracker, TrackingConfig, flatten, git_commit
 from .train import TrainConfig, preflight, run_stage
 
 __all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_student", "load_student", "evaluate_experiment", "track_stage"]
@@ -40,7 +42,7 @@ def section(name: str, source: type[BaseModel], fields: tuple[str, ...], doc: st
     """A config class of ``source``'s own field definitions (type, default, limits, description): a
     fact is defined once, in the stage config that uses it, and the experiment config reuses it."""
     picked = {n: (source.model_fields[n].annotation, source.model_fields[n]) for n in fields}
-    model = create_model(name, __config__=ConfigDict(extra="forbid", hide_input_in_errors=True), **picked)
+    model = create_model(name, __config__=ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False), **picked)
     model.__doc__ = doc
     return model
 
@@ -53,7 +55,7 @@ PRECOMPUTE = tuple(n for n in PrecomputeConfig.model_fields if n not in SHARED)
 TRAIN = tuple(n for n in TrainConfig.model_fields if n not in SHARED + CURRICULUM + ("k", "temperature"))
 _SOURCES = {"corpus": PrecomputeConfig}
 
-Shared = create_model("Shared", __config__=ConfigDict(extra="forbid", hide_input_in_errors=True), **{
+Shared = create_model("Shared", __config__=ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False), **{
     n: (cls.model_fields[n].annotation, cls.model_fields[n])
     for n in SHARED for cls in [_SOURCES.get(n, TrainConfig)]})
 PrecomputeSection = section("PrecomputeSection", PrecomputeConfig, PRECOMPUTE,
@@ -80,8 +82,9 @@ class DistillConfig(Shared):
     @model_validator(mode="after")
     def _sections(self) -> "DistillConfig":
         for field, value in flatten(self.model_dump()).items():  # configs get logged: no credentials in them
-            if isinstance(value, str) and URL_USERINFO.search(value):
-                raise ValueError(f"{field}: a URL with user-info (user:password@): {CREDENTIALS_FROM_ENV}")
+            if isinstance(value, str) and has_credentials(value):
+                raise ValueError(f"{field}: a URL with user-info (user:password@) or a credential in its query "
+                                 f"(password=, token=, sig=, X-Amz-*): {CREDENTIALS_FROM_ENV}")
         held_out = self.evaluate.corpus
         if self.evaluate.enabled and not self.evaluate.allow_training_corpus and (
                 held_out is None or held_out.rstrip("/") == self.corpus.rstrip("/")):
@@ -348,7 +351,6 @@ def log_evals(tracker: Tracker, parent: str, results: list[EvalResult], config: 
 def export_student(config: DistillConfig, checkpoint_path: str) -> str:
     """Write the final student in its model's release format (loadable with ``spec.load``)."""
     from ray.train import Checkpoint
-    from safetensors.torch import load_file
 
     fs, root = storage.resolve(config.storage, config.s3_endpoint)
     target = storage.join(root, config.experiment, "student")
@@ -356,7 +358,8 @@ def export_student(config: DistillConfig, checkpoint_path: str) -> str:
     model = spec.build()
     ckpt_fs = fs if storage.is_remote(config.storage) else None
     with Checkpoint(checkpoint_path, ckpt_fs).as_directory() as directory:
-        _load_tied(model, load_file(os.path.join(directory, "model.safetensors")))
+        weights = Path(directory, "model.safetensors")
+        load_tied(model, read_safetensors(weights), checkpoint_path, "student")
     if storage.is_remote(config.storage):
         import tempfile
 
@@ -368,16 +371,6 @@ def export_student(config: DistillConfig, checkpoint_path: str) -> str:
         return f"s3://{target}"
     spec.save(model, target)
     return target
-
-
-def _load_tied(model: torch.nn.Module, state: dict) -> None:
-    """Load a state dict in which tied weights were stored once; anything else missing is an error."""
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    own = model.state_dict()
-    stored = {t.data_ptr() for name, t in own.items() if name in state}
-    real_missing = [m for m in missing if own[m].data_ptr() not in stored]
-    if real_missing or unexpected:
-        raise ValueError(f"student weights do not match the model: missing {real_missing[:3]}, unexpected {unexpected[:3]}")
 
 
 def load_student(config: DistillConfig, path: str | None = None) -> torch.nn.Module:

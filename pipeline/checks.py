@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Iterable
+
+# Seeds fit a signed 64-bit integer: torch, numpy and Arrow all take them there (2**70 killed an actor).
+MAX_SEED = 2**63 - 1
 
 
 def one_of(value: str, choices: Iterable[str], what: str) -> str:
@@ -21,3 +26,18 @@ def require_teacher_weights(size: str, source: str | None, field: str = "teacher
             f"{field}: a real-size model needs its released weights (a local folder or file, s3://bucket/path, "
             "or a Hugging Face id); without them the teacher would be random. Seeded random teachers are "
             "for the small, mini and tiny sizes")
+
+
+def env_seconds(name: str, default: float, minimum: float = 0.0) -> float:
+    """A number of seconds from environment variable ``name``: finite and >= ``minimum``, else an
+    error that names the variable (never a retry loop that runs forever on ``nan``)."""
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}: expected a number of seconds, got {raw[:40]!r}") from None
+    if not math.isfinite(value) or value < minimum:
+        raise ValueError(f"{name}: must be a finite number of seconds >= {minimum:g}, got {raw[:40]!r}")
+    return value

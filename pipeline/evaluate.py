@@ -22,7 +22,7 @@ import os
 import platform
 import socket
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
@@ -37,22 +37,26 @@ from . import storage
 __all__ = ["EvalConfig", "EvalResult", "run_evals", "read_rows", "device_name", "DISTANCE_BUCKETS"]
 
 log = logging.getLogger("wand.evaluate")
-DISTANCE_BUCKETS = ("near", "mid", "far")  # generated index d < W, W <= d < 4W, d >= 4W
+DISTANCE_BUCKETS = ("near", "mid", "far")
+MAX_SECONDS = 3600.0  # an hour of audio per memory/latency point: beyond it an eval decodes for days  # generated index d < W, W <= d < 4W, d >= 4W
 
 
 class EvalConfig(BaseModel):
     """The ``evaluate:`` section of an experiment config."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
     enabled: bool = True
     corpus: str | None = Field(None, description="held-out rows (corpus schema); None: the training corpus (flagged)")
     rows: int = Field(8, ge=1, description="held-out sequences for the quality and attention-mass evals")
-    seconds: list[float] = Field([10.0, 30.0, 60.0], min_length=1, description="audio lengths for memory/latency/FLOPs")
-    windows: list[int] = Field([4, 8, 16, 32, 64, 128], min_length=1, description="W values for the window chooser")
+    seconds: list[Annotated[float, Field(gt=0, le=MAX_SECONDS)]] = Field(
+        [10.0, 30.0, 60.0], min_length=1, description=f"audio lengths for memory/latency/FLOPs (0 < s <= {MAX_SECONDS})")
+    windows: list[Annotated[int, Field(ge=1)]] = Field([4, 8, 16, 32, 64, 128], min_length=1,
+                                                       description="W values for the window chooser")
     latency_buckets: int = Field(10, ge=1)
-    device: str = Field("auto", description="auto (cuda if available) | cpu | cuda | cuda:N")
-    num_gpus: float | Literal["auto"] = Field(
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$",
+                        description="auto (cuda if available) | cpu | cuda | cuda:N")
+    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="GPUs of the Ray task the evals run in; auto: 1 when the experiment trains on GPUs "
         "or the cluster has one, else 0")
     num_cpus: float = Field(1.0, gt=0, description="CPUs of that task")

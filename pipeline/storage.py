@@ -17,6 +17,8 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
+from .checks import env_seconds
+
 __all__ = ["resolve", "join", "write_bytes", "read_bytes", "exists", "write_json", "read_json", "sha256_file",
            "list_files", "list_dir", "is_remote", "require_credentials", "StorageError", "retrying", "RETRY_ENV"]
 
@@ -39,7 +41,7 @@ class StorageError(OSError):
 
 
 def retry_seconds() -> float:
-    return float(os.environ.get(RETRY_ENV, DEFAULT_RETRY_S))
+    return env_seconds(RETRY_ENV, DEFAULT_RETRY_S)
 
 
 def retrying(fs: pafs.FileSystem, what: str, path: str, call: Callable[[], T]) -> T:

@@ -35,7 +35,7 @@ from wand.batch import collate
 from wand.topk import sparse_teacher_targets
 
 from . import storage
-from .checks import one_of, require_teacher_weights
+from .checks import MAX_SEED, one_of, require_teacher_weights
 from .corpus import check_batch, row_hash
 
 __all__ = ["PrecomputeConfig", "run_precompute", "load_manifest", "verify_manifest", "MANIFEST", "ShardFault"]
@@ -53,13 +53,13 @@ class ShardFault(RuntimeError):
 class PrecomputeConfig(BaseModel):
     """Settings of the teacher top-k stage. Shards record them; a resume must match them."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
     model: str = Field(description="the teacher's model preset, one of wand.models.MODEL_NAMES")
     model_size: Literal["real", "small", "mini", "tiny"] = "real"
     teacher_source: str | None = Field(None, description="weights: local path, s3:// URI or HF id; None = "
                                        "random weights from teacher_seed (tests and demos only)")
-    teacher_seed: int = 0
+    teacher_seed: int = Field(0, ge=0, le=MAX_SEED)
     corpus: str = Field(description="tokenized corpus: a Parquet/JSONL file or a folder of them, local or s3://",
                         min_length=1)
     shards: str = Field(description="where the teacher top-k shards go: a folder, local or s3://bucket/prefix",

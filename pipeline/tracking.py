@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 import subprocess
 import tempfile
 import time
@@ -32,12 +31,12 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-__all__ = ["TrackingConfig", "Tracker", "TrackingUnavailable", "redact", "flatten", "URL_USERINFO",
+from .redaction import has_credentials, redact
+
+__all__ = ["TrackingConfig", "Tracker", "TrackingUnavailable", "redact", "flatten", "has_credentials",
            "CREDENTIALS_FROM_ENV", "git_commit", "load_logged_student"]
 
 log = logging.getLogger("wand.tracking")
-SECRET_NAME = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|CREDENTIAL|ACCESS_KEY|PRIVATE|API_KEY|AUTH", re.I)
-URL_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
 
 
@@ -51,7 +50,7 @@ CREDENTIALS_IN_URI = ("put MLflow credentials in MLFLOW_TRACKING_USERNAME / _PAS
 class TrackingConfig(BaseModel):
     """The ``tracking:`` section of an experiment config."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
     uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI; neither: off")
     experiment_name: str = Field("wand-tts", description="MLflow experiment holding the runs")
@@ -63,39 +62,15 @@ class TrackingConfig(BaseModel):
     @field_validator("uri")
     @classmethod
     def _no_credentials(cls, value: str | None) -> str | None:
-        if value and URL_USERINFO.search(value):  # said before the value can reach a log or a param
+        if value and has_credentials(value):  # said before the value can reach a log or a param
             raise ValueError(CREDENTIALS_IN_URI)
         return value
 
     def resolved_uri(self) -> str | None:
         uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri and URL_USERINFO.search(uri):
+        if uri and has_credentials(uri):
             raise ValueError(f"tracking.uri: {CREDENTIALS_IN_URI}")
         return uri
-
-
-def redact(value: Any) -> str:
-    """``str(value)`` with secret environment values and URL user-info replaced by ``***``."""
-    text = str(value)
-    for secret in _secret_values():
-        if secret in text:
-            text = text.replace(secret, "***")
-    return URL_USERINFO.sub(r"\g<scheme>***@", text)
-
-
-def _secret_values() -> list[str]:
-    """Values of secret-looking environment variables, and the Ray auth token that
-    RAY_AUTH_TOKEN_PATH points at (the environment holds only its path)."""
-    values = [v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8]
-    token_path = os.environ.get("RAY_AUTH_TOKEN_PATH")
-    if token_path:
-        try:
-            token = Path(token_path).read_text().strip()
-        except OSError:
-            token = ""
-        if len(token) >= 8:
-            values.append(token)
-    return values
 
 
 def git_commit() -> str:

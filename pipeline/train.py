@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import os
+from pathlib import Path
 import re
 import tempfile
 import time
@@ -36,10 +37,10 @@ from wand.batch import collate
 from wand.distill import SparseTeacher, distill_loss
 from wand.losses import KD_KINDS
 from wand.models import MODEL_NAMES, get_spec, spec_for
-from wand.models.weights import fingerprint, s3_endpoint
+from wand.models.weights import fingerprint, load_tied, read_safetensors, s3_endpoint
 
 from . import checkpoints, storage
-from .checks import one_of, require_teacher_weights
+from .checks import MAX_SEED, one_of, require_teacher_weights
 from .progress import Progress
 from .row_order import RowOrder, ShardRows, read_shard
 from .teacher_topk import decode_values, load_manifest, teacher_weights, verify_manifest
@@ -57,14 +58,14 @@ OPERATIONAL = {"json_schema_extra": {"operational": True}}
 class TrainConfig(BaseModel):
     """Student distillation settings (one experiment = a chain of curriculum stages)."""
 
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
 
     experiment: str = Field(description="run name prefix; stage k runs as <experiment>-stage<k>", **OPERATIONAL)
     model: str = Field(description="model preset (the teacher's; the student starts from its weights)")
     model_size: Literal["real", "small", "mini", "tiny"] = "real"
     teacher_source: str | None = Field(None, description="teacher weights (local, s3://, HF id); None = seeded random",
                                        **OPERATIONAL)  # the teacher fingerprint is in the identity
-    teacher_seed: int = Field(0, **OPERATIONAL)  # likewise (it makes the random teacher)
+    teacher_seed: int = Field(0, ge=0, le=MAX_SEED, **OPERATIONAL)  # likewise (it makes the random teacher)
     shards: str = Field(description="teacher top-k shard folder (jobs/precompute.py output)", min_length=1,
                         **OPERATIONAL)
     k: int | None = Field(None, ge=1, description="the shards' top-k; None accepts what the manifest says",
@@ -73,12 +74,12 @@ class TrainConfig(BaseModel):
                          min_length=1, **OPERATIONAL)
     s3_endpoint: str | None = Field(None, **OPERATIONAL)
     stages: int = Field(3, ge=1, description="curriculum stages (separate Ray Train runs / resume points)")
-    epochs: float = Field(1.0, gt=0)
+    epochs: float = Field(1.0, gt=0, le=1000)
     batch_size: int = Field(8, ge=1, description="sequences per worker per step")
     window_start: int = Field(128, ge=1)
     window_target: int | None = Field(None, ge=1, description="default: the preset's target W")
     tau_start: float = Field(0.5, gt=0)
-    tau_end: float | None = Field(1e4, description="None: hard mask every step (no soft curriculum)")
+    tau_end: float | None = Field(1e4, gt=0, description="None: hard mask every step (no soft curriculum)")
     lr: float = Field(1e-5, gt=0)
     warmup_fraction: float = Field(0.03, ge=0, lt=1)
     weight_decay: float = Field(0.0, ge=0)
@@ -100,7 +101,7 @@ class TrainConfig(BaseModel):
                                     **OPERATIONAL)
     loss_chunk_size: int = Field(1024, ge=1, **OPERATIONAL)  # memory only: the loss is the same
     gradient_clipping: float = Field(1.0, ge=0)
-    seed: int = Field(0, description="the order of the training rows (a seeded shuffle per epoch)")
+    seed: int = Field(0, ge=0, le=MAX_SEED, description="the order of the training rows (a seeded shuffle per epoch)")
     shuffle_window: int = Field(16, ge=1, description="rows of this many shards are shuffled together "
                                 "(memory: a worker holds up to twice as many shards)")
 
@@ -316,12 +317,11 @@ def initial_model(config: TrainConfig, spec, init_checkpoint: str | None, filesy
     if init_checkpoint is None:
         return teacher_weights(spec, config.teacher_source, config.teacher_seed, config.s3_endpoint)
     from ray.train import Checkpoint
-    from safetensors.torch import load_file
 
     model = spec.build()
     with Checkpoint(init_checkpoint, filesystem).as_directory() as directory:
-        state = load_file(os.path.join(directory, "model.safetensors"))
-    model.load_state_dict(state, strict=False)  # tied weights are stored once
+        state = read_safetensors(Path(directory, "model.safetensors"))
+    load_tied(model, state, init_checkpoint, f"{config.experiment}: the previous stage's checkpoint")
     return model
 
 

@@ -14,7 +14,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from .spec import ModelSpec
-from .weights import WeightsNotFound, resolve_source
+from .weights import WeightsNotFound, WeightsRefused, require_finite, resolve_source
 
 __all__ = ["CausalLMSpec"]
 
@@ -67,7 +67,23 @@ class CausalLMSpec(ModelSpec):
         if diffs:
             detail = ", ".join(f"{f}: checkpoint {a} vs preset {b}" for f, (a, b) in diffs.items())
             raise ValueError(f"{self.name} ({self.size}): {path} is a different architecture ({detail})")
-        model = model_cls.from_pretrained(str(path), dtype=dtype or torch.float32, attn_implementation="sdpa")
+        from safetensors import SafetensorError
+
+        try:
+            model, info = model_cls.from_pretrained(str(path), dtype=dtype or torch.float32, attn_implementation="sdpa",
+                                                    output_loading_info=True)
+        except (OSError, RuntimeError, ValueError, SafetensorError) as err:  # a truncated or foreign weights file
+            raise WeightsRefused(f"{self.name}: {path}: the weights cannot be read ({type(err).__name__}: "
+                                 f"{str(err)[:200]})") from err
+        # transformers initialises missing tensors randomly and only reports it: a partial checkpoint
+        # would train and decode from noise. Tied weights (lm_head = embed_tokens) are not missing.
+        problems = {kind: sorted(info.get(kind) or []) for kind in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+        problems = {kind: keys for kind, keys in problems.items() if keys}
+        if problems:
+            detail = "; ".join(f"{kind.replace('_keys', '')} {len(keys)} (e.g. {[str(k) for k in keys[:3]]})"
+                               for kind, keys in problems.items())
+            raise WeightsRefused(f"{self.name}: {path} does not hold this model's weights completely: {detail}")
+        require_finite(dict(model.state_dict()), path, self.name)
         return model.eval()
 
     def with_tokenizer(self, tokenizer) -> "CausalLMSpec":

@@ -119,9 +119,7 @@ def read_state_dict(path: Path, names: tuple[str, ...]) -> tuple[dict[str, torch
         else:
             raise WeightsNotFound(f"{path} holds none of {', '.join(names)}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path)), path
+        return read_safetensors(path), path
     if path.suffix in (".pt", ".pth", ".bin"):
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -131,10 +129,51 @@ def read_state_dict(path: Path, names: tuple[str, ...]) -> tuple[dict[str, torch
                 "the file (weights are read with torch.load(weights_only=True)). Use the model's released "
                 f"weights, or save a plain state dict (ideally safetensors) from a trusted copy. ({str(err)[:300]})"
             ) from err
+        except (RuntimeError, EOFError, OSError, ValueError) as err:  # truncated, not a torch file, unreadable
+            raise WeightsRefused(f"{path}: cannot be read as a torch weights file ({type(err).__name__}: "
+                                 f"{str(err)[:200]})") from err
         if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
             state = state["model"]  # some training checkpoints nest the weights
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise WeightsRefused(f"{path}: holds no state dict of tensors")
         return state, path
     raise WeightsNotFound(f"{path}: unknown weights format (expected .safetensors, .pt, .pth or .bin)")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors; a truncated or foreign file is refused naming its path."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise WeightsRefused(f"{path}: cannot be read as safetensors ({str(err)[:200]})") from err
+
+
+def require_finite(tensors: dict[str, torch.Tensor], path, name: str) -> None:
+    """Weights with NaN or inf would train and decode garbage without an error: refused, named."""
+    bad = [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
+    if bad:
+        raise WeightsRefused(f"{name}: {path}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[:3]}); "
+                             "refusing to load corrupt weights")
+
+
+def load_tied(model: torch.nn.Module, state: dict, path, name: str) -> None:
+    """Load a state dict in which tied weights were stored once (as ``save_file`` keeps them);
+    anything else missing, unexpected or non-finite is an error naming ``path``."""
+    require_finite(state, path, name)
+    own = model.state_dict()
+    unexpected = sorted(set(state) - set(own))
+    shapes = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
+    if unexpected or shapes:
+        raise ValueError(f"{name}: {path} does not match the model: unexpected {unexpected[:3]}, "
+                         f"shape mismatch {sorted(shapes)[:3]}")
+    missing, _ = model.load_state_dict(state, strict=False)
+    stored = {t.data_ptr() for key, t in model.state_dict().items() if key in state}
+    real_missing = [m for m in missing if own[m].data_ptr() not in stored]
+    if real_missing:
+        raise ValueError(f"{name}: {path} lacks {len(real_missing)} of the model's tensors (e.g. {real_missing[:3]})")
 
 
 def load_checked(model: torch.nn.Module, state: dict, path, name: str, ignore_prefixes: tuple[str, ...] = ()) -> list[str]:
@@ -155,6 +194,7 @@ def load_checked(model: torch.nn.Module, state: dict, path, name: str, ignore_pr
         if shapes:
             parts.append(f"shape mismatch {len(shapes)} (e.g. {shapes[:3]})")
         raise ValueError(f"{name}: {path} does not match this preset's architecture: " + "; ".join(parts))
+    require_finite(state, path, name)
     model.load_state_dict(state, strict=True)
     return ignored
 
