@@ -32,24 +32,49 @@ from wand.models import MODEL_NAMES, get_spec  # noqa: E402
 from wand.models.sparktts import PROMPT_FORMS  # noqa: E402
 
 
-def read_records(uri: str, endpoint: str | None) -> list[dict]:
+def read_records(uri: str, endpoint: str | None) -> tuple[list[dict], list[str], list[str]]:
+    """(records, where each came from as 'file, line N' / 'file, row N', problems). Lines that are
+    not JSON objects are problems listed by file and line, never a traceback."""
     fs, path = storage.resolve(uri, endpoint)
     info = fs.get_file_info(path)
+    if info.type.name == "NotFound":
+        raise SystemExit(f"--input: no such file or folder: {uri}")
     files = [path] if info.type.name == "File" else storage.list_files(fs, path, (".parquet", ".jsonl"))
     if not files:
         raise SystemExit(f"--input: no .jsonl or .parquet files at {uri}")
-    records = []
+    records, origins, problems = [], [], []
     for name in files:
         if name.endswith(".parquet"):
-            records.extend(pq.read_table(name, filesystem=fs).to_pylist())
-        else:
-            for number, line in enumerate(storage.read_bytes(fs, name).decode().splitlines(), 1):
-                if line.strip():
-                    try:
-                        records.append(json.loads(line))
-                    except json.JSONDecodeError as err:
-                        raise SystemExit(f"--input: {name}, line {number}: not JSON ({err})") from None
-    return records
+            try:
+                rows = pq.read_table(name, filesystem=fs).to_pylist()
+            except (OSError, ValueError, pa.ArrowException) as err:
+                problems.append(f"{name}: not a readable Parquet file ({str(err)[:200]})")
+                continue
+            records.extend(rows)
+            origins.extend(f"{name}, row {number}" for number in range(1, len(rows) + 1))
+            continue
+        try:
+            text = storage.read_bytes(fs, name).decode("utf-8")
+        except UnicodeDecodeError as err:
+            problems.append(f"{name}: not UTF-8 text (byte {err.start})")
+            continue
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                problems.append(f"{name}, line {number}: not JSON ({err.msg}, column {err.colno})")
+                continue
+            except RecursionError:
+                problems.append(f"{name}, line {number}: nested too deeply")
+                continue
+            if not isinstance(record, dict):
+                problems.append(f"{name}, line {number}: a JSON {type(record).__name__}, not an object of fields")
+                continue
+            records.append(record)
+            origins.append(f"{name}, line {number}")
+    return records, origins, problems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,13 +106,18 @@ def main(argv: list[str] | None = None) -> int:
             spec = spec.with_prompt_form(args.prompt_form)
         except ValueError as err:
             parser.error(f"--prompt-form {args.prompt_form}: {err}")
-    records = read_records(args.input, args.s3_endpoint)
-    rows, problems = build_rows(spec, records, tokenizer)
+    records, origins, problems = read_records(args.input, args.s3_endpoint)
+    if not records and not problems:
+        print(f"--input {args.input}: holds no records; nothing was written", file=sys.stderr)
+        return 2
+    rows, row_problems = build_rows(spec, records, tokenizer, origins)
+    problems += row_problems
     if rows:
         table = pa.Table.from_pylist([{**r, "path": args.input} for r in rows])
         problems += [f"record {c['id']!r}: {c['reason']}" for c in check_batch(table, spec).to_pylist() if c["reason"]]
     if problems:
-        print(f"{len(problems)} of {len(records)} record(s) cannot become rows; nothing was written:", file=sys.stderr)
+        print(f"{len(problems)} problem(s) in {args.input} ({len(records)} readable record(s)); nothing was written:",
+              file=sys.stderr)
         for line in problems[:50]:
             print(f"  {line}", file=sys.stderr)
         if len(problems) > 50:

@@ -87,7 +87,7 @@ class DistillConfig(Shared):
                                  f"(password=, token=, sig=, X-Amz-*): {CREDENTIALS_FROM_ENV}")
         held_out = self.evaluate.corpus
         if self.evaluate.enabled and not self.evaluate.allow_training_corpus and (
-                held_out is None or held_out.rstrip("/") == self.corpus.rstrip("/")):
+                held_out is None or storage.overlaps(held_out, self.corpus)):
             raise ValueError(
                 "evaluate.corpus: the evals would score the training corpus (rows the student learned); "
                 "point evaluate.corpus at held-out rows, or set evaluate.allow_training_corpus: true")

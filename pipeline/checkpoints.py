@@ -55,8 +55,15 @@ def problem(fs, path: str, workers: int) -> str | None:
             files = json.loads(storage.read_bytes(fs, item.path))
         except ValueError as err:
             return f"{os.path.basename(item.path)} is unreadable ({err})"
+        if not isinstance(files, dict):
+            return f"{os.path.basename(item.path)} is not a checksum list"
         for name, expected in sorted(files.items()):
-            target = storage.join(path, name)
+            try:
+                target = storage.confined(path, name, fs, f"{os.path.basename(item.path)}")
+            except ValueError as err:
+                return str(err)
+            if not isinstance(expected, dict) or not isinstance(expected.get("sha256"), str):
+                return f"{os.path.basename(item.path)}: the entry of {name} is malformed"
             if not storage.exists(fs, target):
                 return f"{name} is missing"
             if storage.sha256_file(fs, target) != expected["sha256"]:

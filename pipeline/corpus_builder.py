@@ -54,8 +54,8 @@ def _ints(record: dict, field: str, required: bool = True) -> list[int]:
         if required:
             raise RowError(f"record {record.get('id')!r}: missing field {field!r}")
         return []
-    if isinstance(value, (str, bytes)) or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                                   for v in value):
+    if not isinstance(value, (list, tuple, np.ndarray)) or not all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
         raise RowError(f"record {record.get('id')!r}: {field} must be a list of integers")
     return [int(v) for v in value]
 
@@ -86,10 +86,29 @@ def _latents(spec, record: dict) -> list[float]:
     return flat.tolist()
 
 
+def _check_text_ids(spec, record_id, text: list[int]) -> None:
+    """Text ids are the tokenizer's: within its vocabulary, never a speech, stop or marker id (a
+    negative id would otherwise land on one of those once the layout offsets it)."""
+    limit = getattr(spec, "text_vocab_size", None) or spec.vocab_size
+    bad = [t for t in text if not 0 <= t < limit]
+    if bad:
+        raise RowError(f"record {record_id!r}: text_ids holds {bad[0]}, outside the text vocabulary [0, {limit})")
+    if getattr(spec, "text_vocab_size", None) is None:  # one shared vocabulary (Spark, Llasa, Orpheus)
+        reserved = set(spec.target_ids().tolist()) | {spec.prefix_end_token_id}
+        clash = [t for t in text if t in reserved]
+        if clash:
+            raise RowError(f"record {record_id!r}: text_ids holds {clash[0]}, a speech, stop or marker id of "
+                           f"{spec.name}, not text")
+
+
 def build_row(spec, record: dict, tokenizer: Any = None) -> dict:
     """One corpus row in ``spec``'s layout, the stop id after the targets. Raises RowError."""
+    if not isinstance(record, dict):
+        raise RowError(f"a record is a {type(record).__name__}, not an object of fields")
     if not record.get("id"):
-        raise RowError(f"a record has no id: {sorted(record)[:6]}")
+        raise RowError(f"a record has no id: {sorted(map(str, record))[:6]}")
+    if not isinstance(record["id"], (str, int)) or isinstance(record["id"], bool):
+        raise RowError(f"a record's id is a {type(record['id']).__name__}, not a string")
     if record.get("text_ids") is not None:
         text = _ints(record, "text_ids")
     elif record.get("text") is not None:
@@ -101,6 +120,7 @@ def build_row(spec, record: dict, tokenizer: Any = None) -> dict:
         raise RowError(f"record {record['id']!r}: missing field 'text_ids' (or 'text' with a tokenizer)")
     if not text:
         raise RowError(f"record {record['id']!r}: the text is empty")
+    _check_text_ids(spec, record["id"], text)
     count = code_count(spec)
     lo = spec.speech_range[0]
     prompt = _codes(record, "prompt_codes", count, required=False) + lo
@@ -126,17 +146,20 @@ def build_row(spec, record: dict, tokenizer: Any = None) -> dict:
     return row
 
 
-def build_rows(spec, records: list[dict], tokenizer: Any = None) -> tuple[list[dict], list[str]]:
-    """(rows, problems): every record is tried, so one run lists every bad record."""
+def build_rows(spec, records: list[dict], tokenizer: Any = None,
+               origins: list[str] | None = None) -> tuple[list[dict], list[str]]:
+    """(rows, problems): every record is tried, so one run lists every bad record (each problem
+    opens with the record's origin, e.g. its file and line, when ``origins`` gives them)."""
     rows, problems, seen = [], [], set()
-    for record in records:
+    for number, record in enumerate(records):
+        where = f"{origins[number]}: " if origins else ""
         try:
             row = build_row(spec, record, tokenizer)
         except RowError as err:
-            problems.append(str(err))
+            problems.append(f"{where}{err}")
             continue
         if row["id"] in seen:
-            problems.append(f"record {row['id']!r}: duplicate id")
+            problems.append(f"{where}record {row['id']!r}: duplicate id")
             continue
         seen.add(row["id"])
         rows.append(row)

@@ -25,23 +25,64 @@ import pyarrow.parquet as pq
 
 from . import storage
 
-__all__ = ["RowOrder", "ShardRows", "ShardCorrupt", "read_shard"]
+__all__ = ["RowOrder", "ShardRows", "ShardCorrupt", "read_shard", "check_shard"]
 
 
 class ShardCorrupt(RuntimeError):
     """A shard file whose bytes are not the ones the precompute wrote (flipped, truncated, replaced)."""
 
 
-def read_shard(fs, path: str, sha256: str) -> pa.Table:
+def read_shard(fs, path: str, sha256: str, limits: tuple[int, int] | None = None) -> pa.Table:
     """A shard's table, after checking its bytes against the checksum the manifest recorded: a
-    shard changed on storage is refused by name before any of its rows reach training."""
+    shard changed on storage is refused by name before any of its rows reach training. With ``limits``
+    (vocabulary size, speech-target count) its contents are checked too (``check_shard``)."""
     data = storage.read_bytes(fs, path)
     found = hashlib.sha256(data).hexdigest()
     if found != sha256:
         raise ShardCorrupt(f"{path}: {len(data)} bytes whose sha256 ({found[:12]}...) is not the manifest's "
                            f"({sha256[:12]}...): the shard changed after it was written. Rerun the precompute "
                            "(jobs/precompute.py, or the whole chain): it recomputes shards that fail their checksum")
-    return pq.read_table(io.BytesIO(data))
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except (pa.ArrowException, OSError) as err:
+        raise ShardCorrupt(f"{path}: not a readable Parquet shard ({str(err)[:200]})") from None
+    if limits is not None:
+        check_shard(table, path, *limits)
+    return table
+
+
+def check_shard(table: pa.Table, path: str, vocab_size: int, target_vocab: int) -> None:
+    """A shard is input like any other (its checksum only proves it is the file the manifest
+    names, and both could be rewritten together): token ids within the model's vocabulary, top-k
+    indices within its speech targets, log-probabilities finite and <= 0."""
+    import pyarrow.compute as pc
+
+    needed = ("input_ids", "prefix_length", "topk_indices", "topk_logprobs", "rest_logprob")
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ShardCorrupt(f"{path}: lacks the column(s) {missing}")
+
+    def flat(column: str):
+        values = table.column(column).combine_chunks()
+        while pa.types.is_list(values.type) or pa.types.is_large_list(values.type) \
+                or pa.types.is_fixed_size_list(values.type):
+            values = values.flatten()
+        return values
+
+    for column, what in (("input_ids", f"token ids outside the vocabulary [0, {vocab_size})"),
+                         ("topk_indices", f"top-k indices outside the speech targets [0, {target_vocab})")):
+        values = flat(column)
+        limit = vocab_size if column == "input_ids" else target_vocab
+        if values.null_count or (len(values) and (pc.min(values).as_py() < 0 or pc.max(values).as_py() >= limit)):
+            raise ShardCorrupt(f"{path}: {column} holds {what}; rerun the precompute")
+    for column in ("topk_logprobs", "rest_logprob"):
+        # -inf is a real log-probability (of a rest the top-k leaves empty); NaN and anything above 0 are not.
+        values = flat(column)
+        array = values.to_numpy(zero_copy_only=False)
+        if array.dtype == np.uint16:  # bfloat16 bits (teacher_topk.encode_values): the high half of a float32
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        if values.null_count or (array.size and (np.isnan(array).any() or float(array.max()) > 1e-3)):
+            raise ShardCorrupt(f"{path}: {column} holds NaN or log-probabilities above 0; rerun the precompute")
 
 
 class RowOrder:

@@ -11,7 +11,9 @@ import hashlib
 import json
 import logging
 import os
+import posixpath
 import time
+from pathlib import Path
 from typing import Callable, TypeVar
 from urllib.parse import urlparse
 
@@ -20,7 +22,7 @@ import pyarrow.fs as pafs
 from .checks import env_seconds
 
 __all__ = ["resolve", "join", "write_bytes", "read_bytes", "exists", "write_json", "read_json", "sha256_file",
-           "list_files", "list_dir", "is_remote", "require_credentials", "StorageError", "retrying", "RETRY_ENV"]
+           "list_files", "list_dir", "is_remote", "location", "overlaps", "confined", "require_credentials", "StorageError", "retrying", "RETRY_ENV"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -72,6 +74,38 @@ def retrying(fs: pafs.FileSystem, what: str, path: str, call: Callable[[], T]) -
 
 def is_remote(uri: str) -> bool:
     return uri.startswith("s3://")
+
+
+def location(uri: str) -> tuple[str, ...]:
+    """Where ``uri`` points, as path parts that compare equal for the same place however it is
+    spelled: ``s3://b//p/`` and ``s3://b/p``; ``./x``, ``x/`` and a symlink to ``x`` (local)."""
+    if is_remote(uri):
+        parts = [p for p in uri[len("s3://"):].split("/") if p not in ("", ".")]
+        return ("s3:",) + tuple(posixpath.normpath("/".join(parts)).split("/")) if parts else ("s3:",)
+    return Path(os.path.expanduser(uri)).resolve().parts
+
+
+def confined(root: str, name: str, fs: pafs.FileSystem | None = None, what: str = "a stored file") -> str:
+    """``root/name`` for a ``name`` read from a stored file (a manifest, a checksum list): relative,
+    no ``..``, no backslash, and, on a local disk, not a symlink out of ``root``. Anything else is a
+    ValueError naming it (a manifest must not make us open /etc/... or /dev/zero)."""
+    parts = name.split("/") if isinstance(name, str) else []
+    if (not parts or name.startswith("/") or "\\" in name or "\x00" in name
+            or any(p in ("", ".", "..") for p in parts)):
+        raise ValueError(f"{what} names {str(name)[:120]!r}: only a relative path inside its own folder is allowed")
+    path = join(root, name)
+    if fs is None or isinstance(fs, pafs.LocalFileSystem):
+        real_root = os.path.realpath(root)
+        if os.path.commonpath([real_root, os.path.realpath(path)]) != real_root:
+            raise ValueError(f"{what} names {name!r}, a link that leads out of {root}")
+    return path
+
+
+def overlaps(a: str, b: str) -> bool:
+    """Whether one location is, or holds, the other (a folder and a file inside it overlap)."""
+    left, right = location(a), location(b)
+    shorter = min(len(left), len(right))
+    return left[:shorter] == right[:shorter]
 
 
 def resolve(uri: str, endpoint: str | None = None) -> tuple[pafs.FileSystem, str]:

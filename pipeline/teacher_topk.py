@@ -17,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import math
 import os
+import re
 from collections import Counter
 from typing import Literal
 
@@ -475,11 +477,52 @@ def teacher_files_fingerprint(source: str | None, endpoint: str | None = None) -
 
 
 def load_manifest(uri: str, endpoint: str | None = None) -> dict:
+    """The shards' manifest, checked as untrusted input: JSON of the expected shape, shard files
+    confined to the shard folder, row counts that add up. A ValueError names the file and the field."""
     fs, root = storage.resolve(uri, endpoint)
     path = storage.join(root, MANIFEST)
     if not storage.exists(fs, path):
         raise FileNotFoundError(f"no {MANIFEST} under {uri}: run the precompute stage first")
-    return storage.read_json(fs, path)
+    where = storage.join(uri, MANIFEST)
+    try:
+        manifest = storage.read_json(fs, path)
+    except (ValueError, RecursionError) as err:
+        raise ValueError(f"{where}: not a JSON manifest ({str(err)[:120]}); rerun the precompute") from None
+    check_manifest(manifest, where, root, fs)
+    return manifest
+
+
+def check_manifest(manifest, where: str, root: str, fs) -> None:
+    """The fields training and the evals read, of the types they need (see ``run_precompute``)."""
+    def need(ok: bool, field: str, what: str) -> None:
+        if not ok:
+            raise ValueError(f"{where}: {field}: {what}; rerun the precompute (jobs/precompute.py) to rewrite it")
+
+    need(isinstance(manifest, dict), "(top level)", "must be a JSON object")
+    teacher = manifest.get("teacher")
+    need(isinstance(teacher, dict) and isinstance(teacher.get("preset"), str), "teacher",
+         "missing or malformed (an object with preset, size, source, fingerprint)")
+    for field in ("k", "rows"):
+        value = manifest.get(field)
+        need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be an integer >= 1")
+    temperature = manifest.get("temperature")
+    need(isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0, "temperature",
+         "must be a finite number > 0")
+    shards = manifest.get("shards")
+    need(isinstance(shards, list) and len(shards) >= 1, "shards", "must be a non-empty list")
+    for number, shard in enumerate(shards):
+        field = f"shards[{number}]"
+        need(isinstance(shard, dict), field, "must be an object with file, rows, sha256")
+        rows, sha = shard.get("rows"), shard.get("sha256")
+        need(isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1, f"{field}.rows", "must be an integer >= 1")
+        need(isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None, f"{field}.sha256",
+             "must be a sha256 hex digest")
+        try:
+            storage.confined(root, shard.get("file"), fs, f"{field}.file")
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}") from None
+    total = sum(s["rows"] for s in shards)
+    need(total == manifest["rows"], "rows", f"says {manifest['rows']}, its shards hold {total}")
 
 
 def verify_manifest(manifest: dict, *, teacher: str, k: int | None = None, temperature: float | None = None,

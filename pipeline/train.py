@@ -406,7 +406,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     shard_fs, shard_root = storage.resolve(config.shards, config.s3_endpoint)
     order = RowOrder([rows for _, rows, _ in loop_config["shards"]], config.seed, config.shuffle_window)
     checksums = {storage.join(shard_root, name): sha for name, _, sha in loop_config["shards"]}
-    reader = ShardRows(lambda path: read_shard(shard_fs, path, checksums[path]), list(checksums), order,
+    limits = (spec.vocab_size, len(target_ids))  # a shard's contents are checked as it is read
+    reader = ShardRows(lambda path: read_shard(shard_fs, path, checksums[path], limits), list(checksums), order,
                        cache=2 * config.shuffle_window)
     progress = Progress(f"{config.experiment} stage {stage.index}/{config.stages}", step, stage.end,
                         curriculum.total_steps, config.progress_every_s)
