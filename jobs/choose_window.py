@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chain import DistillConfig, parent_tags  # noqa: E402
-from pipeline.cli import load_config_with_overrides  # noqa: E402
+from pipeline.cli import load_config_with_overrides, setup_logging  # noqa: E402
 from pipeline.evaluate import read_rows, resolve_device  # noqa: E402
 from pipeline.teacher_topk import load_teacher  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
@@ -37,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto (cuda when there is one), cpu, cuda, cuda:1, ...")
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     config, args = load_config_with_overrides(DistillConfig, parser, argv, return_args=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    setup_logging()
     try:
         windows = [int(w) for w in args.windows.split(",")]
     except ValueError:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.redaction import redact  # noqa: E402
 from pipeline.report import results_table  # noqa: E402
 
 
@@ -26,7 +27,7 @@ def rows_from_server(uri: str, experiment_name: str, match: str | None = None) -
     client = MlflowClient(tracking_uri=uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        raise SystemExit(f"no MLflow experiment '{experiment_name}' at {uri}")
+        raise SystemExit(f"no MLflow experiment '{experiment_name}' at {redact(uri)}")
     runs = client.search_runs([experiment.experiment_id], filter_string="tags.`wand.role` = 'parent'",
                               order_by=["attributes.start_time ASC"], max_results=1000)
     rows = []
@@ -36,7 +37,7 @@ def rows_from_server(uri: str, experiment_name: str, match: str | None = None) -
             continue
         rows.append({"experiment": name, "model": run.data.tags.get("wand.model", "?"), "evals": run.data.metrics,
                      "final_loss": run.data.metrics.get("final_loss"), "parent_run_id": run.info.run_id,
-                     "tracking_uri": uri, "experiment_id": experiment.experiment_id, "status": run.info.status})
+                     "tracking_uri": redact(uri), "experiment_id": experiment.experiment_id, "status": run.info.status})
     return rows
 
 
@@ -51,14 +52,18 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--tracking-uri (or MLFLOW_TRACKING_URI) is required")
     from pipeline.services import wait_http
 
+    shown = redact(args.tracking_uri)  # a URI may hold user:password@ or ?token=: never printed
     if args.tracking_uri.startswith("http"):
         try:
             wait_http(f"{args.tracking_uri.rstrip('/')}/health", 5, what="MLflow server")
         except RuntimeError as err:
-            parser.error(f"--tracking-uri: {err} (is it running? `make demo` starts one on 127.0.0.1:5000)")
-    rows = rows_from_server(args.tracking_uri, args.experiment_name, args.match)
+            parser.error(redact(f"--tracking-uri: {err} (is it running? `make demo` starts one on 127.0.0.1:5000)"))
+    try:
+        rows = rows_from_server(args.tracking_uri, args.experiment_name, args.match)
+    except Exception as err:  # MLflow's errors quote the URI they failed on
+        raise SystemExit(redact(f"compare: reading runs from {shown} failed: {type(err).__name__}: {err}")) from None
     if not rows:
-        print(f"no wand-tts parent runs in '{args.experiment_name}' at {args.tracking_uri}")
+        print(f"no wand-tts parent runs in '{args.experiment_name}' at {shown}")
         return 1
     print(results_table(rows))
     return 0

@@ -25,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chain import DistillConfig, check_cluster_storage, run_chain  # noqa: E402
-from pipeline.cli import init_ray, load_experiments  # noqa: E402
+from pipeline.cli import load_experiments, prepare  # noqa: E402
 from pipeline.report import results_table, ui_lines  # noqa: E402
 
 
@@ -33,8 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--summary-json", type=Path, default=None, help="also write the per-model summary here")
     configs, args = load_experiments(DistillConfig, parser, argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    init_ray()
+    prepare(configs)
     for config in configs:  # before anything runs: a multi-node cluster needs shared storage
         check_cluster_storage(config)
     summaries = []

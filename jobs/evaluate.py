@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chain import DistillConfig, evaluate_experiment, log_evals  # noqa: E402
-from pipeline.cli import init_ray, load_config_with_overrides  # noqa: E402
+from pipeline.cli import load_config_with_overrides, prepare  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 from wand.models.weights import fingerprint  # noqa: E402
 
@@ -30,8 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student", default=None, help="student folder (default: <storage>/<experiment>/student)")
     config, args = load_config_with_overrides(DistillConfig, parser, argv, return_args=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    init_ray()  # the evals run as a Ray task with evaluate.num_gpus / num_cpus (a GPU node on a cluster)
+    prepare([config], ("evaluate",))  # the evals run as a Ray task with evaluate.num_gpus / num_cpus
     results = evaluate_experiment(config, args.student)
     tracker = Tracker.from_config(config.tracking)
     if tracker is not None:

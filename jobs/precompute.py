@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chain import DistillConfig  # noqa: E402
-from pipeline.cli import init_ray, load_config_with_overrides  # noqa: E402
+from pipeline.cli import load_config_with_overrides, prepare  # noqa: E402
 from pipeline.teacher_topk import run_precompute  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    config = load_config_with_overrides(DistillConfig, parser, argv).precompute_config()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    init_ray()
+    experiment = load_config_with_overrides(DistillConfig, parser, argv)
+    config = experiment.precompute_config()
+    prepare([experiment], ("precompute",))
     manifest = run_precompute(config)
     summary = {k: manifest[k] for k in ("rows", "generated_tokens", "k", "value_dtype", "index_dtype")}
     summary.update(shards=len(manifest["shards"]), bad_rows=manifest["bad_rows"]["count"], output=config.shards)

@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.chain import DistillConfig, parent_tags, track_stage  # noqa: E402
-from pipeline.cli import init_ray, load_config_with_overrides  # noqa: E402
+from pipeline.cli import load_config_with_overrides, prepare  # noqa: E402
 from pipeline.tracking import Tracker  # noqa: E402
 
 
@@ -27,11 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--stage", type=int, required=True, help="1-based curriculum stage to run")
     config, args = load_config_with_overrides(DistillConfig, parser, argv, return_args=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     train = config.train_config()
     if not 1 <= args.stage <= train.stages:
         parser.error(f"--stage must be in [1, {train.stages}] (curriculum.stages)")
-    init_ray()
+    prepare([config], ("train",))
     tracker = Tracker.from_config(config.tracking)
     parent = None
     if tracker is not None:

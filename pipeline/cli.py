@@ -19,14 +19,40 @@ from .yaml_strict import ConfigFileError
 T = TypeVar("T", bound=BaseModel)
 
 
-def init_ray() -> None:
+def prepare(configs: list, steps: tuple[str, ...] = ("precompute", "train", "evaluate")) -> None:
+    """What every entry point does between reading its configs and its first real step: logging
+    (redacted), the inputs each config names checked (pipeline.preflight), Ray started or joined,
+    then the resources the configs ask for checked against that cluster. Problems are printed one
+    per line, naming the experiment and the field, and exit with status 2 before anything is written."""
+    from .preflight import check_inputs, check_resources
+
+    setup_logging()
+    _exit_on_problems({c.experiment: check_inputs(c, steps) for c in configs}, "invalid input")
+    local = init_ray()
+    _exit_on_problems({c.experiment: check_resources(c, steps, local) for c in configs},
+                      "impossible resource request")
+
+
+def _exit_on_problems(problems: dict[str, list[str]], what: str) -> None:
+    if not any(problems.values()):
+        return
+    for experiment, lines in problems.items():
+        if lines:
+            print(f"{what} (experiment {experiment}):", file=sys.stderr)
+            for line in lines:
+                print(f"  {redact(line)}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def init_ray() -> bool:
     """Join the cluster this job was submitted to (``ray job submit`` sets RAY_ADDRESS), else start
     a local instance of our own. Not Ray's default of joining whatever ``ray start`` cluster this
     machine last ran, which hangs when that cluster is gone; set RAY_ADDRESS=auto to join one.
 
     Everything Ray reads at import (its auth mode, the token's path, the loopback switch) is set
     before the first ``import ray`` of this process; an address that does not answer fails within
-    WAND_RAY_CONNECT_S seconds naming it (Ray itself would wait forever)."""
+    WAND_RAY_CONNECT_S seconds naming it (Ray itself would wait forever). Returns whether the
+    cluster is this job's own (local) one."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
@@ -39,6 +65,7 @@ def init_ray() -> None:
     if not address:
         ray_constants.ENABLE_RAY_CLUSTER = False  # the loopback switch, in case ray was imported before
     ray.init(address=address or "local", ignore_reinit_error=True, log_to_driver=True)
+    return not address or address == "local"
 
 
 CONNECT_ENV = "WAND_RAY_CONNECT_S"
@@ -49,8 +76,6 @@ def _check_reachable(address: str, seconds: float) -> None:
     import socket
     import time
     from urllib.parse import urlsplit
-
-    from .redaction import redact
 
     if address in ("auto", "local"):
         return

@@ -86,7 +86,7 @@ def test_bad_records_name_the_record_and_the_field():
              ({"id": "d", "text_ids": [1.5], "target_codes": [1]}, "record 'd': text_ids must be a list of integers"),
              ({"id": "e", "text_ids": [1], "target_codes": []}, "record 'e': target_codes is empty"),
              ({"id": "f", "text_ids": [100], "target_codes": [1]}, "record 'f': text_ids holds 100, outside the text vocabulary"),
-                 ({"id": "g", "text_ids": [-3], "target_codes": [1]}, "record 'g': text_ids holds -3, outside the text vocabulary")]
+             ({"id": "g", "text_ids": [-3], "target_codes": [1]}, "record 'g': text_ids holds -3, outside the text vocabulary")]
     for record, message in cases:
         with pytest.raises(RowError, match=message):
             build_row(spec, record)
