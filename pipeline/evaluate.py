@@ -26,7 +26,7 @@ from typing import Annotated, Any, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 import wand
 from wand.kv import attention_flops_per_token, cache_bytes
@@ -56,12 +56,19 @@ class EvalConfig(BaseModel):
     latency_buckets: int = Field(10, ge=1)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$",
                         description="auto (cuda if available) | cpu | cuda | cuda:N")
-    num_gpus: Annotated[float, Field(ge=0)] | Literal["auto"] = Field(
+    num_gpus: float | Literal["auto"] = Field(
         "auto", description="GPUs of the Ray task the evals run in; auto: 1 when the experiment trains on GPUs "
         "or the cluster has one, else 0")
     num_cpus: float = Field(1.0, gt=0, description="CPUs of that task")
     allow_training_corpus: bool = Field(
         False, description="allow evals on the training corpus (they then score rows the student trained on)")
+
+    @field_validator("num_gpus", mode="before")
+    @classmethod
+    def _gpus(cls, value):
+        if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ValueError("must be >= 0 or 'auto'")
+        return value
 
     def resolved_gpus(self, trains_on_gpu: bool, cluster_gpus: float) -> float:
         if self.num_gpus != "auto":
