@@ -1,6 +1,7 @@
 """Every entry point answers --help without running anything, and an image build copies no local state."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,26 @@ def test_every_script_answers_help_without_running(script):
     assert f"python {script}" in out.stdout or f"python {script.split('/')[-1]}" in out.stdout, "no exact command"
     assert any(word in out.stdout.lower() for word in ("writ", "print", "logs")), "does not say what it writes"
     assert snapshot() == before, "--help wrote or changed files"
+    for example in re.findall(r"--set[ =]([a-z_][a-z0-9_.]*=[^\s,;)\]]+)", out.stdout):  # not the usage's FIELD=VALUE
+        assert_real_field(example, script)
+
+
+def assert_real_field(example: str, where: str) -> None:
+    """A ``--set FIELD=VALUE`` example, applied to the embedded default, passes validation."""
+    import argparse
+    import contextlib
+    import io
+
+    from pipeline.chain import DistillConfig
+    from pipeline.cli import load_experiments
+
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            load_experiments(DistillConfig, argparse.ArgumentParser(), ["--config", str(ROOT / "jobs/configs/tiny.yaml"),
+                                                                        "--set", example, "--root", str(ROOT)])
+    except SystemExit:
+        pytest.fail(f"{where}: --set {example} is not a valid override: {stderr.getvalue()[-500:]}")
 
 
 def test_an_image_build_copies_no_local_state():
