@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # torch first, pinned: on a CPU-only machine this resolves to the CPU build. A GPU user installs
-# their CUDA build of torch into .venv before `make` (see README), and this step keeps it.
+# their CUDA build of torch into .venv before `make` (see docs/getting-started.md), and this step keeps it.
 TORCH_SPEC ?= torch==2.13.0
 
 export RAY_USAGE_STATS_ENABLED := 0
@@ -12,14 +12,14 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install browser precompute-bench demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
+.PHONY: docs screenshots install browser precompute-bench demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -e '.[pipeline,test]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q -e '.[pipeline,test,docs]' 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch, transformers, ray, deepspeed, mlflow, s3fs, wand"
 	touch $(STAMP)
 
@@ -33,33 +33,37 @@ CORPORA := $(foreach m,$(MODELS),runs/corpus/syn-$(m)/corpus.parquet runs/corpus
 # `make stop` stops the services (and deletes the cluster's token).
 # The head runs with Ray's token auth: `client-env` gives `ray job submit` the token's path.
 demo: install $(CORPORA)
-	$(PY) jobs/local_cluster.py up
-	eval "$$($(PY) jobs/local_cluster.py client-env)" && $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 \
-	  --working-dir . --runtime-env-json "$$($(PY) jobs/local_cluster.py env)" \
-	  -- python jobs/distill.py --config jobs/configs/tiny.yaml --root "$(CURDIR)"
-	$(PY) jobs/local_cluster.py where
+	$(PY) -m jobs.local_cluster up
+	eval "$$($(PY) -m jobs.local_cluster client-env)" && $(VENV)/bin/ray job submit --address http://127.0.0.1:8265 \
+	  --working-dir . --runtime-env-json "$$($(PY) -m jobs.local_cluster env)" \
+	  -- python -m jobs.distill --config jobs/configs/tiny.yaml --root "$(CURDIR)"
+	$(PY) -m jobs.local_cluster where
 
 stop:
-	-$(PY) jobs/local_cluster.py down
+	-$(PY) -m jobs.local_cluster down
 
-# The synthetic AR-TTS corpus (the teachers' own law, pipeline/synthetic.py): training rows (seed 0,
+# The synthetic AR-TTS corpus (the teachers' own law, pipeline/synthetic/law.py): training rows (seed 0,
 # the utterances the teachers were trained on) and held-out rows (seed 1) for the evals.
 # Rewritten when the corpus law, its writer or the model's committed teacher changes; the demo's
 # shards and checkpoints of that model go with them (the precompute and the stages refuse to reuse
 # them for new rows or another teacher).
-runs/corpus/syn-%-heldout/corpus.parquet: pipeline/synthetic.py jobs/make_synthetic_corpus.py | install
-	$(PY) jobs/make_synthetic_corpus.py --model $* --size mini --rows 16 --seed 1 --split heldout --output $(@D)
-runs/corpus/syn-%/corpus.parquet: pipeline/synthetic.py jobs/make_synthetic_corpus.py teachers/%/teacher.json | install
+runs/corpus/syn-%-heldout/corpus.parquet: pipeline/synthetic/law.py jobs/make_synthetic_corpus.py | install
+	$(PY) -m jobs.make_synthetic_corpus --model $* --size mini --rows 16 --seed 1 --split heldout --output $(@D)
+runs/corpus/syn-%/corpus.parquet: pipeline/synthetic/law.py jobs/make_synthetic_corpus.py teachers/%/teacher.json | install
 	rm -rf runs/topk/syn-$* runs/checkpoints/tiny-$* runs/checkpoints/tiny-$*-stage*
-	$(PY) jobs/make_synthetic_corpus.py --model $* --size mini --rows 128 --seed 0 --output $(@D)
+	$(PY) -m jobs.make_synthetic_corpus --model $* --size mini --rows 128 --seed 0 --output $(@D)
 
 # The embedded default's teachers (committed under teachers/; this retrains them): one process per family.
 teachers: install
-	for m in $(MODELS); do $(PY) jobs/train_teachers.py --models $$m --threads 1 & done; wait
+	for m in $(MODELS); do $(PY) -m jobs.train_teachers --models $$m --threads 1 & done; wait
 
 # Decoding with full attention vs WAND on tiny random models of the three backbones.
 demo-generate: install
-	$(PY) jobs/demo_generate.py
+	$(PY) -m jobs.demo_generate
+
+# The docs site (mkdocs.yml, docs/*.md) into site/; `.venv/bin/mkdocs serve` serves it while you edit.
+docs: install
+	$(VENV)/bin/mkdocs build --strict
 
 test: install browser
 	$(PY) -m pytest tests
@@ -75,18 +79,18 @@ browser:
 test-fast: install
 	$(PY) -m pytest tests -m "not slow"
 
-# The README's results table (WAND vs its ablations on the committed teachers; 3 student seeds, long form), about 26 min on 2 cores.
+# The results table of docs/results.md (and the README's headline) (WAND vs its ablations on the committed teachers; 3 student seeds, long form), about 26 min on 2 cores.
 ablation: install
-	$(PY) benchmarks/ablation_table.py
+	$(PY) -m benchmarks.ablation_table
 
 bench: install
-	$(PY) benchmarks/decode_latency.py
-	$(PY) benchmarks/kv_cache_table.py
-	$(PY) benchmarks/topk_precompute.py
+	$(PY) -m benchmarks.decode_latency
+	$(PY) -m benchmarks.kv_cache_table
+	$(PY) -m benchmarks.topk_precompute
 
 # The precompute at steady state against a bare teacher forward (2,000 rows per family), about 20 min.
 precompute-bench: install
-	$(PY) benchmarks/precompute_steady.py
+	$(PY) -m benchmarks.precompute_steady
 
 # Every GPU test (pytest -m cuda) and GPU benchmark, on one GPU, in under 8 minutes (needs only torch and
 # transformers). Writes benchmarks/results/*_cuda.json. Never part of `make test`: CI has no GPU.

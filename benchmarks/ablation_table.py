@@ -1,19 +1,20 @@
 """The results table: WAND against its ablations on the embedded default's trained teachers.
 
-    python benchmarks/ablation_table.py                      # all three families, writes the README table
-    python benchmarks/ablation_table.py --models cosyvoice2 --steps 50 --no-readme   # a quick look
-    python benchmarks/ablation_table.py --from-json benchmarks/results/ablation_table.json   # re-render
+    python -m benchmarks.ablation_table                      # all three families, writes docs/results.md's table and the README's headline
+    python -m benchmarks.ablation_table --models cosyvoice2 --steps 50 --no-readme   # a quick look
+    python -m benchmarks.ablation_table --from-json benchmarks/results/ablation_table.json   # re-render
 
 For each family: load the teacher from teachers/<model> (jobs/train_teachers.py), fine-tune the
-students (pipeline/ablation.py: WAND, window only without KD, KD without curriculum; all from the
+students (pipeline/evals/ablation.py: WAND, window only without KD, KD without curriculum; all from the
 teacher's weights, same rows, steps and lr) and score every variant, with the training-free
 StreamingLLM-style cache and the bare mask, on held-out synthetic rows (seed 1, never trained on).
 Columns: teacher-forced top-1 agreement with the teacher and KL(teacher || variant) by distance
 from the prefix (near < W <= mid < 4W <= far), teacher-forced and free-running accuracy against the
-corpus tokens, PER / speaker accuracy / law consistency of free-running decodes (pipeline/transcribe.py),
+corpus tokens, PER / speaker accuracy / law consistency of free-running decodes (pipeline/synthetic/transcribe.py),
 KV bytes after decoding the longest held-out utterance (float32 on CPU) and the per-step latency
 ratio (late / early) of that decode. Writes benchmarks/results/ablation_table.json
-and the table between the README's ablation-table markers. About 26 minutes on 2 CPU cores with the default 3 seeds and
+the table between docs/results.md's ablation-table markers and its teacher-vs-WAND headline into
+the README. About 26 minutes on 2 CPU cores with the default 3 seeds and
 long form (measured); --seeds 0 --long-rows 0 takes about 13.
 """
 
@@ -29,14 +30,13 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pipeline.ablation import VARIANTS, AblationConfig, run_ablation  # noqa: E402
-from pipeline.synthetic import TEXT_LENGTHS, SyntheticTask, synthetic_rows  # noqa: E402
-from pipeline.teachers import read_teacher_record  # noqa: E402
-from wand.models import get_spec  # noqa: E402
+from pipeline.evals.ablation import AblationConfig, run_ablation, VARIANTS
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
+from pipeline.synthetic.teachers import read_teacher_record
+from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("cosyvoice2", "indextts", "sparktts")
@@ -82,7 +82,7 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
         "(teacher-forced / free-running greedy); match: free-running tokens before the first error. KV: cache after decoding the longest held-out utterance "
         "(float32). Latency: median step time, last 48 steps / steps 8-56 of that decode. PER / speaker / law: "
         "free-running greedy decodes until the stop id (at most twice the reference's length), transcribed exactly "
-        "by the corpus law (pipeline/transcribe.py): phoneme error rate against the text, fraction of tokens "
+        "by the corpus law (pipeline/synthetic/transcribe.py): phoneme error rate against the text, fraction of tokens "
         "lawful for the utterance's speaker, and for the best-fitting speaker; stops: fraction that emitted the stop id.",
         "",
         "| model | variant | agree near | agree mid | agree far | KL near | KL mid | KL far | acc TF | acc free | match "
@@ -141,12 +141,37 @@ def long_form_rows(spec, task: SyntheticTask, n: int, seed: int) -> tuple[list[d
     return rows, None
 
 
-def write_readme(readme: Path, table: str) -> None:
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"{readme} has no {START} ... {END} block to replace")
-    block = f"{START}\n{table}\n{END}"
-    readme.write_text(re.sub(re.escape(START) + r".*?" + re.escape(END), lambda _: block, text, flags=re.S))
+HEADLINE_START, HEADLINE_END = "<!-- headline-table:start -->", "<!-- headline-table:end -->"
+FAMILY_NAMES = {"cosyvoice2": "CosyVoice 2", "indextts": "IndexTTS 1.5", "sparktts": "SparkTTS"}
+
+
+def headline(results: list[dict]) -> str:
+    """The README's one table: per family, the teacher against the WAND student (mean over seeds) on
+    what WAND claims: KV cache, what the model says, and flat per-step latency."""
+    runs = {(r[0]["model"], r[0]["variant"]): r for r in grouped(results)}
+    lines = ["| family | KV cache, longest utterance | PER (free-running) | speaker accuracy | stops | "
+             "step time late / early |", "|---|---|---|---|---|---|"]
+    for model in [m for m in FAMILIES if (m, "teacher") in runs and (m, "wand") in runs]:
+        teacher, student = runs[(model, "teacher")], runs[(model, "wand")]
+        pair = lambda key, digits=2: f"{cell(teacher, key, digits)} -> {cell(student, key, digits)}"  # noqa: E731
+        lines.append(f"| {FAMILY_NAMES.get(model, model)} | {kib(teacher[0]['kv_bytes_longest'])} -> "
+                     f"{kib(student[0]['kv_bytes_longest'])} | {pair('per')} | {pair('speaker_accuracy')} | "
+                     f"{pair('stopped')} | {pair('latency_late_over_early')} |")
+    return "\n".join(lines)
+
+
+def replace_block(path: Path, start: str, end: str, table: str) -> None:
+    text = path.read_text()
+    if start not in text or end not in text:
+        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
+    block = f"{start}\n{table}\n{end}"
+    path.write_text(re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S))
+
+
+def write_tables(docs: Path, readme: Path, table: str, results: list[dict]) -> None:
+    """The full table into the results page, its headline (teacher vs WAND) into the README."""
+    replace_block(docs, START, END, table)
+    replace_block(readme, HEADLINE_START, HEADLINE_END, headline(results))
 
 
 def main(argv=None) -> int:
@@ -168,7 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/ablation_table.json")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
-    parser.add_argument("--no-readme", action="store_true", help="print the table, leave the README alone")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
+    parser.add_argument("--no-readme", action="store_true", help="print the table, leave the README and docs alone")
     parser.add_argument("--from-json", type=Path, help="render this earlier --output file again, no training")
     args = parser.parse_args(argv)
     if args.from_json:
@@ -177,7 +203,7 @@ def main(argv=None) -> int:
                          saved.get("long_form_notes"))
         print(table)
         if not args.no_readme:
-            write_readme(args.readme, table)
+            write_tables(args.docs, args.readme, table, saved["results"])
         return 0
     if min(args.train_rows, args.heldout, args.free_rows) < 1 or args.long_rows < 0:
         parser.error("--train-rows, --heldout and --free-rows must be >= 1, --long-rows >= 0")
@@ -216,8 +242,8 @@ def main(argv=None) -> int:
                                        "long_form_notes": notes, "results": results}, indent=2) + "\n")
     print(table)
     if not args.no_readme:
-        write_readme(args.readme, table)
-        print(f"wrote {args.output} and the table in {args.readme}")
+        write_tables(args.docs, args.readme, table, results)
+        print(f"wrote {args.output}, the table in {args.docs} and its headline in {args.readme}")
     return 0
 
 

@@ -1,8 +1,8 @@
 """Per-step decode latency and KV-cache bytes vs generated length: full attention vs WAND.
 
-    .venv/bin/python benchmarks/decode_latency.py                       # small long-context config, CPU
-    .venv/bin/python benchmarks/decode_latency.py --config cosyvoice2 --device cuda --dtype bfloat16
-    .venv/bin/python benchmarks/decode_latency.py --config indextts --device cuda --dtype bfloat16
+    .venv/bin/python -m benchmarks.decode_latency                       # small long-context config, CPU
+    .venv/bin/python -m benchmarks.decode_latency --config cosyvoice2 --device cuda --dtype bfloat16
+    .venv/bin/python -m benchmarks.decode_latency --config indextts --device cuda --dtype bfloat16
 
 Random weights (shapes are what matter for latency and memory). Prints a table, writes
 benchmarks/results/decode_latency_<config>_<device>.{json,png}. Both modes run under
@@ -16,14 +16,12 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import sys
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wand.profiling import profile_decode  # noqa: E402
+from wand.profiling import profile_decode
 
 # Backbone shapes of the paper's models (see ../shared/WAND.md section 4). The vocabulary is
 # cut to the speech vocabulary: the head size changes per-step cost equally for both modes.

@@ -1,7 +1,7 @@
 """KV-cache size, full attention vs WAND, at 10 / 30 / 60 s of audio for every model preset.
 
-    .venv/bin/python benchmarks/kv_cache_table.py                      # analytic + measured (<= 1.5B params)
-    .venv/bin/python benchmarks/kv_cache_table.py --measure-max-params 0  # analytic only (instant)
+    .venv/bin/python -m benchmarks.kv_cache_table                      # analytic + measured (<= 1.5B params)
+    .venv/bin/python -m benchmarks.kv_cache_table --measure-max-params 0  # analytic only (instant)
 
 Analytic: (P + G) vs (P + W) tokens x the spec's KV bytes per token (bf16), with the paper's
 prefix lengths P (about 182, 74, 227 tokens; 200 for presets the paper does not cover) and the
@@ -14,18 +14,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
 import torch
+from transformers.cache_utils import DynamicCache
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import wand  # noqa: E402
-from wand.kv import cache_bytes  # noqa: E402
-from wand.models import MODEL_NAMES, get_spec  # noqa: E402
-from wand.profiling import cache_nbytes  # noqa: E402
-from transformers.cache_utils import DynamicCache  # noqa: E402
+import wand
+from wand.kv import cache_bytes
+from wand.models import get_spec, MODEL_NAMES
+from wand.profiling import cache_nbytes
 
 PAPER_REDUCTION_10S = {"cosyvoice2": 49.9, "indextts": 66.2, "sparktts": 60.5}
 DEFAULT_PREFIX = 200

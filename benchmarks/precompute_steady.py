@@ -1,10 +1,10 @@
 """The teacher top-k precompute at steady state, against a bare teacher forward on the same cores.
 
-    .venv/bin/python benchmarks/precompute_steady.py                      # 2,000 rows per family, ~20 min
-    .venv/bin/python benchmarks/precompute_steady.py --rows 300 --models cosyvoice2   # a quick look
+    .venv/bin/python -m benchmarks.precompute_steady                      # 2,000 rows per family, ~20 min
+    .venv/bin/python -m benchmarks.precompute_steady --rows 300 --models cosyvoice2   # a quick look
 
-For each family: a synthetic corpus (pipeline/synthetic.py, --rows utterances) and the committed
-teacher (teachers/<model>). The stage (pipeline.teacher_topk.run_precompute, k = 16, one actor, on a
+For each family: a synthetic corpus (pipeline/synthetic/law.py, --rows utterances) and the committed
+teacher (teachers/<model>). The stage (pipeline.data.precompute.run_precompute, k = 16, one actor, on a
 local Ray instance with 2 CPUs) is timed from its start to each shard's completion (the sidecar each
 shard writes last): start-up is the time to the first shard (Ray Data read, row checks, the shuffle
 into shards, actor start and teacher load, the first forward); steady state is the rows of the
@@ -32,13 +32,14 @@ import pyarrow.parquet as pq
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
-from pipeline.synthetic import synthetic_rows  # noqa: E402
-from pipeline.teacher_topk import PrecomputeConfig, run_precompute, teacher_weights  # noqa: E402
-from pipeline.teachers import read_teacher_record  # noqa: E402
-from wand.batch import collate  # noqa: E402
-from wand.models import get_spec  # noqa: E402
+from pipeline.synthetic.law import synthetic_rows
+from pipeline.config import PrecomputeConfig
+from pipeline.data.precompute import run_precompute
+from wand.models.weights import teacher_weights
+from pipeline.synthetic.teachers import read_teacher_record
+from wand.batch import collate
+from wand.models import get_spec
 
 FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 

@@ -1,9 +1,9 @@
 """Batched long-form serving: ms per decode step, tokens/s, KV bytes, peak memory and real-time
 streams per device, full attention vs WAND, at 10 / 30 / 60 s of speech.
 
-    .venv/bin/python benchmarks/serving.py                          # CPU: the tiny presets (exercises the script)
-    .venv/bin/python benchmarks/serving.py --device cuda            # GPU: real shapes, bf16, random weights
-    .venv/bin/python benchmarks/serving.py --device cuda --models orpheus-3b --seconds 60 --batches 64,256
+    .venv/bin/python -m benchmarks.serving                          # CPU: the tiny presets (exercises the script)
+    .venv/bin/python -m benchmarks.serving --device cuda            # GPU: real shapes, bf16, random weights
+    .venv/bin/python -m benchmarks.serving --device cuda --models orpheus-3b --seconds 60 --batches 64,256
 
 Shapes come from the project's presets (`wand.models.get_spec(name, size)`): Llasa-3B, Orpheus-3B
 and CosyVoice 2. Both sides get the same per-step treatment:
@@ -29,19 +29,18 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+import wand
+from wand.generate import cache_kwarg_name
+from wand.models import get_spec
+from wand.profiling import cache_nbytes, timing_conditions
+from wand.static import StaticDecoder
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import wand  # noqa: E402
-from wand.generate import cache_kwarg_name  # noqa: E402
-from wand.models import get_spec  # noqa: E402
-from wand.profiling import cache_nbytes, timing_conditions  # noqa: E402
-from wand.static import StaticDecoder  # noqa: E402
 
 DEFAULT_PREFIX = 114  # Llasa / Orpheus publish no prefix length: a short text + reference prompt (ours)
 

@@ -1,6 +1,6 @@
 """Teacher top-k shards: bytes per generated token vs dense logits, and stage throughput.
 
-    .venv/bin/python benchmarks/topk_precompute.py            # CPU, a local Ray instance
+    .venv/bin/python -m benchmarks.topk_precompute            # CPU, a local Ray instance
 
 1. Bytes per generated token for k in {8, 16, 32, 64, 128}: the Arrow payload (values + indices
    + the rest mass) against dense fp16 logits over each real preset's target vocabulary, and the
@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,12 +29,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from wand.models import get_spec, MODEL_NAMES
+
+from pipeline.config import PrecomputeConfig
+from pipeline.data.precompute import load_teacher, run_precompute
+from pipeline.data.shards import index_type
+from pipeline.synthetic.random_corpus import corpus_rows
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-from helpers import corpus_rows  # noqa: E402
-from pipeline.teacher_topk import PrecomputeConfig, index_type, load_teacher, run_precompute  # noqa: E402
-from wand.models import MODEL_NAMES, get_spec  # noqa: E402
 
 KS = (8, 16, 32, 64, 128)
 
@@ -75,7 +76,7 @@ def main() -> None:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
 
-    import pipeline.teacher_topk as stage
+    import pipeline.data.precompute as stage
 
     try:
         print("\n## measured shard bytes (Parquet, zstd) per generated token, teacher vocab 6,564")

@@ -1,7 +1,7 @@
 """Training step time (forward + chunked CE/KD loss + backward + AdamW): full causal attention vs WAND.
 
-    .venv/bin/python benchmarks/train_step.py                    # CPU: small shape, SDPA dense mask
-    .venv/bin/python benchmarks/train_step.py --device cuda      # GPU: Qwen2.5-0.5B shape, bf16, Flex
+    .venv/bin/python -m benchmarks.train_step                    # CPU: small shape, SDPA dense mask
+    .venv/bin/python -m benchmarks.train_step --device cuda      # GPU: Qwen2.5-0.5B shape, bf16, Flex
 
 The baseline is what a user trains full attention with: the model's own SDPA forward (causal, no
 mask), on CUDA pinned to the flash / memory-efficient kernels (wand.profiling.timing_conditions).
@@ -20,19 +20,18 @@ import copy
 import json
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
+import wand
+from wand.losses import wand_loss
+from wand.profiling import timing_conditions
+from wand.topk import sparse_teacher_targets
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-import wand  # noqa: E402
-from wand.losses import wand_loss  # noqa: E402
-from wand.profiling import timing_conditions  # noqa: E402
-from wand.topk import sparse_teacher_targets  # noqa: E402
 
 VOCAB = 6564  # CosyVoice 2's speech head
 SHAPES = {

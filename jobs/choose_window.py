@@ -1,8 +1,8 @@
 """Choose W before training: the teacher's attention mass on the prefix + the last W generated tokens.
 
-    python jobs/choose_window.py --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
+    python -m jobs.choose_window --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
-        python jobs/choose_window.py --config jobs/configs/paper.yaml --only cosyvoice2 --rows 64 --device cuda
+        python -m jobs.choose_window --config jobs/configs/paper.yaml --only cosyvoice2 --rows 64 --device cuda
 
 Runs the experiment's teacher (full attention, `teacher_source`) on a seeded sample of its corpus and
 prints, per W, the mean share of each generated query's attention on the prefix and on the last W
@@ -18,14 +18,15 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.chain import DistillConfig, parent_tags  # noqa: E402
-from pipeline.cli import load_config_with_overrides, setup_logging  # noqa: E402
-from pipeline.evaluate import read_rows, resolve_device  # noqa: E402
-from pipeline.teacher_topk import load_teacher  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
-from pipeline.window_choice import DEFAULT_WINDOWS, choose_window, sample_rows  # noqa: E402
+from pipeline.chain import parent_tags
+from pipeline.config import DistillConfig
+from pipeline.cli import load_config_with_overrides, setup_logging
+from pipeline.data.corpus_io import read_rows
+from pipeline.evals.common import resolve_device
+from pipeline.data.precompute import load_teacher
+from pipeline.tracking import Tracker
+from pipeline.evals.window_choice import choose_window, DEFAULT_WINDOWS, sample_rows
 
 
 def main(argv: list[str] | None = None) -> int:

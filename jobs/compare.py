@@ -1,7 +1,7 @@
 """Compare experiments (one row per model's parent run) from an MLflow tracking server.
 
-    python jobs/compare.py --tracking-uri http://127.0.0.1:5000
-    python jobs/compare.py --tracking-uri http://127.0.0.1:5000 --experiment-name wand-tts --match tiny-
+    python -m jobs.compare --tracking-uri http://127.0.0.1:5000
+    python -m jobs.compare --tracking-uri http://127.0.0.1:5000 --experiment-name wand-tts --match tiny-
 
 Prints the same table `jobs/distill.py` ends with, for every finished parent run: KV cache at 60 s
 (full vs WAND), step-time flatness, theoretical attention FLOPs ratio, the student's top-1
@@ -13,32 +13,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.redaction import redact  # noqa: E402
-from pipeline.report import results_table  # noqa: E402
-
-
-def rows_from_server(uri: str, experiment_name: str, match: str | None = None) -> list[dict]:
-    from mlflow import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri)
-    experiment = client.get_experiment_by_name(experiment_name)
-    if experiment is None:
-        raise SystemExit(f"no MLflow experiment '{experiment_name}' at {redact(uri)}")
-    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`wand.role` = 'parent'",
-                              order_by=["attributes.start_time ASC"], max_results=1000)
-    rows = []
-    for run in runs:
-        name = run.data.tags.get("wand.experiment", run.info.run_name)
-        if match and match not in name:
-            continue
-        rows.append({"experiment": name, "model": run.data.tags.get("wand.model", "?"), "evals": run.data.metrics,
-                     "final_loss": run.data.metrics.get("final_loss"), "parent_run_id": run.info.run_id,
-                     "tracking_uri": redact(uri), "experiment_id": experiment.experiment_id, "status": run.info.status})
-    return rows
+from pipeline.evals.report import results_table, rows_from_server
+from pipeline.redaction import redact
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """WAND generate demo on tiny random-weight models of the three backbone classes (no download).
 
-    make demo-generate                     # or: .venv/bin/python jobs/demo_generate.py
+    make demo-generate                     # or: .venv/bin/python -m jobs.demo_generate
 
 For each backbone (Qwen2 as in CosyVoice 2 / SparkTTS, GPT-2 as in IndexTTS, Llama as in
 Llasa / Orpheus) it decodes the same prompt with full attention and with WAND (prefix + W),
@@ -12,14 +12,11 @@ Ray pipeline (precompute -> curriculum stages -> MLflow evals).
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from wand.profiling import profile_decode  # noqa: E402
+from wand.profiling import profile_decode
 
 BACKBONES = {
     "qwen2 (CosyVoice 2 / Spark)": lambda: Qwen2ForCausalLM(Qwen2Config(

@@ -1,7 +1,7 @@
 """The whole WAND distillation chain per model: precompute -> curriculum stages -> student -> evals.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/distill.py --config jobs/configs/tiny.yaml --root "$PWD"
-    python jobs/distill.py --config jobs/configs/paper.yaml --only cosyvoice2 --set train.num_workers=8 --set storage=s3://bucket/runs
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.distill --config jobs/configs/tiny.yaml --root "$PWD"
+    python -m jobs.distill --config jobs/configs/paper.yaml --only cosyvoice2 --set train.num_workers=8 --set storage=s3://bucket/runs
 
 A config holds one experiment, or ``defaults:`` + ``experiments:`` (the embedded default runs the
 three tiny families one after the other; ``--only sparktts`` picks one). With an MLflow tracking
@@ -22,11 +22,11 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.chain import DistillConfig, check_cluster_storage, run_chain  # noqa: E402
-from pipeline.cli import load_experiments, prepare  # noqa: E402
-from pipeline.report import results_table, ui_lines  # noqa: E402
+from pipeline.chain import check_cluster_storage, run_chain
+from pipeline.config import DistillConfig
+from pipeline.cli import load_experiments, prepare
+from pipeline.evals.report import results_table, ui_lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,9 +1,9 @@
 """Run the evals on an experiment's final student (or any student folder) and log them to MLflow.
 
-    python jobs/evaluate.py --config jobs/configs/tiny.yaml --only cosyvoice2
-    python jobs/evaluate.py --config jobs/configs/paper.yaml --only cosyvoice2 --student s3://bucket/runs/cosyvoice2-wand/student
+    python -m jobs.evaluate --config jobs/configs/tiny.yaml --only cosyvoice2
+    python -m jobs.evaluate --config jobs/configs/paper.yaml --only cosyvoice2 --student s3://bucket/runs/cosyvoice2-wand/student
 
-Evals (pipeline/evaluate.py): KV-cache memory vs length, per-step decode latency, attention FLOPs,
+Evals (pipeline/evals/run.py): KV-cache memory vs length, per-step decode latency, attention FLOPs,
 teacher-forced agreement/KL by distance from the prefix, the window chooser and, on synthetic
 rows, what the models say (PER, speaker accuracy). Writes nothing to storage: with tracking on, the
 results (metrics, a JSON table and a PNG figure per eval) replace the ``eval`` child run of the
@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from wand.models.weights import fingerprint
 
-from pipeline.chain import DistillConfig, evaluate_experiment, log_evals  # noqa: E402
-from pipeline.cli import load_config_with_overrides, prepare  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
-from wand.models.weights import fingerprint  # noqa: E402
+from pipeline.chain import evaluate_experiment, log_evals
+from pipeline.cli import load_config_with_overrides, prepare
+from pipeline.config import DistillConfig
+from pipeline.tracking import Tracker
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     results = evaluate_experiment(config, args.student)
     tracker = Tracker.from_config(config.tracking)
     if tracker is not None:
-        from pipeline.chain import parent_tags, load_student
+        from pipeline.chain import load_student, parent_tags
 
         parent = tracker.parent_run(config.experiment, parent_tags(config))
         checksum = fingerprint(load_student(config, args.student).state_dict())

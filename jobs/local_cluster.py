@@ -1,10 +1,10 @@
 """A local Ray head and MLflow server on 127.0.0.1 for `make demo` (stopped by `make stop`).
 
-    python jobs/local_cluster.py up          # Ray head (dashboard + job server :8265), mlflow server :5000
-    eval "$(python jobs/local_cluster.py client-env)"   # this shell's `ray job submit` / `ray status` get the token
-    python jobs/local_cluster.py env         # the runtime env JSON for `ray job submit --runtime-env-json`
-    python jobs/local_cluster.py where       # URLs, the submit command, and the comparison table
-    python jobs/local_cluster.py down
+    python -m jobs.local_cluster up          # Ray head (dashboard + job server :8265), mlflow server :5000
+    eval "$(python -m jobs.local_cluster client-env)"   # this shell's `ray job submit` / `ray status` get the token
+    python -m jobs.local_cluster env         # the runtime env JSON for `ray job submit --runtime-env-json`
+    python -m jobs.local_cluster where       # URLs, the submit command, and the comparison table
+    python -m jobs.local_cluster down
 
 State (pids, ports, logs) lives in runs/local/ (or --state-dir). Every port of both services is on
 127.0.0.1, and the Ray head runs with Ray's token auth: `up` writes a new random token to
@@ -26,9 +26,8 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from pipeline.services import MLflowServer, RayHead, ray_auth_env, stop_group, wait_http, write_token  # noqa: E402
+from pipeline.services import MLflowServer, RayHead, ray_auth_env, stop_group, wait_http, write_token
 
 DEFAULT_STATE_DIR = REPO / "runs" / "local"
 TOKEN_NAME = "ray_auth_token"
@@ -95,7 +94,7 @@ def client_env(args) -> int:
     """Shell lines that give this shell's Ray clients the token (its path, not its value)."""
     state = _state(args)
     if not state:
-        print("not up: run `python jobs/local_cluster.py up` first", file=sys.stderr)
+        print("not up: run `python -m jobs.local_cluster up` first", file=sys.stderr)
         return 1
     for name, value in ray_auth_env(state["token_path"]).items():
         print(f"export {name}={shlex.quote(value)}")
@@ -105,7 +104,7 @@ def client_env(args) -> int:
 def runtime_env(args) -> int:
     state = _state(args)
     if not state:
-        print("not up: run `python jobs/local_cluster.py up` first", file=sys.stderr)
+        print("not up: run `python -m jobs.local_cluster up` first", file=sys.stderr)
         return 1
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     print(json.dumps({"env_vars": {"MLFLOW_TRACKING_URI": state["mlflow_uri"], "WAND_GIT_COMMIT": commit or "unknown"}}))
@@ -117,16 +116,15 @@ def where(args) -> int:
     if not state:
         print("not up", file=sys.stderr)
         return 1
-    me = f".venv/bin/python jobs/local_cluster.py{'' if args.state_dir == DEFAULT_STATE_DIR else f' --state-dir {args.state_dir}'}"
+    me = f".venv/bin/python -m jobs.local_cluster{'' if args.state_dir == DEFAULT_STATE_DIR else f' --state-dir {args.state_dir}'}"
     print(f"\nMLflow UI:      {state['mlflow_uri']}   (experiment 'wand-tts': one parent run per model, "
           "a child per stage)")
     print(f"Ray dashboard:  {state['dashboard_url']}   (asks for the token: the contents of {state['token_path']})")
     print(f"Submit a job:   eval \"$({me} client-env)\" && .venv/bin/ray job submit --address "
-          f"{state['dashboard_url']} --working-dir . --runtime-env-json \"$({me} env)\" -- python jobs/distill.py ...")
-    print("Compare:        .venv/bin/python jobs/compare.py --tracking-uri " + state["mlflow_uri"])
+          f"{state['dashboard_url']} --working-dir . --runtime-env-json \"$({me} env)\" -- python -m jobs.distill ...")
+    print("Compare:        .venv/bin/python -m jobs.compare --tracking-uri " + state["mlflow_uri"])
     print("Stop:           make stop\n")
-    from jobs.compare import rows_from_server
-    from pipeline.report import results_table, ui_lines
+    from pipeline.evals.report import results_table, rows_from_server, ui_lines
 
     try:
         wait_http(f"{state['mlflow_uri']}/health", 10, what="mlflow server")

@@ -1,12 +1,12 @@
 """Build a corpus (the precompute's input) from your tokenized data, in the released model's own layout.
 
-    python jobs/make_corpus.py --model cosyvoice2 --input my_data.jsonl --output runs/corpus/my-cosyvoice2
-    python jobs/make_corpus.py --model sparktts --input records/ --output s3://bucket/corpus/spark \
+    python -m jobs.make_corpus --model cosyvoice2 --input my_data.jsonl --output runs/corpus/my-cosyvoice2
+    python -m jobs.make_corpus --model sparktts --input records/ --output s3://bucket/corpus/spark \
         --tokenizer /models/Spark-TTS-0.5B/LLM
 
 Input: JSONL or Parquet files (a file or a folder), one record per utterance: id, text_ids (or text
 with --tokenizer), prompt_codes (optional), target_codes, and per family global_codes (Spark) or
-conditioning_latents (IndexTTS). See pipeline/corpus_builder.py and the README ("Bring your own model
+conditioning_latents (IndexTTS). See pipeline/data/corpus_builder.py and docs/bring-your-own.md ("Bring your own model
 and data") for each family's fields. Output: <output>/corpus.parquet with rows ending in the model's
 stop id. Every record is checked first (the layout, the codec's code range, then the precompute's
 row checks); if any is bad, all problems are listed and nothing is written.
@@ -18,18 +18,16 @@ import argparse
 import io
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+from wand.models import get_spec, MODEL_NAMES
+from wand.models.sparktts import PROMPT_FORMS
 
-from pipeline import storage  # noqa: E402
-from pipeline.corpus import check_batch  # noqa: E402
-from pipeline.corpus_builder import build_rows  # noqa: E402
-from wand.models import MODEL_NAMES, get_spec  # noqa: E402
-from wand.models.sparktts import PROMPT_FORMS  # noqa: E402
+from pipeline import storage
+from pipeline.data.corpus import check_batch
+from pipeline.data.corpus_builder import build_rows
 
 
 def read_records(uri: str, endpoint: str | None) -> tuple[list[dict], list[str], list[str]]:

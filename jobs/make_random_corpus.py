@@ -1,6 +1,6 @@
 """Write a random-token corpus in the corpus schema for a model preset (a pipeline smoke test).
 
-    python jobs/make_random_corpus.py --model cosyvoice2 --size tiny --rows 64 --output runs/corpus/tiny-cosyvoice2
+    python -m jobs.make_random_corpus --model cosyvoice2 --size tiny --rows 64 --output runs/corpus/tiny-cosyvoice2
 
 The tokens have the preset's layout (prefix marker, speech targets) but no structure to learn.
 """
@@ -11,13 +11,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.random_corpus import corpus_rows  # noqa: E402
-from wand.models import MODEL_NAMES, get_spec  # noqa: E402
+from pipeline.synthetic.random_corpus import corpus_rows
+from wand.models import MODEL_NAMES, get_spec
 
 
 def main(argv=None) -> int:

@@ -1,14 +1,14 @@
-"""Write a synthetic AR-TTS corpus (pipeline/synthetic.py) in the corpus schema for a model preset.
+"""Write a synthetic AR-TTS corpus (pipeline/synthetic/law.py) in the corpus schema for a model preset.
 
-    python jobs/make_synthetic_corpus.py --model cosyvoice2 --size tiny --rows 256 --output runs/corpus/syn-cosyvoice2
-    python jobs/make_synthetic_corpus.py --model cosyvoice2 --size tiny --rows 32 --seed 1 --split heldout --output runs/corpus/syn-cosyvoice2-heldout
+    python -m jobs.make_synthetic_corpus --model cosyvoice2 --size tiny --rows 256 --output runs/corpus/syn-cosyvoice2
+    python -m jobs.make_synthetic_corpus --model cosyvoice2 --size tiny --rows 32 --seed 1 --split heldout --output runs/corpus/syn-cosyvoice2-heldout
 
 Speech tokens follow the phoneme being spoken (aligned to the text in the prefix), the speaker
 (in the prefix) and the previous token; the same --task-seed gives the same law, --seed other
 utterances. Deterministic: the same arguments write the same rows. Writes <output>/corpus.parquet:
 the corpus columns (id, input_ids ending with the stop id, prefix_length, prompt_length, IndexTTS's
 conditioning_latents) plus text, speaker and task_seed, which training ignores and the evals use to
-transcribe what a model says (pipeline/transcribe.py).
+transcribe what a model says (pipeline/synthetic/transcribe.py).
 """
 
 from __future__ import annotations
@@ -17,13 +17,12 @@ import argparse
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import pyarrow as pa  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
+import pyarrow as pa
+import pyarrow.parquet as pq
 
-from pipeline.synthetic import SyntheticTask, synthetic_rows  # noqa: E402
-from wand.models import MODEL_NAMES, get_spec  # noqa: E402
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask
+from wand.models import MODEL_NAMES, get_spec
 
 
 def main(argv=None) -> int:
@@ -43,7 +42,7 @@ def main(argv=None) -> int:
     rows = synthetic_rows(get_spec(args.model, args.size), args.rows, SyntheticTask(seed=args.task_seed), args.seed,
                           args.min_text, args.max_text, args.split, alignment=True)
     # Each row keeps its text and speaker (not used by training): the evals transcribe what a model
-    # says against them (pipeline/transcribe.py). The per-token alignment stays out of the corpus.
+    # says against them (pipeline/synthetic/transcribe.py). The per-token alignment stays out of the corpus.
     for row in rows:
         del row["phoneme_index"]
         row["task_seed"] = args.task_seed

@@ -1,7 +1,7 @@
 """Precompute the frozen teacher's top-k log-probabilities of one experiment as sharded Parquet (a Ray Data stage).
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/precompute.py --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
-    python jobs/precompute.py --config jobs/configs/paper.yaml --only cosyvoice2 --set shards=s3://bucket/topk/cosyvoice2 --set precompute.k=32
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.precompute --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
+    python -m jobs.precompute --config jobs/configs/paper.yaml --only cosyvoice2 --set shards=s3://bucket/topk/cosyvoice2 --set precompute.k=32
 
 The experiment config is the one jobs/distill.py takes (its `precompute:` section and the shared
 model, corpus and shards); fields are overridden with --set (the one override syntax of every entry
@@ -16,13 +16,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.chain import DistillConfig  # noqa: E402
-from pipeline.cli import load_config_with_overrides, prepare  # noqa: E402
-from pipeline.teacher_topk import run_precompute  # noqa: E402
+from pipeline.cli import load_config_with_overrides, prepare
+from pipeline.config import DistillConfig
+from pipeline.data.precompute import run_precompute
 
 
 def main(argv: list[str] | None = None) -> int:

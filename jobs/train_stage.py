@@ -1,6 +1,6 @@
 """Run (or rerun, or resume) one curriculum stage on its own, starting from stage K-1's checkpoint.
 
-    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python jobs/train_stage.py --config jobs/configs/tiny.yaml --stage 2
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- python -m jobs.train_stage --config jobs/configs/tiny.yaml --stage 2
 
 The shards must exist (jobs/precompute.py or jobs/distill.py made them). A finished stage is
 skipped; delete <storage>/<experiment>/stage-K.json to run it again. With tracking on, the stage
@@ -13,13 +13,11 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipeline.chain import DistillConfig, parent_tags, track_stage  # noqa: E402
-from pipeline.cli import load_config_with_overrides, prepare  # noqa: E402
-from pipeline.tracking import Tracker  # noqa: E402
+from pipeline.chain import parent_tags, track_stage
+from pipeline.cli import load_config_with_overrides, prepare
+from pipeline.config import DistillConfig
+from pipeline.tracking import Tracker
 
 
 def main(argv: list[str] | None = None) -> int:

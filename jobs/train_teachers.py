@@ -1,12 +1,12 @@
 """Train the embedded default's teachers: one full-attention model per family on the synthetic corpus.
 
-    python jobs/train_teachers.py                                  # all three, into teachers/
-    python jobs/train_teachers.py --models cosyvoice2 --phases 200:4:12:16 --output /tmp/teachers
+    python -m jobs.train_teachers                                  # all three, into teachers/
+    python -m jobs.train_teachers --models cosyvoice2 --phases 200:4:12:16 --output /tmp/teachers
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
 trained from seeded random weights with cross-entropy on the generated tokens of synthetic rows
-(pipeline/synthetic.py, train seed 0) on a length curriculum (short texts first: that is where the
-text alignment is learned; pipeline.teachers.CURRICULUM), then scored on held-out rows (seed 1). It is written in the
+(pipeline/synthetic/law.py, train seed 0) on a length curriculum (short texts first: that is where the
+text alignment is learned; pipeline.synthetic.teachers.CURRICULUM), then scored on held-out rows (seed 1). It is written in the
 family's release format, so ``teacher_source: teachers/<model>`` loads it like a real checkpoint:
 CosyVoice 2 ``llm.pt``, IndexTTS ``gpt.pth``, SparkTTS a transformers folder (safetensors). Next to
 it, ``teacher.json`` records the recipe and the measured held-out quality that tests check.
@@ -25,14 +25,12 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import torch  # noqa: E402
+import torch
 
-from pipeline.synthetic import SyntheticTask, synthetic_rows  # noqa: E402
-from pipeline.teachers import (CURRICULUM, Phase, file_sha256, heldout_quality, read_teacher_record,  # noqa: E402
-                               spoken_quality, train_teacher)
-from wand.models import CausalLMSpec, get_spec  # noqa: E402
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask
+from pipeline.synthetic.teachers import CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, spoken_quality, train_teacher
+from wand.models import CausalLMSpec, get_spec
 
 FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 SIZE = "mini"
@@ -105,7 +103,7 @@ def main(argv=None) -> int:
                 "files": {p.name: file_sha256(p) for p in files},
             }
         # The stated quality: teacher-forced top-1 accuracy against the corpus tokens on held-out rows,
-        # and what the teacher says free-running (PER against the text, pipeline/transcribe.py).
+        # and what the teacher says free-running (PER against the text, pipeline/synthetic/transcribe.py).
         record["heldout"] = {"seed": HELDOUT_SEED, **heldout_quality(spec, model, held),
                              **spoken_quality(spec, model, held[:SPOKEN_ROWS], task)}
         (directory / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")

@@ -9,26 +9,26 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 import pickle
-import re
+from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from wand.models import get_spec
-from wand.models.weights import load_tied, read_safetensors, s3_endpoint
+from wand.models.weights import load_tied, read_safetensors, s3_endpoint, teacher_weights
 
-from . import storage
-from .evaluate import EvalConfig, EvalResult, read_rows, run_evals
-from .teacher_topk import PrecomputeConfig, run_precompute, teacher_weights
-from .redaction import has_credentials
-from .tracking import CREDENTIALS_FROM_ENV, Tracker, TrackingConfig, flatten, git_commit
-from .train import TrainConfig, preflight, run_stage
-
-__all__ = ["DistillConfig", "run_chain", "check_cluster_storage", "export_student", "load_student", "evaluate_experiment", "track_stage"]
+from pipeline import storage
+from pipeline.config import DistillConfig, PrecomputeConfig, TrainConfig
+from pipeline.data.corpus_io import read_rows
+from pipeline.data.precompute import run_precompute
+from pipeline.evals.common import EvalResult
+from pipeline.evals.run import run_evals
+from pipeline.tracking import git_commit, NullTracker, Tracker, tracker_for
+from pipeline.train.driver import preflight, run_stage
 
 log = logging.getLogger("wand.distill")
+
+
 # Headline metrics copied from the eval child onto the parent run (the columns a user compares).
 HEADLINE = ("kv_reduction_10s", "kv_reduction_60s", "kv_wand_bytes_60s", "kv_full_bytes_60s",
             "kv_wand_bytes_analytic_60s", "kv_full_bytes_analytic_60s",
@@ -38,149 +38,55 @@ HEADLINE = ("kv_reduction_10s", "kv_reduction_60s", "kv_wand_bytes_60s", "kv_ful
             "speaker_accuracy_student", "law_consistency_teacher", "law_consistency_student")
 
 
-def section(name: str, source: type[BaseModel], fields: tuple[str, ...], doc: str) -> type[BaseModel]:
-    """A config class of ``source``'s own field definitions (type, default, limits, description): a
-    fact is defined once, in the stage config that uses it, and the experiment config reuses it."""
-    picked = {n: (source.model_fields[n].annotation, source.model_fields[n]) for n in fields}
-    model = create_model(name, __config__=ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False), **picked)
-    model.__doc__ = doc
-    return model
-
-
-# The facts every step shares sit at the top of an experiment; each stage's own settings in its section.
-SHARED = ("experiment", "model", "model_size", "teacher_source", "teacher_seed", "corpus", "shards", "storage",
-          "s3_endpoint")
-CURRICULUM = ("stages", "epochs", "window_start", "window_target", "tau_start", "tau_end", "lr", "warmup_fraction")
-PRECOMPUTE = tuple(n for n in PrecomputeConfig.model_fields if n not in SHARED)
-TRAIN = tuple(n for n in TrainConfig.model_fields if n not in SHARED + CURRICULUM + ("k", "temperature"))
-_SOURCES = {"corpus": PrecomputeConfig}
-
-Shared = create_model("Shared", __config__=ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False), **{
-    n: (cls.model_fields[n].annotation, cls.model_fields[n])
-    for n in SHARED for cls in [_SOURCES.get(n, TrainConfig)]})
-PrecomputeSection = section("PrecomputeSection", PrecomputeConfig, PRECOMPUTE,
-                            "The teacher top-k stage (pipeline.teacher_topk): k, temperature, shards, actors.")
-CurriculumSection = section("CurriculumSection", TrainConfig, CURRICULUM,
-                            "The schedule: stages, epochs, W from window_start to window_target, tau, lr.")
-TrainSection = section("TrainSection", TrainConfig, TRAIN,
-                       "The student's training: batch, loss, DeepSpeed ZeRO, workers, checkpoints, row order.")
-SECTION_OF = {**{n: "precompute" for n in PRECOMPUTE}, **{n: "curriculum" for n in CURRICULUM},
-              **{n: "train" for n in TRAIN}}
-
-
-class DistillConfig(Shared):
-    """One experiment: the shared facts (model and teacher, data and storage) at the top, then one
-    typed section per step. The stage configs (``PrecomputeConfig``, ``TrainConfig``) are derived from
-    it, never written by hand; errors name the section (``precompute.k``, ``curriculum.stages``)."""
-
-    precompute: PrecomputeSection = Field(default_factory=PrecomputeSection)
-    curriculum: CurriculumSection = Field(default_factory=CurriculumSection)
-    train: TrainSection = Field(default_factory=TrainSection)
-    evaluate: EvalConfig = Field(default_factory=EvalConfig)
-    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
-
-    @model_validator(mode="after")
-    def _sections(self) -> "DistillConfig":
-        for field, value in flatten(self.model_dump()).items():  # configs get logged: no credentials in them
-            if isinstance(value, str) and has_credentials(value):
-                raise ValueError(f"{field}: a URL with user-info (user:password@) or a credential in its query "
-                                 f"(password=, token=, sig=, X-Amz-*): {CREDENTIALS_FROM_ENV}")
-        held_out = self.evaluate.corpus
-        if self.evaluate.enabled and not self.evaluate.allow_training_corpus and (
-                held_out is None or storage.overlaps(held_out, self.corpus)):
-            raise ValueError(
-                "evaluate.corpus: the evals would score the training corpus (rows the student learned); "
-                "point evaluate.corpus at held-out rows, or set evaluate.allow_training_corpus: true")
-        self.precompute_config()
-        self.train_config()
-        return self
-
-    @property
-    def temperature(self) -> float:
-        return self.precompute.temperature
-
-    def precompute_config(self) -> PrecomputeConfig:
-        shared = self.model_dump(include=set(PrecomputeConfig.model_fields) & set(SHARED))
-        return _typed(PrecomputeConfig, {**shared, **self.precompute.model_dump()})
-
-    def train_config(self) -> TrainConfig:
-        shared = self.model_dump(include=set(TrainConfig.model_fields) & set(SHARED))
-        return _typed(TrainConfig, {**shared, **self.curriculum.model_dump(), **self.train.model_dump(),
-                                    "k": self.precompute.k, "temperature": self.precompute.temperature})
-
-
-def _typed(model: type[BaseModel], values: dict):
-    """A stage config; its cross-field errors are named by the section the field sits in."""
-    try:
-        return model.model_validate(values)
-    except ValidationError as err:
-        first = err.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        where = f"{SECTION_OF[field]}.{field}" if field in SECTION_OF else field
-        message = first["msg"].removeprefix("Value error, ")
-        if not where:  # a cross-field check: its message opens with the field it is about
-            name = re.match(r"\w+", message)
-            if name and name.group() in SECTION_OF:
-                raise ValueError(f"{SECTION_OF[name.group()]}.{message}") from None
-        raise ValueError(f"{where}: {message}" if where else message) from None
-
-
 def run_chain(config: DistillConfig) -> dict:
     """Run or resume the whole chain; return a summary (stage records, student path, evals)."""
     precompute = config.precompute_config()
     train = config.train_config()
-    tracker = Tracker.from_config(config.tracking)
-    parent = tracker.parent_run(config.experiment, parent_tags(config)) if tracker else None
+    tracker = tracker_for(config.tracking)
+    parent = tracker.parent_run(config.experiment, parent_tags(config))
     try:
-        child = tracker.child_run(parent, "precompute") if tracker else None
+        child = tracker.child_run(parent, "precompute")
         try:
             # Always through the stage: it reuses finished shards only when the settings, the corpus
             # (a fingerprint of every row) and the teacher's files are the ones they were made from.
             log.info("precompute: %s -> %s", config.corpus, config.shards)
             manifest = run_precompute(precompute)
         except BaseException:
-            if tracker:
-                tracker.mark_failed(child)
+            tracker.mark_failed(child)
             raise
-        if tracker:
-            _log_precompute(tracker, child, precompute, manifest)
-        _, curriculum = preflight(train)
-        if tracker:
-            tracker.log_params(parent, _parent_params(config, manifest, curriculum.total_steps))
-            tracker.log_dataset(parent, _dataset_name(config.corpus), config.corpus, manifest["input"]["fingerprint"],
-                                "training", manifest["rows"])
-            tracker.log_dataset(parent, _dataset_name(config.shards), config.shards, _shards_fingerprint(manifest),
-                                "teacher-top-k", manifest["rows"])
+        _log_precompute(tracker, child, precompute, manifest)
+        _, curriculum = preflight(train, manifest)
+        tracker.log_params(parent, _parent_params(config, manifest, curriculum.total_steps))
+        tracker.log_dataset(parent, _dataset_name(config.corpus), config.corpus, manifest["input"]["fingerprint"],
+                            "training", manifest["rows"])
+        tracker.log_dataset(parent, _dataset_name(config.shards), config.shards, _shards_fingerprint(manifest),
+                            "teacher-top-k", manifest["rows"])
         records = []
         for index in range(1, train.stages + 1):
             log.info("stage %d/%d", index, train.stages)
-            records.append(track_stage(tracker, parent, train, index))
+            records.append(track_stage(tracker, parent, train, index, manifest))
         student = export_student(config, records[-1]["checkpoint"])
-        if tracker:
-            tracker.set_tags(parent, {"wand.student_uri": student})
-            if config.tracking.log_student:
-                _log_student(tracker, parent, config, student)
-            tracker.log_metrics(parent, {"final_loss": records[-1]["metrics"][-1]["loss"],
-                                         "total_steps": records[-1]["total_steps"]})
+        tracker.set_tags(parent, {"wand.student_uri": student})
+        if tracker.enabled and config.tracking.log_student:
+            _log_student(tracker, parent, config, student)
+        tracker.log_metrics(parent, {"final_loss": records[-1]["metrics"][-1]["loss"],
+                                     "total_steps": records[-1]["total_steps"]})
         evals = {}
         checksum = records[-1]["param_checksum"]
-        done = tracker.find_child(parent, "eval") if tracker else None
+        done = tracker.find_child(parent, "eval")
         if done is not None and done.info.status == "FINISHED" and done.data.tags.get("wand.student_checksum") == checksum:
             log.info("evals: already logged for this student in run %s; skipped", done.info.run_id)
             evals = dict(done.data.metrics)
         elif config.evaluate.enabled:
             results = evaluate_experiment(config, student)
             evals = {k: v for r in results for k, v in r.metrics.items()}
-            if tracker:
-                log_evals(tracker, parent, results, config, checksum)
-        if tracker:
-            tracker.finish(parent)
+            log_evals(tracker, parent, results, config, checksum)
+        tracker.finish(parent)
     except BaseException:
-        if tracker:
-            tracker.mark_failed(parent)
+        tracker.mark_failed(parent)
         raise
     return {"stages": records, "student": student, "evals": evals, "parent_run_id": parent,
-            "tracking_uri": tracker.uri if tracker else None, "experiment_id": tracker.experiment_id if tracker else None}
+            "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id}
 
 
 def check_cluster_storage(config: DistillConfig) -> None:
@@ -195,7 +101,7 @@ def check_cluster_storage(config: DistillConfig) -> None:
     if local:
         raise ValueError(f"{config.experiment}: this Ray cluster has {nodes} nodes, so shards and checkpoints must "
                          f"live on shared storage (s3://bucket/prefix), not a node's local disk: {', '.join(local)}. "
-                         "Set them in the config or with --set storage=s3://... (see README, Running on a cluster)")
+                         "Set them in the config or with --set storage=s3://... (see docs/cluster.md)")
 
 
 def parent_tags(config: DistillConfig) -> dict:
@@ -260,15 +166,16 @@ def _log_precompute(tracker: Tracker, run_id: str, precompute: PrecomputeConfig,
     tracker.finish(run_id)
 
 
-def track_stage(tracker: Tracker | None, parent: str | None, train: TrainConfig, index: int) -> dict:
+def track_stage(tracker: Tracker | NullTracker, parent: str | None, train: TrainConfig, index: int,
+                manifest: dict | None = None) -> dict:
     """Run curriculum stage ``index`` in its child run: rank 0 streams the step metrics while it
-    trains; afterwards the run gets the checkpoint URI and any step not yet logged."""
-    if tracker is None:
-        return run_stage(train, index)
+    trains; afterwards the run gets the checkpoint URI and any step not yet logged. ``manifest``:
+    the shards' manifest when the caller has read it already."""
     run_id = tracker.child_run(parent, f"stage-{index}")
     tracker.log_params(run_id, {"stage": index, "stages": train.stages})
     try:
-        record = run_stage(train, index, tracking={"uri": tracker.uri, "run_id": run_id})
+        record = run_stage(train, index, tracking={"uri": tracker.uri, "run_id": run_id} if tracker.enabled else None,
+                           manifest=manifest)
     except BaseException:
         tracker.mark_failed(run_id)
         raise
@@ -299,7 +206,7 @@ def _log_student(tracker: Tracker, parent: str, config: DistillConfig, student: 
 
 
 def evaluate_experiment(config: DistillConfig, student_dir: str | None = None) -> list[EvalResult]:
-    """The evals of ``pipeline.evaluate`` on an experiment's teacher and final student: in a Ray task
+    """The evals of ``pipeline.evals`` on an experiment's teacher and final student: in a Ray task
     with ``evaluate.num_gpus`` / ``num_cpus`` when Ray is up (so on a GPU node of a cluster whose head
     has none), else in this process."""
     import ray
@@ -330,7 +237,7 @@ def _evaluate(config: DistillConfig, student_dir: str | None) -> list[EvalResult
 def log_evals(tracker: Tracker, parent: str, results: list[EvalResult], config: DistillConfig,
               student_checksum: str) -> str:
     """Log the evals into a fresh ``eval`` child of the parent; copy the headline metrics onto the parent."""
-    from .evaluate import device_name, resolve_device
+    from pipeline.evals.common import device_name, resolve_device
 
     run_id = tracker.child_run(parent, "eval", fresh=True)
     ran_on = results[0].device if results and results[0].device else device_name(resolve_device(config.evaluate.device))

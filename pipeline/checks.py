@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable
+from typing import Any
 
 # Seeds fit a signed 64-bit integer: torch, numpy and Arrow all take them there (2**70 killed an actor).
 MAX_SEED = 2**63 - 1
@@ -41,3 +42,15 @@ def env_seconds(name: str, default: float, minimum: float = 0.0) -> float:
     if not math.isfinite(value) or value < minimum:
         raise ValueError(f"{name}: must be a finite number of seconds >= {minimum:g}, got {raw[:40]!r}")
     return value
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = value
+    return flat

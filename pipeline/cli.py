@@ -11,10 +11,10 @@ from typing import TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from . import yaml_strict
-from .checks import env_seconds
-from .redaction import redact
-from .yaml_strict import ConfigFileError
+from pipeline import yaml_strict
+from pipeline.checks import env_seconds
+from pipeline.redaction import redact
+from pipeline.yaml_strict import ConfigFileError
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -24,7 +24,7 @@ def prepare(configs: list, steps: tuple[str, ...] = ("precompute", "train", "eva
     (redacted), the inputs each config names checked (pipeline.preflight), Ray started or joined,
     then the resources the configs ask for checked against that cluster. Problems are printed one
     per line, naming the experiment and the field, and exit with status 2 before anything is written."""
-    from .preflight import check_inputs, check_resources
+    from pipeline.preflight import check_inputs, check_resources
 
     setup_logging()
     _exit_on_problems({c.experiment: check_inputs(c, steps) for c in configs}, "invalid input")
@@ -54,6 +54,8 @@ def init_ray() -> bool:
     WAND_RAY_CONNECT_S seconds naming it (Ray itself would wait forever). Returns whether the
     cluster is this job's own (local) one."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return not address  # this process already runs Ray (a caller of main(), a test): used as it is
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         _check_reachable(address, env_seconds(CONNECT_ENV, 30.0, minimum=1.0))
@@ -109,7 +111,7 @@ def _local_cluster_settings() -> None:
     import shutil
     import tempfile
 
-    from .services import LOOPBACK_ENV, write_token
+    from pipeline.services import LOOPBACK_ENV, write_token
 
     mode = os.environ.setdefault("RAY_AUTH_MODE", "token")
     if mode == "token":
@@ -151,7 +153,7 @@ def setup_logging() -> None:
     """The entry points' log format, with every line redacted (pipeline.redaction)."""
     import logging
 
-    from .redaction import install_log_redaction
+    from pipeline.redaction import install_log_redaction
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     install_log_redaction()

@@ -12,7 +12,7 @@ import logging
 
 import pyarrow as pa
 
-from . import storage
+from pipeline import storage
 
 __all__ = ["check_inputs", "check_resources", "STEPS"]
 

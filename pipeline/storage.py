@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from .checks import env_seconds
+from pipeline.checks import env_seconds
 
 __all__ = ["resolve", "join", "write_bytes", "read_bytes", "exists", "write_json", "read_json", "sha256_file",
            "list_files", "list_dir", "is_remote", "location", "overlaps", "confined", "require_credentials", "StorageError", "retrying", "RETRY_ENV"]

@@ -7,7 +7,7 @@ Layout in the MLflow experiment (default ``wand-tts``)::
     |-- precompute               child:  shard counts, bytes, where the shards are
     |-- stage-1 .. stage-N       child:  per-step loss, CE, KD, window, tau, lr, tokens/s;
     |                                    the stage's checkpoint URI (a tag, not a copy)
-    `-- eval                     child:  metrics, tables and figures of pipeline.evaluate
+    `-- eval                     child:  metrics, tables and figures of pipeline.evals
 
 Runs are found again by tags (``wand.experiment``, ``wand.stage``), so a resubmitted job, or a
 stage submitted on its own, re-attaches to its runs instead of making new ones. Step metrics are
@@ -29,48 +29,15 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pipeline.checks import flatten
+from pipeline.config import TrackingConfig
+from pipeline.redaction import redact
 
-from .redaction import has_credentials, redact
-
-__all__ = ["TrackingConfig", "Tracker", "TrackingUnavailable", "redact", "flatten", "has_credentials",
-           "CREDENTIALS_FROM_ENV", "git_commit", "load_logged_student"]
+__all__ = ["Tracker", "NullTracker", "tracker_for", "TrackingUnavailable", "redact", "git_commit",
+           "load_logged_student", "ui_links"]
 
 log = logging.getLogger("wand.tracking")
 BATCH = 1000  # MLflow's log_batch limit on metrics per call
-
-
-CREDENTIALS_FROM_ENV = ("credentials come from the environment or the instance role (AWS_ACCESS_KEY_ID / "
-                        "AWS_SECRET_ACCESS_KEY, MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN), "
-                        "never from a config")
-CREDENTIALS_IN_URI = ("put MLflow credentials in MLFLOW_TRACKING_USERNAME / _PASSWORD or MLFLOW_TRACKING_TOKEN, "
-                      "not in the URI")
-
-
-class TrackingConfig(BaseModel):
-    """The ``tracking:`` section of an experiment config."""
-
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
-
-    uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI; neither: off")
-    experiment_name: str = Field("wand-tts", description="MLflow experiment holding the runs")
-    log_student: bool = Field(True, description="copy the final student into the parent run's artifacts")
-    grace_s: float = Field(300.0, ge=0, description=(
-        "how long the driver waits for an MLflow server that does not answer (restarting, unreachable) "
-        "before the job fails naming the tracking URI; the checkpoints are kept, so resubmitting resumes"))
-
-    @field_validator("uri")
-    @classmethod
-    def _no_credentials(cls, value: str | None) -> str | None:
-        if value and has_credentials(value):  # said before the value can reach a log or a param
-            raise ValueError(CREDENTIALS_IN_URI)
-        return value
-
-    def resolved_uri(self) -> str | None:
-        uri = self.uri or os.environ.get("MLFLOW_TRACKING_URI")
-        if uri and has_credentials(uri):
-            raise ValueError(f"tracking.uri: {CREDENTIALS_IN_URI}")
-        return uri
 
 
 def git_commit() -> str:
@@ -84,18 +51,6 @@ def git_commit() -> str:
         return out.stdout.strip() if out.returncode == 0 else "unknown"
     except (OSError, subprocess.SubprocessError):
         return "unknown"
-
-
-def flatten(values: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat = {}
-    for key, value in values.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat.update(flatten(value, name + "."))
-        else:
-            flat[name] = value
-    return flat
 
 
 EXPERIMENT_KIND = "custom_model_development"
@@ -114,6 +69,37 @@ def ui_links(uri: str, experiment_id: str, parent_run_ids: list[str]) -> dict[st
     return {"experiment": base,
             "compare": f"{uri.rstrip('/')}/#/compare-runs?runs={runs}&experiments={experiments}"
                        "&workflowType=machine_learning"}
+
+
+class NullTracker:
+    """Tracking off: every call does nothing, so the chain has one way through with or without MLflow."""
+
+    enabled = False
+    uri = None
+    experiment_id = None
+
+    def parent_run(self, *args, **kwargs) -> None:
+        return None
+
+    def child_run(self, *args, **kwargs) -> None:
+        return None
+
+    def find_child(self, *args, **kwargs) -> None:
+        return None
+
+    def log_student(self, *args, **kwargs) -> None:
+        return None
+
+    def __getattr__(self, name: str):  # log_params, log_metrics, set_tags, finish, mark_failed, ...
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args, **kwargs: None
+
+
+def tracker_for(config) -> "Tracker | NullTracker":
+    """The tracker of a ``tracking:`` section: MLflow when it names a URI (or $MLFLOW_TRACKING_URI), else one
+    that records nothing."""
+    return Tracker.from_config(config) or NullTracker()
 
 
 class TrackingUnavailable(RuntimeError):
@@ -169,6 +155,7 @@ class PatientClient:
 
 
 class Tracker:
+    enabled = True
     """Thin wrapper over ``MlflowClient`` with the layout above. All methods take run ids, so
     workers can log into a run the driver created.
 
@@ -341,7 +328,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[start : start + BATCH])
 
     def log_eval(self, run_id: str, result) -> None:
-        """One ``pipeline.evaluate.EvalResult``: metrics, ``evals/<name>.json`` table, ``evals/<name>.png``."""
+        """One ``pipeline.evals.EvalResult``: metrics, ``evals/<name>.json`` table, ``evals/<name>.png``."""
         self.log_metrics(run_id, result.metrics)
         self.log_curves(run_id, result.curves)
         self.client.log_table(run_id, data=result.table, artifact_file=f"evals/{result.name}.json")

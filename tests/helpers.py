@@ -1,6 +1,6 @@
-"""Test helpers: random sequences in each spec's layout (see pipeline/random_corpus.py)."""
+"""Test helpers: random sequences in each spec's layout (see pipeline/synthetic/random_corpus.py)."""
 
-from pipeline.random_corpus import corpus_rows, make_row  # noqa: F401
+from pipeline.synthetic.random_corpus import corpus_rows, make_row  # noqa: F401
 
 
 def ray_auth_headers() -> dict[str, str]:
@@ -118,7 +118,8 @@ def precomputed_tiny_corpus(root, seed: int):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.teacher_topk import PrecomputeConfig, run_precompute
+    from pipeline.config import PrecomputeConfig
+    from pipeline.data.precompute import run_precompute
     from wand.models import get_spec
 
     spec = get_spec("cosyvoice2", "tiny")

@@ -5,11 +5,13 @@ import pytest
 import torch
 
 import wand
-from pipeline.ablation import VARIANTS, AblationConfig, curriculum_for, free_run, run_ablation, train_student
-from pipeline.ablation import teacher_targets
-from pipeline.train import shard_topk
-from pipeline.evaluate import forward_inputs, position_scores, speech_ids
-from pipeline.synthetic import synthetic_rows
+from pipeline.evals.ablation import AblationConfig, curriculum_for, free_run, run_ablation, train_student, VARIANTS
+from pipeline.evals.ablation import teacher_targets
+from pipeline.data.shards import shard_topk
+from pipeline.evals.common import speech_ids
+from pipeline.evals.quality import position_scores
+from wand.batch import forward_inputs
+from pipeline.synthetic.law import synthetic_rows
 from wand.models import get_spec
 
 CONFIG = AblationConfig(window=4, window_start=8, steps=3, batch_size=2, lr=1e-2)
@@ -136,7 +138,7 @@ def test_the_table_has_every_variant_with_consistent_columns():
 
 
 def test_students_of_several_seeds_and_long_form_rows_get_their_own_figures():
-    from pipeline.ablation import forced, said
+    from pipeline.evals.ablation import forced, said
 
     spec, teacher, rows, held = setup("sparktts")
     long_form = synthetic_rows(spec, 1, seed=5, min_text=40, max_text=44, split="longform", alignment=True)

@@ -1,7 +1,7 @@
 """Hostile and bad input, one case per kind: what the user gets for it. These are the rows of the
-README's "Bad input" table (a test below keeps the two in step).
+docs' "Bad input" table (docs/faults-and-bad-input.md; a test below keeps the two in step).
 
-Corpus rows go through the precompute's own row check (``pipeline.corpus.RowChecker``; that the
+Corpus rows go through the precompute's own row check (``pipeline.data.corpus.RowChecker``; that the
 precompute lists every such row with its file and writes nothing, or quarantines it, is
 tests/test_precompute.py's bad-row tests on Ray). Configs go through the experiment config every
 entry point loads; teacher sources through the loader the precompute and the stages share."""
@@ -20,9 +20,9 @@ import torch
 import yaml
 
 from helpers import corpus_rows
-from pipeline.chain import DistillConfig
+from pipeline.config import DistillConfig
 from pipeline.cli import load_experiments
-from pipeline.corpus import RowChecker
+from pipeline.data.corpus import RowChecker
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ INPUT = "input"  # what a case hands the pipeline (a config file, a weights file
 
 @dataclass(frozen=True)
 class Case:
-    kind: str  # the README row
+    kind: str  # the docs' table row
     run: Callable[[Path], str]  # returns what the user is told (an error message or a row's reason)
     expect: str  # a regex the message must match: it names the row, field or path
 
@@ -84,7 +84,7 @@ def cli_error(*argv: str) -> Callable[[Path], str]:
 
 def teacher_error(model: str, source: Callable[[Path], str]) -> Callable[[Path], str]:
     def run(tmp: Path) -> str:
-        from pipeline.teacher_topk import teacher_weights
+        from wand.models.weights import teacher_weights
 
         try:
             teacher_weights(get_spec(model, "mini"), source(tmp), 0, None)
@@ -182,7 +182,7 @@ def manifest_error(change: Callable[[dict], dict] | None = None, raw: bytes | No
     def run(tmp: Path) -> str:
         import json
 
-        from pipeline.teacher_topk import load_manifest
+        from pipeline.data.shards import load_manifest
 
         folder = tmp / INPUT / "shards"
         folder.mkdir(parents=True)
@@ -205,7 +205,7 @@ def shard_error(change: Callable[[dict], dict]) -> Callable[[Path], str]:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from pipeline.row_order import ShardCorrupt, read_shard
+        from pipeline.data.shards import read_shard, ShardCorrupt
         from pipeline.storage import resolve
 
         spec = get_spec("cosyvoice2", "tiny")
@@ -240,7 +240,7 @@ def checkpoint_error(files: dict) -> Callable[[Path], str]:
     def run(tmp: Path) -> str:
         import json
 
-        from pipeline import checkpoints
+        from pipeline.train import checkpoints
         from pipeline.storage import resolve
 
         folder = tmp / INPUT / "checkpoint_000001"
@@ -473,7 +473,7 @@ def test_an_s3_location_without_credentials_fails_before_anything_is_written(mon
     storage.require_credentials("s3://bucket/topk")
 
 
-# What happens to each kind of input, by the case's prefix (the README's middle column).
+# What happens to each kind of input, by the case's prefix (the table's middle column).
 WHAT_HAPPENS = {
     "row": "listed with file and id, nothing written (or quarantined)",
     "config": "refused before anything runs",
@@ -490,7 +490,7 @@ WHAT_HAPPENS = {
 
 
 def shown(message: str, tmp: Path) -> str:
-    """A case's message as the README shows it: one line, temp folders as <tmp>, the repo as '.'."""
+    """A case's message as the docs show it: one line, temp folders as <tmp>, the repo as '.'."""
     lines = [line for line in message.removeprefix("exit 2: ").splitlines()
              if not line.startswith(("usage:", " " * 10))]
     text = " ".join(line.strip() for line in lines)
@@ -499,8 +499,8 @@ def shown(message: str, tmp: Path) -> str:
     return text if len(text) <= 150 else text[:150] + " ..."
 
 
-def readme_table() -> str:
-    """The README's table of bad input, made by running every case (python tests/test_bad_input.py)."""
+def docs_table() -> str:
+    """The docs' table of bad input, made by running every case (python tests/test_bad_input.py)."""
     import tempfile
 
     rows = ["| input | what happens | what the user is told |", "|---|---|---|"]
@@ -511,16 +511,16 @@ def readme_table() -> str:
     return "\n".join(rows)
 
 
-def test_the_readme_table_is_made_from_the_cases():
-    readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("### Bad input"):]
-    start = table.index("| input |")
-    table = table[start: table.index("\n\n", start)]
-    assert table == readme_table(), "README's bad-input table is stale: python tests/test_bad_input.py prints it"
+def test_the_docs_table_is_made_from_the_cases():
+    page = (ROOT / "docs" / "faults-and-bad-input.md").read_text()
+    start = page.index("| input |", page.index("## Bad input"))
+    end = page.find("\n\n", start)
+    table = page[start: end if end >= 0 else None].rstrip("\n")
+    assert table == docs_table(), "docs/faults-and-bad-input.md's bad-input table is stale: python tests/test_bad_input.py prints it"
 
 
 if __name__ == "__main__":
     import sys
 
     sys.path.insert(0, str(ROOT))
-    print(readme_table())
+    print(docs_table())

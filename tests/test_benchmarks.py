@@ -1,4 +1,4 @@
-"""The benchmark scripts run (small shapes on CPU) and write what the README's tables are read from."""
+"""The benchmark scripts run (small shapes on CPU) and write what the docs' tables are read from."""
 
 import json
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks/serving.py"), "--device", "cpu",
+    out = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--device", "cpu",
                           "--models", "cosyvoice2,llasa-3b", "--seconds", "10,60", "--batches", "1,2", "--steps", "3",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=540)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -33,8 +33,8 @@ def test_gpu_check_names_every_cuda_test_file_and_benchmark():
     cuda_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
                         if p.name != Path(__file__).name and "pytest.mark.cuda" in p.read_text())
     assert cuda_files == ["tests/test_cuda.py"] and "-m cuda tests/test_cuda.py" in script
-    for bench in ("decode_latency.py", "train_step.py", "serving.py"):
-        assert f"benchmarks/{bench} " in script and "--device cuda" in script
+    for bench in ("decode_latency", "train_step", "serving"):
+        assert f"-m benchmarks.{bench} " in script and "--device cuda" in script
 
 
 def test_the_readme_counts_the_cuda_tests_that_exist():
@@ -44,5 +44,5 @@ def test_the_readme_counts_the_cuda_tests_that_exist():
                           str(ROOT / "tests/test_cuda.py")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     collected = len([line for line in out.stdout.splitlines() if "::" in line])
     said = {int(n) for n in re.findall(r"(\d+) (?:tests\)|`cuda` tests|tests marked\s+`cuda`)",
-                                       (ROOT / "README.md").read_text())}
+                                       "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md")))}
     assert collected > 20 and said == {collected}, (collected, said)

@@ -51,7 +51,7 @@ def test_choose_window_matches_brute_force_and_logs_to_mlflow(tmp_path, mlflow_s
               "shards": str(tmp_path / "topk"), "storage": str(tmp_path / "ckpt"), "evaluate": {"enabled": False},
               "tracking": {"uri": mlflow_server.uri, "experiment_name": "choose-window-test"}}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
-    out = subprocess.run([sys.executable, str(ROOT / "jobs/choose_window.py"), "--config", str(tmp_path / "c.yaml"),
+    out = subprocess.run([sys.executable, "-m", "jobs.choose_window", "--config", str(tmp_path / "c.yaml"),
                           "--rows", "6", "--windows", "2,4,8,16", "--device", "cpu", "--json", str(tmp_path / "cw.json")],
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.chain import DistillConfig
+from pipeline.config import DistillConfig
 from pipeline.cli import load_config_with_overrides, load_experiments
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,9 +66,9 @@ def test_errors_name_the_experiment_and_field(tmp_path, capsys):
 def test_every_stage_setting_has_one_place_in_the_experiment_config():
     """The sections are generated from the stage configs; the hand-kept lists (SHARED, CURRICULUM)
     must still put every stage field in exactly one place, so no setting is unreachable from YAML."""
-    from pipeline.chain import CURRICULUM, PRECOMPUTE, SHARED, TRAIN
-    from pipeline.teacher_topk import PrecomputeConfig
-    from pipeline.train import TrainConfig
+    from pipeline.config import CURRICULUM, PRECOMPUTE, SHARED, TRAIN
+    from pipeline.config import PrecomputeConfig
+    from pipeline.config import TrainConfig
 
     places = [set(SHARED), set(CURRICULUM), set(TRAIN), {"k", "temperature"}]
     for a in range(len(places)):

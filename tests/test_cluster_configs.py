@@ -76,8 +76,8 @@ def test_kuberay_rayjob_runs_the_distill_entry_point():
     assert manifest["apiVersion"] == "ray.io/v1" and manifest["kind"] == "RayJob"
     spec = manifest["spec"]
     words = spec["entrypoint"].split()
-    assert words[:4] == ["python", "jobs/distill.py", "--config", words[3]]
-    assert (ROOT / words[3]).exists()
+    assert words[:5] == ["python", "-m", "jobs.distill", "--config", words[4]]
+    assert (ROOT / words[4]).exists()
     assert "storage=s3://" in spec["entrypoint"] and "shards=s3://" in spec["entrypoint"]
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(runtime_env["env_vars"], dict)

@@ -70,7 +70,7 @@ def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_serve
             "--set", "corpus=runs/corpus/tiny-cosyvoice2", "--set", "shards=runs/topk/tiny-cosyvoice2",
             "--set", "evaluate.corpus=runs/corpus/tiny-cosyvoice2-heldout",
             "--set", "curriculum.epochs=6.0", "--set", "train.checkpoint_every=2", "--set", "tracking.experiment_name=e2e"]
-    entrypoint = "python jobs/distill.py " + " ".join(args)
+    entrypoint = "python -m jobs.distill " + " ".join(args)
     runtime_env = {"working_dir": str(ROOT), "env_vars": {"MLFLOW_TRACKING_URI": mlflow_server.uri}}
     client = JobSubmissionClient(ray_head.dashboard_url)
 
@@ -185,7 +185,7 @@ def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp
         # No working_dir upload: the fake nodes share this machine's disk and one session folder, and
         # a node scaled down removes the unpacked working dir under the others' workers. The package
         # is installed in the venv (editable), so absolute paths are enough.
-        entrypoint = (f"python {ROOT}/jobs/distill.py --config {ROOT}/jobs/configs/tiny.yaml --only sparktts "
+        entrypoint = (f"cd {ROOT} && python -m jobs.distill --config {ROOT}/jobs/configs/tiny.yaml --only sparktts "
                       "--set corpus=s3://autoscale/corpus/sparktts --set shards=s3://autoscale/topk/sparktts "
                       "--set storage=s3://autoscale/runs --set curriculum.stages=1 --set evaluate.enabled=false "
                       f"{' '.join(TINY_RANDOM)} "

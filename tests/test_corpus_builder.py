@@ -11,8 +11,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline.corpus import check_batch
-from pipeline.corpus_builder import RowError, build_row, build_rows, code_count
+from pipeline.data.corpus import check_batch
+from pipeline.data.corpus_builder import build_row, build_rows, code_count, RowError
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,14 +101,16 @@ def test_bad_records_name_the_record_and_the_field():
 def test_make_corpus_job_writes_all_or_nothing(tmp_path):
     records = [{"id": f"u{i}", "text_ids": [1, 2], "target_codes": [3, 4, i]} for i in range(5)]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    cmd = [sys.executable, str(ROOT / "jobs/make_corpus.py"), "--model", "cosyvoice2", "--size", "tiny",
+    cmd = [sys.executable, "-m", "jobs.make_corpus", "--model", "cosyvoice2", "--size", "tiny",
            "--input", str(tmp_path / "in.jsonl")]
-    out = subprocess.run([*cmd, "--output", str(tmp_path / "corpus")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*cmd, "--output", str(tmp_path / "corpus")], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = pq.read_table(tmp_path / "corpus" / "corpus.parquet").to_pylist()
     assert [r["id"] for r in rows] == [f"u{i}" for i in range(5)] and all(r["input_ids"][-1] == 61 for r in rows)
     records[3]["target_codes"] = [999]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    out = subprocess.run([*cmd, "--output", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+    out = subprocess.run([*cmd, "--output", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120,
+                         cwd=ROOT)
     assert out.returncode == 2 and "record 'u3': target_codes holds 999" in out.stderr
     assert not (tmp_path / "bad").exists()

@@ -9,7 +9,9 @@ import torch
 import wand
 from conftest import tiny_model
 from helpers import corpus_rows
-from pipeline.evaluate import EvalConfig, distance_bucket, position_scores, run_evals
+from pipeline.config import EvalConfig
+from pipeline.evals.quality import distance_bucket, position_scores
+from pipeline.evals.run import run_evals
 from wand.attention_mass import attention_mass, mass_shares, record_attention
 from wand.kv import attention_flops_per_token
 from wand.models import get_spec
@@ -140,9 +142,9 @@ def test_run_evals_tables_and_measured_memory():
 
 
 def test_the_content_eval_transcribes_what_each_model_says():
-    from pipeline.evaluate import content
-    from pipeline.synthetic import SyntheticTask, synthetic_rows
-    from pipeline.transcribe import score, speech_codes_of
+    from pipeline.evals.quality import content
+    from pipeline.synthetic.law import synthetic_rows, SyntheticTask
+    from pipeline.synthetic.transcribe import score, speech_codes_of
 
     spec = get_spec("cosyvoice2", "tiny")
     torch.manual_seed(0)
@@ -182,7 +184,8 @@ def test_the_evals_run_as_a_ray_task_with_their_resources(ray_local, tmp_path):
     import pyarrow.parquet as pq
 
     from helpers import corpus_rows
-    from pipeline.chain import DistillConfig, evaluate_experiment
+    from pipeline.chain import evaluate_experiment
+    from pipeline.config import DistillConfig
     from wand.models import get_spec
 
     spec = get_spec("cosyvoice2", "tiny")
@@ -211,7 +214,7 @@ def test_the_evals_run_as_a_ray_task_with_their_resources(ray_local, tmp_path):
 
 
 def test_the_training_corpus_is_refused_as_held_out_unless_allowed():
-    from pipeline.chain import DistillConfig
+    from pipeline.config import DistillConfig
 
     base = dict(experiment="e", model="cosyvoice2", model_size="tiny", corpus="runs/corpus/x/", shards="s", storage="st")
     for evaluate in ({}, {"corpus": "runs/corpus/x"}):

@@ -1,7 +1,7 @@
 """Services killed from outside with signals while the pipeline runs on them: a Ray Train worker,
 the MLflow server, the object store (behind a TCP forwarder, so its data survives the outage) and
 the precompute's driver. Goal for each: the run completes (or fails naming the cause, and resumes
-when resubmitted) and nothing is lost or counted twice. Rows of the README's fault table."""
+when resubmitted) and nothing is lost or counted twice. Rows of the fault table in docs/faults-and-bad-input.md."""
 
 from __future__ import annotations
 
@@ -21,12 +21,16 @@ import pytest
 
 from helpers import corpus_rows, precomputed_tiny_corpus
 from tcp_proxy import start as start_proxy
-from pipeline import checkpoints, storage
-from pipeline.chain import CURRICULUM, DistillConfig, track_stage
+from pipeline import storage
+from pipeline.train import checkpoints
+from pipeline.chain import track_stage
+from pipeline.config import CURRICULUM, DistillConfig
 from pipeline.services import MLflowServer, free_port
-from pipeline.teacher_topk import PrecomputeConfig, load_manifest, run_precompute
+from pipeline.config import PrecomputeConfig
+from pipeline.data.precompute import run_precompute
+from pipeline.data.shards import load_manifest
 from pipeline.tracking import Tracker, TrackingUnavailable
-from pipeline.train import plan_stages, run_stage, stage_record
+from pipeline.train.driver import plan_stages, run_stage, stage_record
 from wand.models import get_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -107,7 +111,7 @@ def test_a_ray_train_worker_sigkilled_from_outside_resumes_with_nothing_lost(sha
 
 def test_a_corrupt_newest_checkpoint_is_skipped_by_the_resubmission_with_a_warning(shards, reference, tmp_path,
                                                                                   caplog):
-    from pipeline.train import FAULT_ENV
+    from pipeline.train.worker import FAULT_ENV
 
     train = stage_config(shards, "corrupt-checkpoint", max_failures=0)
     with pytest.MonkeyPatch.context() as patch:
@@ -122,7 +126,7 @@ def test_a_corrupt_newest_checkpoint_is_skipped_by_the_resubmission_with_a_warni
     data = bytearray(optim.read_bytes())
     data[len(data) // 2] ^= 0xFF  # storage flipped a byte of the newest checkpoint
     optim.write_bytes(bytes(data))
-    with caplog.at_level("WARNING", logger="pipeline.checkpoints"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
         record = run_stage(train, 1)  # the resubmission
     assert f"checkpoint {newest} is unusable: ds/{optim.name} does not match its checksum" in caplog.text
     assert record["starts"] == [0, 4]  # from the previous good checkpoint, not the corrupt one
@@ -238,7 +242,7 @@ def test_the_driver_killed_during_the_precompute_resumes_with_the_finished_shard
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONPATH": str(ROOT)}
-    command = [sys.executable, str(ROOT / "jobs" / "precompute.py"), "--config", str(config)]
+    command = [sys.executable, "-m", "jobs.precompute", "--config", str(config)]
     log = tmp_path / "first.log"
     with open(log, "w") as out:
         first = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)

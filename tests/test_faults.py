@@ -1,5 +1,5 @@
 """Faults from outside the pipeline: full disks, flipped and truncated files, object storage and the
-tracking server going away. Each test is a row of the README's "Faults and bad input" table.
+tracking server going away. Each test is a row of the "Faults" table in docs/faults-and-bad-input.md.
 
 The slow ones (tests/test_fault_services.py) kill real processes with signals; these need none."""
 
@@ -18,8 +18,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import checkpoints, storage
-from pipeline.row_order import ShardCorrupt, read_shard
+from pipeline import storage
+from pipeline.train import checkpoints
+from pipeline.data.shards import read_shard, ShardCorrupt
 from pipeline.services import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +81,7 @@ def test_a_corrupt_or_truncated_newest_checkpoint_falls_back_to_the_previous_one
     data = bytearray(optim.read_bytes())
     data[100] ^= 0xFF  # one flipped byte
     optim.write_bytes(bytes(data))
-    with caplog.at_level("WARNING", logger="pipeline.checkpoints"):
+    with caplog.at_level("WARNING", logger="pipeline.train.checkpoints"):
         assert checkpoints.latest_good(fs, str(run), 2) == str(older)
     assert str(newer) in caplog.text and "zero_pp_rank_1_optim_states.pt does not match" in caplog.text
 
@@ -249,13 +250,12 @@ def test_an_object_store_that_comes_back_within_the_retry_window_loses_nothing(s
     assert storage.read_json(direct, "faults-back/topk/_run.json") == {"a": 1}
 
 
-def test_every_test_the_readme_fault_tables_name_exists():
-    """The README's "Faults and bad input" rows cite tests by name (a prefix with ``*``): each must
+def test_every_test_the_fault_tables_name_exists():
+    """The "Faults and bad input" page's rows cite tests by name (a prefix with ``*``): each must
     match a test function in that file, so a renamed test cannot leave the table pointing nowhere."""
     import re as regex
 
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Faults and bad input"): readme.index("## Tests\n")]
+    section = (ROOT / "docs" / "faults-and-bad-input.md").read_text()
     cited = regex.findall(r"`(test_\w+\.py)::(test_\w+)(\*?)`", section)
     assert len(cited) >= 12
     for file, name, wildcard in cited:

@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from helpers import corpus_rows
-from pipeline.chain import DistillConfig
+from pipeline.config import DistillConfig
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,7 +35,7 @@ def test_every_shipped_config_loads(path):
 
 
 def run_job(*args, timeout=600):
-    return subprocess.run([sys.executable, "jobs/precompute.py", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "jobs.precompute", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -1,4 +1,4 @@
-"""`wand` on its own: the README's plain PyTorch training step runs with only torch and transformers
+"""`wand` on its own: the docs' plain PyTorch training step runs with only torch and transformers
 (the pipeline's packages made unimportable), and really trains; the package's core dependencies
 are just those."""
 
@@ -41,7 +41,7 @@ sys.meta_path.insert(0, Blocker())
 import torch
 torch.manual_seed(0)
 namespace = {{}}
-exec(compile({code!r}, "README.md", "exec"), namespace)
+exec(compile({code!r}, "docs/wand-api.md", "exec"), namespace)
 student, teacher, ids, prefix, positions = (namespace[k] for k in ("student", "teacher", "ids", "prefix", "positions"))
 import wand
 
@@ -61,15 +61,15 @@ print("OK")
 """
 
 
-def readme_example() -> str:
-    text = (ROOT / "README.md").read_text()
+def docs_example() -> str:
+    text = (ROOT / "docs" / "wand-api.md").read_text()
     block = re.search(r"<!-- plain-pytorch:start -->\s*```python\n(.*?)```\s*<!-- plain-pytorch:end -->", text, re.S)
-    assert block, "the README lost its plain PyTorch example"
+    assert block, "docs/wand-api.md lost its plain PyTorch example"
     return block.group(1)
 
 
-def test_the_readme_training_step_runs_with_torch_and_transformers_alone():
-    code = textwrap.dedent(readme_example())
+def test_the_docs_training_step_runs_with_torch_and_transformers_alone():
+    code = textwrap.dedent(docs_example())
     script = RUNNER.format(blocked=PIPELINE_ONLY, code=code)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
@@ -85,4 +85,4 @@ def test_the_core_package_depends_on_torch_and_transformers_only():
     assert core == {"torch", "transformers", "safetensors"}
     extra = {re.split(r"[<>=\[ ]", d)[0] for d in project["optional-dependencies"]["pipeline"]}
     assert {"ray", "deepspeed", "mlflow", "s3fs"} <= extra
-    assert ".[pipeline,test]" in (ROOT / "Makefile").read_text()
+    assert ".[pipeline,test,docs]" in (ROOT / "Makefile").read_text()

@@ -18,8 +18,9 @@ import torch
 
 import wand
 from helpers import corpus_rows
-from pipeline.chain import DistillConfig, log_evals
-from pipeline.evaluate import run_evals
+from pipeline.chain import log_evals
+from pipeline.config import DistillConfig
+from pipeline.evals.run import run_evals
 from pipeline.tracking import Tracker, ui_links
 from wand.batch import collate
 from wand.distill import distill_loss

@@ -35,7 +35,7 @@ def fresh_shell(home: Path, tmp: Path, **extra: str) -> dict[str, str]:
 
 
 def run(job: str, args: list[str], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, f"jobs/{job}.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", f"jobs.{job}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -13,8 +13,10 @@ import torch
 import wand
 from helpers import corpus_rows
 from pipeline import storage
-from pipeline.corpus import RowChecker, check_batch
-from pipeline.teacher_topk import FAULT_ENV, PrecomputeConfig, ShardFault, decode_values, load_manifest, run_precompute, verify_manifest
+from pipeline.data.corpus import check_batch, RowChecker
+from pipeline.config import PrecomputeConfig
+from pipeline.data.precompute import FAULT_ENV, run_precompute, ShardFault
+from pipeline.data.shards import decode_values, load_manifest, verify_manifest
 from wand.models import get_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -252,8 +254,8 @@ def test_a_real_size_teacher_without_weights_is_a_config_error():
     """It used to distil silently from a randomly initialised 0.5B teacher."""
     from pydantic import ValidationError
 
-    from pipeline.chain import DistillConfig
-    from pipeline.train import TrainConfig
+    from pipeline.config import DistillConfig
+    from pipeline.config import TrainConfig
 
     with pytest.raises(ValidationError, match="teacher_source: a real-size model needs its released weights"):
         PrecomputeConfig(model="cosyvoice2", corpus="x", shards="y")
@@ -272,7 +274,8 @@ def test_stale_shards_are_never_reused_silently(ray_local, tmp_path):
     """Shards are reused only for the corpus and teacher files they were made from: through the chain
     (which used to skip the stage when only the settings matched), a changed corpus and new teacher
     weights at the same path are refused with the difference named; the same inputs are reused."""
-    from pipeline.chain import DistillConfig, run_chain
+    from pipeline.chain import run_chain
+    from pipeline.config import DistillConfig
 
     spec = get_spec("cosyvoice2", "tiny")
     torch.manual_seed(0)

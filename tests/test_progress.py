@@ -1,6 +1,6 @@
 """Progress lines: at a steady interval, with an ETA from the mean step time."""
 
-from pipeline.progress import Progress
+from pipeline.train.progress import Progress
 
 
 def test_lines_come_at_the_interval_with_an_eta():

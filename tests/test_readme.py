@@ -1,10 +1,11 @@
-"""The README's commands point at things that exist."""
+"""The README's and the docs' commands point at things that exist."""
 
 import re
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
+DOCS = "\n".join(p.read_text() for p in sorted((ROOT / "docs").glob("*.md")))
 
 
 def test_quickstart_targets_exist():
@@ -16,7 +17,10 @@ def test_quickstart_targets_exist():
 
 
 def test_every_referenced_script_and_config_exists():
-    paths = set(re.findall(r"\b((?:jobs|benchmarks|pipeline|wand|tests)/[\w/.-]+\.(?:py|yaml|json))", README))
-    assert paths, "the README references no files"
+    paths = set(re.findall(r"\b((?:jobs|benchmarks|pipeline|wand|tests)/[\w/.-]+\.(?:py|yaml|json))", README + DOCS))
+    assert len(paths) > 30, "the README and docs reference (almost) no files"
+    modules = set(re.findall(r"python -m ((?:jobs|benchmarks)\.\w+)", README + DOCS))
+    assert modules, "no entry point is shown as a module"
+    paths |= {m.replace(".", "/") + ".py" for m in modules}
     missing = sorted(p for p in paths if not (ROOT / p).exists())
     assert not missing, missing

@@ -4,7 +4,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipeline.row_order import RowOrder, ShardRows
+from pipeline.data.row_order import RowOrder, ShardRows
 
 
 def test_each_epoch_is_a_permutation_and_seeded():

@@ -29,7 +29,7 @@ AUTH_VARS = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
 
 
 def local_cluster(state_dir: Path, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "jobs/local_cluster.py"), "--state-dir", str(state_dir), *args],
+    return subprocess.run([sys.executable, "-m", "jobs.local_cluster", "--state-dir", str(state_dir), *args],
                           capture_output=True, text=True, timeout=timeout, cwd=ROOT)
 
 
@@ -107,7 +107,7 @@ def test_the_head_refuses_clients_without_the_token(demo, tmp_path):
     os.chmod(tmp_path / "wrong", 0o600)
 
     # The demo's own job, as `make demo` submits it, without the token: refused before it is accepted.
-    distill = ["python", "jobs/distill.py", "--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2"]
+    distill = ["python", "-m", "jobs.distill", "--config", "jobs/configs/tiny.yaml", "--only", "cosyvoice2"]
     no_token = submit(bare_env(tmp_path), url, *distill)
     assert no_token.returncode != 0 and "raysubmit_" not in no_token.stdout
     assert "Missing authentication token" in no_token.stdout + no_token.stderr

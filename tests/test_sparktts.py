@@ -7,7 +7,7 @@ from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
-from pipeline.corpus import RowChecker
+from pipeline.data.corpus import RowChecker
 from wand.models import get_spec
 from wand.models.sparktts import CONTROL_TOKENS, SPECIAL_TOKENS, STYLE_TOKENS
 
@@ -94,7 +94,7 @@ def test_a_tokenizer_without_sparks_tokens_is_refused():
 def test_the_real_spark_spec_takes_its_ids_from_the_checkpoint_folder(tmp_path):
     """At real size Spark's ids exist only in the checkpoint's LLM/tokenizer.json: the pipeline's
     stage configs read them from teacher_source (a folder or s3://) instead of failing on target_ids."""
-    from pipeline.teacher_topk import PrecomputeConfig
+    from pipeline.config import PrecomputeConfig
     from wand.models import spec_for
 
     semantic, glob = 8192, 4096

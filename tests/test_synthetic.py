@@ -7,8 +7,8 @@ import pyarrow as pa
 import pytest
 import torch
 
-from pipeline.corpus import RowChecker
-from pipeline.synthetic import SyntheticTask, synthetic_rows
+from pipeline.data.corpus import RowChecker
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from wand.models import get_spec
 
 FAMILIES = ["cosyvoice2", "indextts", "sparktts"]

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import wand
-from pipeline.synthetic import SyntheticTask, synthetic_rows
-from pipeline.teachers import heldout_quality, read_teacher_record, teacher_forced_accuracy, train_teacher
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask
+from pipeline.synthetic.teachers import heldout_quality, read_teacher_record, teacher_forced_accuracy, train_teacher
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,7 +41,7 @@ def test_training_beats_the_untrained_model_and_accuracy_is_exact():
                   torch.tensor([held[0]["prefix_length"]]), 4, 5)  # the trained teacher decodes with a WandCache
 
 
-# The quality README.md states for the committed teachers (teachers/<model>/teacher.json records the
+# The quality docs/results.md states for the committed teachers (teachers/<model>/teacher.json records the
 # exact figures measured when they were trained; these floors and ceilings are what the docs promise).
 STATED = {"cosyvoice2": 0.96, "indextts": 0.86, "sparktts": 0.97}
 STATED_STARTS = {"cosyvoice2": 0.87, "indextts": 0.65, "sparktts": 0.92}  # the text alignment
@@ -51,7 +51,7 @@ STATED_PER = {"cosyvoice2": 0.31, "indextts": 0.49, "sparktts": 0.21}  # free-ru
 
 @pytest.mark.parametrize("name", sorted(STATED))
 def test_committed_teachers_reach_their_stated_quality_on_heldout_rows(name):
-    from pipeline.teachers import spoken_quality
+    from pipeline.synthetic.teachers import spoken_quality
 
     directory = ROOT / "teachers" / name
     record = read_teacher_record(directory)  # checks every file's sha256
@@ -80,7 +80,7 @@ def test_committed_teachers_stop_at_the_stop_id(name):
     """The synthetic rows end with the stop id (upstream's target layout), so the teachers learned to
     stop: greedy wand.generate from held-out prefixes ends at the stop id on every row, near the
     reference's length."""
-    from pipeline.evaluate import forward_inputs
+    from wand.batch import forward_inputs
 
     spec = get_spec(name, "mini")
     teacher = wand.enable_wand(spec.load(str(ROOT / "teachers" / name)), None)

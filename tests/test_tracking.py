@@ -12,9 +12,12 @@ import torch
 
 import wand
 from helpers import corpus_rows
-from pipeline.chain import DistillConfig, run_chain
-from pipeline.tracking import TrackingConfig, load_logged_student, redact
-from pipeline.train import FAULT_ENV
+from pipeline.chain import run_chain
+from pipeline.config import DistillConfig
+from pipeline.config import TrackingConfig
+from pipeline.redaction import redact
+from pipeline.tracking import load_logged_student
+from pipeline.train.worker import FAULT_ENV
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -4,8 +4,11 @@ import pytest
 
 import wand
 from helpers import precomputed_tiny_corpus
-from pipeline.chain import CURRICULUM, DistillConfig, load_student, run_chain
-from pipeline.train import FAULT_ENV, TrainConfig, plan_stages, preflight, run_stage, stage_record
+from pipeline.chain import load_student, run_chain
+from pipeline.config import CURRICULUM, DistillConfig
+from pipeline.config import TrainConfig
+from pipeline.train.driver import plan_stages, preflight, run_stage, stage_record
+from pipeline.train.worker import FAULT_ENV
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -39,7 +42,7 @@ def test_two_chained_zero2_stages_then_student(shards):
     first, second = summary["stages"]
     # Stage 2 starts from stage 1's final weights; stage 1 from the teacher the shards were made with.
     assert second["init_param_checksum"] == first["param_checksum"]
-    from pipeline.teacher_topk import load_manifest
+    from pipeline.data.shards import load_manifest
 
     assert first["init_param_checksum"] == load_manifest(config.shards)["teacher"]["fingerprint"]
     metrics = first["metrics"] + second["metrics"]
@@ -116,7 +119,7 @@ def test_bad_configs_fail_before_training(shards, tmp_path):
 
 
 def test_a_stage_left_by_a_different_run_is_refused_with_the_difference():
-    from pipeline.train import check_same_run
+    from pipeline.train.driver import check_same_run
 
     config = TrainConfig(experiment="demo", model="cosyvoice2", model_size="mini", shards="s", storage="st")
     identity = {"model": "cosyvoice2", "model_size": "mini", "teacher_fingerprint": "abc", "total_steps": 32}
@@ -134,7 +137,7 @@ def test_the_run_identity_covers_every_setting_that_changes_a_result():
     """Derived from the config: every field is in the identity unless it is declared operational, so
     a changed tau, warm-up, skew alpha or ZeRO stage is never reused silently, and a field added
     later is covered without editing a list."""
-    from pipeline.train import check_same_run, identity_fields, run_identity
+    from pipeline.train.driver import check_same_run, identity_fields, run_identity
 
     manifest = {"teacher": {"fingerprint": "t"}, "input": {"fingerprint": "d"}}
     config = TrainConfig(experiment="demo", model="cosyvoice2", model_size="mini", shards="s", storage="st")

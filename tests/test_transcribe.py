@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from pipeline.synthetic import SyntheticTask, speech_codes, synthetic_rows
-from pipeline.transcribe import edit_distance, homophones, score, speech_codes_of, transcribe
+from pipeline.synthetic.law import speech_codes, synthetic_rows, SyntheticTask
+from pipeline.synthetic.transcribe import edit_distance, homophones, score, speech_codes_of, transcribe
 from wand.models import get_spec
 
 TASK = SyntheticTask()

@@ -78,3 +78,13 @@ def collate(spec, rows: list[dict], device: torch.device | str | None = None) ->
     batch = Batch(ids, mask, torch.tensor(prefixes), torch.tensor(lengths), batch_index, positions,
                   ids[batch_index, positions + 1], spec.row_inputs(rows))
     return batch if device is None else batch.to(device)
+
+
+def forward_inputs(spec, row: dict, device: torch.device) -> dict:
+    """Forward kwargs of one unpadded row (plus its prefix length under ``prefix_length``)."""
+    ids = torch.tensor([row["input_ids"]], dtype=torch.long, device=device)
+    spec.check_token_ids(ids)
+    prefix = int(row["prefix_length"])
+    if not 0 < prefix < ids.shape[1]:
+        raise ValueError(f"row {row['id']}: prefix_length {prefix} must be in [1, {ids.shape[1]})")
+    return {"input_ids": ids, "prefix_length": prefix, **spec.row_inputs([row], device)}

@@ -1,7 +1,7 @@
 """One distillation step: the WAND-masked student forward and the loss on a batch.
 
-The Ray Train worker (pipeline/train.py), the results table's harness (pipeline/ablation.py) and,
-with no teacher (CE only), the teacher trainer (pipeline/teachers.py) all compute their loss here;
+The Ray Train worker (pipeline/train/driver.py), the results table's harness (pipeline/evals/ablation.py) and,
+with no teacher (CE only), the teacher trainer (pipeline/synthetic/teachers.py) all compute their loss here;
 their loops (optimizer, schedule, data) are theirs.
 """
 

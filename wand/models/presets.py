@@ -151,7 +151,7 @@ def shrink(spec):
 
 def widen(spec):
     """The tiny spec (small vocabularies, same token layout) on a 3-layer, 96-wide backbone: big
-    enough to learn the synthetic corpus (pipeline/synthetic.py), small enough to train on a CPU in
+    enough to learn the synthetic corpus (pipeline/synthetic/law.py), small enough to train on a CPU in
     minutes. The embedded default's teachers (teachers/) are this size."""
     return _on_backbone(spec, "mini", width=96, layers=3, heads=4)
 

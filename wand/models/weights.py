@@ -208,3 +208,14 @@ def fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------- teacher side
+def teacher_weights(spec, source: str | None, seed: int, endpoint: str | None) -> torch.nn.Module:
+    """The teacher of an experiment, the one place it is loaded (the precompute's actors, a student's
+    first stage, the evals): released weights from ``source``, else seeded random weights (test sizes)."""
+    if source:
+        with s3_endpoint(endpoint):
+            return spec.load(source)
+    torch.manual_seed(seed)
+    return spec.build()

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .synthetic import SyntheticTask
+from pipeline.synthetic.law import SyntheticTask
 
 __all__ = ["Transcript", "transcribe", "score", "edit_distance", "speech_codes_of"]
 
@@ -159,7 +159,7 @@ def score(task: SyntheticTask, codes: int, tokens, text: list[int], speaker: int
 def speech_codes_of(spec, ids) -> list[int]:
     """Generated ids -> codec indices of the synthetic law (``pipeline.synthetic``'s speech codes),
     cut at the first stop id; an id that is no speech code becomes -1 (an error token)."""
-    from .synthetic import speech_codes
+    from pipeline.synthetic.law import speech_codes
 
     table = {int(i): k for k, i in enumerate(speech_codes(spec))}
     out = []

@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from wand.attention_mass import AttentionMass, attention_mass
-
-from .evaluate import forward_inputs
+from wand.attention_mass import attention_mass, AttentionMass
+from wand.batch import forward_inputs
 
 __all__ = ["COVERAGES", "DEFAULT_WINDOWS", "WindowChoice", "choose_window", "sample_rows"]
 

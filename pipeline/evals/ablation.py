@@ -4,7 +4,7 @@ One process, plain torch, so a researcher can rerun the whole table on a laptop 
 is the pipeline's own: the precompute's top-k and shard encoding (``topk_of_rows``,
 ``build_shard_table``), the training worker's top-k decoding (``pipeline.train.shard_topk``), collate
 (``wand.batch.collate``) and step (``wand.distill.distill_loss``), ``wand.curriculum.Curriculum``,
-the WAND mask and ``WandCache``, ``pipeline.evaluate.position_scores``. What is not the pipeline's:
+the WAND mask and ``WandCache``, ``pipeline.evals.position_scores``. What is not the pipeline's:
 Ray, DeepSpeed and Parquet files (the shard tables stay in memory), and the loop (AdamW, random
 batches): where the numbers are computed, not what they are.
 
@@ -32,17 +32,18 @@ import torch
 from transformers import DynamicCache
 
 import wand
+from wand.batch import collate, forward_inputs
 from wand.cache import WandCache
 from wand.curriculum import Curriculum
-from wand.generate import cache_kwarg_name
-from wand.batch import collate
 from wand.distill import distill_loss
+from wand.generate import cache_kwarg_name
 
-from .evaluate import DISTANCE_BUCKETS, distance_bucket, forward_inputs, position_scores, speech_ids
-from .synthetic import SyntheticTask
-from .teacher_topk import build_shard_table, topk_of_rows
-from .transcribe import score, speech_codes_of
-from .train import shard_topk
+from pipeline.data.precompute import topk_of_rows
+from pipeline.data.shards import build_shard_table, shard_topk
+from pipeline.evals.common import DISTANCE_BUCKETS, speech_ids
+from pipeline.evals.quality import distance_bucket, position_scores
+from pipeline.synthetic.law import SyntheticTask
+from pipeline.synthetic.transcribe import score, speech_codes_of
 
 __all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_student", "free_run", "said",
            "forced", "score_variant", "run_ablation"]
@@ -190,7 +191,7 @@ def said(spec, model, variant: Variant, config: AblationConfig, rows: list[dict]
          task: SyntheticTask = SyntheticTask()) -> dict:
     """What a variant says, free-running greedy until the stop id (at most twice each reference's
     length): accuracy against the corpus, tokens before the first error, the stop rate and, when the
-    rows carry their text and speaker, PER / speaker accuracy / law consistency (pipeline/transcribe.py)."""
+    rows carry their text and speaker, PER / speaker accuracy / law consistency (pipeline/synthetic/transcribe.py)."""
     # Up to twice the reference's length, as TTS evaluations decode to the end-of-speech token with
     # a generous cap: a model that speaks a little slower is not cut off mid-text.
     runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"]), stop=True,

@@ -13,7 +13,7 @@ import json
 import logging
 import os
 
-from . import storage
+from pipeline import storage
 
 log = logging.getLogger(__name__)
 
@@ -143,3 +143,14 @@ def load_weights_only(engine, directory: str, tag: str) -> None:
         engine.load_checkpoint(directory, tag=tag)
     finally:
         checkpoint_engine.load = deepspeed_load
+
+
+def latest_for_stage(config, stage: int):
+    """The newest good checkpoint a previous attempt or submission of this stage left (worker
+    restart, driver restart), or None; corrupt or half-written ones are skipped with a warning
+    (``latest_good``)."""
+    from ray.train import Checkpoint
+
+    fs, root = storage.resolve(config.storage, config.s3_endpoint)
+    path = latest_good(fs, storage.join(root, config.run_name(stage)), config.num_workers)
+    return None if path is None else Checkpoint(path, fs)

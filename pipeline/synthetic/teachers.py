@@ -24,7 +24,7 @@ import wand
 from wand.batch import Batch, collate
 from wand.distill import distill_loss
 
-from .synthetic import TEXT_LENGTHS
+from pipeline.synthetic.law import TEXT_LENGTHS
 
 __all__ = ["Phase", "CURRICULUM", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
            "file_sha256", "read_teacher_record"]
@@ -116,7 +116,7 @@ def heldout_quality(spec, model, rows: list[dict]) -> dict:
     """The stated quality of a teacher on held-out rows made with ``alignment=True``: teacher-forced
     top-1 accuracy against the corpus tokens, overall, at phoneme starts (where the next phoneme
     must be read from the prefix) and inside phonemes (locally predictable)."""
-    from .synthetic import phoneme_starts
+    from pipeline.synthetic.law import phoneme_starts
 
     scored = teacher_forced_accuracy(spec, model, rows)
     starts = np.concatenate([phoneme_starts(r) for r in rows])
@@ -129,8 +129,8 @@ def heldout_quality(spec, model, rows: list[dict]) -> dict:
 def spoken_quality(spec, model, rows: list[dict], task) -> dict:
     """What the teacher says on held-out rows made with ``alignment=True``, free-running greedy until
     the stop id (the results table's decoding): PER against the text, speaker accuracy, law
-    consistency (pipeline/transcribe.py) and the fraction that stopped."""
-    from .ablation import VARIANTS, AblationConfig, said
+    consistency (pipeline/synthetic/transcribe.py) and the fraction that stopped."""
+    from pipeline.evals.ablation import AblationConfig, said, VARIANTS
 
     full = next(v for v in VARIANTS if v.attends == "full")
     scores = said(spec, model, full, AblationConfig(), rows, task)
@@ -148,12 +148,12 @@ def read_teacher_record(directory) -> dict:
     directory = Path(directory)
     path = directory / "teacher.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path} not found: write the teachers with `python jobs/train_teachers.py`")
+        raise FileNotFoundError(f"{path} not found: write the teachers with `python -m jobs.train_teachers`")
     record = json.loads(path.read_text())
     for name, digest in record["files"].items():
         file = directory / name
         if not file.exists():
             raise FileNotFoundError(f"{file} (listed in {path}) is missing")
         if file_sha256(file) != digest:
-            raise ValueError(f"{file}: sha256 differs from {path}; retrain with `python jobs/train_teachers.py`")
+            raise ValueError(f"{file}: sha256 differs from {path}; retrain with `python -m jobs.train_teachers`")
     return record

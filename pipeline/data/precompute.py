@@ -1,15 +1,7 @@
-"""Ray Data stage: precompute the frozen teacher's top-k log-probabilities and shard them.
-
-    corpus (Parquet/JSONL, local or s3://)
-      -> ray.data.read_parquet / read_json            (include_paths: errors name the file)
-      -> map_batches(RowChecker)                      (every row checked before anything is written)
-      -> map_batches(ShardAssigner) -> groupby(shard)  (sorted ids -> deterministic shard files)
-      -> map_groups(TeacherTopK actors)               (teacher loaded once per actor, GPU or CPU;
-                                                       rows sorted by length, token-budget batches)
-      -> shard-00000.parquet + .json sidecars, then manifest.json
-
-Resumable: a shard counts as done when its sidecar exists and the parquet file's checksum
-matches it; a rerun computes only the missing shards, so every row ends up exactly once.
+"""The teacher top-k precompute as a Ray Data stage: read the corpus (Parquet or JSONL, local or
+s3://), check every row, assign rows to shards by id, run the frozen teacher in actors and write
+each shard whole with its sidecar; ``manifest.json`` last. Rerunning resumes: finished shards whose
+settings, corpus fingerprint and teacher files match are kept.
 """
 
 from __future__ import annotations
@@ -17,113 +9,33 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
-import math
 import os
-import re
 from collections import Counter
-from typing import Literal
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 import wand
-from wand.models import MODEL_NAMES, get_spec, spec_for
-from wand.models.weights import fingerprint, s3_endpoint
 from wand.batch import collate
+from wand.models.weights import fingerprint, teacher_weights
 from wand.topk import sparse_teacher_targets
 
-from . import storage
-from .checks import MAX_SEED, one_of, require_teacher_weights
-from .corpus import check_batch, row_hash
-
-__all__ = ["PrecomputeConfig", "run_precompute", "load_manifest", "verify_manifest", "MANIFEST", "ShardFault"]
+from pipeline import storage
+from pipeline.config import PrecomputeConfig
+from pipeline.data.corpus import check_batch, row_hash
+from pipeline.data.shards import build_shard_table, FORMAT, index_type, MANIFEST, shard_metadata, shard_name
 
 log = logging.getLogger("wand.precompute")
-MANIFEST = "manifest.json"
+
+
 RUN_FILE = "_run.json"
-FORMAT = "wand-teacher-topk/1"
 
 
 class ShardFault(RuntimeError):
     """Raised on purpose by the fault-injection hook (tests)."""
-
-
-class PrecomputeConfig(BaseModel):
-    """Settings of the teacher top-k stage. Shards record them; a resume must match them."""
-
-    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True, allow_inf_nan=False)
-
-    model: str = Field(description="the teacher's model preset, one of wand.models.MODEL_NAMES")
-    model_size: Literal["real", "small", "mini", "tiny"] = "real"
-    teacher_source: str | None = Field(None, description="weights: local path, s3:// URI or HF id; None = "
-                                       "random weights from teacher_seed (tests and demos only)")
-    teacher_seed: int = Field(0, ge=0, le=MAX_SEED)
-    corpus: str = Field(description="tokenized corpus: a Parquet/JSONL file or a folder of them, local or s3://",
-                        min_length=1)
-    shards: str = Field(description="where the teacher top-k shards go: a folder, local or s3://bucket/prefix",
-                        min_length=1)
-    k: int = Field(16, ge=1)
-    temperature: float = Field(1.0, gt=0)
-    value_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
-    rows_per_shard: int = Field(1000, ge=1)
-    max_tokens_per_batch: int = Field(16384, ge=1, description="padded tokens per teacher forward")
-    num_actors: int = Field(1, ge=1)
-    num_gpus_per_actor: float = Field(0.0, ge=0)
-    num_cpus_per_actor: float = Field(0.5, gt=0, description="fractional on small machines: read tasks need CPUs too")
-    read_num_cpus: float = Field(0.5, gt=0)
-    on_bad_rows: Literal["fail", "quarantine"] = "fail"
-    s3_endpoint: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
-
-    @field_validator("model")
-    @classmethod
-    def _known_model(cls, value: str) -> str:
-        return one_of(value, MODEL_NAMES, "model preset")
-
-    @model_validator(mode="after")
-    def _k_fits(self) -> "PrecomputeConfig":
-        require_teacher_weights(self.model_size, self.teacher_source)
-        spec = get_spec(self.model, self.model_size)
-        if spec.speech_range[0] >= 0 and self.k > len(spec.target_ids()):
-            raise ValueError(f"k ({self.k}) exceeds the target vocabulary of {self.model} ({len(spec.target_ids())})")
-        return self
-
-    def spec(self):
-        with s3_endpoint(self.s3_endpoint):
-            return spec_for(self.model, self.model_size, self.teacher_source)
-
-    def resume_key(self) -> dict:
-        """What must be equal for existing shards to be reused (under the names shards record)."""
-        key = self.model_dump(include={"teacher_source", "teacher_seed", "k", "temperature", "value_dtype",
-                                       "rows_per_shard"})
-        return {"teacher": self.model, "teacher_size": self.model_size, **key}
-
-
-def index_type(target_vocab: int) -> pa.DataType:
-    """Smallest unsigned integer type that holds every compact target index."""
-    if target_vocab <= 1 << 8:
-        return pa.uint8()
-    if target_vocab <= 1 << 16:
-        return pa.uint16()
-    return pa.uint32()
-
-
-def shard_name(index: int) -> str:
-    return f"shard-{index:05d}.parquet"
-
-
-# ----------------------------------------------------------------------------- teacher side
-def teacher_weights(spec, source: str | None, seed: int, endpoint: str | None) -> torch.nn.Module:
-    """The teacher of an experiment, the one place it is loaded (the precompute's actors, a student's
-    first stage, the evals): released weights from ``source``, else seeded random weights (test sizes)."""
-    if source:
-        with s3_endpoint(endpoint):
-            return spec.load(source)
-    torch.manual_seed(seed)
-    return spec.build()
 
 
 def load_teacher(config: PrecomputeConfig, device: torch.device):
@@ -235,57 +147,6 @@ def maybe_fail(fault: str | None, shard: int) -> None:
         with open(marker, "w") as f:
             f.write("failed once\n")
         raise ShardFault(f"injected failure on shard {shard} ({FAULT_ENV})")
-
-
-def encode_values(values: torch.Tensor, value_dtype: str) -> tuple[np.ndarray, pa.DataType]:
-    if value_dtype == "float16":
-        return values.to(torch.float16).numpy(), pa.float16()
-    if value_dtype == "bfloat16":  # Arrow has no bf16: keep its bits in uint16 (decode with decode_values)
-        return values.to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16), pa.uint16()
-    return values.to(torch.float32).numpy(), pa.float32()
-
-
-def decode_values(array: np.ndarray, value_dtype: str) -> torch.Tensor:
-    """Inverse of ``encode_values``: stored top-k values -> float32 log-probs."""
-    if value_dtype == "bfloat16":
-        bits = np.ascontiguousarray(np.asarray(array, dtype=np.uint16)).view(np.int16)
-        return torch.from_numpy(bits).view(torch.bfloat16).float()
-    return torch.from_numpy(np.asarray(array)).float()
-
-
-def shard_metadata(config: PrecomputeConfig, target_vocab: int) -> dict:
-    return {"format": FORMAT, "k": str(config.k), "temperature": str(config.temperature),
-            "value_dtype": config.value_dtype, "teacher": config.model, "target_vocab_size": str(target_vocab)}
-
-
-def build_shard_table(rows, results, k: int, value_dtype: str, target_vocab: int,
-                      metadata: dict | None = None) -> pa.Table:
-    """Rows with their teacher top-k (``topk_of_rows``) as one shard's table; ``metadata`` goes into
-    its schema as ``wand.<key>``. The training worker reads these columns back with ``shard_topk``."""
-    counts = np.array([len(res[1]) for res in results], dtype=np.int32)
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
-    values, value_type = encode_values(torch.cat([res[0] for res in results]), value_dtype)
-    idx_type = index_type(target_vocab)
-    indices = np.concatenate([res[1] for res in results]).astype(idx_type.to_pandas_dtype())
-    rests = np.concatenate([res[2] for res in results])
-
-    def nested(flat: np.ndarray, dtype: pa.DataType) -> pa.Array:
-        inner = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=dtype), k)
-        return pa.ListArray.from_arrays(offsets, inner)
-
-    columns = {
-        "id": pa.array([r["id"] for r in rows], type=pa.string()),
-        "input_ids": pa.array([r["input_ids"] for r in rows], type=pa.list_(pa.int32())),
-        "prefix_length": pa.array([r["prefix_length"] for r in rows], type=pa.int32()),
-        "topk_indices": nested(indices, idx_type),
-        "topk_logprobs": nested(values, value_type),
-        "rest_logprob": pa.ListArray.from_arrays(offsets, pa.array(rests, type=pa.float32())),
-    }
-    for optional, dtype in (("prompt_length", pa.int32()), ("conditioning_latents", pa.list_(pa.float32()))):
-        if optional in rows[0]:
-            columns[optional] = pa.array([r[optional] for r in rows], type=dtype)
-    table = pa.table(columns)
-    return table.replace_schema_metadata({f"wand.{key}": value for key, value in (metadata or {}).items()})
 
 
 # ----------------------------------------------------------------------------- driver side
@@ -474,70 +335,3 @@ def teacher_files_fingerprint(source: str | None, endpoint: str | None = None) -
             for block in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(block)
     return digest.hexdigest()
-
-
-def load_manifest(uri: str, endpoint: str | None = None) -> dict:
-    """The shards' manifest, checked as untrusted input: JSON of the expected shape, shard files
-    confined to the shard folder, row counts that add up. A ValueError names the file and the field."""
-    fs, root = storage.resolve(uri, endpoint)
-    path = storage.join(root, MANIFEST)
-    if not storage.exists(fs, path):
-        raise FileNotFoundError(f"no {MANIFEST} under {uri}: run the precompute stage first")
-    where = storage.join(uri, MANIFEST)
-    try:
-        manifest = storage.read_json(fs, path)
-    except (ValueError, RecursionError) as err:
-        raise ValueError(f"{where}: not a JSON manifest ({str(err)[:120]}); rerun the precompute") from None
-    check_manifest(manifest, where, root, fs)
-    return manifest
-
-
-def check_manifest(manifest, where: str, root: str, fs) -> None:
-    """The fields training and the evals read, of the types they need (see ``run_precompute``)."""
-    def need(ok: bool, field: str, what: str) -> None:
-        if not ok:
-            raise ValueError(f"{where}: {field}: {what}; rerun the precompute (jobs/precompute.py) to rewrite it")
-
-    need(isinstance(manifest, dict), "(top level)", "must be a JSON object")
-    teacher = manifest.get("teacher")
-    need(isinstance(teacher, dict) and isinstance(teacher.get("preset"), str), "teacher",
-         "missing or malformed (an object with preset, size, source, fingerprint)")
-    for field in ("k", "rows"):
-        value = manifest.get(field)
-        need(isinstance(value, int) and not isinstance(value, bool) and value >= 1, field, "must be an integer >= 1")
-    temperature = manifest.get("temperature")
-    need(isinstance(temperature, (int, float)) and math.isfinite(temperature) and temperature > 0, "temperature",
-         "must be a finite number > 0")
-    shards = manifest.get("shards")
-    need(isinstance(shards, list) and len(shards) >= 1, "shards", "must be a non-empty list")
-    for number, shard in enumerate(shards):
-        field = f"shards[{number}]"
-        need(isinstance(shard, dict), field, "must be an object with file, rows, sha256")
-        rows, sha = shard.get("rows"), shard.get("sha256")
-        need(isinstance(rows, int) and not isinstance(rows, bool) and rows >= 1, f"{field}.rows", "must be an integer >= 1")
-        need(isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha) is not None, f"{field}.sha256",
-             "must be a sha256 hex digest")
-        try:
-            storage.confined(root, shard.get("file"), fs, f"{field}.file")
-        except ValueError as err:
-            raise ValueError(f"{where}: {err}") from None
-    total = sum(s["rows"] for s in shards)
-    need(total == manifest["rows"], "rows", f"says {manifest['rows']}, its shards hold {total}")
-
-
-def verify_manifest(manifest: dict, *, teacher: str, k: int | None = None, temperature: float | None = None,
-                    teacher_fingerprint: str | None = None) -> None:
-    """Refuse shards computed with other settings than the training config expects."""
-    problems = []
-    if manifest.get("format") != FORMAT:
-        problems.append(f"format {manifest.get('format')!r} (expected {FORMAT!r})")
-    if manifest["teacher"]["preset"] != teacher:
-        problems.append(f"teacher {manifest['teacher']['preset']!r} (config: {teacher!r})")
-    if k is not None and manifest["k"] < k:
-        problems.append(f"k={manifest['k']} (config needs {k})")
-    if temperature is not None and manifest["temperature"] != temperature:
-        problems.append(f"temperature={manifest['temperature']} (config: {temperature})")
-    if teacher_fingerprint is not None and manifest["teacher"]["fingerprint"] != teacher_fingerprint:
-        problems.append("teacher weights fingerprint differs")
-    if problems:
-        raise ValueError("teacher shards do not match the config: " + "; ".join(problems))

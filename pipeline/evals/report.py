@@ -1,8 +1,9 @@
-"""The per-model results table printed by jobs/distill.py and jobs/compare.py."""
+"""The per-model results table printed by jobs/distill.py and jobs/compare.py, and its rows read back
+from an MLflow server."""
 
 from __future__ import annotations
 
-__all__ = ["results_table", "COLUMNS", "ui_lines"]
+__all__ = ["results_table", "COLUMNS", "ui_lines", "rows_from_server"]
 
 
 def _fmt(value, kind: str) -> str:
@@ -56,7 +57,7 @@ def results_table(rows: list[dict]) -> str:
 
 def ui_lines(rows: list[dict]) -> str:
     """The MLflow UI links of the rows' experiment and the Compare view of their parent runs."""
-    from .tracking import ui_links
+    from pipeline.tracking import ui_links
 
     tracked = [r for r in rows if r.get("parent_run_id") and str(r.get("tracking_uri") or "").startswith("http")
                and r.get("experiment_id")]
@@ -65,3 +66,27 @@ def ui_lines(rows: list[dict]) -> str:
     links = ui_links(tracked[0]["tracking_uri"], tracked[0]["experiment_id"], [r["parent_run_id"] for r in tracked])
     return (f"MLflow experiment:   {links['experiment']}\n"
             f"Compare the models:  {links['compare']}")
+
+
+def rows_from_server(uri: str, experiment_name: str, match: str | None = None) -> list[dict]:
+    """One row per finished parent run of ``experiment_name`` on the MLflow server at ``uri`` (the
+    rows ``results_table`` prints); ``match`` keeps the experiments whose name contains it."""
+    from mlflow import MlflowClient
+
+    from pipeline.redaction import redact
+
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.get_experiment_by_name(experiment_name)
+    if experiment is None:
+        raise SystemExit(f"no MLflow experiment '{experiment_name}' at {redact(uri)}")
+    runs = client.search_runs([experiment.experiment_id], filter_string="tags.`wand.role` = 'parent'",
+                              order_by=["attributes.start_time ASC"], max_results=1000)
+    rows = []
+    for run in runs:
+        name = run.data.tags.get("wand.experiment", run.info.run_name)
+        if match and match not in name:
+            continue
+        rows.append({"experiment": name, "model": run.data.tags.get("wand.model", "?"), "evals": run.data.metrics,
+                     "final_loss": run.data.metrics.get("final_loss"), "parent_run_id": run.info.run_id,
+                     "tracking_uri": redact(uri), "experiment_id": experiment.experiment_id, "status": run.info.status})
+    return rows
