@@ -54,6 +54,8 @@ def init_ray() -> bool:
     WAND_RAY_CONNECT_S seconds naming it (Ray itself would wait forever). Returns whether the
     cluster is this job's own (local) one."""
     address = os.environ.get("RAY_ADDRESS", "").strip()
+    if "ray" in sys.modules and sys.modules["ray"].is_initialized():
+        return not address  # this process already runs Ray (a caller of main(), a test): used as it is
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     if address:
         _check_reachable(address, env_seconds(CONNECT_ENV, 30.0, minimum=1.0))
