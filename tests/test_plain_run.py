@@ -79,6 +79,8 @@ def test_every_job_that_starts_ray_runs_from_a_fresh_shell(shell, mlflow_server)
         assert out.returncode == 0, f"{job}: {out.stderr[-3000:]}"
         assert "Started a local Ray instance" in out.stderr, job  # its own, not one it found
     assert "nothing to compute" in outputs[3]  # the precompute resumed: shards of the chain reused
+    progress = [line.split(")", 1)[-1] for line in (outputs[0] + outputs[1]).splitlines() if "stage 1/1: step " in line]
+    assert progress and len(progress) == len(set(progress)), progress  # each progress line once in the log
     assert (shell / "checkpoints" / "tiny-sparktts" / "student").is_dir()
     # The token lived in a private folder that is gone; nothing was put in HOME.
     assert not list((shell / "tmp").glob("wand-ray-auth-*"))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -145,7 +146,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
                         "tokens_per_s": tokens / seconds})
         line = progress.update(step, history[-1]["loss"], values.window, values.tau, tokens)
         if line and rank == 0:
-            print(line, flush=True)  # a worker's stdout reaches `ray job logs` (its logging does not)
+            # Straight to the worker's stdout, which reaches `ray job logs` once. Not print(): Ray Train
+            # patches print into the root logger, whose handlers wrote every line twice.
+            sys.stdout.write(line + "\n")
+            sys.stdout.flush()
         _maybe_fail(loop_config["fault"], step, rank, config.num_workers)
         step += 1
         if (step - stage.start) % config.checkpoint_every == 0 or step == stage.end:
