@@ -61,6 +61,10 @@ teachers: install
 demo-generate: install
 	$(PY) -m jobs.demo_generate
 
+# The docs' MLflow screenshots (docs/mlflow-*.png) from the running demo's MLflow server (after `make demo`).
+screenshots: install browser
+	$(PY) -m jobs.ui_screenshots --tracking-uri http://127.0.0.1:5000 --out docs
+
 # The docs site (mkdocs.yml, docs/*.md) into site/; `.venv/bin/mkdocs serve` serves it while you edit.
 docs: install
 	$(VENV)/bin/mkdocs build --strict

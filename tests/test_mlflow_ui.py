@@ -8,8 +8,6 @@ Screenshots go to $WAND_UI_SCREENSHOTS (default: the test's tmp folder); docs/ h
 
 import json
 import os
-import shutil
-import time
 import urllib.parse
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 
 import wand
 from helpers import corpus_rows
+from jobs.ui_screenshots import body, close_side_panel, wait_for
 from pipeline.chain import log_evals
 from pipeline.config import DistillConfig
 from pipeline.evals.run import run_evals
@@ -31,46 +30,14 @@ FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 
 
 def browser():
-    """Headless Chromium through its driver; a missing one fails the test with how to install it."""
-    chromium, driver = shutil.which("chromium"), shutil.which("chromedriver")
-    if not (chromium and driver):
-        pytest.fail("the MLflow UI test needs Debian's chromium and chromium-driver: run `make browser` "
-                    "(apt-get install chromium chromium-driver)")
-    os.environ["SE_OFFLINE"] = "true"  # never let Selenium Manager look for a driver online
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
+    """Headless Chromium (jobs.ui_screenshots, which makes the docs' screenshots the same way); a
+    missing one fails the test with how to install it."""
+    from jobs.ui_screenshots import browser as chromium
 
-    options = webdriver.ChromeOptions()
-    options.binary_location = chromium
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--window-size=1600,1000"):
-        options.add_argument(arg)
-    return webdriver.Chrome(service=Service(driver), options=options)
-
-
-def wait_for(driver, check, timeout=60.0, what="the page"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            found = check(driver)
-            if found:
-                return found
-        except Exception:  # noqa: BLE001 - the page is still rendering
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{what} did not show within {timeout} s; the page said:\n"
-                         f"{driver.find_element('tag name', 'body').text[:2000]}")
-
-
-def body(driver) -> str:
-    return driver.find_element("tag name", "body").text
-
-
-def close_side_panel(driver) -> None:
-    """MLflow 3 opens an assistant panel beside every page; close it so screenshots show the page."""
-    for button in driver.find_elements("xpath", "//*[text()='MLflow Assistant']/following::button"):
-        if (button.get_attribute("aria-label") or "").lower().startswith("close"):
-            button.click()
-            return
+    try:
+        return chromium()
+    except RuntimeError as err:
+        pytest.fail(f"the MLflow UI test {err}")
 
 
 @pytest.fixture(scope="module")
