@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, Qwen2Config, Qwen2ForCausalLM
 
-from wand.profiling import profile_decode
+from wand.profiling import device_name, profile_decode
 
 # Backbone shapes of the paper's models (see ../shared/WAND.md section 4). The vocabulary is
 # cut to the speech vocabulary: the head size changes per-step cost equally for both modes.
@@ -41,12 +40,6 @@ CONFIGS = {
 }
 DEFAULT_WINDOW = {"small": 32, "cosyvoice2": 32, "sparktts": 64, "indextts": 32}
 DEFAULT_PREFIX = {"small": 128, "cosyvoice2": 182, "sparktts": 227, "indextts": 74}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
 def main() -> None:

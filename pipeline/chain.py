@@ -237,7 +237,8 @@ def _evaluate(config: DistillConfig, student_dir: str | None) -> list[EvalResult
 def log_evals(tracker: Tracker, parent: str, results: list[EvalResult], config: DistillConfig,
               student_checksum: str) -> str:
     """Log the evals into a fresh ``eval`` child of the parent; copy the headline metrics onto the parent."""
-    from pipeline.evals.common import device_name, resolve_device
+    from pipeline.evals.common import resolve_device
+    from wand.profiling import device_name
 
     run_id = tracker.child_run(parent, "eval", fresh=True)
     ran_on = results[0].device if results and results[0].device else device_name(resolve_device(config.evaluate.device))

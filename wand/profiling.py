@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
+import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -155,3 +157,10 @@ def bucket_stats(step_seconds: list[float], bucket: int) -> list[tuple[int, floa
         if chunk:
             rows.append((start, chunk[len(chunk) // 2], chunk[min(len(chunk) - 1, int(0.9 * len(chunk)))]))
     return rows
+
+
+def device_name(device: torch.device) -> str:
+    """What a timing ran on, for tables and logs: the GPU's name, or the CPU with its cores and threads."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"

@@ -4,8 +4,6 @@ model's speech codes and generation limit.
 
 from __future__ import annotations
 
-import os
-import platform
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,12 +22,6 @@ class EvalResult:
     notes: list[str] = field(default_factory=list)
     device: str = ""  # what the eval ran on (its latency figures are that device's)
     host: str = ""  # host:pid of the process that ran it (a Ray worker on the cluster)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
 
 
 # ----------------------------------------------------------------------------- all of them

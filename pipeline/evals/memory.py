@@ -9,10 +9,10 @@ import torch
 
 from wand.batch import forward_inputs
 from wand.kv import attention_flops_per_token, cache_bytes
-from wand.profiling import bucket_stats, profile_decode
+from wand.profiling import bucket_stats, device_name, profile_decode
 
 from pipeline.config import EvalConfig
-from pipeline.evals.common import _figure, device_name, EvalResult, max_generated, speech_ids
+from pipeline.evals.common import _figure, EvalResult, max_generated, speech_ids
 
 # ----------------------------------------------------------------------------- memory + latency
 def memory_and_latency(spec, teacher, student, window: int, row: dict, cfg: EvalConfig,

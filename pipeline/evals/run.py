@@ -13,9 +13,10 @@ import numpy as np
 import torch
 
 import wand
+from wand.profiling import device_name
 
 from pipeline.config import EvalConfig
-from pipeline.evals.common import _figure, device_name, EvalResult, resolve_device
+from pipeline.evals.common import _figure, EvalResult, resolve_device
 from pipeline.evals.memory import attention_flops, memory_and_latency
 from pipeline.evals.quality import content, quality
 
