@@ -31,7 +31,7 @@ status=0
 # Each stage has its own time limit (7 min 50 s in all); a stage that runs out fails the check and
 # the next one still runs.
 # 1. Correctness on the GPU (FlexAttention compiles per length bucket; CUDA graphs of the static step).
-timeout 80 "$PY" -m pytest -m cuda tests/test_cuda.py -q -p no:cacheprovider -o addopts="" \
+timeout 80 "$PY" -m pytest -m cuda tests/method/test_cuda.py -q -p no:cacheprovider -o addopts="" \
   --junitxml="$results/gpu_check_tests_cuda.xml" || status=$?
 # 2. Decode per-step latency (eager path), CosyVoice 2 shape, batch 1, steps 100 .. 3,000.
 timeout 160 "$PY" -m benchmarks.decode_latency --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-3000}" \

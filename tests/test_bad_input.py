@@ -3,7 +3,7 @@ docs' "Bad input" table (docs/faults-and-bad-input.md; a test below keeps the tw
 
 Corpus rows go through the precompute's own row check (``pipeline.data.corpus.RowChecker``; that the
 precompute lists every such row with its file and writes nothing, or quarantines it, is
-tests/test_precompute.py's bad-row tests on Ray). Configs go through the experiment config every
+tests/data/test_precompute.py's bad-row tests on Ray). Configs go through the experiment config every
 entry point loads; teacher sources through the loader the precompute and the stages share."""
 
 from __future__ import annotations

@@ -30,9 +30,9 @@ def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
 
 def test_gpu_check_names_every_cuda_test_file_and_benchmark():
     script = (ROOT / "benchmarks/gpu_check.sh").read_text()
-    cuda_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").glob("test_*.py")
+    cuda_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                         if p.name != Path(__file__).name and "pytest.mark.cuda" in p.read_text())
-    assert cuda_files == ["tests/test_cuda.py"] and "-m cuda tests/test_cuda.py" in script
+    assert cuda_files == ["tests/method/test_cuda.py"] and "-m cuda tests/method/test_cuda.py" in script
     for bench in ("decode_latency", "train_step", "serving"):
         assert f"-m benchmarks.{bench} " in script and "--device cuda" in script
 
@@ -41,7 +41,7 @@ def test_the_readme_counts_the_cuda_tests_that_exist():
     import re
 
     out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda",
-                          str(ROOT / "tests/test_cuda.py")], capture_output=True, text=True, timeout=300, cwd=ROOT)
+                          str(ROOT / "tests/method/test_cuda.py")], capture_output=True, text=True, timeout=300, cwd=ROOT)
     collected = len([line for line in out.stdout.splitlines() if "::" in line])
     said = {int(n) for n in re.findall(r"(\d+) (?:tests\)|`cuda` tests|tests marked\s+`cuda`)",
                                        "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md")))}

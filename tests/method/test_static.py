@@ -1,7 +1,7 @@
 """The static decode path (wand.static.StaticDecoder, wand.generate(compile=...)) gives exactly the
 default path's tokens: greedy and seeded sampling, batch 3 with left padding and three prefix
 lengths, 5 x W steps, per-sample stop ids; eager and torch.compile'd (the CUDA-graph mode runs in
-tests/test_cuda.py)."""
+tests/method/test_cuda.py)."""
 
 import pytest
 import torch

@@ -2,7 +2,7 @@
 changing), not once per W or per batch length; and the padded, compiled path equals the dense mask.
 
 Runs the compiled path on the CPU (inductor's C++ backend; WAND_FLEX_COMPILE=1) so CI checks it;
-the same test runs on CUDA in `make gpu-check` (tests/test_cuda.py)."""
+the same test runs on CUDA in `make gpu-check` (tests/method/test_cuda.py)."""
 
 import pytest
 import torch

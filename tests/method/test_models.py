@@ -11,7 +11,7 @@ import wand
 from helpers import make_row
 from wand.models import MODEL_NAMES, WeightsNotFound, get_spec, kv_bytes_per_token
 
-FIXTURE = json.loads((Path(__file__).parent / "fixtures" / "checkpoint_keys.json").read_text())
+FIXTURE = json.loads((Path(__file__).parents[1] / "fixtures" / "checkpoint_keys.json").read_text())
 
 
 def expected_keys(entry) -> dict[str, tuple]:

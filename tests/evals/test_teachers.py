@@ -11,7 +11,7 @@ from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import heldout_quality, read_teacher_record, teacher_forced_accuracy, train_teacher
 from wand.models import get_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_training_beats_the_untrained_model_and_accuracy_is_exact():

@@ -3,7 +3,7 @@ path captured as a CUDA graph), FlexAttention gradients, one compile per length 
 step that never waits for the device.
 
     make gpu-check                                   # these tests + the GPU benchmarks, on one GPU
-    .venv/bin/python -m pytest -m cuda tests/test_cuda.py
+    .venv/bin/python -m pytest -m cuda tests/method/test_cuda.py
 
 Needs only torch and transformers (a bare GPU box has no ray, mlflow or deepspeed). Without a GPU
 every test here is reported as skipped ("no CUDA device"), never as passed.

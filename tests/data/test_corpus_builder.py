@@ -15,7 +15,7 @@ from pipeline.data.corpus import check_batch
 from pipeline.data.corpus_builder import build_row, build_rows, code_count, RowError
 from wand.models import get_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_cosyvoice2_row():

@@ -15,7 +15,7 @@ import yaml
 from helpers import corpus_rows
 from wand.models import get_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def brute_force_kept(model, rows, window):
