@@ -182,7 +182,7 @@ class PrecomputeConfig(BaseModel):
         return {"teacher": self.model, "teacher_size": self.model_size, **key}
 
 
-MAX_SECONDS = 3600.0  # an hour of audio per memory/latency point: beyond it an eval decodes for days  # generated index d < W, W <= d < 4W, d >= 4W
+MAX_SECONDS = 3600.0  # an hour of audio per memory/latency point: beyond it an eval decodes for days
 
 
 class EvalConfig(BaseModel):

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-DISTANCE_BUCKETS = ("near", "mid", "far")
+DISTANCE_BUCKETS = ("near", "mid", "far")  # generated index d < W, W <= d < 4W, d >= 4W
 
 
 @dataclass
@@ -42,7 +42,7 @@ def max_generated(spec) -> int | None:
     return spec.max_generated_tokens
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
+def new_figure(title: str, xlabel: str, ylabel: str):
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(6.4, 4.0), dpi=100)

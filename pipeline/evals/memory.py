@@ -12,7 +12,7 @@ from wand.kv import attention_flops_per_token, cache_bytes
 from wand.profiling import bucket_stats, device_name, profile_decode
 
 from pipeline.config import EvalConfig
-from pipeline.evals.common import _figure, EvalResult, max_generated, speech_ids
+from pipeline.evals.common import new_figure, EvalResult, max_generated, speech_ids
 
 # ----------------------------------------------------------------------------- memory + latency
 def memory_and_latency(spec, teacher, student, window: int, row: dict, cfg: EvalConfig,
@@ -59,7 +59,7 @@ def memory_and_latency(spec, teacher, student, window: int, row: dict, cfg: Eval
         if measured:
             metrics[f"kv_full_bytes_{tag}"] = full_b
             metrics[f"kv_wand_bytes_{tag}"] = wand_b
-    fig, ax = _figure(f"{spec.name} ({spec.size}): KV cache vs generated length", "generated tokens", "KV cache (KiB)")
+    fig, ax = new_figure(f"{spec.name} ({spec.size}): KV cache vs generated length", "generated tokens", "KV cache (KiB)")
     xs = sorted(full.cache_bytes)
     ax.plot(xs, [full.cache_bytes[x] / 1024 for x in xs], label="full attention (measured)")
     ax.plot(xs, [ours.cache_bytes[x] / 1024 for x in xs], label=f"WAND W={window} (measured)")
@@ -85,7 +85,7 @@ def memory_and_latency(spec, teacher, student, window: int, row: dict, cfg: Eval
                "latency_wand_ratio_late_early": lat["wand_p50_ms"][-1] / lat["wand_p50_ms"][early],
                "latency_full_p50_ms_late": lat["full_p50_ms"][-1], "latency_wand_p50_ms_late": lat["wand_p50_ms"][-1],
                "decode_steps": steps}
-    fig, ax = _figure(f"{spec.name} ({spec.size}): per-step decode time ({device_name(device)})", "step",
+    fig, ax = new_figure(f"{spec.name} ({spec.size}): per-step decode time ({device_name(device)})", "step",
                       "ms per step")
     for key, label in (("full", "full attention"), ("wand", f"WAND W={window}")):
         line, = ax.plot(lat["bucket_start"], lat[f"{key}_p50_ms"], marker="o", label=f"{label} p50")
@@ -111,7 +111,7 @@ def attention_flops(spec, window: int, prefix_length: int, cfg: EvalConfig) -> E
         for key, value in zip(table, (seconds, generated, full / 1e6, ours / 1e6, full / ours)):
             table[key].append(value)
         metrics[f"attn_flops_speedup_{seconds:g}s"] = full / ours
-    fig, ax = _figure(f"{spec.name} ({spec.size}): attention FLOPs per token (theoretical)", "generated tokens",
+    fig, ax = new_figure(f"{spec.name} ({spec.size}): attention FLOPs per token (theoretical)", "generated tokens",
                       "MFLOPs per generated token (mean)")
     xs = np.unique(np.linspace(1, spec.tokens_for_seconds(max(cfg.seconds)), 60).astype(int))
     ax.plot(xs, [attention_flops_per_token(config, prefix_length, int(x), None) / 1e6 for x in xs], label="full attention")

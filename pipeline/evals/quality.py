@@ -11,7 +11,7 @@ import torch
 import wand
 from wand.batch import forward_inputs
 
-from pipeline.evals.common import _figure, DISTANCE_BUCKETS, EvalResult, max_generated, speech_ids
+from pipeline.evals.common import new_figure, DISTANCE_BUCKETS, EvalResult, max_generated, speech_ids
 
 # ----------------------------------------------------------------------------- quality
 def distance_bucket(distance: int, window: int) -> str:
@@ -69,7 +69,7 @@ def quality(spec, teacher, student, window: int, rows: list[dict], device: torch
         if n:
             metrics[f"top1_agreement_{name}"] = table["top1_agreement"][-1]
             metrics[f"kl_{name}"] = table["kl_teacher_student"][-1]
-    fig, ax = _figure(f"{spec.name} ({spec.size}): student vs teacher by distance from the prefix",
+    fig, ax = new_figure(f"{spec.name} ({spec.size}): student vs teacher by distance from the prefix",
                       "generated position (distance from the prefix)", "top-1 agreement")
     width = max(1, window // 2)
     edges = np.arange(0, distance.max() + width + 1, width)
@@ -126,7 +126,7 @@ def content(spec, teacher, student, window: int, rows: list[dict], device: torch
             value = float(np.mean([s[key] for s in said]))
             table[key].append(value)
             metrics[f"{key}_{name}"] = value
-    fig, ax = _figure(f"{spec.name} ({spec.size}): what the models say (synthetic transcriber)", "metric", "value")
+    fig, ax = new_figure(f"{spec.name} ({spec.size}): what the models say (synthetic transcriber)", "metric", "value")
     keys = ("per", "speaker_accuracy", "law_consistency", "stopped")
     x = np.arange(len(keys))
     for i, name in enumerate(table["model"]):

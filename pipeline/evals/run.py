@@ -16,7 +16,7 @@ import wand
 from wand.profiling import device_name
 
 from pipeline.config import EvalConfig
-from pipeline.evals.common import _figure, EvalResult, resolve_device
+from pipeline.evals.common import new_figure, EvalResult, resolve_device
 from pipeline.evals.memory import attention_flops, memory_and_latency
 from pipeline.evals.quality import content, quality
 
@@ -35,7 +35,7 @@ def window_chooser(spec, teacher, rows: list[dict], windows: list[int], device: 
              "window_share": [m.window_share for m in masses], "kept": [m.kept for m in masses],
              "dropped": [m.dropped for m in masses], "queries": [m.queries for m in masses]}
     metrics = {f"attn_kept_w{m.window}": m.kept for m in masses}
-    fig, ax = _figure(f"{spec.name} ({spec.size}): teacher attention mass by window", "W", "share of attention mass")
+    fig, ax = new_figure(f"{spec.name} ({spec.size}): teacher attention mass by window", "W", "share of attention mass")
     labels = [str(m.window) for m in masses]
     ax.bar(labels, table["prefix_share"], label="prefix")
     ax.bar(labels, table["window_share"], bottom=table["prefix_share"], label="last W generated")
