@@ -105,7 +105,8 @@ import sys
 sys.path.insert(0, {root!r})
 import ray
 from ray.cluster_utils import Cluster
-from pipeline.chain import DistillConfig, check_cluster_storage
+from pipeline.chain import check_cluster_storage
+from pipeline.config import DistillConfig
 
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "include_dashboard": False}})
 cluster.add_node(num_cpus=1)

@@ -99,7 +99,7 @@ def test_a_full_disk_while_a_worker_writes_its_checkpoint_is_never_resumed_from(
     (half / "ds").mkdir(parents=True)
     done = under_file_size_limit(f"""
         import os
-        from pipeline import checkpoints
+        from pipeline.train import checkpoints
         try:
             with open({str(half / 'ds' / 'optim.pt')!r}, "wb") as out:
                 out.write(os.urandom(100_000))
