@@ -328,7 +328,7 @@ class Tracker:
             self.client.log_batch(run_id, metrics=items[start : start + BATCH])
 
     def log_eval(self, run_id: str, result) -> None:
-        """One ``pipeline.evals.EvalResult``: metrics, ``evals/<name>.json`` table, ``evals/<name>.png``."""
+        """One ``pipeline.evals.common.EvalResult``: metrics, ``evals/<name>.json`` table, ``evals/<name>.png``."""
         self.log_metrics(run_id, result.metrics)
         self.log_curves(run_id, result.curves)
         self.client.log_table(run_id, data=result.table, artifact_file=f"evals/{result.name}.json")

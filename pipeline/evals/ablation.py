@@ -2,9 +2,9 @@
 
 One process, plain torch, so a researcher can rerun the whole table on a laptop CPU. The data path
 is the pipeline's own: the precompute's top-k and shard encoding (``topk_of_rows``,
-``build_shard_table``), the training worker's top-k decoding (``pipeline.train.shard_topk``), collate
+``build_shard_table``), the training worker's top-k decoding (``pipeline.data.shards.shard_topk``), collate
 (``wand.batch.collate``) and step (``wand.distill.distill_loss``), ``wand.curriculum.Curriculum``,
-the WAND mask and ``WandCache``, ``pipeline.evals.position_scores``. What is not the pipeline's:
+the WAND mask and ``WandCache``, ``pipeline.evals.quality.position_scores``. What is not the pipeline's:
 Ray, DeepSpeed and Parquet files (the shard tables stay in memory), and the loop (AdamW, random
 batches): where the numbers are computed, not what they are.
 

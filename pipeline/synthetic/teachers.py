@@ -57,7 +57,7 @@ class Phase:
 # first: trained on the corpus's 40-120-phoneme texts from the start, the mini teachers stayed at
 # chance at phoneme starts after 1,500 steps; on 4-12-phoneme texts the same model reaches 95% in
 # 2,000 steps (measured), and each longer phase then extends it. The last phase is the corpus's own
-# lengths (pipeline.synthetic.TEXT_LENGTHS).
+# lengths (pipeline.synthetic.law.TEXT_LENGTHS).
 CURRICULUM = (Phase(3000, 4, 12, 32), Phase(2000, 12, 40, 16), Phase(1500, *TEXT_LENGTHS, 8))
 
 
