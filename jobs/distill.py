@@ -26,7 +26,8 @@ from pathlib import Path
 from pipeline.chain import check_cluster_storage, run_chain
 from pipeline.config import DistillConfig
 from pipeline.cli import load_experiments, prepare
-from pipeline.evals.report import results_table, ui_lines
+from pipeline.evals.report import registry_lines, results_table, ui_lines
+from pipeline.registry.register import registered
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,11 +47,12 @@ def main(argv: list[str] | None = None) -> int:
                           "stages": len(summary["stages"]), "final_step": last["step"], "final_loss": last["loss"],
                           "final_window": last["window"], "parent_run_id": summary["parent_run_id"],
                           "tracking_uri": summary["tracking_uri"], "experiment_id": summary["experiment_id"],
-                          "evals": summary["evals"]})
+                          "evals": summary["evals"], **registered(summary["registration"])})
     if args.summary_json:
         args.summary_json.write_text(json.dumps(summaries, indent=2))
     print(results_table(summaries))
     print(ui_lines(summaries))
+    print(registry_lines(summaries))
     return 0
 
 

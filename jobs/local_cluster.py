@@ -124,7 +124,7 @@ def where(args) -> int:
           f"{state['dashboard_url']} --working-dir . --runtime-env-json \"$({me} env)\" -- python -m jobs.distill ...")
     print("Compare:        .venv/bin/python -m jobs.compare --tracking-uri " + state["mlflow_uri"])
     print("Stop:           make stop\n")
-    from pipeline.evals.report import results_table, rows_from_server, ui_lines
+    from pipeline.evals.report import registry_lines, results_table, rows_from_server, ui_lines
 
     try:
         wait_http(f"{state['mlflow_uri']}/health", 10, what="mlflow server")
@@ -134,6 +134,7 @@ def where(args) -> int:
         return 0
     print(results_table(rows))
     print(ui_lines(rows))
+    print(registry_lines(rows))
     return 0
 
 

@@ -6,8 +6,10 @@
 Drives headless Chromium (Debian's chromium + chromium-driver: `make browser`) against the demo's
 MLflow server and writes docs/mlflow-runs.png (the runs table: one parent run per model),
 mlflow-children.png (a parent with its precompute, stage and eval children), mlflow-compare.png
-(the Compare view of the parents: their parameters and KV / latency / quality metrics) and
-mlflow-figure.png (an eval run's KV-memory figure). Prints each file it writes.
+(the Compare view of the parents: their parameters and KV / latency / quality metrics),
+mlflow-figure.png (an eval run's KV-memory figure), mlflow-registry.png (the first model's
+registered student: versions, alias, gates) and mlflow-model.png (its logged model with the
+metrics that scored it). Prints each file it writes.
 """
 
 from __future__ import annotations
@@ -91,6 +93,26 @@ def parents_of(uri: str, experiment_name: str) -> tuple[str, dict[str, str], dic
     return experiment.experiment_id, parents, evals
 
 
+def registry_shots(driver, uri: str, experiment_id: str, parent: str, shot) -> None:
+    """The registered model of a parent's student (versions, alias, gates) and its logged model's page."""
+    from mlflow import MlflowClient
+
+    run = MlflowClient(tracking_uri=uri).get_run(parent)
+    registered = run.data.tags.get("wand.registered_model")
+    if not registered or not run.outputs.model_outputs:
+        print("no registered student on the first parent run: registry screenshots skipped")
+        return
+    name, version = registered.removeprefix("models:/").rsplit("/", 1)
+    base = uri.rstrip("/")
+    driver.get(f"{base}/#/models/{name}?workflowType=machine_learning")
+    wait_for(driver, lambda d: f"Version {version}" in body(d), what=f"the versions of {name}")
+    shot("mlflow-registry.png")
+    driver.get(f"{base}/#/experiments/{experiment_id}/models/{run.outputs.model_outputs[0].model_id}"
+               "?workflowType=machine_learning")
+    wait_for(driver, lambda d: "gates_passed" in body(d), what="the logged model's linked metrics")
+    shot("mlflow-model.png")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000"))
@@ -140,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
                 "const i = [...document.images].find(i => i.src.startsWith('blob:') && i.complete);"
                 "return i ? i.naturalWidth : 0;"), what="the kv_memory.png figure")
             shot("mlflow-figure.png")
+        registry_shots(driver, args.tracking_uri, experiment_id, parents[first], shot)
     finally:
         driver.quit()
     return 0

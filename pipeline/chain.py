@@ -22,6 +22,7 @@ from pipeline.config import DistillConfig, PrecomputeConfig, TrainConfig
 from pipeline.data.corpus_io import read_rows
 from pipeline.data.precompute import run_precompute
 from pipeline.evals.common import EvalResult
+from pipeline.evals.gates import check_gates, gate_metrics, missed, passed
 from pipeline.evals.run import run_evals
 from pipeline.tracking import git_commit, NullTracker, Tracker, tracker_for
 from pipeline.train.driver import preflight, run_stage
@@ -35,7 +36,8 @@ HEADLINE = ("kv_reduction_10s", "kv_reduction_60s", "kv_wand_bytes_60s", "kv_ful
             "latency_full_ratio_late_early", "latency_wand_ratio_late_early", "attn_flops_speedup_60s",
             "top1_agreement", "top1_agreement_near", "top1_agreement_mid", "top1_agreement_far",
             "kl_teacher_student", "kl_far", "per_teacher", "per_student", "speaker_accuracy_teacher",
-            "speaker_accuracy_student", "law_consistency_teacher", "law_consistency_student")
+            "speaker_accuracy_student", "law_consistency_teacher", "law_consistency_student",
+            "stopped_student", "length_ratio_student")
 
 
 def run_chain(config: DistillConfig) -> dict:
@@ -67,8 +69,6 @@ def run_chain(config: DistillConfig) -> dict:
             records.append(track_stage(tracker, parent, train, index, manifest))
         student = export_student(config, records[-1]["checkpoint"])
         tracker.set_tags(parent, {"wand.student_uri": student})
-        if tracker.enabled and config.tracking.log_student:
-            _log_student(tracker, parent, config, student)
         tracker.log_metrics(parent, {"final_loss": records[-1]["metrics"][-1]["loss"],
                                      "total_steps": records[-1]["total_steps"]})
         evals = {}
@@ -81,12 +81,15 @@ def run_chain(config: DistillConfig) -> dict:
             results = evaluate_experiment(config, student)
             evals = {k: v for r in results for k, v in r.metrics.items()}
             log_evals(tracker, parent, results, config, checksum)
+        registration = None
+        if tracker.enabled and config.tracking.log_student:
+            registration = _register(tracker, parent, config, student, checksum, evals)
         tracker.finish(parent)
     except BaseException:
         tracker.mark_failed(parent)
         raise
     return {"stages": records, "student": student, "evals": evals, "parent_run_id": parent,
-            "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id}
+            "tracking_uri": tracker.uri, "experiment_id": tracker.experiment_id, "registration": registration}
 
 
 def check_cluster_storage(config: DistillConfig) -> None:
@@ -188,21 +191,24 @@ def track_stage(tracker: Tracker | NullTracker, parent: str | None, train: Train
     return record
 
 
-def _log_student(tracker: Tracker, parent: str, config: DistillConfig, student: str) -> None:
+def _register(tracker: Tracker, parent: str, config: DistillConfig, student: str, checksum: str, evals: dict):
+    """The student as an MLflow model of the parent run, a version of its family's registered model,
+    promoted when the gates pass (``pipeline.registry``); a held-out row's prompt is its input example."""
+    import contextlib
     import tempfile
 
-    describe = {"model": config.model, "model_size": config.model_size, "experiment": config.experiment,
-                "window": config.train_config().resolved_window_target()}
-    if not storage.is_remote(student):
-        uri = tracker.log_student(parent, student, describe)
-    else:
-        fs, root = storage.resolve(student, config.s3_endpoint)
-        with tempfile.TemporaryDirectory() as local:
+    from pipeline.registry.register import register_student
+
+    example = read_rows(config.evaluate.corpus or config.corpus, config.s3_endpoint, 1)[0]
+    with contextlib.ExitStack() as stack:
+        local = student
+        if storage.is_remote(student):
+            local = stack.enter_context(tempfile.TemporaryDirectory())
+            fs, root = storage.resolve(student, config.s3_endpoint)
             for path in storage.list_files(fs, root, ("",)):
                 with open(os.path.join(local, os.path.basename(path)), "wb") as f:
                     f.write(storage.read_bytes(fs, path))
-            uri = tracker.log_student(parent, local, describe)
-    tracker.set_tags(parent, {"wand.student_artifact": uri})
+        return register_student(tracker, parent, config, local, checksum, evals, example)
 
 
 def evaluate_experiment(config: DistillConfig, student_dir: str | None = None) -> list[EvalResult]:
@@ -251,7 +257,11 @@ def log_evals(tracker: Tracker, parent: str, results: list[EvalResult], config: 
     for result in results:
         tracker.log_eval(run_id, result)
     merged = {k: v for r in results for k, v in r.metrics.items()}
-    tracker.log_metrics(parent, {k: merged[k] for k in HEADLINE if k in merged})
+    # Pass/fail against the promotion gates, beside the figures they read (eval run and parent's columns).
+    gates = check_gates(merged)
+    tracker.log_metrics(run_id, gate_metrics(gates))
+    tracker.set_tags(run_id, {"wand.gates": "passed" if passed(gates) else f"missed: {missed(gates)}"})
+    tracker.log_metrics(parent, {**{k: merged[k] for k in HEADLINE if k in merged}, **gate_metrics(gates)})
     tracker.finish(run_id)
     return run_id
 

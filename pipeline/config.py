@@ -236,7 +236,12 @@ class TrackingConfig(BaseModel):
 
     uri: str | None = Field(None, description="MLflow tracking URI; None: $MLFLOW_TRACKING_URI; neither: off")
     experiment_name: str = Field("wand-tts", description="MLflow experiment holding the runs")
-    log_student: bool = Field(True, description="copy the final student into the parent run's artifacts")
+    log_student: bool = Field(True, description=(
+        "log the final student as an MLflow model of the parent run (pyfunc: generates with WAND) and register it"))
+    registered_model: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description=(
+        "the registered model the student becomes a version of; None: wand-<model>, one per family"))
+    champion_alias: str = Field("champion", pattern=r"^[a-z][a-z0-9_-]{0,63}$", description=(
+        "the alias moved to a version only when every eval gate passes (pipeline/evals/gates.py)"))
     grace_s: float = Field(300.0, ge=0, description=(
         "how long the driver waits for an MLflow server that does not answer (restarting, unreachable) "
         "before the job fails naming the tracking URI; the checkpoints are kept, so resubmitting resumes"))

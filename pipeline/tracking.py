@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Iterable
@@ -85,9 +84,6 @@ class NullTracker:
         return None
 
     def find_child(self, *args, **kwargs) -> None:
-        return None
-
-    def log_student(self, *args, **kwargs) -> None:
         return None
 
     def __getattr__(self, name: str):  # log_params, log_metrics, set_tags, finish, mark_failed, ...
@@ -339,17 +335,6 @@ class Tracker:
     def log_text(self, run_id: str, text: str, artifact_file: str) -> None:
         self.client.log_text(run_id, redact(text), artifact_file)
 
-    def log_student(self, run_id: str, directory: str, describe: dict) -> str:
-        """Copy the exported student (release format) into ``student/`` of the run, with
-        ``student/wand_model.json`` saying how to rebuild it; returns its artifact URI."""
-        import json
-
-        with tempfile.TemporaryDirectory() as tmp:
-            Path(tmp, "wand_model.json").write_text(json.dumps(describe, indent=2))
-            self.client.log_artifacts(run_id, tmp, "student")
-        self.client.log_artifacts(run_id, directory, "student")
-        return f"runs:/{run_id}/student"
-
 
 def _now_ms() -> int:
     import time
@@ -358,16 +343,19 @@ def _now_ms() -> int:
 
 
 def load_logged_student(uri: str, tracking_uri: str | None = None):
-    """The student an experiment logged (``runs:/<parent run id>/student``), as a model of its spec."""
+    """The student an experiment logged as an MLflow model (``models:/wand-cosyvoice2@champion``,
+    ``models:/<name>/<version>``, ``models:/<model id>``), as a plain model of its spec: the
+    family's own loader on the release-format weights the model carries (``pipeline.registry``)."""
     import json
 
     import mlflow
 
+    from pipeline.registry.pyfunc import DESCRIBE
     from wand.models import get_spec
 
-    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri)
-    meta_path = Path(local, "wand_model.json")
-    if not meta_path.exists():
-        raise ValueError(f"{uri}: no wand_model.json; is this the student/ folder of a wand-tts parent run?")
-    meta = json.loads(meta_path.read_text())
-    return get_spec(meta["model"], meta["model_size"]).load(local)
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, tracking_uri=tracking_uri))
+    folder = next((f for f in (local / "data" / "student", local) if (f / DESCRIBE).is_file()), None)
+    if folder is None:
+        raise ValueError(f"{uri}: no {DESCRIBE}; is this a student model a wand-tts experiment logged?")
+    meta = json.loads((folder / DESCRIBE).read_text())
+    return get_spec(meta["model"], meta["model_size"]).load(str(folder))

@@ -129,3 +129,18 @@ def precomputed_tiny_corpus(root, seed: int):
     run_precompute(PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(root / "corpus"),
                                     shards=str(root / "topk"), k=8, rows_per_shard=16))
     return root
+
+
+def wand_speech(spec, model, window: int, prompt: dict, steps: int) -> list[int]:
+    """What ``wand.generate`` says after a prompt row (``input_ids``, ``prefix_length``, the family's
+    columns), cut at the first stop id: the reference the student's MLflow model is checked against."""
+    import torch
+
+    import wand
+
+    ids = torch.tensor([prompt["input_ids"]])
+    extra = spec.row_inputs([prompt]) if spec.row_columns else {}
+    tokens = wand.generate(model, ids, [prompt["prefix_length"]], window, steps, eos_token_id=list(spec.stop_token_ids),
+                           prefill_kwargs=extra)[0, ids.shape[1]:].tolist()
+    stop = next((i for i, t in enumerate(tokens) if t in spec.stop_token_ids), len(tokens))
+    return tokens[:stop]

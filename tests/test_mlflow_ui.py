@@ -20,6 +20,7 @@ from jobs.ui_screenshots import body, close_side_panel, wait_for
 from pipeline.chain import log_evals
 from pipeline.config import DistillConfig
 from pipeline.evals.run import run_evals
+from pipeline.registry.register import register_student
 from pipeline.tracking import Tracker, ui_links
 from wand.batch import collate
 from wand.distill import distill_loss
@@ -41,10 +42,12 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def layout(mlflow_server):
-    """Three parent runs (one per family) with a stage child (real distillation steps) and an eval child."""
+def layout(mlflow_server, tmp_path_factory):
+    """Three parent runs (one per family) with a stage child (real distillation steps), an eval child
+    and the student registered as an MLflow model."""
     tracker = Tracker(mlflow_server.uri, "wand-tts-ui")
-    parents, evals = {}, {}
+    tmp = tmp_path_factory.mktemp("ui-students")
+    parents, evals, registrations = {}, {}, {}
     for name in FAMILIES:
         spec = get_spec(name, "tiny")
         torch.manual_seed(0)
@@ -53,7 +56,8 @@ def layout(mlflow_server):
         rows = corpus_rows(spec, 3, seed=5, min_gen=40, max_gen=60)
         config = DistillConfig(experiment=f"ui-{name}", model=name, model_size="tiny", corpus=f"runs/corpus/ui-{name}",
                                shards=f"runs/topk/ui-{name}", storage="runs/checkpoints",
-                               evaluate={"seconds": [10.0], "windows": [4, 8], "allow_training_corpus": True})
+                               evaluate={"seconds": [10.0], "windows": [4, 8], "allow_training_corpus": True},
+                               curriculum={"window_target": 8}, tracking={"registered_model": f"wand-{name}-ui"})
         parent = tracker.parent_run(config.experiment, {"wand.model": name, "wand.family": spec.family})
         optimizer = torch.optim.AdamW(student.parameters(), lr=1e-3)
         steps = []
@@ -68,15 +72,19 @@ def layout(mlflow_server):
         tracker.log_steps(child, steps)
         tracker.finish(child)
         tracker.log_dataset(parent, f"ui-{name}", config.corpus, f"{len(rows):064x}", "training", len(rows))
-        evals[name] = log_evals(tracker, parent, run_evals(spec, teacher, student.eval(), 8, rows, config.evaluate),
-                                config, "checksum")
+        results = run_evals(spec, teacher, student.eval(), 8, rows, config.evaluate)
+        evals[name] = log_evals(tracker, parent, results, config, "checksum")
+        # The student as a registered MLflow model, the way the chain registers it (the family's release files).
+        spec.save(student, tmp / name)
+        registrations[name] = register_student(tracker, parent, config, str(tmp / name), f"ui-{name}",
+                                               {k: v for r in results for k, v in r.metrics.items()}, rows[0])
         tracker.finish(parent)
         parents[name] = parent
-    return tracker, parents, evals
+    return tracker, parents, evals, registrations
 
 
 def test_the_mlflow_ui_shows_parents_children_compare_and_figures(layout, tmp_path):
-    tracker, parents, evals = layout
+    tracker, parents, evals, registrations = layout
     shots = Path(os.environ.get("WAND_UI_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     links = ui_links(tracker.uri, tracker.experiment_id, list(parents.values()))
@@ -89,6 +97,9 @@ def test_the_mlflow_ui_shows_parents_children_compare_and_figures(layout, tmp_pa
         assert "Runs" in text and "Traces\n0" not in text  # not MLflow 3's GenAI overview
         assert "ui-cosyvoice2 (" in text or "ui-cosyvoice2" in text
         assert "Training" in text  # the Dataset column: each parent's corpus as a training input
+        # The Models column: each parent's student, by its registered name and version.
+        wait_for(driver, lambda d: all(f"wand-{n}-ui\nv{registrations[n].version}" in body(d) for n in FAMILIES),
+                 what="the registered students in the runs table's Models column")
         close_side_panel(driver)
         driver.save_screenshot(str(shots / "mlflow-runs.png"))
 
@@ -102,14 +113,31 @@ def test_the_mlflow_ui_shows_parents_children_compare_and_figures(layout, tmp_pa
         driver.save_screenshot(str(shots / "mlflow-children.png"))
 
         # The Compare view of the three parents holds the KV-memory and latency metrics.
+        # (its metric table renders the first rows only, alphabetically: the gates, KL, KV, latency)
         driver.get(links["compare"])
-        wait_for(driver, lambda d: "kv_reduction_10s" in body(d) and "latency_wand_ratio_late_early" in body(d),
-                 what="the KV-memory and latency metrics in the Compare view")
+        wait_for(driver, lambda d: "kv_reduction_10s" in body(d) and "latency_full_ratio_late_early" in body(d)
+                 and "gates_passed" in body(d), what="the KV-memory, latency and gate metrics in the Compare view")
         assert all(f"ui-{n}" in body(driver) for n in FAMILIES)
         close_side_panel(driver)
         metrics = driver.find_elements("xpath", "//*[text()='kv_reduction_10s']")
         driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", metrics[-1])  # the metrics table
         driver.save_screenshot(str(shots / "mlflow-compare.png"))
+
+        # The registered model's page: its versions, the alias on the one that passed, the gates' tag.
+        promoted = registrations["cosyvoice2"]
+        assert promoted.champion, promoted.missed  # random tiny students: only the KV and latency gates apply
+        driver.get(f"{tracker.uri}/#/models/wand-cosyvoice2-ui?workflowType=machine_learning")
+        wait_for(driver, lambda d: f"Version {promoted.version}" in body(d) and "@ champion" in body(d)
+                 and "wand.gates\n: passed" in body(d), what="the registered model's version, alias and gates")
+        close_side_panel(driver)
+        driver.save_screenshot(str(shots / "mlflow-registry.png"))
+        # The logged model's page: the eval figures and gates that scored it, linked to its run.
+        driver.get(f"{tracker.uri}/#/experiments/{tracker.experiment_id}/models/{promoted.model_id}"
+                   "?workflowType=machine_learning")
+        wait_for(driver, lambda d: "kv_reduction_10s" in body(d) and "gates_passed" in body(d)
+                 and "ui-cosyvoice2" in body(d), what="the logged model's linked metrics and source run")
+        close_side_panel(driver)
+        driver.save_screenshot(str(shots / "mlflow-model.png"))
 
         # The eval run's figure (KV bytes against generated length) loads as an image.
         eval_run = evals["cosyvoice2"]
@@ -127,7 +155,7 @@ def test_the_mlflow_ui_shows_parents_children_compare_and_figures(layout, tmp_pa
 
 
 def test_the_links_printed_for_users_name_the_runs(layout):
-    tracker, parents, _ = layout
+    tracker, parents, _, _ = layout
     links = ui_links(tracker.uri, tracker.experiment_id, list(parents.values()))
     assert links["experiment"].endswith(f"/#/experiments/{tracker.experiment_id}/runs?workflowType=machine_learning")
     query = urllib.parse.parse_qs(links["compare"].split("?", 1)[1])

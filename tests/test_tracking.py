@@ -11,11 +11,12 @@ import pytest
 import torch
 
 import wand
-from helpers import corpus_rows
+from helpers import corpus_rows, wand_speech
 from pipeline.chain import run_chain
 from pipeline.config import DistillConfig
 from pipeline.config import TrackingConfig
 from pipeline.redaction import redact
+from pipeline.registry.pyfunc import prompt_of
 from pipeline.tracking import load_logged_student
 from pipeline.train.worker import FAULT_ENV
 from wand.models import get_spec
@@ -166,17 +167,139 @@ def test_step_metrics_are_monotone_and_logged_once(tracked):
         assert all(windows[m["step"]] == m["window"] for m in record["metrics"])
 
 
+def prompts(tracked, n: int = 2) -> list[dict]:
+    spec = get_spec("cosyvoice2", "tiny")
+    rows = pq.read_table(Path(tracked["config"].corpus) / "c.parquet").to_pylist()
+    return [prompt_of(spec, r) for r in rows[:n]]
+
+
+def expected_speech(tracked, rows: list[dict], steps: int) -> list[list[int]]:
+    """wand.generate on the exported student folder (the family's loader, not MLflow)."""
+    spec = get_spec("cosyvoice2", "tiny")
+    model = wand.enable_wand(spec.load(tracked["summary"]["student"]).eval(), 4)
+    return [wand_speech(spec, model, 4, row, steps) for row in rows]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)
-def test_student_artifact_loads_and_generates(tracked):
-    parent = tracked["summary"]["parent_run_id"]
-    model = load_logged_student(f"runs:/{parent}/student", tracking_uri=tracked["uri"])
-    checksum = wand.models.weights.fingerprint(model.state_dict())
-    assert checksum == tracked["summary"]["stages"][-1]["param_checksum"]
-    spec = get_spec("cosyvoice2", "tiny")
-    prompt = torch.tensor([[int(spec.target_ids()[0])] * 5 + [spec.prefix_end_token_id]])
-    tokens, cache = wand.generate(wand.enable_wand(model, 4), prompt, torch.tensor([6]), 4, 20, return_cache=True)
-    assert tokens.shape[1] == 26 and cache.nbytes() == spec.kv_bytes_per_token(torch.float32) * (6 + 4)
+def test_the_student_is_a_registered_model_linked_to_its_run_and_eval_metrics(tracked, tmp_path):
+    import mlflow
+
+    client, parent = tracked["client"], tracked["summary"]["parent_run_id"]
+    registration = tracked["summary"]["registration"]
+    assert registration.name == "wand-cosyvoice2"
+    # Three submissions, one student: one version (the resubmission found it).
+    assert tracked["again"]["registration"].version == registration.version
+    versions = client.search_model_versions(f"name = 'wand-cosyvoice2' and run_id = '{parent}'")
+    assert [v.version for v in versions] == [registration.version]
+    # The logged model: an output of the parent run (the runs table's Models column), with the run's
+    # params and the evals' figures linked to it.
+    model = client.get_logged_model(registration.model_id)
+    run = client.get_run(parent)
+    assert model.source_run_id == parent and [o.model_id for o in run.outputs.model_outputs] == [model.model_id]
+    linked = {m.key: m.value for m in model.metrics}
+    assert linked["kv_reduction_60s"] == pytest.approx(run.data.metrics["kv_reduction_60s"])
+    assert model.params["model"] == "cosyvoice2" and model.params["curriculum.window_target"] == "4"
+    # Promotion follows the gates, recomputed here from the eval run's own metrics.
+    evals = next(r for r in tracked["runs"] if r.data.tags.get("wand.stage") == "eval").data.metrics
+    gates_pass = evals["kv_reduction_60s"] >= 0.5 and evals["latency_wand_ratio_late_early"] <= 1.25
+    assert registration.champion == gates_pass == (linked["gates_passed"] == 1.0)
+    version = client.get_model_version("wand-cosyvoice2", registration.version)
+    assert version.tags["wand.gates"] == ("passed" if gates_pass else "failed")
+    assert run.data.tags["wand.registered_model"] == f"models:/wand-cosyvoice2/{registration.version}"
+    # It needs the library alone.
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{model.model_id}", tracking_uri=tracked["uri"],
+                                                     dst_path=str(tmp_path)))
+    requirements = (local / "requirements.txt").read_text().split()
+    assert "wand-tts==0.1.0" in requirements
+    assert not [r for r in requirements if r.split("=")[0] in ("ray", "deepspeed", "s3fs")]
+    # The family's own loader works on the weights it carries (the checksum of the last stage).
+    student = load_logged_student(f"models:/wand-cosyvoice2/{registration.version}", tracking_uri=tracked["uri"])
+    assert wand.models.weights.fingerprint(student.state_dict()) == tracked["summary"]["stages"][-1]["param_checksum"]
+
+
+FRESH_LOAD = """
+import json, sys
+class Blocked:  # the model must need the wand-tts library alone: none of the pipeline's cluster stack
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "deepspeed", "s3fs"):
+            raise ImportError(f"blocked import of {name}")
+sys.meta_path.insert(0, Blocked())
+import mlflow
+model = mlflow.pyfunc.load_model(sys.argv[1])
+out = model.predict(json.loads(sys.argv[2]), params={"max_new_tokens": 30})
+print("PREDICTIONS " + json.dumps([r["speech_ids"] for r in out.to_dict(orient="records")]))
+"""
+
+
+def clean_env(tracked, tmp_path) -> dict:
+    # The venv's bin first, as in an activated environment (mlflow models serve runs its uvicorn).
+    return {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HOME": str(tmp_path), "TMPDIR": str(tmp_path),
+            "MLFLOW_TRACKING_URI": tracked["uri"], "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_OFFLINE": "1"}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_the_champion_loads_in_a_fresh_process_and_says_what_wand_generate_says(tracked, tmp_path):
+    import subprocess
+
+    registration = tracked["summary"]["registration"]
+    assert registration.champion, f"the tiny student missed a gate: {registration.missed}"
+    rows = prompts(tracked)
+    out = subprocess.run([sys.executable, "-c", FRESH_LOAD, "models:/wand-cosyvoice2@champion", json.dumps(rows)],
+                         cwd=tmp_path, env=clean_env(tracked, tmp_path), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = json.loads(out.stdout.split("PREDICTIONS ", 1)[1])
+    assert said == expected_speech(tracked, rows, 30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_mlflow_models_serve_answers_a_request(tracked, tmp_path):
+    import subprocess
+    import urllib.request
+
+    from pipeline.services import free_port, stop_group, wait_http
+
+    version = tracked["summary"]["registration"].version
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m",
+                               f"models:/wand-cosyvoice2/{version}", "--env-manager", "local", "-h", "127.0.0.1",
+                               "-p", str(port)], cwd=tmp_path, env=clean_env(tracked, tmp_path),
+                              stdout=open(tmp_path / "serve.log", "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", 300, server, what="mlflow models serve")
+        rows = prompts(tracked)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", method="POST", headers={"Content-Type": "application/json"},
+            data=json.dumps({"dataframe_records": rows, "params": {"max_new_tokens": 30}}).encode())
+        with urllib.request.urlopen(request, timeout=300) as response:
+            answer = json.loads(response.read())
+    finally:
+        stop_group(server.pid)
+    assert [p["speech_ids"] for p in answer["predictions"]] == expected_speech(tracked, rows, 30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1500)
+def test_a_version_that_misses_a_gate_is_registered_without_the_alias(tracked):
+    from pipeline.registry.register import register_student
+    from pipeline.tracking import Tracker
+
+    client, first = tracked["client"], tracked["summary"]["registration"]
+    tracker = Tracker(tracked["uri"], "wand-tts-registry-miss")
+    parent = tracker.parent_run("registry-miss", {"wand.model": "cosyvoice2"})
+    metrics = {**tracked["summary"]["evals"], "latency_wand_ratio_late_early": 2.0}
+    row = pq.read_table(Path(tracked["config"].corpus) / "c.parquet").to_pylist()[0]
+    missed = register_student(tracker, parent, tracked["config"], tracked["summary"]["student"], "other-student",
+                              metrics, row)
+    tracker.finish(parent)
+    assert int(missed.version) > int(first.version) and not missed.champion
+    assert missed.uri == f"models:/wand-cosyvoice2/{missed.version}"
+    version = client.get_model_version("wand-cosyvoice2", missed.version)
+    assert version.tags["wand.gates"] == "failed" and version.tags["wand.missed"].startswith("latency_flat 2.000")
+    holder = client.get_model_version_by_alias("wand-cosyvoice2", "champion").version
+    assert holder == first.version  # the alias stayed where it was
 
 
 @pytest.mark.slow
@@ -220,6 +343,15 @@ def test_no_secret_in_params_tags_or_artifacts(tracked, tmp_path):
             for name in files:
                 with open(os.path.join(directory, name), "rb") as f:
                     text += f.read().decode("latin-1")
+        for output in client.get_run(run.info.run_id).outputs.model_outputs:  # the logged student model
+            import mlflow
+
+            model = mlflow.artifacts.download_artifacts(f"models:/{output.model_id}", tracking_uri=tracked["uri"],
+                                                        dst_path=str(tmp_path / output.model_id))
+            text += json.dumps(client.get_logged_model(output.model_id).params)
+            for directory, _, files in os.walk(model):
+                for name in files:
+                    text += Path(directory, name).read_bytes().decode("latin-1")
         for secret in SECRETS.values():
             assert secret not in text
 

@@ -96,7 +96,8 @@ def content(spec, teacher, student, window: int, rows: list[dict], device: torch
     """Does the student still say the text? On rows of the synthetic corpus (they carry ``text`` and
     ``speaker``), teacher (full attention) and student (WAND) decode greedily from each row's prefix
     until the stop id (at most twice the reference's length) and the speech is transcribed exactly
-    (``pipeline.synthetic.transcribe``): PER, speaker accuracy, law consistency, and how many stopped.
+    (``pipeline.synthetic.transcribe``): PER, speaker accuracy, law consistency, how many stopped and
+    the median length ratio (speech tokens before the stop over the reference's).
     None for rows without a transcript (real data needs an ASR model: not part of these evals)."""
     from pipeline.synthetic.law import SyntheticTask
     from pipeline.synthetic.transcribe import score, speech_codes_of
@@ -106,7 +107,8 @@ def content(spec, teacher, student, window: int, rows: list[dict], device: torch
         return None
     codes = len(speech_ids(spec))
     metrics: dict[str, float] = {"content_rows": len(rows)}
-    table: dict[str, list] = {"model": [], "per": [], "speaker_accuracy": [], "law_consistency": [], "stopped": []}
+    table: dict[str, list] = {"model": [], "per": [], "speaker_accuracy": [], "law_consistency": [], "stopped": [],
+                              "length_ratio": []}
     for name, model, w in (("teacher", teacher, None), ("student", student, window)):
         said = []
         for row in rows:
@@ -119,13 +121,20 @@ def content(spec, teacher, student, window: int, rows: list[dict], device: torch
             generated = out[0, prefix:].tolist()
             task = SyntheticTask(seed=int(row.get("task_seed") or 0))  # the law the corpus was made with
             result = score(task, codes, speech_codes_of(spec, generated), list(row["text"]), int(row["speaker"]))
-            result["stopped"] = any(t in spec.stop_token_ids for t in generated)
+            stops = [i for i, t in enumerate(generated) if t in spec.stop_token_ids]
+            result["stopped"] = bool(stops)
+            said_tokens = stops[0] if stops else len(generated)
+            spoken = [t for t in row["input_ids"][prefix:] if t not in spec.stop_token_ids]
+            result["length_ratio"] = said_tokens / max(1, len(spoken))  # speech tokens, stop ids not counted
             said.append(result)
         table["model"].append(name)
         for key in ("per", "speaker_accuracy", "law_consistency", "stopped"):
             value = float(np.mean([s[key] for s in said]))
             table[key].append(value)
             metrics[f"{key}_{name}"] = value
+        # The median: one runaway row (no stop, twice the length) must not hide that the rest match.
+        table["length_ratio"].append(float(np.median([s["length_ratio"] for s in said])))
+        metrics[f"length_ratio_{name}"] = table["length_ratio"][-1]
     fig, ax = new_figure(f"{spec.name} ({spec.size}): what the models say (synthetic transcriber)", "metric", "value")
     keys = ("per", "speaker_accuracy", "law_consistency", "stopped")
     x = np.arange(len(keys))

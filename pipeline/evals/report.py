@@ -3,7 +3,7 @@ from an MLflow server."""
 
 from __future__ import annotations
 
-__all__ = ["results_table", "COLUMNS", "ui_lines", "rows_from_server"]
+__all__ = ["results_table", "COLUMNS", "ui_lines", "registry_lines", "rows_from_server"]
 
 
 def _fmt(value, kind: str) -> str:
@@ -68,6 +68,23 @@ def ui_lines(rows: list[dict]) -> str:
             f"Compare the models:  {links['compare']}")
 
 
+def registry_lines(rows: list[dict]) -> str:
+    """Where each row's student is registered and the one line that loads it."""
+    registered = [r for r in rows if r.get("registered_model")]
+    if not registered:
+        return ""
+    lines = ["Registered students (load one: mlflow.pyfunc.load_model(URI) with MLFLOW_TRACKING_URI="
+             f"{registered[0].get('tracking_uri') or '<server>'}; docs/tracking-and-evals.md):"]
+    for row in registered:
+        uri = row["registered_model"]
+        if row.get("champion"):
+            name = uri.removeprefix("models:/").rsplit("/", 1)[0]
+            lines.append(f"  {row['experiment']:<18} models:/{name}@{row['champion']}  ({uri}: passed every gate)")
+        else:
+            lines.append(f"  {row['experiment']:<18} {uri}  (no alias: missed {row.get('missed') or 'a gate'})")
+    return "\n".join(lines)
+
+
 def rows_from_server(uri: str, experiment_name: str, match: str | None = None) -> list[dict]:
     """One row per finished parent run of ``experiment_name`` on the MLflow server at ``uri`` (the
     rows ``results_table`` prints); ``match`` keeps the experiments whose name contains it."""
@@ -88,5 +105,7 @@ def rows_from_server(uri: str, experiment_name: str, match: str | None = None) -
             continue
         rows.append({"experiment": name, "model": run.data.tags.get("wand.model", "?"), "evals": run.data.metrics,
                      "final_loss": run.data.metrics.get("final_loss"), "parent_run_id": run.info.run_id,
-                     "tracking_uri": redact(uri), "experiment_id": experiment.experiment_id, "status": run.info.status})
+                     "tracking_uri": redact(uri), "experiment_id": experiment.experiment_id, "status": run.info.status,
+                     "registered_model": run.data.tags.get("wand.registered_model"),
+                     "champion": run.data.tags.get("wand.champion"), "missed": run.data.tags.get("wand.missed")})
     return rows
