@@ -118,7 +118,9 @@ def generate(
                                top_p=top_p, generator=generator)
     if mode is not None and max_new_tokens > 0:
         tokens = _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache,
-                                  mode, sample, eos_ids, eos, pad_token_id, prefill_kwargs)
+                                  mode, sample, eos_ids, eos, pad_token_id, prefill_kwargs,
+                                  # a returned cache must hold exactly the eager path's steps: no step past the stop
+                                  check_every=1 if return_cache else STOP_CHECK_EVERY)
         return (tokens, cache) if return_cache else tokens
     cache_kw = cache_kwarg_name(model)
     tokens = input_ids
@@ -171,9 +173,10 @@ STOP_CHECK_EVERY = 32
 
 
 def _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache, mode,
-                     sample, eos_ids, eos, pad_token_id, prefill_kwargs):
+                     sample, eos_ids, eos, pad_token_id, prefill_kwargs, check_every: int = STOP_CHECK_EVERY):
     """Eager prefill, then static steps. Tokens equal the default path's: the step that finished the
-    last sample is found on the device and the columns after it are cut off at the end."""
+    last sample is found on the device and the columns after it are cut off at the end. The cache's
+    bookkeeping is written back at the end (``StaticDecoder.sync_cache``)."""
     device = input_ids.device
     out = model(input_ids=input_ids, attention_mask=attention_mask, prefix_lengths=prefix_lengths, window=window,
                 use_cache=True, **{cache_kwarg_name(model): cache}, **dict(prefill_kwargs or {}))
@@ -189,10 +192,11 @@ def _generate_static(model, input_ids, attention_mask, prefix_lengths, window, m
         if eos_ids:
             finished |= torch.isin(token, eos)
             keep = torch.where(finished.all() & (keep == max_new_tokens), step + 1, keep)
-            if (step + 1) % STOP_CHECK_EVERY == 0 and bool(finished.all()):
+            if (step + 1) % check_every == 0 and bool(finished.all()):
                 break
         if step + 1 < max_new_tokens:
             logits = decoder.step(token)
+    decoder.sync_cache()
     generated = torch.stack(columns, -1)
     if eos_ids:
         generated = generated[:, : int(keep)]

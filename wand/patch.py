@@ -271,10 +271,43 @@ def wand_flex_attention_forward(module, query, key, value, attention_mask, scali
     padded = attention_mask.seq_lengths[0]
     if padded != length:  # to the mask's bucket; the padded keys come after every real query (causal)
         query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
-    kernel = _compiled_flex_attention() if _compile_flex(query.device) else flex_attention
-    out = kernel(query, key, value, score_mod=score_mod, block_mask=attention_mask, scale=scaling,
-                 enable_gqa=key.shape[1] != query.shape[1])  # grouped-query KV heads, not expanded
+    args = dict(score_mod=score_mod, block_mask=attention_mask, scale=scaling,
+                enable_gqa=key.shape[1] != query.shape[1])  # grouped-query KV heads, not expanded
+    if _compile_flex(query.device):
+        out = _fused_flex(query, key, value, args)
+    else:
+        out = flex_attention(query, key, value, **args)
     return out[:, :, :length].transpose(1, 2).contiguous(), None
+
+
+def flex_recompile_limit() -> int:
+    """How many compiled FlexAttention variants a process may hold: one per (length bucket, batch
+    size, hard or soft mask). WAND_FLEX_RECOMPILE_LIMIT, default 64; never below torch's own limit."""
+    import torch._dynamo.config as dynamo_config
+
+    setting = os.environ.get("WAND_FLEX_RECOMPILE_LIMIT", "64")
+    if not setting.isdigit() or int(setting) < 1:
+        raise ValueError(f"WAND_FLEX_RECOMPILE_LIMIT must be an int >= 1, got {setting!r}")
+    return max(int(setting), dynamo_config.recompile_limit)
+
+
+def _fused_flex(query, key, value, args: dict) -> torch.Tensor:
+    """Compiled FlexAttention that stays fused or fails loudly. Past torch's recompile limit (8 by
+    default) dynamo would run each new (bucket, batch, hard/soft) variant eagerly, unfused, building
+    the whole score matrix with no warning: here the limit is raised to ``flex_recompile_limit()``
+    and hitting it is an error that names the setting."""
+    import torch._dynamo.config as dynamo_config
+    from torch._dynamo.exc import FailOnRecompileLimitHit
+
+    limit = flex_recompile_limit()
+    try:
+        with dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+            return _compiled_flex_attention()(query, key, value, **args)
+    except FailOnRecompileLimitHit as err:
+        raise RuntimeError(
+            f"compiled FlexAttention reached its recompile limit ({limit} variants: one per length bucket, "
+            "batch size and hard/soft mask); rather than run unfused (the full score matrix), this stops. "
+            "Raise WAND_FLEX_RECOMPILE_LIMIT, or use fewer batch sizes / length buckets") from err
 
 
 FLEX_BLOCK = 128  # FlexAttention's block size: sequence lengths are padded to a multiple of it

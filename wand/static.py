@@ -85,7 +85,8 @@ class StaticDecoder:
 
     ``step(tokens)`` takes LongTensor[B] (the previous step's tokens, on the cache's device) and
     returns the logits of the next position, FloatTensor[B, V]. The returned tensor is the graph's
-    output buffer in ``"graph"`` mode: read it before the next step.
+    output buffer in ``"graph"`` mode: read it before the next step. ``sync_cache()`` writes the
+    steps' bookkeeping back into the WandCache before anything else decodes from it.
     """
 
     def __init__(self, model: torch.nn.Module, cache: WandCache, mode: str = "eager", model_kwargs: dict | None = None):
@@ -104,6 +105,8 @@ class StaticDecoder:
         if mode == "graph" and self.device.type != "cuda":
             raise ValueError(f"mode='graph' captures a CUDA graph; the cache is on {self.device}")
         self.model = model
+        self.cache = cache
+        self.steps = 0  # steps since the last sync_cache (a host count: no device read)
         self.window = cache.window
         self.num_prefix = cache.num_prefix
         self.batch = keys.shape[0]
@@ -126,6 +129,7 @@ class StaticDecoder:
         self.static_cache = _StaticCache([_StaticLayer(layer.keys, layer.values) for layer in cache.layers],
                                          self.slot, self.num_prefix + self.window)
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
+        self.valid = torch.ones(self.batch, dtype=torch.bool, device=self.device)
         self._compiled = None
         self._graph = None
         self._graph_out: torch.Tensor | None = None
@@ -133,21 +137,31 @@ class StaticDecoder:
     # ------------------------------------------------------------------ the step
     def _step(self) -> torch.Tensor:
         """One decode step on ``self.tokens``; every shape and index lives on the device."""
-        positions = self.next_position.view(-1, 1)
+        # As the eager step (WandCache._plan_decode): a sample whose column is not valid (masked out)
+        # does not advance, and its slot is marked invalid for every later query.
+        step = self.valid.long()
+        positions = (self.next_position + step - 1).clamp(min=0).view(-1, 1)
         self.key_positions.index_copy_(1, self.slot, positions)
-        self.key_valid.index_fill_(1, self.slot, True)
+        self.key_valid.index_copy_(1, self.slot, self.valid.view(-1, 1))
         visible, _ = visibility(positions, self.key_positions, self.prefix_lengths, self.window, self.key_valid)
         mask = additive_mask(visible, None, self.dtype)
         out = original_forward(self.model)(
             input_ids=self.tokens.view(-1, 1), attention_mask=mask, position_ids=positions, use_cache=True,
             **{self.cache_kw: self.static_cache}, **self.extra)
-        self.next_position.add_(1)
+        self.next_position.add_(step)
         # Next ring slot: num_prefix + (slot - num_prefix + 1) mod W, in place.
         self.slot.sub_(self._ring_start).add_(1).remainder_(self.window).add_(self._ring_start)
         return out.logits[:, -1]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def step(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """One step on ``tokens`` (LongTensor[B]); ``valid`` (BoolTensor[B], default all) marks the
+        samples whose column is real, as the last column of an eager step's ``attention_mask`` does."""
         self.tokens.copy_(tokens.view(-1))
+        if valid is None:
+            self.valid.fill_(True)
+        else:
+            self.valid.copy_(valid.view(-1))
+        self.steps += 1
         if self.mode == "eager":
             with torch.no_grad():
                 return self._step()
@@ -161,12 +175,24 @@ class StaticDecoder:
         self._graph.replay()
         return self._graph_out
 
+    def sync_cache(self) -> WandCache:
+        """Write the steps' bookkeeping back into the WandCache (its K/V buffers, slot positions and
+        validity were written in place), so that the cache can be decoded further eagerly or by a new
+        StaticDecoder exactly as if every step had been eager. Returns the cache."""
+        cache = self.cache
+        cache._next_position.copy_(self.next_position)
+        cache._ring_columns_written += self.steps
+        cache._columns_seen += self.steps
+        self.steps = 0
+        return cache
+
     def _capture(self) -> None:
         """Warm up on a side stream (as CUDA graph capture requires), then capture one step.
 
         The warm-up step is a real step: its state changes are undone before capture, so the first
         replay is the first step."""
         saved = [t.clone() for t in (self.next_position, self.slot, self.key_positions, self.key_valid)]
+        # (self.steps counts the step being captured once: the capture runs no kernel, the replay does.)
         saved_kv = [(layer.keys.clone(), layer.values.clone()) for layer in self.static_cache.layers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

@@ -60,3 +60,39 @@ def test_compiled_flex_compiles_once_per_bucket_over_a_curriculum(family, monkey
 
 def test_flex_bucket():
     assert [flex_bucket(n) for n in (1, 127, 128, 129, 300)] == [128, 128, 128, 256, 384]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_compiled_flex_stays_fused_past_torchs_recompile_limit_or_fails_loudly(monkeypatch):
+    """Past torch's recompile limit dynamo would run FlexAttention eagerly (the whole score matrix),
+    silently: with the limit lowered to 1, every new (batch, bucket) variant must still compile, and
+    with WAND's own limit reached the forward must raise, naming the setting."""
+    import torch._dynamo.utils as dynamo_utils
+
+    monkeypatch.setenv("WAND_FLEX_COMPILE", "1")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    model = wand.enable_wand(tiny_model("qwen2", "sdpa", hidden=64), 8, backend="flex")
+    gen = torch.Generator().manual_seed(1)
+
+    def forward(batch: int, length: int):
+        ids = torch.randint(0, VOCAB, (batch, length), generator=gen)
+        with torch.no_grad():
+            return model(input_ids=ids, prefix_lengths=torch.full((batch,), 12), window=8).logits
+
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch.nn.attention.flex_attention import flex_attention
+
+    for count, (batch, length) in enumerate(((1, 100), (2, 100), (1, 200)), 1):  # three variants, limit 1
+        forward(batch, length)
+        # One compiled entry per variant on flex_attention's frame (dynamo's eager fallback adds none).
+        entries = len(_debug_get_cache_entry_list(flex_attention.__code__))
+        assert entries == count, f"batch {batch}, length {length}: {entries} compiled variants, so it ran unfused"
+    monkeypatch.setenv("WAND_FLEX_RECOMPILE_LIMIT", "1")
+    torch._dynamo.reset()
+    forward(1, 100)
+    with pytest.raises(RuntimeError, match="recompile limit .*WAND_FLEX_RECOMPILE_LIMIT"):
+        forward(2, 100)
+    torch._dynamo.reset()

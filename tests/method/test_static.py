@@ -9,6 +9,7 @@ import torch
 import wand
 from conftest import VOCAB, tiny_model
 from helpers import batch_of_three as shared_batch, left_padded
+from wand.generate import cache_kwarg_name
 from wand.static import StaticDecoder
 
 WINDOW = 4
@@ -96,3 +97,75 @@ def test_static_steps_at_batch_256_equal_the_default_path():
     model = wand.enable_wand(tiny_model("llama"), WINDOW)
     expected = wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask)
     assert torch.equal(wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, compile="eager"), expected)
+
+
+def continue_eagerly(model, tokens, mask, prefix, cache, steps: int) -> torch.Tensor:
+    """Greedy eager steps from a returned cache (the caller's own loop): the continuation's tokens."""
+    cache_kw = cache_kwarg_name(model)
+    out = []
+    step_input, mask = tokens[:, -1:], torch.cat([mask, torch.ones_like(tokens[:, -1:])], -1)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(input_ids=step_input, attention_mask=mask, prefix_lengths=prefix, window=WINDOW,
+                           use_cache=True, **{cache_kw: cache}).logits[:, -1]
+            step_input = logits.argmax(-1, keepdim=True)
+            out.append(step_input)
+            mask = torch.cat([mask, torch.ones_like(step_input)], -1)
+    return torch.cat(out, -1)
+
+
+BOOKKEEPING = ("_next_position", "_ring_columns_written", "_columns_seen", "num_prefix", "key_positions", "key_valid")
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gpt2"])
+def test_a_cache_returned_by_the_static_path_continues_like_the_eager_one(name):
+    """generate(compile=..., return_cache=True) hands back a cache whose bookkeeping equals the eager
+    path's (the static steps' positions, ring columns and columns seen written back), so decoding on
+    from it gives the eager path's tokens; with a stop id the static path stops where eager stops."""
+    model, ids, mask, prefix, kwargs = batch_of_three(name)
+    third = wand.generate(model, ids, prefix, WINDOW, 3, attention_mask=mask, prefill_kwargs=kwargs)[:, -1]
+    for eos in (None, sorted(set(third.tolist()))):  # no stop; every sample stops by its third token (or before)
+        runs = {}
+        for mode in (False, "eager"):
+            tokens, cache = wand.generate(model, ids, prefix, WINDOW, 2 * WINDOW + 1, attention_mask=mask,
+                                          prefill_kwargs=kwargs, eos_token_id=eos, return_cache=True, compile=mode)
+            grown = torch.cat([mask, torch.ones_like(tokens[:, ids.shape[1]:-1])], -1)
+            runs[mode] = (tokens, cache, continue_eagerly(model, tokens, grown, prefix, cache, 3 * WINDOW))
+        (eager_tokens, eager_cache, eager_next), (static_tokens, static_cache, static_next) = runs[False], runs["eager"]
+        assert torch.equal(static_tokens, eager_tokens)
+        assert static_tokens.shape[1] - ids.shape[1] <= (3 if eos else 2 * WINDOW + 1)
+        for field in BOOKKEEPING:
+            a, b = getattr(eager_cache, field), getattr(static_cache, field)
+            assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), (eos, field, a, b)
+        for eager_layer, static_layer in zip(eager_cache.layers, static_cache.layers):
+            torch.testing.assert_close(static_layer.keys, eager_layer.keys, rtol=0, atol=1e-6)
+        assert torch.equal(static_next, eager_next), eos
+
+
+def test_a_static_step_with_a_masked_sample_advances_only_the_valid_ones():
+    """An eager decode step whose attention_mask hides one sample's new column leaves that sample's
+    position where it was and marks the slot invalid; the static step given the same ``valid`` does
+    the same, and the valid samples' logits agree, on that step and the next ones."""
+    model, ids, mask, prefix, kwargs = batch_of_three("qwen2")
+    caches = [wand.WandCache(prefix, WINDOW) for _ in range(2)]
+    cache_kw = cache_kwarg_name(model)
+    with torch.no_grad():
+        for cache in caches:
+            first = model(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, window=WINDOW, use_cache=True,
+                          **{cache_kw: cache}, **kwargs).logits[:, -1]
+    decoder = StaticDecoder(model, caches[1], "eager")
+    token, grown = first.argmax(-1), mask
+    valid_per_step = [torch.tensor([True, False, True]), torch.tensor([True, True, True]),
+                      torch.tensor([False, True, True]), torch.tensor([True, True, True])]
+    for valid in valid_per_step * 2:
+        grown = torch.cat([grown, valid.long().view(-1, 1)], -1)
+        with torch.no_grad():
+            eager = model(input_ids=token.view(-1, 1), attention_mask=grown, prefix_lengths=prefix, window=WINDOW,
+                          use_cache=True, **{cache_kw: caches[0]}).logits[:, -1]
+        static = decoder.step(token, valid)
+        torch.testing.assert_close(static[valid], eager[valid], rtol=0, atol=1e-5)
+        token = eager.argmax(-1)
+    decoder.sync_cache()
+    for field in BOOKKEEPING:
+        a, b = getattr(caches[0], field), getattr(caches[1], field)
+        assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), (field, a, b)
