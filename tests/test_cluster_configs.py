@@ -8,7 +8,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER = ROOT / "cluster"
-TESTED = {"aws.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "Dockerfile"}
+TESTED = {"aws.yaml", "runtime_env.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/fields.yaml",
+          "Dockerfile"}
 
 
 def load(name):
@@ -54,14 +55,18 @@ def check_ray_cluster_spec(spec):
     head = spec["headGroupSpec"]
     assert isinstance(head["rayStartParams"], dict)
     assert head["template"]["spec"]["containers"][0]["image"]
+    assert spec["autoscalerOptions"]["version"] == "v2"
+    assert head["rayStartParams"]["num-cpus"] == "0"  # the head schedules nothing (Ray's advice)
+    gpus = []
     for group in spec["workerGroupSpecs"]:
         assert group["groupName"] and group["minReplicas"] == 0 and group["maxReplicas"] >= 1
         assert isinstance(group["rayStartParams"], dict)
         container = group["template"]["spec"]["containers"][0]
         assert container["image"] == head["template"]["spec"]["containers"][0]["image"]
-        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1
+        gpus.append(int(container["resources"]["limits"].get("nvidia.com/gpu", 0)))
         # The operator's autoscaler needs requests = limits for accurate resource accounting.
         assert container["resources"]["requests"] == container["resources"]["limits"]
+    assert max(gpus) >= 1
 
 
 def test_kuberay_raycluster():
@@ -150,3 +155,45 @@ def test_nothing_the_project_ships_turns_ray_auth_off():
     assert len(shipped) > 20
     offenders = [f for f in shipped if "RAY_AUTH_MODE=disabled" in (ROOT / f).read_text(errors="ignore")]
     assert offenders == []
+
+
+# Where a manifest's fields stop being KubeRay's own: a pod template and free-form maps.
+NOT_KUBERAY = ("template", "rayStartParams", "runtimeEnvYAML", "metadata")
+
+
+def kuberay_fields(value, prefix: str):
+    """Every field path of a manifest's spec (list items share their list's path)."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            path = f"{prefix}.{key}"
+            yield path
+            if key not in NOT_KUBERAY:
+                yield from kuberay_fields(item, path)
+    elif isinstance(value, list):
+        for item in value:
+            yield from kuberay_fields(item, prefix)
+
+
+def version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
+
+
+@pytest.mark.parametrize("name, kind", [("kuberay/raycluster.yaml", "raycluster"), ("kuberay/rayjob.yaml", "rayjob")])
+def test_kuberay_manifests_use_only_fields_of_the_operator_they_name(name, kind):
+    """Each KubeRay field is in the table of first releases (fields.yaml, derived from the released
+    CRDs); the newest one decides the operator the manifest needs, and its header and the docs say
+    exactly that version, so an operator that would ignore a field (and run without auth) is refused."""
+    table = load("kuberay/fields.yaml")
+    needed = []
+    for path in sorted(set(kuberay_fields(load(name)["spec"], "spec"))):
+        # A RayJob's rayClusterSpec is a RayCluster's spec.
+        key = path.replace("spec.rayClusterSpec.", "spec.", 1) if path.startswith("spec.rayClusterSpec.") else path
+        first = table["rayjob"].get(key) or table["raycluster"].get(key)
+        assert first, f"{name}: {path} is not in cluster/kuberay/fields.yaml: add it with its first KubeRay release"
+        needed.append(str(first))
+    minimum = max(needed, key=version)
+    assert f"operator >= {minimum}" in (CLUSTER / name).read_text(), (name, minimum)
+    docs = (ROOT / "docs" / "cluster.md").read_text()
+    assert f"`{name.split('/')[1]}` needs KubeRay >= {minimum}" in docs, (name, minimum)
+    auth = table["raycluster"]["spec.authOptions.mode"]
+    assert version(minimum) >= version(str(auth))  # never a manifest an unauthenticated operator accepts
