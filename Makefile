@@ -16,10 +16,11 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+# Every dependency at the version tested together (constraints.txt; the cluster image uses the same file).
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_SPEC)" 2>&1 | grep -v "is ignored" || true
-	$(PY) -m pip install -q -e '.[pipeline,test,docs]' 2>&1 | grep -v "is ignored" || true
+	$(PY) -m pip install -q -c constraints.txt -e '.[pipeline,test,docs]' 2>&1 | grep -v "is ignored" || true
 	$(PY) -c "import torch, transformers, ray, deepspeed, mlflow, s3fs, wand"
 	touch $(STAMP)
 

@@ -26,6 +26,19 @@ from pipeline.redaction import has_credentials
 # it fails over). Every other field is part of the run identity: a new field is covered by default.
 OPERATIONAL = {"json_schema_extra": {"operational": True}}
 
+# A Ray label (``ray start --labels``, a node type's ``labels:``): an optional DNS-style prefix and a
+# name of at most 63 characters; values the same characters, possibly empty.
+_LABEL_KEY = r"^([a-z0-9]([-a-z0-9.]*[a-z0-9])?/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+_LABEL_VALUE = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$"
+LabelSelector = dict[Annotated[str, Field(pattern=_LABEL_KEY)], Annotated[str, Field(pattern=_LABEL_VALUE)]]
+
+
+def label_selector_field(what: str):
+    """The ``label_selector`` of one stage: Ray node labels its work must land on (cluster/ node types
+    carry ``wand-role``); empty: anywhere the resources fit."""
+    return Field({}, description=f"Ray node labels {what} must run on, e.g. {{wand-role: precompute}} on "
+                                 "cluster/aws.yaml; empty: any node with the resources", **OPERATIONAL)
+
 
 class TrainConfig(BaseModel):
     """Student distillation settings (one experiment = a chain of curriculum stages)."""
@@ -67,6 +80,7 @@ class TrainConfig(BaseModel):
         "sdpa (the dense mask); auto = flex with GPUs, sdpa without", **OPERATIONAL)  # the same function
     cpus_per_worker: float = Field(0.5, gt=0, description="fractional on small machines (the evals' task needs CPUs too)",
                                    **OPERATIONAL)
+    label_selector: LabelSelector = label_selector_field("the training workers")
     max_failures: int = Field(2, ge=0, **OPERATIONAL)
     checkpoint_every: int = Field(50, ge=1, **OPERATIONAL)
     progress_every_s: float = Field(30.0, gt=0, description="seconds between progress lines in the job's log",
@@ -155,6 +169,7 @@ class PrecomputeConfig(BaseModel):
     num_gpus_per_actor: float = Field(0.0, ge=0)
     num_cpus_per_actor: float = Field(0.5, gt=0, description="fractional on small machines: read tasks need CPUs too")
     read_num_cpus: float = Field(0.5, gt=0)
+    label_selector: LabelSelector = label_selector_field("the teacher actors")
     on_bad_rows: Literal["fail", "quarantine"] = "fail"
     s3_endpoint: str | None = Field(None, description="S3-compatible endpoint; default AWS_ENDPOINT_URL")
 
@@ -204,6 +219,7 @@ class EvalConfig(BaseModel):
         "auto", description="GPUs of the Ray task the evals run in; auto: 1 when the experiment trains on GPUs "
         "or the cluster has one, else 0")
     num_cpus: float = Field(1.0, gt=0, description="CPUs of that task")
+    label_selector: LabelSelector = label_selector_field("the evals' task")
     allow_training_corpus: bool = Field(
         False, description="allow evals on the training corpus (they then score rows the student trained on)")
 

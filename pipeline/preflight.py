@@ -87,6 +87,40 @@ def _teacher(source: str | None) -> list[str]:
     return []
 
 
+def demands(config, gpus_in_cluster: float = 0.0) -> dict[str, tuple[dict[str, float], int, dict[str, str]]]:
+    """What each step asks Ray for: (one bundle, how many, label selector). The precompute's teacher
+    actors, the training workers (one GPU each with ``train.use_gpu``), the evals' task."""
+    pre, train, evals = config.precompute, config.train, config.evaluate
+    out = {"precompute": ({"CPU": pre.num_cpus_per_actor, "GPU": pre.num_gpus_per_actor}, pre.num_actors,
+                          dict(pre.label_selector)),
+           "train": ({"CPU": train.cpus_per_worker, "GPU": 1.0 if train.use_gpu else 0.0}, train.num_workers,
+                     dict(train.label_selector))}
+    if evals.enabled:
+        out["evaluate"] = ({"CPU": evals.num_cpus, "GPU": evals.resolved_gpus(train.use_gpu, gpus_in_cluster)}, 1,
+                           dict(evals.label_selector))
+    return {step: ({k: v for k, v in bundle.items() if v}, n, labels) for step, (bundle, n, labels) in out.items()}
+
+
+def check_labels(config, steps: tuple[str, ...] = STEPS, local: bool = True) -> list[str]:
+    """Label selectors that no node of the running cluster matches (problems on a cluster this job
+    started; warnings on a joined one, whose autoscaler may add a labelled node)."""
+    import ray
+
+    labels = [n.get("Labels", {}) for n in ray.nodes() if n.get("Alive")]
+    problems = []
+    for step, (_, _, selector) in demands(config).items():
+        if step not in steps or not selector or any(all(node.get(k) == v for k, v in selector.items())
+                                                    for node in labels):
+            continue
+        line = (f"{step}.label_selector {selector}: no node of this Ray cluster has these labels; "
+                "it would wait forever (cluster/ node types carry wand-role; see docs/cluster.md)")
+        if local:
+            problems.append(line)
+        else:
+            log.warning("%s (unless the autoscaler adds a node that has them)", line)
+    return problems
+
+
 def check_resources(config, steps: tuple[str, ...] = STEPS, local: bool = True) -> list[str]:
     """Requests of ``config`` that no node of the running cluster can hold. On a cluster this job
     started (``local``) nothing will ever be added, so they are problems; on a joined cluster an
@@ -122,4 +156,4 @@ def check_resources(config, steps: tuple[str, ...] = STEPS, local: bool = True) 
                 problems.append(line)
             else:
                 log.warning("%s (unless the autoscaler adds a node that fits)", line)
-    return problems
+    return problems + check_labels(config, steps, local)

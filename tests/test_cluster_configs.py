@@ -28,21 +28,29 @@ def test_launcher_config_validates_against_rays_schema():
     validate_config(config)  # ray/autoscaler/ray-schema.json, as `ray up` does
     types = config["available_node_types"]
     head = types[config["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0
+    assert head["resources"] == {"CPU": 0, "GPU": 0}  # the head schedules nothing
     workers = {k: v for k, v in types.items() if k != config["head_node_type"]}
     assert workers and all(w["min_workers"] == 0 and w["max_workers"] >= 1 for w in workers.values())
-    assert all(w["resources"]["GPU"] >= 1 for w in workers.values())
+    assert {w["labels"]["wand-role"] for w in workers.values()} == {"cpu", "precompute", "train"}
+    gpu_types = {w["node_config"]["InstanceType"].split(".")[0] for w in workers.values() if w["resources"]["GPU"]}
+    assert gpu_types == {"g5", "p4d", "p5"}  # A10G, A100 and H100 classes
     markets = {w["node_config"].get("InstanceMarketOptions", {}).get("MarketType", "on-demand") for w in workers.values()}
     assert markets == {"spot", "on-demand"}
     assert sum(w["max_workers"] for w in workers.values()) >= config["max_workers"] > 0
-    setup = " ".join(config["setup_commands"])
-    assert f"ray[default,train,data]=={ray.__version__}" in setup and "torch==2.13.0" in setup
+    # Nothing floats: one image on every node (no pip at boot), an AMI named on every node type (never
+    # the launcher's built-in default), one zone, SSH not open to the world.
+    assert config["docker"]["image"] and not config["setup_commands"]
+    assert all(t["node_config"]["ImageId"] for t in types.values())
+    assert "," not in config["provider"]["availability_zone"]
+    ssh = config["provider"]["security_group"]["IpPermissions"]
+    assert all(r["CidrIp"] != "0.0.0.0/0" for rule in ssh for r in rule["IpRanges"])
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     # Token auth on every node; the token from a secret store to Ray's default path, not from this file.
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
         assert "ray stop" in command or "RAY_AUTH_MODE=token ray start" in command, command
-    assert any("secretsmanager get-secret-value" in c and "~/.ray/auth_token" in c and "umask 077" in c
-               for c in config["setup_commands"])
+    fetch = [c for c in config["initialization_commands"] if "secretsmanager get-secret-value" in c]
+    assert fetch and all("--region " in c and "~/.ray/auth_token" in c and "umask 077" in c for c in fetch)
+    assert not any(">> ~/.bashrc" in c for c in config["initialization_commands"] + config["setup_commands"])
     text = (CLUSTER / "aws.yaml").read_text()
     assert "aws_secret_access_key" not in text.lower() and "AKIA" not in text
 
@@ -99,10 +107,20 @@ def test_runtime_env_is_a_valid_ray_runtime_env():
     assert not any(k.upper().endswith(("KEY", "SECRET", "TOKEN", "PASSWORD")) for k in values["env_vars"])
 
 
-def test_dockerfile_pins_the_ray_version():
+def test_one_pinned_stack_everywhere():
+    """The image pins Ray, Python and CUDA (not the moving -gpu tag); the image and make install take
+    every dependency from constraints.txt, which pins each one (==) at the version installed here."""
+    from importlib.metadata import version as installed
+
     text = (CLUSTER / "Dockerfile").read_text()
-    assert f"FROM rayproject/ray:{ray.__version__}-py311-gpu" in text
-    assert 'torch==2.13.0' in text
+    base = next(line for line in text.splitlines() if line.startswith("FROM "))
+    assert base.startswith(f"FROM rayproject/ray:{ray.__version__}-py311-cu") and not base.endswith("-gpu")
+    assert text.count("-c /home/ray/wand-tts/constraints.txt") == 2 and 'torch==2.13.0' in text
+    assert "-c constraints.txt" in (ROOT / "Makefile").read_text()
+    pins = dict(line.split("==", 1) for line in (ROOT / "constraints.txt").read_text().splitlines()
+                if line and not line.startswith("#"))
+    for name in ("torch", "ray", "deepspeed", "transformers", "mlflow", "s3fs", "pyarrow", "pydantic", "boto3"):
+        assert pins[name] == installed(name).split("+")[0], name
 
 
 SCRIPT = """
@@ -197,3 +215,54 @@ def test_kuberay_manifests_use_only_fields_of_the_operator_they_name(name, kind)
     assert f"`{name.split('/')[1]}` needs KubeRay >= {minimum}" in docs, (name, minimum)
     auth = table["raycluster"]["spec.authOptions.mode"]
     assert version(minimum) >= version(str(auth))  # never a manifest an unauthenticated operator accepts
+
+
+# The label selectors the docs and aws.yaml tell users to pass (each stage to its node type).
+SELECTORS = ("precompute.label_selector={wand-role: precompute}", "train.label_selector={wand-role: train}",
+             "evaluate.label_selector={wand-role: precompute}")
+
+
+def scheduled(types: dict, bundle: dict, count: int, selector: dict) -> dict[str, int]:
+    """The node types (and how many) Ray's autoscaler v2 scheduler launches for ``count`` x ``bundle``."""
+    from ray.autoscaler.v2.scheduler import ResourceDemandScheduler, SchedulingRequest
+    from ray.autoscaler.v2.utils import ResourceRequestUtil
+    from ray.core.generated.autoscaler_pb2 import ResourceRequestByCount
+    from ray.core.generated.common_pb2 import LabelSelectorOperator
+
+    labels = ([[(key, LabelSelectorOperator.LABEL_OPERATOR_IN, [value]) for key, value in selector.items()]]
+              if selector else None)
+    request = SchedulingRequest(disable_launch_config_check=True, node_type_configs=types, max_num_nodes=16,
+                                resource_requests=[ResourceRequestByCount(
+                                    request=ResourceRequestUtil.make(bundle, label_selectors=labels), count=count)])
+    reply = ResourceDemandScheduler(None).schedule(request)
+    assert not reply.infeasible_resource_requests, (bundle, selector)
+    return {launch.instance_type: launch.count for launch in reply.to_launch}
+
+
+def test_each_stage_lands_on_the_node_type_meant_for_it():
+    """Ray's own autoscaler v2 scheduler, fed cluster/aws.yaml's node types and the paper config's
+    demands (pipeline.preflight.demands: what the stages ask Ray for) with the documented label
+    selectors: the teacher actors and the evals on the spot A10G type, a training stage on the
+    on-demand 4-GPU type, nothing on the head. Without the selectors Ray's utilisation score would
+    put the precompute on the on-demand training type."""
+    import argparse
+
+    from ray.autoscaler.v2.instance_manager.config import AutoscalingConfig
+
+    from pipeline.cli import load_experiments
+    from pipeline.config import DistillConfig
+    from pipeline.preflight import demands
+
+    for text in ((CLUSTER / "aws.yaml").read_text(), (ROOT / "docs" / "cluster.md").read_text()):
+        assert all(f"--set '{selector}'" in text for selector in SELECTORS)
+    argv = ["--config", str(ROOT / "jobs" / "configs" / "paper.yaml"), "--only", "cosyvoice2"]
+    configs, _ = load_experiments(DistillConfig, argparse.ArgumentParser(),
+                                  argv + [arg for selector in SELECTORS for arg in ("--set", selector)])
+    types = AutoscalingConfig(load("aws.yaml"), skip_content_hash=True).get_node_type_configs()
+    assert types[load("aws.yaml")["head_node_type"]].resources == {"CPU": 0, "GPU": 0}
+    wanted = demands(configs[0], gpus_in_cluster=1)
+    placed = {step: scheduled(types, bundle, count, selector) for step, (bundle, count, selector) in wanted.items()}
+    assert placed == {"precompute": {"gpu.a10g.1x.spot": 4}, "train": {"gpu.a10g.4x.ondemand": 1},
+                      "evaluate": {"gpu.a10g.1x.spot": 1}}, placed
+    bundle, count, _ = wanted["precompute"]
+    assert scheduled(types, bundle, count, {}) == {"gpu.a10g.4x.ondemand": 1}  # why the selectors are there

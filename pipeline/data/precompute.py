@@ -250,6 +250,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         summaries = assigned.groupby("shard", num_partitions=partitions).map_groups(
             TeacherTopK, fn_constructor_args=(config.model_dump_json(), os.environ.get(FAULT_ENV)), batch_format="pyarrow",
             concurrency=config.num_actors, num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
+            **({"label_selector": dict(config.label_selector)} if config.label_selector else {}),
         ).take_all()
         computed = {int(s["shard"]) for s in summaries}
         missing = set(range(n_shards)) - done - computed

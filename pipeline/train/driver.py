@@ -143,7 +143,8 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+                                     resources_per_worker={"CPU": config.cpus_per_worker},
+                                     label_selector=dict(config.label_selector) or None),
         run_config=RunConfig(name=config.run_name(stage_index), failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), **storage_kwargs),
     )
