@@ -112,13 +112,18 @@ def check_labels(config, steps: tuple[str, ...] = STEPS, local: bool = True) -> 
         if step not in steps or not selector or any(all(node.get(k) == v for k, v in selector.items())
                                                     for node in labels):
             continue
-        line = (f"{step}.label_selector {selector}: no node of this Ray cluster has these labels; "
-                "it would wait forever (cluster/ node types carry wand-role; see docs/cluster.md)")
-        if local:
-            problems.append(line)
-        else:
-            log.warning("%s (unless the autoscaler adds a node that has them)", line)
+        _report(problems, local, f"{step}.label_selector {selector}: no node of this Ray cluster has these labels; "
+                "it would wait forever (cluster/ node types carry wand-role; see docs/cluster.md)", "has them")
     return problems
+
+
+def _report(problems: list[str], local: bool, line: str, unless: str) -> None:
+    """A request no node can serve: a problem on a cluster this job started (nothing will be added),
+    a warning on a joined one (its autoscaler may add a node that ``unless`` says)."""
+    if local:
+        problems.append(line)
+    else:
+        log.warning("%s (unless the autoscaler adds a node that %s)", line, unless)
 
 
 def check_resources(config, steps: tuple[str, ...] = STEPS, local: bool = True) -> list[str]:
@@ -150,10 +155,6 @@ def check_resources(config, steps: tuple[str, ...] = STEPS, local: bool = True) 
         have = available.get(resource, 0.0)
         if amount > have + 1e-9:
             where = "any node" if available is largest else "the whole cluster"
-            line = (f"{field}: asks for {amount:g} {resource}, but {where} of this Ray cluster has {have:g}; "
-                    "it would wait forever")
-            if local:
-                problems.append(line)
-            else:
-                log.warning("%s (unless the autoscaler adds a node that fits)", line)
+            _report(problems, local, f"{field}: asks for {amount:g} {resource}, but {where} of this Ray cluster has "
+                    f"{have:g}; it would wait forever", "fits")
     return problems + check_labels(config, steps, local)

@@ -95,11 +95,16 @@ def test_every_job_that_starts_ray_runs_from_a_fresh_shell(shell, mlflow_server)
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)
-def test_a_request_no_node_can_hold_is_refused_before_anything_is_written(shell):
-    args = experiment_args(shell) + ["--set", "precompute.num_cpus_per_actor=1000"]
+@pytest.mark.parametrize("setting, message", [
+    ("precompute.num_cpus_per_actor=1000", "precompute.num_cpus_per_actor: asks for 1000 CPU, but any node of this "
+                                           "Ray cluster has"),
+    ("precompute.label_selector={wand-role: precompute}", "precompute.label_selector {'wand-role': 'precompute'}: "
+                                                          "no node of this Ray cluster has these labels")])
+def test_a_request_no_node_can_hold_is_refused_before_anything_is_written(shell, setting, message):
+    args = experiment_args(shell) + ["--set", setting]
     out = run("precompute", args, fresh_shell(shell / "home", shell / "tmp"), timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
-    assert "precompute.num_cpus_per_actor: asks for 1000 CPU, but any node of this Ray cluster has" in out.stderr
+    assert message in out.stderr
     assert "Traceback" not in out.stderr and not (shell / "topk").exists()
 
 
