@@ -7,7 +7,8 @@ Evals (pipeline/evals/run.py): KV-cache memory vs length, per-step decode latenc
 teacher-forced agreement/KL by distance from the prefix, the window chooser and, on synthetic
 rows, what the models say (PER, speaker accuracy). Writes nothing to storage: with tracking on, the
 results (metrics, a JSON table and a PNG figure per eval) replace the ``eval`` child run of the
-experiment's parent run; it prints the metrics as JSON.
+experiment's parent run, and when that student is a registered model version, its gate tags and
+the champion alias follow the new figures; it prints the metrics as JSON.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from wand.models.weights import fingerprint
 from pipeline.chain import evaluate_experiment, log_evals
 from pipeline.cli import load_config_with_overrides, prepare
 from pipeline.config import DistillConfig
+from pipeline.registry.register import update_verdict
 from pipeline.tracking import Tracker
 
 
@@ -37,8 +39,14 @@ def main(argv: list[str] | None = None) -> int:
         parent = tracker.parent_run(config.experiment, parent_tags(config))
         checksum = fingerprint(load_student(config, args.student).state_dict())
         run_id = log_evals(tracker, parent, results, config, checksum)
+        # A registered student's gate tags and alias follow the new figures.
+        registration = update_verdict(tracker, parent, config, checksum,
+                                      {k: v for r in results for k, v in r.metrics.items()})
         tracker.finish(parent)
         print(f"logged to {tracker.run_url(run_id)}")
+        if registration is not None:
+            print(f"registered as {registration.uri}" + (f" (no alias: missed {registration.missed})"
+                                                        if not registration.champion else ""))
     print(json.dumps({r.name: {"metrics": r.metrics, "notes": r.notes} for r in results}, indent=2))
     return 0
 

@@ -371,11 +371,15 @@ def test_compare_and_evaluate_entry_points(tracked, tmp_path, capsys):
     config = tmp_path / "tracked.yaml"
     config.write_text(yaml.safe_dump(tracked["config"].model_dump(mode="json")))
     assert evaluate.main(["--config", str(config)]) == 0
-    assert "logged to http://127.0.0.1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "logged to http://127.0.0.1" in printed and "registered as models:/wand-cosyvoice2" in printed
     from mlflow import MlflowClient
 
     client = MlflowClient(tracked["uri"])
     experiment = client.get_experiment_by_name("wand-tts-test")
     evals = client.search_runs([experiment.experiment_id], filter_string="tags.`wand.stage` = 'eval'")
     assert len(evals) == 1 and evals[0].info.status == "FINISHED"  # replaced, not duplicated
+    # The registered version's verdict follows the new evals (and the alias with it).
+    version = client.get_model_version("wand-cosyvoice2", tracked["summary"]["registration"].version)
+    assert version.tags["wand.gates"] == ("passed" if evals[0].data.metrics["gates_passed"] == 1.0 else "failed")
     assert client.get_run(tracked["summary"]["parent_run_id"]).info.status == "FINISHED"

@@ -72,6 +72,7 @@ def register_student(tracker, parent: str, config, student_dir: str, checksum: s
     if found is not None:
         log.info("registry: %s version %s already holds this run's student; nothing new registered", name, found.version)
         version = found
+        _apply_verdict(client, name, alias, str(found.version), ok, what)  # the evals may have been rerun
     else:
         model_id = _log_model(tracker, parent, config, student_dir, checksum, example_row)
         _ensure_registered_model(client, name, config)
@@ -93,6 +94,32 @@ def register_student(tracker, parent: str, config, student_dir: str, checksum: s
     else:
         log.warning("registry: %s version %s registered without '%s': %s", name, registration.version, alias, what)
     return registration
+
+
+def update_verdict(tracker, parent: str, config, checksum: str, metrics: dict) -> Registration | None:
+    """After the evals of a registered student were run again (``jobs/evaluate.py``): its version's
+    gate tags and the alias follow the new figures (the alias leaves a version that now misses a
+    gate). None when this run's student is not registered."""
+    client, name, alias = tracker.client, registered_name(config), config.tracking.champion_alias
+    found = _version_of(client, name, parent, checksum)
+    if found is None:
+        return None
+    results = check_gates(metrics)
+    ok, what = passed(results), missed(results)
+    _apply_verdict(client, name, alias, str(found.version), ok, what)
+    model_id = found.model_id or found.source.removeprefix("models:/")
+    return Registration(name, str(found.version), model_id, _alias_version(client, name, alias) == str(found.version),
+                        alias, what)
+
+
+def _apply_verdict(client, name: str, alias: str, version: str, ok: bool, what: str) -> None:
+    client.set_model_version_tag(name, version, "wand.gates", "passed" if ok else "failed")
+    client.set_model_version_tag(name, version, "wand.missed", what)
+    if ok:
+        client.set_registered_model_alias(name, alias, version)
+    elif _alias_version(client, name, alias) == version:
+        log.warning("registry: %s version %s now misses a gate (%s): '%s' removed from it", name, version, what, alias)
+        client.delete_registered_model_alias(name, alias)
 
 
 def _log_model(tracker, parent: str, config, student_dir: str, checksum: str, example_row: dict) -> str:
