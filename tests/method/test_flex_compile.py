@@ -68,10 +68,16 @@ def test_compiled_flex_stays_fused_past_torchs_recompile_limit_or_fails_loudly(m
     """Past torch's recompile limit dynamo would run FlexAttention eagerly (the whole score matrix),
     silently: with the limit lowered to 1, every new (batch, bucket) variant must still compile, and
     with WAND's own limit reached the forward must raise, naming the setting."""
+    monkeypatch.setenv("WAND_FLEX_COMPILE", "1")
+    # torch's own patch, not monkeypatch: undoing a monkeypatch deletes the attribute, and torch's
+    # config module then hides the setting from every later caller.
+    with torch._dynamo.config.patch(recompile_limit=1):
+        check_fused_or_loud(monkeypatch)
+
+
+def check_fused_or_loud(monkeypatch):
     import torch._dynamo.utils as dynamo_utils
 
-    monkeypatch.setenv("WAND_FLEX_COMPILE", "1")
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     torch._dynamo.reset()
     dynamo_utils.counters.clear()
     model = wand.enable_wand(tiny_model("qwen2", "sdpa", hidden=64), 8, backend="flex")
