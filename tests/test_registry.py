@@ -89,3 +89,24 @@ def test_pyfunc_refuses_bad_rows_naming_the_row_and_field(tmp_path):
         model.predict([row], {"max_tokens": 2})
     with pytest.raises(FileNotFoundError, match=DESCRIBE):
         _load_pyfunc(str(tmp_path))
+
+
+def test_the_docs_gate_table_is_the_one_in_the_code():
+    """docs/tracking-and-evals.md lists each gate with its bound; both come from GATES."""
+    from pathlib import Path
+
+    from pipeline.evals.gates import GATES
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "tracking-and-evals.md").read_text()
+    rows = {line.split("|")[1].strip().strip("`"): line.split("|")[3].strip()
+            for line in docs.splitlines() if line.startswith("| `") and line.count("|") == 5}
+    expected = {}
+    for gate in GATES:
+        if gate.low is not None and gate.high is not None:
+            expected[gate.name] = f"{gate.low:g} - {gate.high:g}"
+        else:
+            expected[gate.name] = f">= {gate.low:g}" if gate.low is not None else f"<= {gate.high:g}"
+    assert {name: rows.get(name) for name in expected} == expected
+    always = {g.name for g in GATES if g.required}
+    assert always == {name for name, line in ((l.split("|")[1].strip().strip("`"), l) for l in docs.splitlines()
+                                              if l.startswith("| `") and l.count("|") == 5) if "always" in line}

@@ -84,9 +84,8 @@ def register_student(tracker, parent: str, config, student_dir: str, checksum: s
         if ok:
             client.set_registered_model_alias(name, alias, version.version)
     holder = _alias_version(client, name, alias)
-    # The version's source is models:/<model id> (the server does not always echo model_id back).
-    model_id = version.model_id or version.source.removeprefix("models:/")
-    registration = Registration(name, str(version.version), model_id, holder == str(version.version), alias, what)
+    registration = Registration(name, str(version.version), _model_id(version), holder == str(version.version),
+                                alias, what)
     tracker.set_tags(parent, {"wand.registered_model": f"models:/{name}/{registration.version}",
                               "wand.champion": alias if registration.champion else "", "wand.missed": what})
     if ok:
@@ -107,9 +106,14 @@ def update_verdict(tracker, parent: str, config, checksum: str, metrics: dict) -
     results = check_gates(metrics)
     ok, what = passed(results), missed(results)
     _apply_verdict(client, name, alias, str(found.version), ok, what)
-    model_id = found.model_id or found.source.removeprefix("models:/")
-    return Registration(name, str(found.version), model_id, _alias_version(client, name, alias) == str(found.version),
+    return Registration(name, str(found.version), _model_id(found), _alias_version(client, name, alias) == str(found.version),
                         alias, what)
+
+
+def _model_id(version) -> str:
+    """The logged model of a version: its source is models:/<model id> (the server does not always
+    echo model_id back)."""
+    return version.model_id or version.source.removeprefix("models:/")
 
 
 def _apply_verdict(client, name: str, alias: str, version: str, ok: bool, what: str) -> None:
