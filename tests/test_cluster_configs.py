@@ -55,6 +55,27 @@ def test_launcher_config_validates_against_rays_schema():
     assert "aws_secret_access_key" not in text.lower() and "AKIA" not in text
 
 
+def test_the_autoscaling_tests_fake_cluster_is_aws_yaml_scaled_down():
+    """tests/fake_cluster.py derives the end-to-end test's cluster from aws.yaml: same node types,
+    min/max, labels and GPU resources (CPUs capped), and Ray's launcher schema accepts it."""
+    from ray.autoscaler._private.util import validate_config
+
+    import fake_cluster
+
+    aws, fake = load("aws.yaml"), fake_cluster.from_aws_yaml(6379)
+    validate_config(fake)
+    real_types = {k: v for k, v in aws["available_node_types"].items() if k != aws["head_node_type"]}
+    fake_types = {k: v for k, v in fake["available_node_types"].items() if k != fake["head_node_type"]}
+    assert set(fake_types) == set(real_types) and len(fake_types) >= 5
+    for name, real in real_types.items():
+        node = fake_types[name]
+        assert (node["min_workers"], node["max_workers"], node["labels"]) == \
+            (real["min_workers"], real["max_workers"], real["labels"]), name
+        assert node["resources"] == {**real["resources"], "CPU": min(real["resources"]["CPU"], fake_cluster.MAX_CPUS)}
+    assert fake["available_node_types"][fake["head_node_type"]]["resources"] == \
+        aws["available_node_types"][aws["head_node_type"]]["resources"]
+
+
 def check_ray_cluster_spec(spec):
     assert spec["rayVersion"] == ray.__version__
     assert spec["authOptions"]["mode"] == "token"  # KubeRay gives every pod RAY_AUTH_MODE and the token

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+import fake_cluster
 from helpers import corpus_rows, ray_auth_headers, ray_session_dirs, token_leaks
 from pipeline.services import RayHead, free_port, kill_matching, read_token
 from wand.models import get_spec
@@ -120,93 +121,134 @@ def test_ray_job_submit_killed_driver_resubmitted_resumes(ray_head, mlflow_serve
 
 
 # ----------------------------------------------------------------------------- autoscaling
-def autoscaling_config(gcs_port: int) -> dict:
-    """Ray's fake multi-node provider (worker "nodes" are extra raylets on this machine), loaded as
-    an external provider: the ray wheel does not ship the provider's default YAML."""
-    return {
-        "cluster_name": "wand-autoscaling-test",
-        "max_workers": 2,
-        "upscaling_speed": 1.0,
-        "idle_timeout_minutes": 0.25,
-        "provider": {"type": "external",
-                     "module": "ray.autoscaler._private.fake_multi_node.node_provider.FakeMultiNodeProvider",
-                     "gcs_address": f"127.0.0.1:{gcs_port}", "use_node_id_as_ip": True,
-                     "disable_node_updaters": True, "disable_launch_config_check": True},
-        "available_node_types": {
-            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
-            "cpu.worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 2},
-        },
-        "head_node_type": "ray.head.default",
-        "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [], "file_mounts_sync_continuously": False,
-        "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [], "setup_commands": [],
-        "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
-        "worker_start_ray_commands": [],
-    }
+S3_ARGS = ["--set", "corpus=s3://autoscale/corpus/train", "--set", "shards=s3://autoscale/topk/sparktts",
+           "--set", "precompute.num_actors=2", "--set", "precompute.num_gpus_per_actor=1",
+           "--set", "precompute.rows_per_shard=4"]
+# The label selectors docs/cluster.md tells users to pass on a cluster started from aws.yaml.
+SELECTORS = ["--set", "precompute.label_selector={wand-role: precompute}",
+             "--set", "train.label_selector={wand-role: train}", "--set", "evaluate.label_selector={wand-role: precompute}"]
+TRAIN_TYPES = {"gpu.a10g.4x.ondemand", "gpu.a100.8x.ondemand", "gpu.h100.8x.ondemand"}
 
 
-def alive_nodes(dashboard_url: str) -> int:
-    """ALIVE nodes by Ray's state API (the dashboard lists the head a second or two after start)."""
-    import urllib.request
+def submit(head, args: list[str], env: dict, timeout: float) -> str:
+    """``ray job submit --working-dir .`` from the repo root, as docs/cluster.md runs it; its output."""
+    out = subprocess.run([f"{VENV_BIN}/ray", "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
+                          "--", "python", "-m", *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                         env={**os.environ, **env, **head.client_env()})
+    assert out.returncode == 0 and "succeeded" in out.stdout.lower(), out.stdout[-5000:] + out.stderr[-2000:]
+    return out.stdout
 
-    request = urllib.request.Request(f"{dashboard_url}/api/v0/nodes?detail=false&limit=100", headers=ray_auth_headers())
-    with urllib.request.urlopen(request, timeout=10) as response:
-        nodes = json.load(response)["data"]["result"]["result"]
-    return sum(1 for node in nodes if node["state"] == "ALIVE")
+
+def kill_node(node_id: str) -> int:
+    """Kill every process of one fake node (its raylet, agents and workers: what a reclaimed machine
+    loses), found by the node id the fake provider puts in their environment."""
+    import psutil
+
+    killed = 0
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.environ().get("RAY_OVERRIDE_NODE_ID_FOR_TESTING") == node_id:
+                proc.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return killed
 
 
-def wait_nodes(dashboard_url: str, count: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while alive_nodes(dashboard_url) != count:
-        assert time.monotonic() < deadline, f"expected {count} alive nodes within {timeout} s"
-        time.sleep(1)
+def placed(dashboard_url: str, watch) -> tuple[dict[str, set[str]], dict[str, dict]]:
+    """Node types each actor class and task name ran on, by the state API (dead ones too), and what
+    each of those that ran on the head asked for."""
+    where: dict[str, set[str]] = {}
+    on_head: dict[str, dict] = {}
+    assert watch.types, f"no worker node seen; last poll error: {watch.last_error!r}"
+    for kind, name in (("actors", "class_name"), ("tasks", "name")):
+        for item in fake_cluster.state(dashboard_url, ray_auth_headers(), kind):
+            if not item.get("node_id") or item.get("type", "NORMAL_TASK") != "NORMAL_TASK":  # actors have no type
+                continue
+            node_type = "head" if item["node_id"] == watch.head_id else watch.types.get(item["node_id"], "unknown")
+            where.setdefault(item[name], set()).add(node_type)
+            if node_type == "head":
+                on_head[item[name]] = item.get("required_resources") or {}
+    return where, on_head
 
 
 @pytest.mark.timeout(1200)
-def test_autoscaler_adds_workers_for_the_stages_and_releases_them(s3_server, tmp_path, ray_token):
+def test_autoscaler_v2_runs_each_stage_on_its_node_type_and_replaces_a_lost_worker(s3_server, tmp_path, ray_token):
+    """A cluster of aws.yaml's node types (fake nodes) under autoscaler v2: the precompute (its own
+    job, as `python -m jobs.precompute`) on two spot GPU nodes at once, then zero workers, then
+    `python -m jobs.distill` with training on a training node type, that node killed mid-stage and
+    replaced, the stage resumed from its checkpoint on S3, and the evals on a spot node."""
     import boto3
-    from ray.job_submission import JobSubmissionClient
 
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
     s3.create_bucket(Bucket="autoscale")
-    write_corpus(tmp_path / "corpus", "sparktts", 16, 0)
-    s3.upload_file(str(tmp_path / "corpus/corpus.parquet"), "autoscale", "corpus/sparktts/corpus.parquet")
+    for name, rows, seed in (("train", 16, 0), ("heldout", 4, 1)):
+        write_corpus(tmp_path / name, "sparktts", rows, seed)
+        s3.upload_file(str(tmp_path / name / "corpus.parquet"), "autoscale", f"corpus/{name}/corpus.parquet")
 
     port = free_port()
     config_path = tmp_path / "autoscaling.json"
-    config_path.write_text(json.dumps(autoscaling_config(port)))
-    # The head has no CPUs: the precompute actors and the training workers only fit on worker nodes.
-    head = RayHead(ray_token, num_cpus=0, port=port, env={**head_env(), **s3_server.env(), "RAY_FAKE_CLUSTER": "1",
-                                               "AUTOSCALER_UPDATE_INTERVAL_S": "1"},
-                   extra_args=[f"--autoscaling-config={config_path}"])
+    config_path.write_text(json.dumps(fake_cluster.from_aws_yaml(port)))
+    head = RayHead(ray_token, num_cpus=0, port=port, env={**head_env(), **s3_server.env(), **fake_cluster.head_env()},
+                   extra_args=[f"--autoscaling-config={config_path}", "--num-gpus=0"])
     head.start(log_file=tmp_path / "head.log")
+    common = ["--config", "jobs/configs/tiny.yaml", "--only", "sparktts", *TINY_RANDOM, *S3_ARGS, *SELECTORS,
+              "--set", f"s3_endpoint={s3_server.endpoint}", "--set", "tracking.uri=null"]
     try:
-        wait_nodes(head.dashboard_url, 1, 30)  # the head alone: zero workers
-        client = JobSubmissionClient(head.dashboard_url)
-        # No working_dir upload: the fake nodes share this machine's disk and one session folder, and
-        # a node scaled down removes the unpacked working dir under the others' workers. The package
-        # is installed in the venv (editable), so absolute paths are enough.
-        entrypoint = (f"cd {ROOT} && python -m jobs.distill --config {ROOT}/jobs/configs/tiny.yaml --only sparktts "
-                      "--set corpus=s3://autoscale/corpus/sparktts --set shards=s3://autoscale/topk/sparktts "
-                      "--set storage=s3://autoscale/runs --set curriculum.stages=1 --set evaluate.enabled=false "
-                      f"{' '.join(TINY_RANDOM)} "
-                      f"--set s3_endpoint={s3_server.endpoint} --set tracking.uri=null")
-        job = client.submit_job(entrypoint=entrypoint)
-        most = 1
-        deadline = time.monotonic() + 900
-        while (status := str(client.get_job_status(job)).split(".")[-1]) not in {"SUCCEEDED", "FAILED", "STOPPED"}:
-            assert time.monotonic() < deadline, client.get_job_logs(job)[-3000:]
-            most = max(most, alive_nodes(head.dashboard_url))
-            time.sleep(2)
-        logs = client.get_job_logs(job)
-        assert status == "SUCCEEDED", logs[-4000:]
-        assert most >= 2, "the autoscaler never added a worker node"
-        keys = [o["Key"] for o in s3.list_objects_v2(Bucket="autoscale", Prefix="runs/")["Contents"]]
-        assert "runs/tiny-sparktts/stage-1.json" in keys and any(k.startswith("runs/tiny-sparktts/student/") for k in keys)
-        # Idle worker nodes are released after idle_timeout_minutes (15 s) plus the update interval.
-        deadline = time.monotonic() + 180
-        while alive_nodes(head.dashboard_url) > 1:
-            assert time.monotonic() < deadline, "idle worker nodes were not released"
-            time.sleep(2)
+        with fake_cluster.NodeWatch(head.address) as watch:
+            # 1. The precompute alone: two teacher actors of one logical GPU each -> two spot GPU nodes.
+            submit(head, ["jobs.precompute", *common], {}, 600)
+            assert "topk/sparktts/manifest.json" in s3_keys(s3, "topk/sparktts/")
+            where, _ = placed(head.dashboard_url, watch)
+            assert ran_on(where, "TeacherTopK") == {"gpu.a10g.1x.spot"}, where
+            spot = {n for n, t in watch.types.items() if t == "gpu.a10g.1x.spot"}
+            assert len(spot) >= 2 and watch.most_at_once >= 2, (watch.types, watch.most_at_once)
+            # 2. Idle nodes go: zero workers between the stages.
+            watch.wait_workers(0, 120)
+
+            # 3. Training + evals, as one more job; kill the training node once the stage checkpointed.
+            job = subprocess.Popen([f"{VENV_BIN}/ray", "job", "submit", "--address", head.dashboard_url,
+                                    "--working-dir", ".", "--", "python", "-m", "jobs.distill", *common,
+                                    "--set", "curriculum.stages=1", "--set", "curriculum.epochs=6.0",
+                                    "--set", "train.checkpoint_every=2", "--set", "storage=s3://autoscale/runs",
+                                    "--set", "evaluate.corpus=s3://autoscale/corpus/heldout", "--set", "evaluate.rows=2"],
+                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   env={**os.environ, **head.client_env()})
+            deadline = time.monotonic() + 600
+            while not any(k.endswith("/state.json") for k in s3_keys(s3, "runs/tiny-sparktts-stage1/")):
+                assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-5000:]
+                time.sleep(0.5)
+            trained_on = {n for n in watch.alive if watch.types[n] in TRAIN_TYPES}
+            assert len(trained_on) == 1, {n: watch.types[n] for n in watch.alive}
+            killed = trained_on.pop()
+            assert kill_node(killed) >= 2  # the raylet and at least one of its workers
+            out = job.communicate(timeout=900)[0]
+            assert job.returncode == 0 and "succeeded" in out.lower(), out[-5000:]
+            where, on_head = placed(head.dashboard_url, watch)
+            replaced = {n for n, t in watch.types.items() if t in TRAIN_TYPES} - {killed}
+            assert replaced, watch.types  # a new training node came up for the resumed stage
+            assert ran_on(where, "RayTrainWorker") <= TRAIN_TYPES, where
+            assert ran_on(where, "_evaluate_pickled") == {"gpu.a10g.1x.spot"}, where
+            # Only Ray's zero-resource coordinators (Ray Train's controller, Ray Data's helpers) may
+            # sit on the head, next to the driver: nothing that asks for a CPU or a GPU.
+            assert on_head and all(not any(on_head[n].get(r) for r in ("CPU", "GPU")) for n in on_head), on_head
+            record = json.loads(s3.get_object(Bucket="autoscale", Key="runs/tiny-sparktts/stage-1.json")["Body"].read())
+            assert record["starts"][0] == 0 and len(record["starts"]) == 2 and record["starts"][1] > 0, record["starts"]
+            assert [m["step"] for m in record["metrics"]] == list(range(record["start"], record["end"]))
+            # 4. Everything idle again: back to zero workers.
+            watch.wait_workers(0, 120)
     finally:
         head.stop()
         kill_matching(str(config_path))
+
+
+def ran_on(where: dict[str, set[str]], name: str) -> set[str]:
+    """Node types of the actors or tasks whose name holds ``name`` (Ray Data names its actors
+    ``MapWorker(MapBatches(<class>))``); none found is a failure, not an empty set."""
+    found = set().union(*(types for key, types in where.items() if name in key))
+    assert found, f"no actor or task named like {name!r} in {sorted(where)}"
+    return found
+
+
+def s3_keys(s3, prefix: str) -> list[str]:
+    return [o["Key"] for o in s3.list_objects_v2(Bucket="autoscale", Prefix=prefix).get("Contents", [])]
