@@ -47,7 +47,11 @@ def test_launcher_config_validates_against_rays_schema():
     assert "--dashboard-host=127.0.0.1" in " ".join(config["head_start_ray_commands"])
     # Token auth on every node; the token from a secret store to Ray's default path, not from this file.
     for command in config["head_start_ray_commands"] + config["worker_start_ray_commands"]:
-        assert "ray stop" in command or "RAY_AUTH_MODE=token ray start" in command, command
+        assert "ray stop" in command or "RAY_AUTH_MODE=token ray start" in command or "jobs.ship_logs" in command, command
+    # Every node ships its Ray logs to S3 (they outlive an idle-terminated node), one shipper each.
+    for commands in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        ship = [c for c in commands if "python -m jobs.ship_logs --to s3://" in c]
+        assert len(ship) == 1 and ship[0].startswith("pkill -f jobs.ship_logs;") and ship[0].endswith("&"), commands
     fetch = [c for c in config["initialization_commands"] if "secretsmanager get-secret-value" in c]
     assert fetch and all("--region " in c and "~/.ray/auth_token" in c and "umask 077" in c for c in fetch)
     assert not any(">> ~/.bashrc" in c for c in config["initialization_commands"] + config["setup_commands"])
@@ -76,6 +80,42 @@ def test_the_autoscaling_tests_fake_cluster_is_aws_yaml_scaled_down():
         aws["available_node_types"][aws["head_node_type"]]["resources"]
 
 
+# Instance shapes (vCPU, GiB, GPUs) from AWS's instance type pages, for the nodeSelectors we name.
+SHAPES = {"m6i.4xlarge": (16, 64, 0), "g5.4xlarge": (16, 64, 1), "g5.12xlarge": (48, 192, 4)}
+
+
+def quantity(text: str) -> float:
+    """A Kubernetes CPU or memory quantity in cores or GiB ("250m", "14", "54Gi", "256Mi")."""
+    units = {"m": 1e-3, "Gi": 1.0, "Mi": 1 / 1024}
+    for unit, scale in units.items():
+        if str(text).endswith(unit):
+            return float(str(text)[:-len(unit)]) * scale
+    return float(text)
+
+
+def check_fits_its_node(group):
+    """A worker group names its instance type, and its pod (every container) fits on one such node
+    with room for the kubelet and system pods (at least 1 vCPU and 8 GiB left), its GPUs exactly."""
+    pod = group["template"]["spec"]
+    instance = pod["nodeSelector"]["node.kubernetes.io/instance-type"]
+    cpus, memory, node_gpus = SHAPES[instance]
+    requests = [c["resources"]["requests"] for c in pod["containers"]]
+    assert sum(quantity(r["cpu"]) for r in requests) <= cpus - 1, group["groupName"]
+    assert sum(quantity(r["memory"]) for r in requests) <= memory - 8, group["groupName"]
+    assert sum(int(r.get("nvidia.com/gpu", 0)) for r in requests) == node_gpus, group["groupName"]
+
+
+def check_ships_logs(pod):
+    """The Ray container's /tmp/ray is a volume the ship-logs sidecar reads and ships to S3."""
+    ray_container, *sidecars = pod["containers"]
+    mounts = {m["mountPath"]: m["name"] for m in ray_container["volumeMounts"]}
+    (ship,) = [c for c in sidecars if c["name"] == "ship-logs"]
+    assert ship["command"][:3] == ["python", "-m", "jobs.ship_logs"] and ship["command"][4].startswith("s3://")
+    assert ship["image"] == ray_container["image"] and ship["workingDir"] == "/home/ray/wand-tts"
+    assert {m["mountPath"]: m["name"] for m in ship["volumeMounts"]}["/tmp/ray"] == mounts["/tmp/ray"]
+    assert {v["name"] for v in pod["volumes"]} >= {mounts["/tmp/ray"]}
+
+
 def check_ray_cluster_spec(spec):
     assert spec["rayVersion"] == ray.__version__
     assert spec["authOptions"]["mode"] == "token"  # KubeRay gives every pod RAY_AUTH_MODE and the token
@@ -87,7 +127,10 @@ def check_ray_cluster_spec(spec):
     assert spec["autoscalerOptions"]["version"] == "v2"
     assert head["rayStartParams"]["num-cpus"] == "0"  # the head schedules nothing (Ray's advice)
     gpus = []
+    for pod in [head["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]:
+        check_ships_logs(pod)
     for group in spec["workerGroupSpecs"]:
+        check_fits_its_node(group)
         assert group["groupName"] and group["minReplicas"] == 0 and group["maxReplicas"] >= 1
         assert isinstance(group["rayStartParams"], dict)
         container = group["template"]["spec"]["containers"][0]
