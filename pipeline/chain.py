@@ -17,7 +17,7 @@ import torch
 from wand.models import get_spec
 from wand.models.weights import load_tied, read_safetensors, s3_endpoint, teacher_weights
 
-from pipeline import storage
+from pipeline import resources, storage
 from pipeline.config import DistillConfig, PrecomputeConfig, TrainConfig
 from pipeline.data.corpus_io import read_rows
 from pipeline.data.precompute import run_precompute
@@ -219,11 +219,9 @@ def evaluate_experiment(config: DistillConfig, student_dir: str | None = None) -
 
     if not ray.is_initialized():
         return _evaluate(config, student_dir)
-    gpus = config.evaluate.resolved_gpus(config.train_config().use_gpu, ray.cluster_resources().get("GPU", 0))
-    log.info("evals: a Ray task with %g CPU(s) and %g GPU(s)", config.evaluate.num_cpus, gpus)
-    task = ray.remote(num_cpus=config.evaluate.num_cpus, num_gpus=gpus, max_retries=0,
-                      **({"label_selector": dict(config.evaluate.label_selector)} if config.evaluate.label_selector
-                         else {}))(_evaluate_pickled)
+    request = resources.evaluate(config.evaluate, config.train_config().use_gpu, ray.cluster_resources().get("GPU", 0))
+    log.info("evals: a Ray task with %g CPU(s) and %g GPU(s)", request.cpus, request.gpus)
+    task = ray.remote(num_cpus=request.cpus, num_gpus=request.gpus, max_retries=0, **request.selector())(_evaluate_pickled)
     # Pickled by the task and unpickled here: Ray would hand back the figures' numpy arrays as
     # read-only views of its object store, and matplotlib writes to them when it saves a figure.
     return pickle.loads(ray.get(task.remote(config, student_dir)))

@@ -12,7 +12,8 @@ import logging
 
 import pyarrow as pa
 
-from pipeline import storage
+from pipeline import resources, storage
+from pipeline.resources import RayRequest
 
 __all__ = ["check_inputs", "check_resources", "STEPS"]
 
@@ -87,18 +88,21 @@ def _teacher(source: str | None) -> list[str]:
     return []
 
 
-def demands(config, gpus_in_cluster: float = 0.0) -> dict[str, tuple[dict[str, float], int, dict[str, str]]]:
-    """What each step asks Ray for: (one bundle, how many, label selector). The precompute's teacher
-    actors, the training workers (one GPU each with ``train.use_gpu``), the evals' task."""
-    pre, train, evals = config.precompute, config.train, config.evaluate
-    out = {"precompute": ({"CPU": pre.num_cpus_per_actor, "GPU": pre.num_gpus_per_actor}, pre.num_actors,
-                          dict(pre.label_selector)),
-           "train": ({"CPU": train.cpus_per_worker, "GPU": 1.0 if train.use_gpu else 0.0}, train.num_workers,
-                     dict(train.label_selector))}
-    if evals.enabled:
-        out["evaluate"] = ({"CPU": evals.num_cpus, "GPU": evals.resolved_gpus(train.use_gpu, gpus_in_cluster)}, 1,
-                           dict(evals.label_selector))
-    return {step: ({k: v for k, v in bundle.items() if v}, n, labels) for step, (bundle, n, labels) in out.items()}
+def demands(config, gpus_in_cluster: float = 0.0) -> dict[str, RayRequest]:
+    """What each step of an experiment asks Ray for (``pipeline.resources``: the steps' own requests):
+    the precompute's teacher actors, the training workers, the evals' task when the evals run."""
+    train = config.train_config()
+    out = {"precompute": resources.precompute(config.precompute_config()), "train": resources.train(train)}
+    if config.evaluate.enabled:
+        out["evaluate"] = resources.evaluate(config.evaluate, train.use_gpu, gpus_in_cluster)
+    return out
+
+
+# The config fields behind each step's request, for the messages.
+REQUEST_FIELDS = {"precompute": {"CPU": "precompute.num_cpus_per_actor", "GPU": "precompute.num_gpus_per_actor"},
+                  "train": {"CPU": "train.cpus_per_worker x train.num_workers",
+                            "GPU": "train.num_workers (one GPU each, train.use_gpu)"},
+                  "evaluate": {"CPU": "evaluate.num_cpus", "GPU": "evaluate.num_gpus"}}
 
 
 def check_labels(config, steps: tuple[str, ...] = STEPS, local: bool = True) -> list[str]:
@@ -108,7 +112,8 @@ def check_labels(config, steps: tuple[str, ...] = STEPS, local: bool = True) -> 
 
     labels = [n.get("Labels", {}) for n in ray.nodes() if n.get("Alive")]
     problems = []
-    for step, (_, _, selector) in demands(config).items():
+    for step, request in demands(config).items():
+        selector = request.labels
         if step not in steps or not selector or any(all(node.get(k) == v for k, v in selector.items())
                                                     for node in labels):
             continue
@@ -136,20 +141,16 @@ def check_resources(config, steps: tuple[str, ...] = STEPS, local: bool = True) 
     largest = {key: max((n.get(key, 0.0) for n in nodes), default=0.0) for key in ("CPU", "GPU")}
     total = ray.cluster_resources()
     requests = []
-    if "precompute" in steps:
-        pre = config.precompute
-        requests.append(("precompute.num_cpus_per_actor", "CPU", pre.num_cpus_per_actor, largest))
-        requests.append(("precompute.num_gpus_per_actor", "GPU", pre.num_gpus_per_actor, largest))
-    if "train" in steps:
-        train = config.train
-        requests.append(("train.cpus_per_worker x train.num_workers", "CPU", train.cpus_per_worker * train.num_workers,
-                         total))
-        if train.use_gpu:
-            requests.append(("train.num_workers (one GPU each, train.use_gpu)", "GPU", float(train.num_workers), total))
-    if "evaluate" in steps and config.evaluate.enabled:
-        requests.append(("evaluate.num_cpus", "CPU", config.evaluate.num_cpus, largest))
-        if config.evaluate.num_gpus != "auto":
-            requests.append(("evaluate.num_gpus", "GPU", float(config.evaluate.num_gpus), largest))
+    for step, request in demands(config, total.get("GPU", 0.0)).items():
+        if step not in steps:
+            continue
+        # A stage's workers may spread over nodes (the cluster must hold them all); an actor or a task
+        # sits on one node (some node must hold it).
+        spread = step == "train"
+        for resource in ("CPU", "GPU"):
+            amount = request.bundle.get(resource, 0.0) * (request.count if spread else 1)
+            if amount:
+                requests.append((REQUEST_FIELDS[step][resource], resource, amount, total if spread else largest))
     problems = []
     for field, resource, amount, available in requests:
         have = available.get(resource, 0.0)

@@ -305,7 +305,7 @@ def scheduled(types: dict, bundle: dict, count: int, selector: dict) -> dict[str
 
 def test_each_stage_lands_on_the_node_type_meant_for_it():
     """Ray's own autoscaler v2 scheduler, fed cluster/aws.yaml's node types and the paper config's
-    demands (pipeline.preflight.demands: what the stages ask Ray for) with the documented label
+    demands (pipeline.preflight.demands: pipeline.resources, what the stages ask Ray for) with the documented label
     selectors: the teacher actors and the evals on the spot A10G type, a training stage on the
     on-demand 4-GPU type, nothing on the head. Without the selectors Ray's utilisation score would
     put the precompute on the on-demand training type."""
@@ -325,8 +325,35 @@ def test_each_stage_lands_on_the_node_type_meant_for_it():
     types = AutoscalingConfig(load("aws.yaml"), skip_content_hash=True).get_node_type_configs()
     assert types[load("aws.yaml")["head_node_type"]].resources == {"CPU": 0, "GPU": 0}
     wanted = demands(configs[0], gpus_in_cluster=1)
-    placed = {step: scheduled(types, bundle, count, selector) for step, (bundle, count, selector) in wanted.items()}
+    placed = {step: scheduled(types, r.bundle, r.count, r.labels) for step, r in wanted.items()}
     assert placed == {"precompute": {"gpu.a10g.1x.spot": 4}, "train": {"gpu.a10g.4x.ondemand": 1},
                       "evaluate": {"gpu.a10g.1x.spot": 1}}, placed
-    bundle, count, _ = wanted["precompute"]
-    assert scheduled(types, bundle, count, {}) == {"gpu.a10g.4x.ondemand": 1}  # why the selectors are there
+    assert scheduled(types, wanted["precompute"].bundle, wanted["precompute"].count, {}) == {"gpu.a10g.4x.ondemand": 1}  # why the selectors are there
+
+
+def test_preflight_refuses_each_steps_request_the_cluster_cannot_hold(ray_local):
+    """pipeline.resources is what the steps ask Ray for; preflight checks the same requests on the
+    running cluster (2 CPUs, no GPU here) and names the field behind each."""
+    import argparse
+
+    from pipeline.cli import load_experiments
+    from pipeline.config import DistillConfig
+    from pipeline.preflight import check_resources
+
+    def problems(*settings):
+        argv = ["--config", str(ROOT / "jobs" / "configs" / "tiny.yaml"), "--only", "sparktts"]
+        configs, _ = load_experiments(DistillConfig, argparse.ArgumentParser(),
+                                      argv + [a for s in settings for a in ("--set", s)])
+        return check_resources(configs[0])
+
+    assert problems() == []
+    (line,) = problems("train.cpus_per_worker=1.5")  # two workers: 3 CPUs, more than the cluster has
+    assert line.startswith("train.cpus_per_worker x train.num_workers: asks for 3 CPU, but the whole cluster "
+                           "of this Ray cluster has 2"), line
+    gpu, evals = problems("train.use_gpu=true", "train.attention=sdpa")  # the evals follow (num_gpus: auto)
+    assert gpu.startswith("train.num_workers (one GPU each, train.use_gpu): asks for 2 GPU"), gpu
+    assert evals.startswith("evaluate.num_gpus: asks for 1 GPU, but any node"), evals
+    (line,) = problems("evaluate.num_cpus=3")
+    assert line.startswith("evaluate.num_cpus: asks for 3 CPU, but any node"), line
+    (line,) = problems("precompute.num_gpus_per_actor=1")
+    assert line.startswith("precompute.num_gpus_per_actor: asks for 1 GPU, but any node"), line

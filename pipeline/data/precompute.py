@@ -23,7 +23,7 @@ from wand.batch import collate
 from wand.models.weights import fingerprint, teacher_weights
 from wand.topk import sparse_teacher_targets
 
-from pipeline import storage
+from pipeline import resources, storage
 from pipeline.config import PrecomputeConfig
 from pipeline.data.corpus import check_batch, row_hash
 from pipeline.data.shards import build_shard_table, FORMAT, index_type, MANIFEST, shard_metadata, shard_name
@@ -247,10 +247,10 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                                   num_cpus=config.read_num_cpus)
         # One shuffle partition per pending shard (bounded): Ray's default of 200 is for big data.
         partitions = max(1, min(len({m[0] for m in pending.values()}), 64))
+        request = resources.precompute(config)  # what preflight checked and cluster/ is sized for
         summaries = assigned.groupby("shard", num_partitions=partitions).map_groups(
             TeacherTopK, fn_constructor_args=(config.model_dump_json(), os.environ.get(FAULT_ENV)), batch_format="pyarrow",
-            concurrency=config.num_actors, num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor,
-            **({"label_selector": dict(config.label_selector)} if config.label_selector else {}),
+            concurrency=request.count, num_cpus=request.cpus, num_gpus=request.gpus, **request.selector(),
         ).take_all()
         computed = {int(s["shard"]) for s in summaries}
         missing = set(range(n_shards)) - done - computed

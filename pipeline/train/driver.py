@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from wand.curriculum import Curriculum, Stage
 
-from pipeline import storage
+from pipeline import resources, storage
 from pipeline.config import TrainConfig
 from pipeline.data.shards import load_manifest, verify_manifest
 from pipeline.train import checkpoints
@@ -139,12 +139,12 @@ def run_stage(config: TrainConfig, stage_index: int, tracking: dict | None = Non
     }
     storage_kwargs = ({"storage_path": root, "storage_filesystem": fs} if storage.is_remote(config.storage)
                       else {"storage_path": root})
+    request = resources.train(config)  # what preflight checked and cluster/ is sized for
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=config.num_workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker},
-                                     label_selector=dict(config.label_selector) or None),
+        scaling_config=ScalingConfig(num_workers=request.count, use_gpu=request.gpus > 0,  # Ray Train adds the GPU
+                                     resources_per_worker={"CPU": request.cpus}, label_selector=request.labels or None),
         run_config=RunConfig(name=config.run_name(stage_index), failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2), **storage_kwargs),
     )
