@@ -1,78 +1,33 @@
 """Build a corpus (the precompute's input) from your tokenized data, in the released model's own layout.
 
     python -m jobs.make_corpus --model cosyvoice2 --input my_data.jsonl --output runs/corpus/my-cosyvoice2
-    python -m jobs.make_corpus --model sparktts --input records/ --output s3://bucket/corpus/spark \
+    python -m jobs.make_corpus --model sparktts --input s3://bucket/records/ --output s3://bucket/corpus/spark \
         --tokenizer /models/Spark-TTS-0.5B/LLM
+    ray job submit --working-dir . -- python -m jobs.make_corpus --model cosyvoice2 --input s3://bucket/records/ \
+        --output s3://bucket/corpus/cv2 --rows-per-file 200000
 
-Input: JSONL or Parquet files (a file or a folder), one record per utterance: id, text_ids (or text
-with --tokenizer), prompt_codes (optional), target_codes, and per family global_codes (Spark) or
-conditioning_latents (IndexTTS). See pipeline/data/corpus_builder.py and docs/bring-your-own.md ("Bring your own model
-and data") for each family's fields. Output: <output>/corpus.parquet with rows ending in the model's
-stop id. Every record is checked first (the layout, the codec's code range, then the precompute's
-row checks); if any is bad, all problems are listed and nothing is written.
+Input: JSONL or Parquet files (a file or a folder, local or s3://), one record per utterance: id,
+text_ids (or text with --tokenizer), prompt_codes (optional), target_codes, and per family
+global_codes (Spark) or conditioning_latents (IndexTTS). See pipeline/data/corpus_builder.py and
+docs/bring-your-own.md for each family's fields. Runs as Ray Data work (pipeline/data/corpus_build.py:
+one task per input file, streaming; on the cluster it was submitted to, else a local Ray): output
+<output>/part-*.parquet (at most --rows-per-file rows each, rows ending in the model's stop id) and,
+written last, <output>/corpus.json (rows, files, fingerprint). Every record is checked (the layout,
+the codec's code range, the precompute's row checks, ids unique across files); if any is bad, the
+problems are listed (the first --max-problems of each kind, with file and line) and nothing is written.
 """
 
 from __future__ import annotations
 
 import argparse
-import io
-import json
 import sys
-
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from wand.models import get_spec, MODEL_NAMES
 from wand.models.sparktts import PROMPT_FORMS
 
 from pipeline import storage
-from pipeline.data.corpus import check_batch
-from pipeline.data.corpus_builder import build_rows
-
-
-def read_records(uri: str, endpoint: str | None) -> tuple[list[dict], list[str], list[str]]:
-    """(records, where each came from as 'file, line N' / 'file, row N', problems). Lines that are
-    not JSON objects are problems listed by file and line, never a traceback."""
-    fs, path = storage.resolve(uri, endpoint)
-    info = fs.get_file_info(path)
-    if info.type.name == "NotFound":
-        raise SystemExit(f"--input: no such file or folder: {uri}")
-    files = [path] if info.type.name == "File" else storage.list_files(fs, path, (".parquet", ".jsonl"))
-    if not files:
-        raise SystemExit(f"--input: no .jsonl or .parquet files at {uri}")
-    records, origins, problems = [], [], []
-    for name in files:
-        if name.endswith(".parquet"):
-            try:
-                rows = pq.read_table(name, filesystem=fs).to_pylist()
-            except (OSError, ValueError, pa.ArrowException) as err:
-                problems.append(f"{name}: not a readable Parquet file ({str(err)[:200]})")
-                continue
-            records.extend(rows)
-            origins.extend(f"{name}, row {number}" for number in range(1, len(rows) + 1))
-            continue
-        try:
-            text = storage.read_bytes(fs, name).decode("utf-8")
-        except UnicodeDecodeError as err:
-            problems.append(f"{name}: not UTF-8 text (byte {err.start})")
-            continue
-        for number, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                problems.append(f"{name}, line {number}: not JSON ({err.msg}, column {err.colno})")
-                continue
-            except RecursionError:
-                problems.append(f"{name}, line {number}: nested too deeply")
-                continue
-            if not isinstance(record, dict):
-                problems.append(f"{name}, line {number}: a JSON {type(record).__name__}, not an object of fields")
-                continue
-            records.append(record)
-            origins.append(f"{name}, line {number}")
-    return records, origins, problems
+from pipeline.cli import init_ray, setup_logging
+from pipeline.data.corpus_build import build_corpus, CorpusProblems
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, choices=MODEL_NAMES)
     parser.add_argument("--size", default="real", choices=("real", "small", "mini", "tiny"))
     parser.add_argument("--input", required=True, help="a .jsonl / .parquet file or a folder of them (local or s3://)")
-    parser.add_argument("--output", required=True, help="corpus folder (local or s3://); corpus.parquet goes there")
+    parser.add_argument("--output", required=True, help="a new corpus folder (local or s3://): part-*.parquet and corpus.json go there")
     parser.add_argument("--tokenizer", default=None,
                         help="the model's text tokenizer (folder): for records with text instead of text_ids; "
                              "Spark needs it for its special-token ids")
@@ -88,7 +43,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="sparktts: clone (default; prompt transcript + prompt speech), clone_no_text "
                              "(global tokens only), controllable (style labels; records hold 'style')")
     parser.add_argument("--s3-endpoint", default=None, help="an S3-compatible endpoint (MinIO, ...)")
+    parser.add_argument("--rows-per-file", type=int, default=100_000, help="rows per output Parquet file (default: %(default)s)")
+    parser.add_argument("--max-problems", type=int, default=50,
+                        help="problems listed per kind (read, record, duplicate); the rest are counted (default: %(default)s)")
     args = parser.parse_args(argv)
+    if args.rows_per_file < 1:
+        parser.error(f"--rows-per-file {args.rows_per_file}: must be >= 1")
+    if args.max_problems < 1:
+        parser.error(f"--max-problems {args.max_problems}: must be >= 1")
 
     spec = get_spec(args.model, args.size)
     tokenizer = None
@@ -104,30 +66,19 @@ def main(argv: list[str] | None = None) -> int:
             spec = spec.with_prompt_form(args.prompt_form)
         except ValueError as err:
             parser.error(f"--prompt-form {args.prompt_form}: {err}")
-    records, origins, problems = read_records(args.input, args.s3_endpoint)
-    if not records and not problems:
-        print(f"--input {args.input}: holds no records; nothing was written", file=sys.stderr)
+    settings = {"prompt_form": args.prompt_form, "tokenizer": bool(args.tokenizer), "rows_per_file": args.rows_per_file}
+    setup_logging()
+    try:
+        storage.require_credentials(args.input, args.output)
+        init_ray()
+        manifest = build_corpus(spec, args.input, args.output, args.s3_endpoint, args.rows_per_file,
+                                args.max_problems, args.tokenizer, settings=settings)
+    except (CorpusProblems, ValueError, OSError) as err:
+        print(str(err), file=sys.stderr)
         return 2
-    rows, row_problems = build_rows(spec, records, tokenizer, origins)
-    problems += row_problems
-    if rows:
-        table = pa.Table.from_pylist([{**r, "path": args.input} for r in rows])
-        problems += [f"record {c['id']!r}: {c['reason']}" for c in check_batch(table, spec).to_pylist() if c["reason"]]
-    if problems:
-        print(f"{len(problems)} problem(s) in {args.input} ({len(records)} readable record(s)); nothing was written:",
-              file=sys.stderr)
-        for line in problems[:50]:
-            print(f"  {line}", file=sys.stderr)
-        if len(problems) > 50:
-            print(f"  ... and {len(problems) - 50} more", file=sys.stderr)
-        return 2
-    fs, root = storage.resolve(args.output, args.s3_endpoint)
-    buffer = io.BytesIO()
-    pq.write_table(pa.Table.from_pylist(rows), buffer)
-    storage.write_bytes(fs, storage.join(root, "corpus.parquet"), buffer.getvalue())  # whole or not at all
-    generated = [len(r["input_ids"]) - r["prefix_length"] for r in rows]
-    print(f"wrote {len(rows)} rows to {args.output}/corpus.parquet ({spec.name} {spec.size} layout; "
-          f"{min(generated)}..{max(generated)} target tokens per row, stop id {spec.stop_token_ids[0]} included)")
+    print(f"wrote {manifest['rows']} rows in {len(manifest['files'])} file(s) to {args.output} "
+          f"({spec.name} {spec.size} layout, stop id {manifest['stop_id']} after each row's targets; "
+          f"fingerprint {manifest['fingerprint'][:16]}, manifest {args.output}/corpus.json)")
     return 0
 
 

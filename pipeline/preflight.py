@@ -13,6 +13,7 @@ import logging
 import pyarrow as pa
 
 from pipeline import resources, storage
+from pipeline.data.corpus_io import corpus_files
 from pipeline.resources import RayRequest
 
 __all__ = ["check_inputs", "check_resources", "STEPS"]
@@ -42,10 +43,12 @@ def check_inputs(config, steps: tuple[str, ...] = STEPS) -> list[str]:
 
 def _corpus(uri: str, endpoint: str | None, field: str) -> list[str]:
     try:
-        fs, path = storage.resolve(uri, endpoint)
-        files = storage.list_files(fs, path, (".parquet", ".jsonl"))
+        fs, _ = storage.resolve(uri, endpoint)
+        files = corpus_files(uri, endpoint, field)
     except FileNotFoundError:
         return [f"{field}: no such file or folder: {uri}"]
+    except ValueError as err:  # an unfinished build, or a manifest naming files that are gone
+        return [str(err)]
     except OSError as err:
         return [f"{field}: {uri} cannot be listed ({str(err)[:200]})"]
     if not files:

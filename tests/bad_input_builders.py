@@ -137,25 +137,20 @@ def with_env(name: str, value: str, run: Callable[[Path], str]) -> Callable[[Pat
 
 
 def make_corpus_error(content: str | bytes, model: str = "cosyvoice2") -> Callable[[Path], str]:
-    """jobs/make_corpus.py on a JSONL file of ``content`` (its main, in this process): the exit and stderr."""
+    """``python -m jobs.make_corpus`` on a JSONL file of ``content``, as a user runs it (its own
+    process and local Ray, a clean environment): the exit and stderr."""
     def run(tmp: Path) -> str:
-        import contextlib
-        import importlib.util
-        import io
+        import subprocess
+        import sys
 
         (tmp / INPUT).mkdir(exist_ok=True)
         (tmp / INPUT / "records.jsonl").write_bytes(content if isinstance(content, bytes) else content.encode())
-        loaded = importlib.util.spec_from_file_location("make_corpus", ROOT / "jobs" / "make_corpus.py")
-        module = importlib.util.module_from_spec(loaded)
-        loaded.loader.exec_module(module)
-        stderr = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(stderr):
-                code = module.main(["--model", model, "--size", "tiny", "--input", str(tmp / INPUT / "records.jsonl"),
-                                    "--output", str(tmp / "corpus")])
-        except SystemExit as exit_:
-            code = exit_.code if isinstance(exit_.code, int) else f"1: {exit_.code}"
-        return f"exit {code}: {stderr.getvalue()}"
+        out = subprocess.run([sys.executable, "-m", "jobs.make_corpus", "--model", model, "--size", "tiny",
+                              "--input", str(tmp / INPUT / "records.jsonl"), "--output", str(tmp / "corpus")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300,
+                             env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp),
+                                  "LANG": "C.UTF-8"})
+        return f"exit {out.returncode}: {out.stderr}"
     return run
 
 

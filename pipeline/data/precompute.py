@@ -26,6 +26,7 @@ from wand.topk import sparse_teacher_targets
 from pipeline import resources, storage
 from pipeline.config import PrecomputeConfig
 from pipeline.data.corpus import check_batch, row_hash
+from pipeline.data.corpus_io import corpus_files
 from pipeline.data.shards import build_shard_table, FORMAT, index_type, MANIFEST, shard_metadata, shard_name
 
 log = logging.getLogger("wand.precompute")
@@ -153,8 +154,8 @@ def maybe_fail(fault: str | None, shard: int) -> None:
 def read_corpus(config: PrecomputeConfig):
     import ray.data
 
-    fs, path = storage.resolve(config.corpus, config.s3_endpoint)
-    files = storage.list_files(fs, path, (".parquet", ".jsonl"))
+    fs, _ = storage.resolve(config.corpus, config.s3_endpoint)
+    files = corpus_files(config.corpus, config.s3_endpoint)
     if not files:
         raise ValueError(f"input: no .parquet or .jsonl files under {config.corpus}")
     kinds = {f.endswith(".parquet") for f in files}

@@ -103,14 +103,17 @@ def test_make_corpus_job_writes_all_or_nothing(tmp_path):
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records))
     cmd = [sys.executable, "-m", "jobs.make_corpus", "--model", "cosyvoice2", "--size", "tiny",
            "--input", str(tmp_path / "in.jsonl")]
-    out = subprocess.run([*cmd, "--output", str(tmp_path / "corpus")], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
-    assert out.returncode == 0, out.stderr
-    rows = pq.read_table(tmp_path / "corpus" / "corpus.parquet").to_pylist()
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    out = subprocess.run([*cmd, "--output", str(tmp_path / "corpus")], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    manifest = json.loads((tmp_path / "corpus" / "corpus.json").read_text())
+    rows = pa.concat_tables([pq.read_table(tmp_path / "corpus" / f["name"]) for f in manifest["files"]]).to_pylist()
     assert [r["id"] for r in rows] == [f"u{i}" for i in range(5)] and all(r["input_ids"][-1] == 61 for r in rows)
+    assert manifest["rows"] == 5 and "records/s" in out.stderr  # progress lines
     records[3]["target_codes"] = [999]
     (tmp_path / "in.jsonl").write_text("\n".join(json.dumps(r) for r in records))
-    out = subprocess.run([*cmd, "--output", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120,
-                         cwd=ROOT)
-    assert out.returncode == 2 and "record 'u3': target_codes holds 999" in out.stderr
-    assert not (tmp_path / "bad").exists()
+    out = subprocess.run([*cmd, "--output", str(tmp_path / "bad")], capture_output=True, text=True, timeout=300,
+                         cwd=ROOT, env=env)
+    assert out.returncode == 2 and "in.jsonl, line 4: record 'u3': target_codes holds 999" in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "bad").exists()

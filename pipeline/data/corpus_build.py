@@ -1,0 +1,331 @@
+"""The corpus builder at scale, as Ray Data work: each input file (JSONL or Parquet, local or s3://)
+is read, laid out and checked by a task where the data is, streaming in chunks, and written as
+Parquet part files of at most ``rows_per_file`` rows to a staging prefix; the driver only ever holds
+one small summary per input file. All or nothing: problems (bad records, unreadable lines, duplicate
+ids across files) are collected across the cluster, bounded (the first ``max_problems`` per kind,
+with their file and line, and a count of the rest), and unless there are none the staging prefix is
+removed and nothing is published. Otherwise the parts move into the output folder and the corpus
+manifest (``corpus.json``: rows, files with their row counts, the fingerprint, the layout and the
+builder's settings) is written last: a corpus folder without it is unfinished.
+
+Fingerprint: the sum of the rows' content hashes (``row_hash``) modulo 2^256, combined from the
+tasks' partial sums: the same rows in any files or order give the same fingerprint. Duplicate ids
+are found in a second round: every task files its ids into hash buckets on the staging prefix and
+one task per bucket counts them, so no process holds every id.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import time
+import uuid
+from collections import Counter
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.data.corpus import check_batch
+from pipeline.data.corpus_builder import build_rows
+from pipeline.data.corpus_io import MANIFEST, write_manifest
+
+log = logging.getLogger("wand.corpus")
+
+CHUNK = 2048                  # records laid out and checked at once
+BUCKET_BYTES = 64 << 20       # input bytes per duplicate-id bucket (about 100k records)
+MODULUS = 1 << 256
+
+
+class CorpusProblems(ValueError):
+    """Bad input found while building; the message lists them (bounded) and says nothing was written."""
+
+
+def add_problem(problems: dict, kind: str, line: str, limit: int) -> None:
+    """Keep the first ``limit`` lines of each kind and count the rest."""
+    entry = problems.setdefault(kind, {"lines": [], "count": 0})
+    entry["count"] += 1
+    if len(entry["lines"]) < limit:
+        entry["lines"].append(line)
+
+
+def merge_problems(into: dict, other: dict, limit: int) -> None:
+    for kind, entry in other.items():
+        mine = into.setdefault(kind, {"lines": [], "count": 0})
+        mine["count"] += entry["count"]
+        mine["lines"].extend(entry["lines"][:max(0, limit - len(mine["lines"]))])
+
+
+def combine(fingerprints) -> str:
+    """Partial sums of row hashes (hex) -> one order-independent fingerprint (hex)."""
+    return format(sum(int(f, 16) for f in fingerprints) % MODULUS, "064x")
+
+
+def input_files(uri: str, endpoint: str | None) -> list[dict]:
+    """[{path, bytes}] of the .jsonl / .parquet input (a file or a folder), sorted; clear errors."""
+    fs, path = storage.resolve(uri, endpoint)
+    info = fs.get_file_info(path)
+    if info.type.name == "NotFound":
+        raise ValueError(f"--input: no such file or folder: {uri}")
+    if info.type.name == "File":
+        return [{"path": path, "bytes": info.size}]
+    selector = pa.fs.FileSelector(path, recursive=True)
+    found = [{"path": f.path, "bytes": f.size} for f in fs.get_file_info(selector)
+             if f.type.name == "File" and f.path.endswith((".jsonl", ".parquet"))]
+    if not found:
+        raise ValueError(f"--input: no .jsonl or .parquet files at {uri}")
+    return sorted(found, key=lambda f: f["path"])
+
+
+def records_of(fs, path: str) -> Iterator[tuple[str, dict | None, str | None]]:
+    """(origin, record, problem) for each record of one file, streaming: 'file, line N' for JSONL,
+    'file, row N' for Parquet. Lines that are not JSON objects are problems, never a traceback."""
+    if path.endswith(".parquet"):
+        try:
+            parquet = pq.ParquetFile(fs.open_input_file(path))
+            number = 0
+            for batch in parquet.iter_batches(batch_size=CHUNK):
+                for record in batch.to_pylist():
+                    number += 1
+                    yield f"{path}, row {number}", record, None
+        except (OSError, ValueError, pa.ArrowException) as err:
+            yield path, None, f"{path}: not a readable Parquet file ({str(err)[:200]})"
+        return
+    with fs.open_input_stream(path) as raw:
+        text = io.TextIOWrapper(raw, encoding="utf-8")
+        number = 0
+        try:
+            for number, line in enumerate(text, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as err:
+                    yield f"{path}, line {number}", None, f"{path}, line {number}: not JSON ({err.msg}, column {err.colno})"
+                    continue
+                except RecursionError:
+                    yield f"{path}, line {number}", None, f"{path}, line {number}: nested too deeply"
+                    continue
+                if not isinstance(record, dict):
+                    yield (f"{path}, line {number}", None,
+                           f"{path}, line {number}: a JSON {type(record).__name__}, not an object of fields")
+                    continue
+                yield f"{path}, line {number}", record, None
+        except UnicodeDecodeError as err:
+            yield path, None, f"{path}: not UTF-8 text (line {number + 1}, byte {err.start} of the line's chunk)"
+
+
+def _chunks(items: Iterator, size: int) -> Iterator[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def bucket_of(row_id: str, buckets: int) -> int:
+    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big") % buckets
+
+
+class FileBuilder:
+    """One input file -> part files and id buckets under the staging prefix, and a small summary.
+    Runs in a Ray Data task (``map``); holds at most one chunk and one part file's writer."""
+
+    def __init__(self, spec, source: str, staging: str, endpoint: str | None, rows_per_file: int, buckets: int,
+                 max_problems: int, tokenizer_path: str | None = None):
+        self.spec, self.source, self.staging, self.endpoint = spec, source, staging, endpoint
+        self.rows_per_file, self.buckets, self.max_problems = rows_per_file, buckets, max_problems
+        self.tokenizer_path = tokenizer_path
+
+    def __call__(self, item: dict) -> dict:
+        tokenizer = None
+        if self.tokenizer_path:
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(self.tokenizer_path)
+        fs, _ = storage.resolve(self.source, self.endpoint)
+        out_fs, staging = storage.resolve(self.staging, self.endpoint)
+        out_fs.create_dir(staging, recursive=True)
+        problems: dict = {}
+        parts, records, rows, total = [], 0, 0, 0
+        ids: dict[int, list[tuple[str, str]]] = {}
+        writer, part_rows, part_name = None, 0, None
+        for chunk in _chunks(records_of(fs, item["path"]), CHUNK):
+            for origin, _, problem in chunk:
+                if problem:
+                    add_problem(problems, "read", problem, self.max_problems)
+            good = [(origin, record) for origin, record, problem in chunk if record is not None]
+            records += len(good)
+            built, row_problems = build_rows(self.spec, [r for _, r in good], tokenizer, [o for o, _ in good])
+            for line in row_problems:
+                add_problem(problems, "record", line, self.max_problems)
+            if not built:
+                continue
+            origin_of = {}  # the built rows' origins (build_rows keeps the first of an id inside a chunk)
+            for origin, record in good:
+                origin_of.setdefault(str(record.get("id")), origin)
+            table = pa.Table.from_pylist(built)
+            checks = check_batch(table.append_column("path", pa.array([item["path"]] * len(built))), self.spec)
+            reasons = checks.column("reason").to_pylist()
+            for row, reason in zip(built, reasons):
+                if reason:
+                    add_problem(problems, "record", f"{origin_of[row['id']]}: record {row['id']!r}: {reason}",
+                                self.max_problems)
+            if any(reasons):
+                continue  # nothing of this build is published anyway; keep counting problems
+            total = (total + sum(int(h, 16) for h in checks.column("row_hash").to_pylist())) % MODULUS
+            for row in built:
+                ids.setdefault(bucket_of(row["id"], self.buckets), []).append((row["id"], origin_of[row["id"]]))
+            start = 0
+            while start < len(built):
+                if writer is None:
+                    part_name = f"part-{item['index']:05d}-{len(parts):04d}.parquet"
+                    writer = pq.ParquetWriter(out_fs.open_output_stream(storage.join(staging, part_name)),
+                                              table.schema)
+                    part_rows = 0
+                take = min(self.rows_per_file - part_rows, len(built) - start)
+                writer.write_table(table.slice(start, take))
+                part_rows, rows, start = part_rows + take, rows + take, start + take
+                if part_rows == self.rows_per_file:
+                    writer.close()
+                    parts.append({"name": part_name, "rows": part_rows})
+                    writer = None
+        if writer is not None:
+            writer.close()
+            parts.append({"name": part_name, "rows": part_rows})
+        for bucket, entries in ids.items():
+            folder = storage.join(staging, "_ids", f"{bucket:04d}")
+            storage.write_bytes(out_fs, storage.join(folder, f"{item['index']:05d}.parquet"), _ids_table(entries))
+        return {"index": item["index"], "path": item["path"], "bytes": item["bytes"], "records": records,
+                "rows": rows, "parts": json.dumps(parts), "fingerprint": format(total, "064x"),
+                "problems": json.dumps(problems)}
+
+
+def _ids_table(entries: list[tuple[str, str]]) -> bytes:
+    buffer = io.BytesIO()
+    pq.write_table(pa.table({"id": [e[0] for e in entries], "origin": [e[1] for e in entries]}), buffer)
+    return buffer.getvalue()
+
+
+class DuplicateFinder:
+    """One id bucket (every task's ids that hash there) -> duplicate-id problems (bounded)."""
+
+    def __init__(self, staging: str, endpoint: str | None, max_problems: int):
+        self.staging, self.endpoint, self.max_problems = staging, endpoint, max_problems
+
+    def __call__(self, item: dict) -> dict:
+        fs, staging = storage.resolve(self.staging, self.endpoint)
+        folder = storage.join(staging, "_ids", f"{item['bucket']:04d}")
+        problems: dict = {}
+        if storage.exists(fs, folder):
+            table = pa.concat_tables([pq.read_table(f, filesystem=fs)
+                                      for f in storage.list_files(fs, folder, (".parquet",))])
+            counts = Counter(table.column("id").to_pylist())
+            first: dict[str, str] = {}
+            for row_id, origin in zip(table.column("id").to_pylist(), table.column("origin").to_pylist()):
+                if counts[row_id] > 1:
+                    if row_id in first:
+                        add_problem(problems, "duplicate", f"{origin}: record {row_id!r}: duplicate id "
+                                    f"(first at {first[row_id]})", self.max_problems)
+                    else:
+                        first[row_id] = origin
+        return {"bucket": item["bucket"], "problems": json.dumps(problems)}
+
+
+# ----------------------------------------------------------------------------- driver side
+def build_corpus(spec, source: str, output: str, endpoint: str | None = None, rows_per_file: int = 100_000,
+                 max_problems: int = 50, tokenizer_path: str | None = None, num_cpus: float = 1.0,
+                 settings: dict | None = None) -> dict:
+    """Build ``output`` from the records at ``source`` (Ray must be up); return the manifest.
+    Raises CorpusProblems (nothing published) when any record is bad."""
+    import os
+
+    import ray.data
+
+    # Tasks run in other processes (other nodes): every local path absolute before it is handed out.
+    source, output = [u if storage.is_remote(u) else os.path.abspath(os.path.expanduser(u)) for u in (source, output)]
+    files = input_files(source, endpoint)
+    out_fs, root = storage.resolve(output, endpoint)
+    if storage.exists(out_fs, storage.join(root, MANIFEST)) or (
+            storage.exists(out_fs, root) and any(i.path.endswith(".parquet") for i in storage.list_dir(out_fs, root))):
+        raise ValueError(f"--output {output}: already holds a corpus; write to a new folder")
+    staging = storage.join(output, "_staging", uuid.uuid4().hex[:12])
+    total_bytes = sum(f["bytes"] for f in files)
+    buckets = max(1, min(256, -(-total_bytes // BUCKET_BYTES)))
+    items = [{"index": i, "path": f["path"], "bytes": f["bytes"]} for i, f in enumerate(files)]
+    started, done_bytes, records = time.monotonic(), 0, 0
+    summaries: list[dict] = []
+    problems: dict = {}
+    try:
+        builder = FileBuilder(spec, source, staging, endpoint, rows_per_file, buckets, max_problems, tokenizer_path)
+        for summary in ray.data.from_items(items).map(builder, num_cpus=num_cpus).iter_rows():
+            summaries.append({**summary, "problems": None})  # the problems are merged (bounded) right here
+            merge_problems(problems, json.loads(summary["problems"]), max_problems)
+            done_bytes, records = done_bytes + summary["bytes"], records + summary["records"]
+            elapsed = time.monotonic() - started
+            eta = elapsed * (total_bytes - done_bytes) / done_bytes if done_bytes else float("nan")
+            log.info("corpus: %d/%d input files, %d records (%.0f records/s), ETA %.0f s", len(summaries), len(items),
+                     records, records / max(elapsed, 1e-9), eta)
+        if not problems:
+            finder = DuplicateFinder(staging, endpoint, max_problems)
+            for found in ray.data.from_items([{"bucket": b} for b in range(buckets)]).map(
+                    finder, num_cpus=num_cpus).iter_rows():
+                merge_problems(problems, json.loads(found["problems"]), max_problems)
+        if not records and not problems:
+            raise CorpusProblems(f"--input {source}: holds no records; nothing was written")
+        if problems:
+            raise CorpusProblems(problem_report(problems, source, records))
+        return publish(summaries, staging, output, endpoint, spec, settings or {})
+    finally:
+        _remove(out_fs, storage.resolve(staging, endpoint)[1])
+        parent = storage.join(root, "_staging")
+        if storage.exists(out_fs, parent) and not storage.list_dir(out_fs, parent):
+            _remove(out_fs, parent)
+        if not storage.exists(out_fs, storage.join(root, MANIFEST)) and storage.exists(out_fs, root) \
+                and not storage.list_dir(out_fs, root):
+            _remove(out_fs, root)  # a failed build leaves no empty output folder behind
+
+
+def problem_report(problems: dict, source: str, records: int) -> str:
+    count = sum(entry["count"] for entry in problems.values())
+    lines = [f"{count} problem(s) in {source} ({records} readable record(s)); nothing was written:"]
+    for kind in ("read", "record", "duplicate"):
+        entry = problems.get(kind)
+        if entry:
+            lines += [f"  {line}" for line in entry["lines"]]
+            if entry["count"] > len(entry["lines"]):
+                lines.append(f"  ... and {entry['count'] - len(entry['lines'])} more {kind} problem(s)")
+    return "\n".join(lines)
+
+
+def publish(summaries: list[dict], staging: str, output: str, endpoint: str | None, spec, settings: dict) -> dict:
+    """Move the parts from staging into ``output``, then write the manifest (last: its presence says
+    the corpus is complete)."""
+    fs, staging_path = storage.resolve(staging, endpoint)
+    _, root = storage.resolve(output, endpoint)
+    files = []
+    for summary in sorted(summaries, key=lambda s: s["index"]):
+        for part in json.loads(summary["parts"]):
+            storage.retrying(fs, "moving", part["name"], lambda p=part: fs.move(
+                storage.join(staging_path, p["name"]), storage.join(root, p["name"])))
+            files.append({**part, "input": summary["path"]})
+    manifest = {"format": "wand-corpus/1", "rows": sum(f["rows"] for f in files), "files": files,
+                "fingerprint": combine(s["fingerprint"] for s in summaries),
+                "model": spec.name, "size": spec.size, "stop_id": spec.stop_token_ids[0],
+                "inputs": {"files": len(summaries), "records": sum(s["records"] for s in summaries)},
+                "builder": settings}
+    write_manifest(manifest, output, endpoint)
+    return manifest
+
+
+def _remove(fs, path: str) -> None:
+    try:
+        fs.delete_dir(path)
+    except (FileNotFoundError, OSError):
+        pass

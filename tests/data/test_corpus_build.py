@@ -1,0 +1,118 @@
+"""The corpus builder as Ray Data work (pipeline/data/corpus_build.py) on a real local Ray: many
+input files to many bounded part files and a manifest; the rows, counts and fingerprint checked
+against a direct computation (build_row and row_hash record by record); all or nothing with
+problems bounded; duplicates found across files; unfinished builds refused by every reader."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.data.corpus import row_hash
+from pipeline.data.corpus_build import build_corpus, CorpusProblems
+from pipeline.data.corpus_builder import build_row
+from pipeline.data.corpus_io import corpus_files, read_manifest
+from wand.models import get_spec
+
+SPEC = get_spec("cosyvoice2", "tiny")
+
+
+def records(n: int, start: int = 0) -> list[dict]:
+    return [{"id": f"u{i:05d}", "text_ids": [1 + i % 7, 2], "prompt_codes": [i % 5],
+             "target_codes": [3, 4 + i % 40, i % 61]} for i in range(start, start + n)]
+
+
+def write_inputs(folder: Path, parts: list[list[dict]], parquet_every: int = 0) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for number, part in enumerate(parts):
+        if parquet_every and number % parquet_every == 0:
+            pq.write_table(pa.Table.from_pylist(part), folder / f"in-{number}.parquet")
+        else:
+            (folder / f"in-{number}.jsonl").write_text("\n".join(json.dumps(r) for r in part) + "\n")
+
+
+def read_corpus(folder: Path) -> list[dict]:
+    return pa.concat_tables([pq.read_table(f) for f in corpus_files(str(folder), None)]).to_pylist()
+
+
+def test_many_files_to_bounded_parts_and_a_manifest_checked_against_a_direct_build(ray_local, tmp_path):
+    data = records(700)
+    write_inputs(tmp_path / "in", [data[:300], data[300:301], data[301:]], parquet_every=2)
+    manifest = build_corpus(SPEC, str(tmp_path / "in"), str(tmp_path / "out"), rows_per_file=128)
+    expected = {r["id"]: build_row(SPEC, r) for r in data}  # record by record, no Ray, no batching
+    rows = read_corpus(tmp_path / "out")
+    assert {r["id"]: r for r in rows} == expected and len(rows) == len(data)
+    on_disk = {f.name: pq.ParquetFile(f).metadata.num_rows for f in (tmp_path / "out").glob("*.parquet")}
+    assert {f["name"]: f["rows"] for f in manifest["files"]} == on_disk and max(on_disk.values()) <= 128
+    assert manifest["rows"] == 700 and manifest == read_manifest(str(tmp_path / "out"))
+    direct = sum(int(row_hash(r), 16) for r in expected.values()) % (1 << 256)
+    assert manifest["fingerprint"] == format(direct, "064x")
+    assert not (tmp_path / "out" / "_staging").exists()
+    # The same records split and sharded differently: the same fingerprint (order-independent).
+    write_inputs(tmp_path / "in2", [data[500:], data[:500]])
+    again = build_corpus(SPEC, str(tmp_path / "in2"), str(tmp_path / "out2"), rows_per_file=1000)
+    assert again["fingerprint"] == manifest["fingerprint"] and len(again["files"]) == 2
+    with pytest.raises(ValueError, match="already holds a corpus"):
+        build_corpus(SPEC, str(tmp_path / "in2"), str(tmp_path / "out2"))
+
+
+def test_duplicates_across_files_and_bounded_problems_publish_nothing(ray_local, tmp_path):
+    data = records(50)
+    write_inputs(tmp_path / "dup", [data[:30], data[25:]])  # u00025..u00029 in both files
+    with pytest.raises(CorpusProblems) as err:
+        build_corpus(SPEC, str(tmp_path / "dup"), str(tmp_path / "out"))
+    text = str(err.value)
+    assert "5 problem(s)" in text and "nothing was written" in text
+    assert "in-1.jsonl, line 1: record 'u00025': duplicate id (first at " in text and "in-0.jsonl, line 26)" in text
+    assert not (tmp_path / "out").exists()
+    bad = records(120)
+    for r in bad:
+        r["target_codes"] = [999]
+    bad[7] = "[1, 2]"
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "in.jsonl").write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in bad))
+    with pytest.raises(CorpusProblems) as err:
+        build_corpus(SPEC, str(tmp_path / "bad"), str(tmp_path / "out"), max_problems=5)
+    lines = str(err.value).splitlines()
+    assert lines[0].startswith("120 problem(s)") and "in.jsonl, line 8: a JSON list, not an object of fields" in lines[1]
+    assert lines[2].endswith("record 'u00000': target_codes holds 999, outside the codec's codes [0, 61)")
+    assert lines[-1] == "  ... and 114 more record problem(s)" and len(lines) == 2 + 5 + 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_unfinished_build_is_refused_by_the_readers(tmp_path):
+    from pipeline.preflight import _corpus
+
+    folder = tmp_path / "half"
+    (folder / "_staging" / "abc").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([build_row(SPEC, r) for r in records(3)]), folder / "_staging/abc/part.parquet")
+    with pytest.raises(ValueError, match="unfinished corpus build"):
+        corpus_files(str(folder), None)
+    assert "unfinished corpus build" in _corpus(str(folder), None, "corpus")[0]
+    # A corpus made by hand (no manifest) is read as before; a manifest naming a lost file is refused.
+    pq.write_table(pa.Table.from_pylist([build_row(SPEC, r) for r in records(3)]), tmp_path / "hand.parquet")
+    assert corpus_files(str(tmp_path / "hand.parquet"), None) == [str(tmp_path / "hand.parquet")]
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "corpus.json").write_text(json.dumps({"files": [{"name": "part-0.parquet", "rows": 3}]}))
+    with pytest.raises(ValueError, match="lists 1 file"):
+        corpus_files(str(tmp_path / "m"), None)
+
+
+def test_s3_in_and_out(ray_local, s3_server, tmp_path):
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
+    s3.create_bucket(Bucket="corpus")
+    data = records(40)
+    write_inputs(tmp_path / "in", [data[:20], data[20:]])
+    for f in (tmp_path / "in").iterdir():
+        s3.upload_file(str(f), "corpus", f"records/{f.name}")
+    manifest = build_corpus(SPEC, "s3://corpus/records", "s3://corpus/built/cv2", rows_per_file=15)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="built/")["Contents"]
+                  if not o["Key"].endswith("/"))
+    assert keys == sorted(["built/cv2/corpus.json"] + [f"built/cv2/{f['name']}" for f in manifest["files"]])
+    assert manifest["rows"] == 40 and read_manifest("s3://corpus/built/cv2") == manifest
