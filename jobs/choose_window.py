@@ -22,11 +22,11 @@ from pathlib import Path
 from pipeline.chain import parent_tags
 from pipeline.config import DistillConfig
 from pipeline.cli import load_config_with_overrides, setup_logging
-from pipeline.data.corpus_io import read_rows
+from pipeline.data.corpus_io import sample_rows
 from pipeline.evals.common import resolve_device
 from pipeline.data.precompute import load_teacher
 from pipeline.tracking import Tracker
-from pipeline.evals.window_choice import choose_window, DEFAULT_WINDOWS, sample_rows
+from pipeline.evals.window_choice import choose_window, DEFAULT_WINDOWS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     teacher, spec = load_teacher(config.precompute_config(), device)
-    rows = sample_rows(read_rows(config.corpus, config.s3_endpoint, limit=None), args.rows, args.seed)
+    rows = sample_rows(config.corpus, config.s3_endpoint, args.rows, args.seed)
     print(f"# {config.experiment}: teacher {spec.name} ({spec.size}) on {device}, {len(rows)} rows of {config.corpus}")
     choice = choose_window(spec, teacher, rows, windows, device)
     print(choice.table())

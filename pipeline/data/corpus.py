@@ -50,6 +50,7 @@ class RowChecker:
         self.spec = spec
         self.vocab = spec.vocab_size
         self.targets = set(spec.target_ids().tolist())
+        self.target_array = np.asarray(sorted(self.targets), dtype=np.int64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         names = set(batch.column_names)
@@ -79,7 +80,7 @@ class RowChecker:
                         "any value is missing): write the column as int64")
             return f"prefix_length {prefix!r} is not an integer"
         raw = row["input_ids"]
-        if not all(_is_int(v) for v in raw):
+        if not (isinstance(raw, list) and set(map(type, raw)) <= {int}) and not all(_is_int(v) for v in raw):
             bad = next(v for v in raw if not _is_int(v))
             return f"input_ids holds {bad!r} ({type(bad).__name__}): token ids must be integers"
         ids = np.asarray(raw, dtype=np.int64)
@@ -89,9 +90,12 @@ class RowChecker:
         if outside.size:
             j = int(outside[0])
             return f"token id {int(ids[j])} at position {j} outside the vocabulary [0, {self.vocab})"
-        for j in range(prefix, len(ids)):
-            if int(ids[j]) not in self.targets:
-                return f"target token {int(ids[j])} at position {j} is not a speech or stop id of {self.spec.name}"
+        targets = ids[prefix:]  # sorted target ids: a binary search per token, no set lookups
+        found = np.searchsorted(self.target_array, targets).clip(max=len(self.target_array) - 1)
+        stray = np.nonzero(self.target_array[found] != targets)[0]
+        if stray.size:
+            j = prefix + int(stray[0])
+            return f"target token {int(ids[j])} at position {j} is not a speech or stop id of {self.spec.name}"
         return self.spec.row_problem(row)
 
 

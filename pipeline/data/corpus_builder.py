@@ -54,6 +54,8 @@ def _ints(record: dict, field: str, required: bool = True) -> list[int]:
         if required:
             raise RowError(f"record {record.get('id')!r}: missing field {field!r}")
         return []
+    if isinstance(value, list) and set(map(type, value)) <= {int}:  # the JSON case, checked at C speed
+        return value
     if not isinstance(value, (list, tuple, np.ndarray)) or not all(
             isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in value):
         raise RowError(f"record {record.get('id')!r}: {field} must be a list of integers")
@@ -61,11 +63,11 @@ def _ints(record: dict, field: str, required: bool = True) -> list[int]:
 
 
 def _codes(record: dict, field: str, count: int, required: bool = True) -> torch.Tensor:
-    codes = _ints(record, field, required)
-    bad = [c for c in codes if not 0 <= c < count]
-    if bad:
-        raise RowError(f"record {record.get('id')!r}: {field} holds {bad[0]}, outside the codec's codes [0, {count})")
-    return torch.tensor(codes, dtype=torch.long)
+    codes = np.asarray(_ints(record, field, required), dtype=np.int64)
+    bad = codes[(codes < 0) | (codes >= count)]
+    if bad.size:
+        raise RowError(f"record {record.get('id')!r}: {field} holds {int(bad[0])}, outside the codec's codes [0, {count})")
+    return torch.from_numpy(codes)
 
 
 def _latents(spec, record: dict) -> list[float]:

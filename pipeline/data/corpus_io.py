@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import io
 import json
+import random
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import storage
 
-__all__ = ["corpus_files", "read_manifest", "read_rows", "write_corpus", "write_manifest", "CORPUS_FILE", "MANIFEST"]
+__all__ = ["corpus_files", "read_manifest", "read_rows", "sample_rows", "write_corpus", "write_manifest", "CORPUS_FILE", "MANIFEST"]
 
 CORPUS_FILE = "corpus.parquet"
 MANIFEST = "corpus.json"
@@ -67,9 +68,52 @@ def write_corpus(rows: list[dict], uri: str, endpoint: str | None = None, name: 
 
 # ----------------------------------------------------------------------------- inputs
 def read_rows(uri: str, endpoint: str | None, limit: int | None) -> list[dict]:
-    """The first ``limit`` rows (by id; None: all) of a corpus folder of Parquet or JSONL files."""
-    import pyarrow.parquet as pq
+    """The evals' rows of a corpus. A built corpus (with its manifest): a seeded sample of ``limit``
+    rows (``sample_rows``, seed 0), reading only the row groups that hold them. A corpus made by
+    hand: the first ``limit`` rows by id (None: all), which reads it whole."""
+    if limit is not None and _manifest_of(uri, endpoint) is not None:
+        return sample_rows(uri, endpoint, limit, seed=0)
+    rows = _all_rows(uri, endpoint)
+    return rows[:limit]
 
+
+def sample_rows(uri: str, endpoint: str | None, count: int, seed: int) -> list[dict]:
+    """``count`` rows drawn with ``seed`` (all rows when there are fewer), in id order. With a
+    manifest the draw is over row numbers from its per-file counts, and only the files and row
+    groups holding the drawn rows are read; without one, over the rows sorted by id."""
+    manifest = _manifest_of(uri, endpoint)
+    if manifest is None:
+        rows = _all_rows(uri, endpoint)
+        picked = rows if len(rows) <= count else random.Random(seed).sample(rows, count)
+        return sorted(picked, key=lambda r: str(r["id"]))
+    fs, root = storage.resolve(uri, endpoint)
+    total = manifest["rows"]
+    wanted = sorted(random.Random(seed).sample(range(total), min(count, total)))
+    rows, start = [], 0
+    for entry in manifest["files"]:
+        end = start + entry["rows"]
+        local = [n - start for n in wanted if start <= n < end]
+        start = end
+        if not local:
+            continue
+        parquet = pq.ParquetFile(fs.open_input_file(storage.join(root, entry["name"])))
+        group_start = 0
+        for group in range(parquet.num_row_groups):
+            size = parquet.metadata.row_group(group).num_rows
+            inside = [n - group_start for n in local if group_start <= n < group_start + size]
+            if inside:
+                rows.extend(parquet.read_row_group(group).take(inside).to_pylist())
+            group_start += size
+    return sorted(rows, key=lambda r: str(r["id"]))
+
+
+def _manifest_of(uri: str, endpoint: str | None) -> dict | None:
+    fs, root = storage.resolve(uri, endpoint)
+    info = fs.get_file_info(root)
+    return read_manifest(uri, endpoint) if info.type.name == "Directory" else None
+
+
+def _all_rows(uri: str, endpoint: str | None) -> list[dict]:
     fs, _ = storage.resolve(uri, endpoint)
     files = corpus_files(uri, endpoint, "evaluate.corpus")
     if not files:
@@ -82,4 +126,4 @@ def read_rows(uri: str, endpoint: str | None, limit: int | None) -> list[dict]:
             text = storage.read_bytes(fs, name).decode()
             rows.extend(json.loads(line) for line in text.splitlines() if line.strip())
     rows.sort(key=lambda r: str(r["id"]))
-    return rows[:limit]
+    return rows

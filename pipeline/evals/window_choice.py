@@ -9,7 +9,6 @@ recommended ``window_target``, and the curriculum starts at 4x that or more (the
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from wand.attention_mass import attention_mass, AttentionMass
 from wand.batch import forward_inputs
 
-__all__ = ["COVERAGES", "DEFAULT_WINDOWS", "WindowChoice", "choose_window", "sample_rows"]
+__all__ = ["COVERAGES", "DEFAULT_WINDOWS", "WindowChoice", "choose_window"]
 
 COVERAGES = (0.90, 0.95, 0.99)
 RECOMMEND_AT = 0.95
@@ -54,12 +53,6 @@ class WindowChoice:
                   f"Recommended: curriculum.window_target: {self.window_target}, curriculum.window_start: {self.window_start} "
                   f"({self.rows} rows, generations up to {self.longest_generation} tokens)."]
         return "\n".join(lines + [f"Note: {n}" for n in self.notes])
-
-
-def sample_rows(rows: list[dict], count: int, seed: int) -> list[dict]:
-    """A seeded sample (all rows when there are fewer), in id order."""
-    picked = rows if len(rows) <= count else random.Random(seed).sample(rows, count)
-    return sorted(picked, key=lambda r: str(r["id"]))
 
 
 def choose_window(spec, teacher: torch.nn.Module, rows: list[dict], windows: list[int],

@@ -116,3 +116,24 @@ def test_s3_in_and_out(ray_local, s3_server, tmp_path):
                   if not o["Key"].endswith("/"))
     assert keys == sorted(["built/cv2/corpus.json"] + [f"built/cv2/{f['name']}" for f in manifest["files"]])
     assert manifest["rows"] == 40 and read_manifest("s3://corpus/built/cv2") == manifest
+
+
+def test_sampling_reads_only_the_files_holding_the_drawn_rows(ray_local, tmp_path):
+    import random
+
+    from pipeline.data.corpus_io import read_rows, sample_rows
+
+    data = records(300)
+    write_inputs(tmp_path / "in", [data[:150], data[150:]])
+    manifest = build_corpus(SPEC, str(tmp_path / "in"), str(tmp_path / "out"), rows_per_file=50)
+    every = pa.concat_tables([pq.read_table(tmp_path / "out" / f["name"]) for f in manifest["files"]]).to_pylist()
+    drawn = sorted(random.Random(7).sample(range(300), 5))  # row numbers in manifest order
+    expected = sorted((every[n] for n in drawn), key=lambda r: r["id"])
+    unused = [f for number, f in enumerate(manifest["files"]) if not any(50 * number <= n < 50 * (number + 1)
+                                                                         for n in drawn)]
+    assert unused
+    # The evals' read of a built corpus is the seed-0 sample.
+    assert read_rows(str(tmp_path / "out"), None, 5) == sample_rows(str(tmp_path / "out"), None, 5, seed=0)
+    for f in unused:  # a file the sample does not need is never opened
+        (tmp_path / "out" / f["name"]).write_bytes(b"not parquet")
+    assert sample_rows(str(tmp_path / "out"), None, 5, seed=7) == expected

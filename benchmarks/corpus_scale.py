@@ -1,0 +1,186 @@
+"""The corpus at scale on this machine: time, throughput and the peak memory of the whole process
+tree (the job, its local Ray and every worker) for building a corpus, checking it and sampling it.
+
+    python -m benchmarks.corpus_scale                                   # 100k, 300k and 1M records
+    python -m benchmarks.corpus_scale --records 20000,60000 --output /tmp/corpus_scale.json
+
+For each size: a user-format corpus (JSONL: id, text_ids, prompt_codes, 60-160 target_codes per
+record, CosyVoice 2's real code range) in --input-files files is made, then, each as its own process
+tree measured from outside (RSS of the process and all its descendants, sampled every 0.1 s):
+  * build:    `python -m jobs.make_corpus` (Ray Data, local Ray) -> part files + corpus.json;
+  * baseline: a bare pyarrow JSON read + Parquet write of the same files in one process (the floor
+              for "read JSONL, write Parquet" on these cores; no layout, no checks);
+  * check:    the precompute's corpus check (pipeline.data.precompute.read_corpus + check_corpus);
+  * sample:   the evals' row read (pipeline.data.corpus_io.read_rows, 64 rows).
+Goals (issue 28): build throughput >= 0.5x the baseline's; peak at the largest size within 10% of
+the peak at the smallest. Writes benchmarks/results/corpus_scale.json (--output).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CODES = 6561  # CosyVoice 2's speech_tokenizer_v2 codes (the real preset)
+
+
+def make_inputs(folder: Path, records: int, files: int, seed: int) -> int:
+    """User-format JSONL records in ``files`` files; their total size in bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    per_file = -(-records // files)
+    for number in range(files):
+        with open(folder / f"records-{number:03d}.jsonl", "w") as out:
+            for i in range(number * per_file, min(records, (number + 1) * per_file)):
+                out.write(json.dumps({"id": f"utt-{i:08d}", "text_ids": [rng.randrange(151000) for _ in range(rng.randint(5, 40))],
+                                      "prompt_codes": [rng.randrange(CODES) for _ in range(rng.randint(0, 30))],
+                                      "target_codes": [rng.randrange(CODES) for _ in range(rng.randint(60, 160))]}))
+                out.write("\n")
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def run_tree(cmd: list[str], env: dict, timeout: float = 7200) -> dict:
+    """Run ``cmd``; its wall time and the peak summed RSS of it and all its descendants."""
+    import psutil
+
+    started = time.monotonic()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        root, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                tree = [root] + root.children(recursive=True)
+                peak = max(peak, sum(p.memory_info().rss for p in tree if _alive(p)))
+            except psutil.NoSuchProcess:
+                pass
+            if time.monotonic() - started > timeout:
+                proc.kill()
+            time.sleep(0.1)
+        seconds = time.monotonic() - started
+        log.seek(0)
+        output = log.read()
+    _stop_leftovers(proc.pid)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} failed ({proc.returncode}):\n{output[-3000:]}")
+    return {"seconds": round(seconds, 2), "peak_mb": round(peak / 2**20, 1), "output": output}
+
+
+def _alive(process) -> bool:
+    try:
+        return process.status() != "zombie"
+    except Exception:
+        return False
+
+
+def _stop_leftovers(pgid: int) -> None:
+    import signal
+
+    try:
+        os.killpg(pgid, signal.SIGKILL)  # a local Ray's processes live in the job's process group
+    except ProcessLookupError:
+        pass
+
+
+PHASES = {
+    "baseline": """
+import sys, pyarrow.json as pj, pyarrow.parquet as pq, pathlib
+src, dst = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]); dst.mkdir(parents=True)
+for f in sorted(src.glob('*.jsonl')):
+    pq.write_table(pj.read_json(f), dst / (f.stem + '.parquet'))
+""",
+    "check": """
+import sys
+from pipeline.cli import init_ray
+from pipeline.config import PrecomputeConfig
+from pipeline.data.precompute import check_corpus, read_corpus
+init_ray()
+# the check needs the spec alone: no teacher weights (a real-size config would insist on them)
+config = PrecomputeConfig.model_construct(model='cosyvoice2', model_size='real', corpus=sys.argv[1], shards=sys.argv[2])
+ds, files = read_corpus(config)
+good, bad, fingerprint = check_corpus(ds, config.spec(), config)
+assert not bad, bad[:3]
+print('checked', len(good), 'rows in', len(files), 'files')
+""",
+    "sample": """
+import sys
+from pipeline.data.corpus_io import read_rows
+rows = read_rows(sys.argv[1], None, 64)
+print('sampled', len(rows))
+""",
+}
+
+
+def measure(records: int, files: int, work: Path, env: dict) -> dict:
+    inputs, corpus = work / f"in-{records}", work / f"corpus-{records}"
+    made = time.monotonic()
+    size = make_inputs(inputs, records, files, seed=records)
+    print(f"# {records} records, {files} files, {size / 2**20:.0f} MiB of JSONL ({time.monotonic() - made:.0f} s)",
+          flush=True)
+    python = sys.executable
+    build = run_tree([python, "-m", "jobs.make_corpus", "--model", "cosyvoice2", "--size", "real", "--input",
+                      str(inputs), "--output", str(corpus)], env)
+    baseline = run_tree([python, "-c", PHASES["baseline"], str(inputs), str(work / f"baseline-{records}")], env)
+    check = run_tree([python, "-c", PHASES["check"], str(corpus), str(work / "unused-shards")], env)
+    sample = run_tree([python, "-c", PHASES["sample"], str(corpus)], env)
+    manifest = json.loads((corpus / "corpus.json").read_text())
+    assert manifest["rows"] == records, manifest["rows"]
+    result = {"records": records, "input_mib": round(size / 2**20, 1), "output_files": len(manifest["files"])}
+    for name, run in (("build", build), ("baseline", baseline), ("check", check), ("sample", sample)):
+        result[name] = {"seconds": run["seconds"], "peak_mb": run["peak_mb"],
+                        "records_per_s": round(records / run["seconds"], 1)}
+    result["build_vs_baseline"] = round(result["build"]["records_per_s"] / result["baseline"]["records_per_s"], 3)
+    for folder in (inputs, corpus, work / f"baseline-{records}"):
+        shutil.rmtree(folder, ignore_errors=True)
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--records", default="100000,300000,1000000", help="sizes, comma-separated")
+    parser.add_argument("--input-files", type=int, default=8, help="input JSONL files per size")
+    parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/corpus_scale.json")
+    args = parser.parse_args(argv)
+    try:
+        sizes = [int(s) for s in args.records.split(",")]
+    except ValueError:
+        parser.error(f"--records {args.records!r}: comma-separated integers")
+    if not sizes or min(sizes) < 1 or args.input_files < 1:
+        parser.error("--records and --input-files must be >= 1")
+    work = args.work or Path(tempfile.mkdtemp(prefix="wand-corpus-scale-"))
+    env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(work), "LANG": "C.UTF-8",
+           "TMPDIR": str(work), "RAY_USAGE_STATS_ENABLED": "0"}
+    try:
+        results = [measure(n, args.input_files, work, env) for n in sizes]
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    smallest, largest = results[0], results[-1]
+    summary = {
+        "device": f"CPU {platform.machine()} ({os.cpu_count()} cores)", "sizes": results,
+        "peak_growth": {step: round(largest[step]["peak_mb"] / smallest[step]["peak_mb"], 3)
+                        for step in ("build", "check", "sample")},
+        "goals": {"build_vs_baseline >= 0.5": all(r["build_vs_baseline"] >= 0.5 for r in results),
+                  "build peak at the largest within 10% of the smallest":
+                      largest["build"]["peak_mb"] <= 1.1 * smallest["build"]["peak_mb"]},
+    }
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: summary[k] for k in ("peak_growth", "goals")}, indent=2))
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
