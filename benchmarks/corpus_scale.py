@@ -3,6 +3,7 @@ tree (the job, its local Ray and every worker) for building a corpus, checking i
 
     python -m benchmarks.corpus_scale                                   # 100k, 300k and 1M records
     python -m benchmarks.corpus_scale --records 20000,60000 --output /tmp/corpus_scale.json
+    python -m benchmarks.corpus_scale --from-json benchmarks/results/corpus_scale.json   # the docs' table
 
 For each size: a user-format corpus (JSONL: id, text_ids, prompt_codes, 60-160 target_codes per
 record, CosyVoice 2's real code range) in --input-files files is made, then, each as its own process
@@ -145,13 +146,34 @@ def measure(records: int, files: int, work: Path, env: dict) -> dict:
     return result
 
 
+def table(summary: dict) -> str:
+    """The Markdown table docs/benchmarks.md shows, rendered from a results file."""
+    lines = ["| records | JSONL | build s | build rec/s | baseline rec/s | build / baseline | build peak MiB "
+             "| check s | check peak MiB | sample s | sample peak MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in summary["sizes"]:
+        lines.append(f"| {r['records']:,} | {r['input_mib']:,.0f} MiB | {r['build']['seconds']:,.0f} "
+                     f"| {r['build']['records_per_s']:,.0f} | {r['baseline']['records_per_s']:,.0f} "
+                     f"| {r['build_vs_baseline']:.2f} | {r['build']['peak_mb']:,.0f} | {r['check']['seconds']:,.0f} "
+                     f"| {r['check']['peak_mb']:,.0f} | {r['sample']['seconds']:,.1f} | {r['sample']['peak_mb']:,.0f} |")
+    growth = summary["peak_growth"]
+    lines.append("")
+    lines.append(f"Peak memory, largest size / smallest: build {growth['build']:.2f}, check {growth['check']:.2f}, "
+                 f"sample {growth['sample']:.2f} ({summary['device']}).")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--records", default="100000,300000,1000000", help="sizes, comma-separated")
     parser.add_argument("--input-files", type=int, default=8, help="input JSONL files per size")
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temp folder)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/corpus_scale.json")
+    parser.add_argument("--from-json", type=Path, default=None, help="print the table of a results file; run nothing")
     args = parser.parse_args(argv)
+    if args.from_json:
+        print(table(json.loads(args.from_json.read_text())))
+        return 0
     try:
         sizes = [int(s) for s in args.records.split(",")]
     except ValueError:
@@ -177,7 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2) + "\n")
-    print(json.dumps({k: summary[k] for k in ("peak_growth", "goals")}, indent=2))
+    print(table(summary))
+    print(json.dumps(summary["goals"], indent=2))
     print(f"wrote {args.output}")
     return 0
 

@@ -46,3 +46,19 @@ def test_the_readme_counts_the_cuda_tests_that_exist():
     said = {int(n) for n in re.findall(r"(\d+) (?:tests\)|`cuda` tests|tests marked\s+`cuda`)",
                                        "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md")))}
     assert collected > 20 and said == {collected}, (collected, said)
+
+
+def test_the_corpus_scale_table_in_the_docs_is_rendered_from_its_results_file():
+    """docs/benchmarks.md shows benchmarks/results/corpus_scale.json as the script renders it, and
+    the file's derived figures agree with its measured ones."""
+    from benchmarks.corpus_scale import table
+
+    summary = json.loads((ROOT / "benchmarks/results/corpus_scale.json").read_text())
+    assert table(summary) in (ROOT / "docs/benchmarks.md").read_text()
+    assert [r["records"] for r in summary["sizes"]] == [100_000, 300_000, 1_000_000]
+    for r in summary["sizes"]:
+        for step in ("build", "baseline", "check", "sample"):
+            assert abs(r[step]["records_per_s"] - r["records"] / r[step]["seconds"]) < 0.1
+        assert abs(r["build_vs_baseline"] - r["build"]["records_per_s"] / r["baseline"]["records_per_s"]) < 1e-3
+    first, last = summary["sizes"][0], summary["sizes"][-1]
+    assert summary["peak_growth"]["build"] == round(last["build"]["peak_mb"] / first["build"]["peak_mb"], 3)

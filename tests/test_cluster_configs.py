@@ -208,6 +208,13 @@ except ValueError as err:
     print("REFUSED:", err)
 check_cluster_storage(DistillConfig(**base, corpus="s3://b/c", shards="s3://b/t", storage="s3://b/r"))
 print("S3 OK")
+from pipeline.data.corpus_build import build_corpus
+from wand.models import get_spec
+try:
+    build_corpus(get_spec("cosyvoice2", "tiny"), "s3://b/records", "runs/corpus/x")
+    print("CORPUS NOT REFUSED")
+except ValueError as err:
+    print("CORPUS REFUSED:", err)
 ray.shutdown()
 cluster.shutdown()
 """
@@ -227,6 +234,8 @@ def test_local_paths_are_refused_on_a_multi_node_cluster():
     assert "REFUSED: x: this Ray cluster has 2 nodes" in out.stdout
     assert "shards=runs/topk" in out.stdout and "storage=/data/ckpt" in out.stdout and "corpus=" not in out.stdout
     assert "S3 OK" in out.stdout
+    assert "CORPUS REFUSED: this Ray cluster has 2 nodes" in out.stdout and "--output runs/corpus/x" not in out.stdout
+    assert "--output /" in out.stdout and "--input" not in out.stdout.split("CORPUS REFUSED:")[1]
 
 
 def test_nothing_the_project_ships_turns_ray_auth_off():

@@ -250,6 +250,11 @@ def build_corpus(spec, source: str, output: str, endpoint: str | None = None, ro
 
     # Tasks run in other processes (other nodes): every local path absolute before it is handed out.
     source, output = [u if storage.is_remote(u) else os.path.abspath(os.path.expanduser(u)) for u in (source, output)]
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive"))
+    local = [f"{flag} {uri}" for flag, uri in (("--input", source), ("--output", output)) if not storage.is_remote(uri)]
+    if nodes > 1 and local:  # the tasks run on other nodes: they can neither read nor write this disk
+        raise ValueError(f"this Ray cluster has {nodes} nodes, so the corpus must be read from and written to "
+                         f"shared storage (s3://bucket/prefix), not a node's local disk: {', '.join(local)}")
     files = input_files(source, endpoint)
     out_fs, root = storage.resolve(output, endpoint)
     if storage.exists(out_fs, storage.join(root, MANIFEST)) or (
