@@ -106,16 +106,16 @@ def test_s3_in_and_out(ray_local, s3_server, tmp_path):
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=s3_server.endpoint)
-    s3.create_bucket(Bucket="corpus")
+    s3.create_bucket(Bucket="corpus-build")
     data = records(40)
     write_inputs(tmp_path / "in", [data[:20], data[20:]])
     for f in (tmp_path / "in").iterdir():
-        s3.upload_file(str(f), "corpus", f"records/{f.name}")
-    manifest = build_corpus(SPEC, "s3://corpus/records", "s3://corpus/built/cv2", rows_per_file=15)
-    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="corpus", Prefix="built/")["Contents"]
+        s3.upload_file(str(f), "corpus-build", f"records/{f.name}")
+    manifest = build_corpus(SPEC, "s3://corpus-build/records", "s3://corpus-build/built/cv2", rows_per_file=15)
+    keys = sorted(o["Key"] for o in s3.list_objects_v2(Bucket="corpus-build", Prefix="built/")["Contents"]
                   if not o["Key"].endswith("/"))
     assert keys == sorted(["built/cv2/corpus.json"] + [f"built/cv2/{f['name']}" for f in manifest["files"]])
-    assert manifest["rows"] == 40 and read_manifest("s3://corpus/built/cv2") == manifest
+    assert manifest["rows"] == 40 and read_manifest("s3://corpus-build/built/cv2") == manifest
 
 
 def test_sampling_reads_only_the_files_holding_the_drawn_rows(ray_local, tmp_path):
