@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -150,7 +151,10 @@ def make_corpus_error(content: str | bytes, model: str = "cosyvoice2") -> Callab
                              cwd=ROOT, capture_output=True, text=True, timeout=300,
                              env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(tmp),
                                   "LANG": "C.UTF-8"})
-        return f"exit {out.returncode}: {out.stderr}"
+        # What the user is told: the lines after the job's and Ray's log lines (timestamped).
+        lines = out.stderr.splitlines()
+        logged = [i for i, line in enumerate(lines) if re.match(r"^(\x1b\[\d+m)?\(?\S*\s*\d{4}-\d\d-\d\d \d\d:", line)]
+        return f"exit {out.returncode}: " + "\n".join(lines[logged[-1] + 1 if logged else 0:])
     return run
 
 
