@@ -155,7 +155,7 @@ class FileBuilder:
         problems: dict = {}
         parts, records, rows, total = [], 0, 0, 0
         ids: dict[int, list[tuple[str, str]]] = {}
-        writer, part_rows, part_name = None, 0, None
+        writer, sink, part_rows, part_name = None, None, 0, None
         for chunk in _chunks(records_of(fs, item["path"]), CHUNK):
             for origin, _, problem in chunk:
                 if problem:
@@ -186,18 +186,18 @@ class FileBuilder:
             while start < len(built):
                 if writer is None:
                     part_name = f"part-{item['index']:05d}-{len(parts):04d}.parquet"
-                    writer = pq.ParquetWriter(out_fs.open_output_stream(storage.join(staging, part_name)),
-                                              table.schema)
+                    sink = out_fs.open_output_stream(storage.join(staging, part_name))
+                    writer = pq.ParquetWriter(sink, table.schema)
                     part_rows = 0
                 take = min(self.rows_per_file - part_rows, len(built) - start)
                 writer.write_table(table.slice(start, take))
                 part_rows, rows, start = part_rows + take, rows + take, start + take
                 if part_rows == self.rows_per_file:
-                    writer.close()
+                    _close(writer, sink)  # the stream too: an S3 upload completes only when it is closed
                     parts.append({"name": part_name, "rows": part_rows})
                     writer = None
         if writer is not None:
-            writer.close()
+            _close(writer, sink)
             parts.append({"name": part_name, "rows": part_rows})
         for bucket, entries in ids.items():
             folder = storage.join(staging, "_ids", f"{bucket:04d}")
@@ -205,6 +205,12 @@ class FileBuilder:
         return {"index": item["index"], "path": item["path"], "bytes": item["bytes"], "records": records,
                 "rows": rows, "parts": json.dumps(parts), "fingerprint": format(total, "064x"),
                 "problems": json.dumps(problems)}
+
+
+def _close(writer, sink) -> None:
+    writer.close()
+    if not sink.closed:
+        sink.close()
 
 
 def _ids_table(entries: list[tuple[str, str]]) -> bytes:
