@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.data.corpus import check_batch
 from pipeline.data.corpus_builder import build_rows
-from pipeline.data.corpus_io import MANIFEST, write_manifest
+from pipeline.data.corpus_io import MANIFEST, STAGING, write_manifest
 
 log = logging.getLogger("wand.corpus")
 
@@ -266,7 +266,7 @@ def build_corpus(spec, source: str, output: str, endpoint: str | None = None, ro
     if storage.exists(out_fs, storage.join(root, MANIFEST)) or (
             storage.exists(out_fs, root) and any(i.path.endswith(".parquet") for i in storage.list_dir(out_fs, root))):
         raise ValueError(f"--output {output}: already holds a corpus; write to a new folder")
-    staging = storage.join(output, "_staging", uuid.uuid4().hex[:12])
+    staging = storage.join(output, STAGING, uuid.uuid4().hex[:12])
     total_bytes = sum(f["bytes"] for f in files)
     buckets = max(1, min(256, -(-total_bytes // BUCKET_BYTES)))
     items = [{"index": i, "path": f["path"], "bytes": f["bytes"]} for i, f in enumerate(files)]
@@ -295,7 +295,7 @@ def build_corpus(spec, source: str, output: str, endpoint: str | None = None, ro
         return publish(summaries, staging, output, endpoint, spec, settings or {})
     finally:
         _remove(out_fs, storage.resolve(staging, endpoint)[1])
-        parent = storage.join(root, "_staging")
+        parent = storage.join(root, STAGING)
         if storage.exists(out_fs, parent) and not storage.list_dir(out_fs, parent):
             _remove(out_fs, parent)
         if not storage.exists(out_fs, storage.join(root, MANIFEST)) and storage.exists(out_fs, root) \

@@ -41,8 +41,7 @@ def corpus_files(uri: str, endpoint: str | None, field: str = "corpus") -> list[
     folders named ``_*`` are never corpus data; a folder with a builder's staging prefix and no
     manifest is an unfinished build and is refused."""
     fs, root = storage.resolve(uri, endpoint)
-    manifest = read_manifest(uri, endpoint) if storage.exists(fs, root) and \
-        fs.get_file_info(root).type.name == "Directory" else None
+    manifest = _manifest_of(uri, endpoint)
     if manifest is not None:
         files = [storage.join(root, f["name"]) for f in manifest["files"]]
         missing = [f for f in files if not storage.exists(fs, f)]
@@ -71,10 +70,10 @@ def read_rows(uri: str, endpoint: str | None, limit: int | None) -> list[dict]:
     """The evals' rows of a corpus. A built corpus (with its manifest): a seeded sample of ``limit``
     rows (``sample_rows``, seed 0), reading only the row groups that hold them. A corpus made by
     hand: the first ``limit`` rows by id (None: all), which reads it whole."""
-    if limit is not None and _manifest_of(uri, endpoint) is not None:
-        return sample_rows(uri, endpoint, limit, seed=0)
-    rows = _all_rows(uri, endpoint)
-    return rows[:limit]
+    manifest = _manifest_of(uri, endpoint) if limit is not None else None
+    if manifest is not None:
+        return _sample_built(uri, endpoint, manifest, limit, seed=0)
+    return _all_rows(uri, endpoint)[:limit]
 
 
 def sample_rows(uri: str, endpoint: str | None, count: int, seed: int) -> list[dict]:
@@ -86,6 +85,11 @@ def sample_rows(uri: str, endpoint: str | None, count: int, seed: int) -> list[d
         rows = _all_rows(uri, endpoint)
         picked = rows if len(rows) <= count else random.Random(seed).sample(rows, count)
         return sorted(picked, key=lambda r: str(r["id"]))
+    return _sample_built(uri, endpoint, manifest, count, seed)
+
+
+def _sample_built(uri: str, endpoint: str | None, manifest: dict, count: int, seed: int) -> list[dict]:
+    """``sample_rows`` of a corpus with its manifest: only the row groups of the drawn rows are read."""
     fs, root = storage.resolve(uri, endpoint)
     total = manifest["rows"]
     wanted = sorted(random.Random(seed).sample(range(total), min(count, total)))
@@ -108,9 +112,9 @@ def sample_rows(uri: str, endpoint: str | None, count: int, seed: int) -> list[d
 
 
 def _manifest_of(uri: str, endpoint: str | None) -> dict | None:
+    """The manifest when ``uri`` is a folder that has one (a file, or a folder without: None)."""
     fs, root = storage.resolve(uri, endpoint)
-    info = fs.get_file_info(root)
-    return read_manifest(uri, endpoint) if info.type.name == "Directory" else None
+    return read_manifest(uri, endpoint) if fs.get_file_info(root).type.name == "Directory" else None
 
 
 def _all_rows(uri: str, endpoint: str | None) -> list[dict]:
