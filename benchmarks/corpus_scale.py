@@ -11,7 +11,7 @@ tree measured from outside (RSS of the process and all its descendants, sampled 
   * build:    `python -m jobs.make_corpus` (Ray Data, local Ray) -> part files + corpus.json;
   * baseline: a bare pyarrow JSON read + Parquet write of the same files in one process (the floor
               for "read JSONL, write Parquet" on these cores; no layout, no checks);
-  * check:    the precompute's corpus check (pipeline.data.precompute.read_corpus + check_corpus);
+  * check:    the precompute's corpus check and shard plan (precompute.read_corpus + corpus_check.check_corpus);
   * sample:   the evals' row read (pipeline.data.corpus_io.read_rows, 64 rows).
 Goals (issue 28): build throughput >= 0.5x the baseline's; peak at the largest size within 10% of
 the peak at the smallest. Writes benchmarks/results/corpus_scale.json (--output).
@@ -103,14 +103,19 @@ for f in sorted(src.glob('*.jsonl')):
 import sys
 from pipeline.cli import init_ray
 from pipeline.config import PrecomputeConfig
-from pipeline.data.precompute import check_corpus, read_corpus
+from pipeline.data.corpus_check import check_corpus
+from pipeline.data.corpus_io import read_manifest
+from pipeline.data.precompute import read_corpus
 init_ray()
 # the check needs the spec alone: no teacher weights (a real-size config would insist on them)
-config = PrecomputeConfig.model_construct(model='cosyvoice2', model_size='real', corpus=sys.argv[1], shards=sys.argv[2])
+config = PrecomputeConfig.model_construct(model='cosyvoice2', model_size='real', corpus=sys.argv[1], shards=sys.argv[2],
+                                          rows_per_shard=1000, read_num_cpus=0.5)
 ds, files = read_corpus(config)
-good, bad, fingerprint = check_corpus(ds, config.spec(), config)
-assert not bad, bad[:3]
-print('checked', len(good), 'rows in', len(files), 'files')
+check = check_corpus(ds, files, config.spec(), config.rows_per_shard, False, config.read_num_cpus)
+assert not check.bad_count, check.bad[:3]
+# the builder's fingerprint, from its own code path: the two must agree
+assert check.fingerprint == read_manifest(sys.argv[1], None)['fingerprint'], 'fingerprints differ'
+print('checked', check.rows, 'rows in', len(files), 'files;', check.shards, 'shards planned')
 """,
     "sample": """
 import sys
@@ -194,8 +199,8 @@ def main(argv: list[str] | None = None) -> int:
         "peak_growth": {step: round(largest[step]["peak_mb"] / smallest[step]["peak_mb"], 3)
                         for step in ("build", "check", "sample")},
         "goals": {"build_vs_baseline >= 0.5": all(r["build_vs_baseline"] >= 0.5 for r in results),
-                  "build peak at the largest within 10% of the smallest":
-                      largest["build"]["peak_mb"] <= 1.1 * smallest["build"]["peak_mb"]},
+                  **{f"{step} peak at the largest within 10% of the smallest":
+                     largest[step]["peak_mb"] <= 1.1 * smallest[step]["peak_mb"] for step in ("build", "check")}},
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2) + "\n")

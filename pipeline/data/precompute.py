@@ -10,7 +10,6 @@ import hashlib
 import io
 import logging
 import os
-from collections import Counter
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +24,8 @@ from wand.topk import sparse_teacher_targets
 
 from pipeline import resources, storage
 from pipeline.config import PrecomputeConfig
-from pipeline.data.corpus import check_batch, row_hash
+from pipeline.data.corpus_check import (assign_shards, check_corpus, CorpusCheck, FINGERPRINT_KIND,
+                                        legacy_fingerprint, SHOWN_BAD)
 from pipeline.data.corpus_io import corpus_files
 from pipeline.data.shards import build_shard_table, FORMAT, index_type, MANIFEST, shard_metadata, shard_name
 
@@ -49,26 +49,6 @@ def load_teacher(config: PrecomputeConfig, device: torch.device):
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
     return fingerprint(model.state_dict())
-
-
-def assign_shards(batch: pa.Table, mapping) -> pa.Table:
-    """Add the deterministic shard index of each row; drop rows not to compute this run, and every
-    copy of a duplicated id but the one kept (``mapping``: id -> (shard, path, row hash), the path and
-    hash set only for duplicated ids: those rows alone are hashed again; it arrives as an object ref
-    so a large map is stored once)."""
-    import ray
-
-    if isinstance(mapping, ray.ObjectRef):
-        mapping = ray.get(mapping)
-    shards = []
-    for i, row_id in enumerate(batch.column("id").to_pylist()):
-        shard, path, digest = mapping.get(row_id, (-1, None, None))
-        if shard >= 0 and path is not None:  # a duplicated id: only the kept copy goes on
-            row = batch.slice(i, 1).to_pylist()[0]
-            shard = shard if row.get("path") == path and row_hash(row) == digest else -1
-        shards.append(shard)
-    keep = pa.array([s >= 0 for s in shards])
-    return batch.append_column("shard", pa.array(shards, type=pa.int64())).filter(keep)
 
 
 class TeacherTopK:
@@ -167,32 +147,10 @@ def read_corpus(config: PrecomputeConfig):
     return ds, files
 
 
-def check_corpus(ds, spec, config: PrecomputeConfig) -> tuple[list[dict], list[dict], str]:
-    """Return (good rows' id/hash/length, bad rows with reasons, input fingerprint)."""
-    checks = ds.map_batches(check_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow",
-                            num_cpus=config.read_num_cpus).take_all()
-    seen: Counter = Counter(r["id"] for r in checks)
-    kept: dict[str, dict] = {}  # id -> the copy that stays: the first in file order
-    for r in sorted(checks, key=lambda r: r["path"]):  # stable: a file's own rows stay in order
-        if r["reason"] is None:
-            kept.setdefault(r["id"], r)
-    good, bad = [], []
-    for r in checks:
-        reason = r["reason"]
-        if reason is None and kept[r["id"]] is not r:
-            first = kept[r["id"]]
-            same = "same content" if first["row_hash"] == r["row_hash"] else "different content"
-            reason = (f"duplicate id (appears {seen[r['id']]} times; the first, in {first['path']}, is kept; "
-                      f"this copy has the {same})")
-        (bad if reason else good).append({**r, "reason": reason})
-    fingerprint = hashlib.sha256("".join(sorted(r["row_hash"] for r in checks)).encode()).hexdigest()
-    return good, bad, fingerprint
-
-
-def bad_rows_error(bad: list[dict]) -> str:
-    lines = [f"  {r['path']}: id {r['id']!r}: {r['reason']}" for r in bad[:20]]
-    more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
-    return (f"{len(bad)} bad row(s) in the corpus; nothing was written. Fix them, or set "
+def bad_rows_error(check: CorpusCheck) -> str:
+    lines = [f"  {r['path']}: id {r['id']!r}: {r['reason']}" for r in check.bad[:SHOWN_BAD]]
+    more = f"\n  ... and {check.bad_count - SHOWN_BAD} more" if check.bad_count > SHOWN_BAD else ""
+    return (f"{check.bad_count} bad row(s) in the corpus; nothing was written. Fix them, or set "
             "on_bad_rows='quarantine' to write them to errors/ and go on:\n" + "\n".join(lines) + more)
 
 
@@ -202,13 +160,15 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     spec = config.spec()
     fs, root = storage.resolve(config.shards, config.s3_endpoint)
     ds, files = read_corpus(config)
-    good, bad, fingerprint = check_corpus(ds, spec, config)
-    if bad and config.on_bad_rows == "fail":
-        raise ValueError(bad_rows_error(bad))
-    if not good:
+    check = check_corpus(ds, files, spec, config.rows_per_shard, config.on_bad_rows == "quarantine",
+                         config.read_num_cpus)
+    if check.bad_count and config.on_bad_rows == "fail":
+        raise ValueError(bad_rows_error(check))
+    if not check.good:
         raise ValueError(f"input: no valid rows in {config.corpus}")
 
-    run = {"settings": config.resume_key(), "input_fingerprint": fingerprint, "format": FORMAT,
+    run = {"settings": config.resume_key(), "input_fingerprint": check.fingerprint,
+           "input_fingerprint_kind": FINGERPRINT_KIND, "format": FORMAT,
            "teacher_files": teacher_files_fingerprint(config.teacher_source, config.s3_endpoint)}
     run_path = storage.join(root, RUN_FILE)
     if storage.exists(fs, run_path):
@@ -217,6 +177,10 @@ def run_precompute(config: PrecomputeConfig) -> dict:
             log.warning("precompute: %s predates teacher-file fingerprints; recording them now", run_path)
             previous["teacher_files"] = run["teacher_files"]
             storage.write_json(fs, run_path, previous)
+        if "input_fingerprint_kind" not in previous:  # written before the order-independent fingerprint
+            log.info("precompute: %s records the input's fingerprint the earlier way; computing it so", run_path)
+            run.pop("input_fingerprint_kind")
+            run["input_fingerprint"] = legacy_fingerprint(ds, spec, config.read_num_cpus)
         if previous != run:
             raise ValueError(
                 f"output {config.shards} holds shards of another run (settings, input or teacher weights differ: "
@@ -225,17 +189,11 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     else:
         storage.write_json(fs, run_path, run)
 
-    ordered = sorted(r["id"] for r in good)
-    kept = {r["id"]: (r["path"], r["row_hash"]) for r in good}
-    duplicated = {r["id"] for r in bad if r["id"] in kept}  # another copy of the id is the kept one
-    mapping = {row_id: (i // config.rows_per_shard, *(kept[row_id] if row_id in duplicated else (None, None)))
-               for i, row_id in enumerate(ordered)}
-    n_shards = (len(ordered) + config.rows_per_shard - 1) // config.rows_per_shard
+    n_shards = check.shards
     done = {s for s in range(n_shards) if _shard_done(fs, root, s)}
-    pending = {row_id: m for row_id, m in mapping.items() if m[0] not in done}
+    pending = n_shards - len(done)
     if pending:
-        log.info("precompute: %d rows in %d shards, %d done, %d to compute", len(ordered), n_shards, len(done),
-                 n_shards - len(done))
+        log.info("precompute: %d rows in %d shards, %d done, %d to compute", check.good, n_shards, len(done), pending)
     else:
         log.info("precompute: matching shards found in %s (%d shards; settings, input and teacher files "
                  "unchanged); nothing to compute", config.shards, n_shards)
@@ -244,10 +202,10 @@ def run_precompute(config: PrecomputeConfig) -> dict:
 
         # Plain functions run as tasks on pooled workers (no new process per run); only the
         # teacher needs an actor.
-        assigned = ds.map_batches(assign_shards, fn_kwargs={"mapping": ray.put(pending)}, batch_format="pyarrow",
-                                  num_cpus=config.read_num_cpus)
+        assigned = ds.map_batches(assign_shards, fn_kwargs={"plan": ray.put(check.plan(done))},
+                                  batch_format="pyarrow", num_cpus=config.read_num_cpus)
         # One shuffle partition per pending shard (bounded): Ray's default of 200 is for big data.
-        partitions = max(1, min(len({m[0] for m in pending.values()}), 64))
+        partitions = max(1, min(pending, 64))
         request = resources.precompute(config)  # what preflight checked and cluster/ is sized for
         summaries = assigned.groupby("shard", num_partitions=partitions).map_groups(
             TeacherTopK, fn_constructor_args=(config.model_dump_json(), os.environ.get(FAULT_ENV)), batch_format="pyarrow",
@@ -258,8 +216,8 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         if missing:
             raise RuntimeError(f"precompute: shards {sorted(missing)} were not produced")
 
-    if bad:
-        _write_bad_rows(fs, root, bad)
+    if check.bad:
+        _write_bad_rows(fs, root, check.bad)
     sidecars = [storage.read_json(fs, storage.join(root, shard_name(s).replace(".parquet", ".json")))
                 for s in range(n_shards)]
     fingerprints = {s["teacher_fingerprint"] for s in sidecars}
@@ -272,12 +230,12 @@ def run_precompute(config: PrecomputeConfig) -> dict:
                     "fingerprint": fingerprints.pop()},
         "k": config.k, "temperature": config.temperature, "value_dtype": config.value_dtype,
         "index_dtype": str(index_type(len(spec.target_ids()))), "target_vocab_size": len(spec.target_ids()),
-        "input": {"uri": config.corpus, "files": len(files), "fingerprint": fingerprint},
-        "rows": len(ordered), "rows_per_shard": config.rows_per_shard,
+        "input": {"uri": config.corpus, "files": len(files), "fingerprint": run["input_fingerprint"]},
+        "rows": check.good, "rows_per_shard": config.rows_per_shard,
         "generated_tokens": sum(s["generated_tokens"] for s in sidecars),
         "shards": [{k: s[k] for k in ("file", "rows", "sha256", "first_id", "last_id")} for s in sidecars],
-        "bad_rows": {"mode": config.on_bad_rows, "count": len(bad),
-                     "file": "errors/bad_rows.parquet" if bad else None},
+        "bad_rows": {"mode": config.on_bad_rows, "count": check.bad_count,
+                     "file": "errors/bad_rows.parquet" if check.bad else None},
     }
     storage.write_json(fs, storage.join(root, MANIFEST), manifest)
     return manifest
