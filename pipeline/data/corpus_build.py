@@ -31,6 +31,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.data.corpus import check_batch
 from pipeline.data.corpus_builder import build_rows
+from pipeline.data.corpus_inputs import count_newlines, first_lines, input_files, PIECE_BYTES, pieces, records_of
 from pipeline.data.corpus_io import MANIFEST, STAGING, write_manifest
 
 log = logging.getLogger("wand.corpus")
@@ -64,60 +65,6 @@ def combine(fingerprints) -> str:
     return format(sum(int(f, 16) for f in fingerprints) % MODULUS, "064x")
 
 
-def input_files(uri: str, endpoint: str | None) -> list[dict]:
-    """[{path, bytes}] of the .jsonl / .parquet input (a file or a folder), sorted; clear errors."""
-    fs, path = storage.resolve(uri, endpoint)
-    info = fs.get_file_info(path)
-    if info.type.name == "NotFound":
-        raise ValueError(f"--input: no such file or folder: {uri}")
-    if info.type.name == "File":
-        return [{"path": path, "bytes": info.size}]
-    selector = pa.fs.FileSelector(path, recursive=True)
-    found = [{"path": f.path, "bytes": f.size} for f in fs.get_file_info(selector)
-             if f.type.name == "File" and f.path.endswith((".jsonl", ".parquet"))]
-    if not found:
-        raise ValueError(f"--input: no .jsonl or .parquet files at {uri}")
-    return sorted(found, key=lambda f: f["path"])
-
-
-def records_of(fs, path: str) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(origin, record, problem) for each record of one file, streaming: 'file, line N' for JSONL,
-    'file, row N' for Parquet. Lines that are not JSON objects are problems, never a traceback."""
-    if path.endswith(".parquet"):
-        try:
-            parquet = pq.ParquetFile(fs.open_input_file(path))
-            number = 0
-            for batch in parquet.iter_batches(batch_size=CHUNK):
-                for record in batch.to_pylist():
-                    number += 1
-                    yield f"{path}, row {number}", record, None
-        except (OSError, ValueError, pa.ArrowException) as err:
-            yield path, None, f"{path}: not a readable Parquet file ({str(err)[:200]})"
-        return
-    with fs.open_input_stream(path) as raw:
-        text = io.TextIOWrapper(raw, encoding="utf-8")
-        number = 0
-        try:
-            for number, line in enumerate(text, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as err:
-                    yield f"{path}, line {number}", None, f"{path}, line {number}: not JSON ({err.msg}, column {err.colno})"
-                    continue
-                except RecursionError:
-                    yield f"{path}, line {number}", None, f"{path}, line {number}: nested too deeply"
-                    continue
-                if not isinstance(record, dict):
-                    yield (f"{path}, line {number}", None,
-                           f"{path}, line {number}: a JSON {type(record).__name__}, not an object of fields")
-                    continue
-                yield f"{path}, line {number}", record, None
-        except UnicodeDecodeError as err:
-            yield path, None, f"{path}: not UTF-8 text (line {number + 1}, byte {err.start} of the line's chunk)"
-
-
 def _chunks(items: Iterator, size: int) -> Iterator[list]:
     chunk = []
     for item in items:
@@ -134,7 +81,7 @@ def bucket_of(row_id: str, buckets: int) -> int:
 
 
 class FileBuilder:
-    """One input file -> part files and id buckets under the staging prefix, and a small summary.
+    """One input piece (a file, or a part of a large one) -> part files and id buckets under the staging prefix, and a small summary.
     Runs in a Ray Data task (``map``); holds at most one chunk and one part file's writer."""
 
     def __init__(self, spec, source: str, staging: str, endpoint: str | None, rows_per_file: int, buckets: int,
@@ -143,7 +90,8 @@ class FileBuilder:
         self.rows_per_file, self.buckets, self.max_problems = rows_per_file, buckets, max_problems
         self.tokenizer_path = tokenizer_path
 
-    def __call__(self, item: dict) -> dict:
+    def __call__(self, row: dict) -> dict:
+        item = json.loads(row["piece"])
         tokenizer = None
         if self.tokenizer_path:
             from transformers import AutoTokenizer
@@ -156,7 +104,7 @@ class FileBuilder:
         parts, records, rows, total = [], 0, 0, 0
         ids: dict[int, list[tuple[str, str]]] = {}
         writer, sink, part_rows, part_name = None, None, 0, None
-        for chunk in _chunks(records_of(fs, item["path"]), CHUNK):
+        for chunk in _chunks(records_of(fs, item), CHUNK):
             for origin, _, problem in chunk:
                 if problem:
                     add_problem(problems, "read", problem, self.max_problems)
@@ -219,6 +167,22 @@ def _ids_table(entries: list[tuple[str, str]]) -> bytes:
     return buffer.getvalue()
 
 
+def _rows(items: list[dict]) -> list[dict]:
+    """Pieces as Ray Data rows: their fields differ by kind, so each travels as one JSON string."""
+    return [{"index": p["index"], "piece": json.dumps(p)} for p in items]
+
+
+class NewlineCounter:
+    """A JSONL byte range -> its newline count (``corpus_inputs.count_newlines``), in a task."""
+
+    def __init__(self, source: str, endpoint: str | None):
+        self.source, self.endpoint = source, endpoint
+
+    def __call__(self, row: dict) -> dict:
+        piece = json.loads(row["piece"])
+        return {"index": piece["index"], "newlines": count_newlines(storage.resolve(self.source, self.endpoint)[0], piece)}
+
+
 class DuplicateFinder:
     """One id bucket (every task's ids that hash there) -> duplicate-id problems (bounded)."""
 
@@ -247,7 +211,7 @@ class DuplicateFinder:
 # ----------------------------------------------------------------------------- driver side
 def build_corpus(spec, source: str, output: str, endpoint: str | None = None, rows_per_file: int = 100_000,
                  max_problems: int = 50, tokenizer_path: str | None = None, num_cpus: float = 1.0,
-                 settings: dict | None = None) -> dict:
+                 settings: dict | None = None, piece_bytes: int = PIECE_BYTES) -> dict:
     """Build ``output`` from the records at ``source`` (Ray must be up); return the manifest.
     Raises CorpusProblems (nothing published) when any record is bad."""
     import os
@@ -267,22 +231,29 @@ def build_corpus(spec, source: str, output: str, endpoint: str | None = None, ro
             storage.exists(out_fs, root) and any(i.path.endswith(".parquet") for i in storage.list_dir(out_fs, root))):
         raise ValueError(f"--output {output}: already holds a corpus; write to a new folder")
     staging = storage.join(output, STAGING, uuid.uuid4().hex[:12])
-    total_bytes = sum(f["bytes"] for f in files)
-    buckets = max(1, min(256, -(-total_bytes // BUCKET_BYTES)))
-    items = [{"index": i, "path": f["path"], "bytes": f["bytes"]} for i, f in enumerate(files)]
+    buckets = max(1, min(256, -(-sum(f["bytes"] for f in files) // BUCKET_BYTES)))
+    items = pieces(storage.resolve(source, endpoint)[0], files, piece_bytes)
+    numbered = [p for p in items if p.get("end") is not None]  # byte ranges with more of their file after them
+    if numbered:  # line numbers as the whole file counts them: one read of the bytes before each piece
+        counter = NewlineCounter(source, endpoint)
+        counts = {c["index"]: c["newlines"] for c in ray.data.from_items(_rows(numbered)).map(
+            counter, num_cpus=num_cpus).iter_rows()}
+        starts = first_lines([p for p in items if "start" in p], counts)
+        items = [{**p, "first_line": starts[p["index"]]} if p["index"] in starts else p for p in items]
+    total_bytes = sum(p["bytes"] for p in items)  # the progress line's unit (a Parquet piece: its row groups' bytes)
     started, done_bytes, records = time.monotonic(), 0, 0
     summaries: list[dict] = []
     problems: dict = {}
     try:
         builder = FileBuilder(spec, source, staging, endpoint, rows_per_file, buckets, max_problems, tokenizer_path)
-        for summary in ray.data.from_items(items).map(builder, num_cpus=num_cpus).iter_rows():
+        for summary in ray.data.from_items(_rows(items)).map(builder, num_cpus=num_cpus).iter_rows():
             summaries.append({**summary, "problems": None})  # the problems are merged (bounded) right here
             merge_problems(problems, json.loads(summary["problems"]), max_problems)
             done_bytes, records = done_bytes + summary["bytes"], records + summary["records"]
             elapsed = time.monotonic() - started
             eta = elapsed * (total_bytes - done_bytes) / done_bytes if done_bytes else float("nan")
-            log.info("corpus: %d/%d input files, %d records (%.0f records/s), ETA %.0f s", len(summaries), len(items),
-                     records, records / max(elapsed, 1e-9), eta)
+            log.info("corpus: %d/%d pieces of %d input file(s), %d records (%.0f records/s), ETA %.0f s",
+                     len(summaries), len(items), len(files), records, records / max(elapsed, 1e-9), eta)
         if not problems:
             finder = DuplicateFinder(staging, endpoint, max_problems)
             for found in ray.data.from_items([{"bucket": b} for b in range(buckets)]).map(
@@ -329,7 +300,7 @@ def publish(summaries: list[dict], staging: str, output: str, endpoint: str | No
     manifest = {"format": "wand-corpus/1", "rows": sum(f["rows"] for f in files), "files": files,
                 "fingerprint": combine(s["fingerprint"] for s in summaries),
                 "model": spec.name, "size": spec.size, "stop_id": spec.stop_token_ids[0],
-                "inputs": {"files": len(summaries), "records": sum(s["records"] for s in summaries)},
+                "inputs": {"files": len({s["path"] for s in summaries}), "pieces": len(summaries), "records": sum(s["records"] for s in summaries)},
                 "builder": settings}
     write_manifest(manifest, output, endpoint)
     return manifest

@@ -137,3 +137,49 @@ def test_sampling_reads_only_the_files_holding_the_drawn_rows(ray_local, tmp_pat
     for f in unused:  # a file the sample does not need is never opened
         (tmp_path / "out" / f["name"]).write_bytes(b"not parquet")
     assert sample_rows(str(tmp_path / "out"), None, 5, seed=7) == expected
+
+
+def test_large_files_are_cut_into_pieces_read_in_parallel_with_the_whole_file_line_numbers(ray_local, tmp_path):
+    """A JSONL file cut into byte ranges (cuts inside lines, on line starts, blank lines and a bad
+    line near a cut) and a Parquet file cut by row groups build the same corpus as whole files, and
+    problems name the line the whole file has."""
+    from pipeline.data.corpus_inputs import input_files, pieces
+
+    data = records(200)
+    lines = [json.dumps(r) for r in data]
+    lines[101] = "[1, 2]"  # a problem past the first cut
+    (tmp_path / "one").mkdir()
+    text = "\n".join(lines[:50]) + "\n\n" + "\n".join(lines[50:]) + "\n"  # a blank line 51
+    (tmp_path / "one" / "big.jsonl").write_text(text)
+    size = len(text.encode())
+    cut = len(("\n".join(lines[:50]) + "\n\n").encode())  # a cut exactly on a line start
+    files = input_files(str(tmp_path / "one"), None)
+    assert [(p.get("start"), p.get("end")) for p in pieces(None, files, piece_bytes=cut)][:2] == [(0, cut), (cut, 2 * cut)]
+    with pytest.raises(CorpusProblems) as err:
+        build_corpus(SPEC, str(tmp_path / "one"), str(tmp_path / "out"), piece_bytes=997)
+    assert str(err.value).splitlines()[1].endswith("big.jsonl, line 103: a JSON list, not an object of fields")
+    good = "\n".join(json.dumps(r) for r in data[:50]) + "\n\n" + "\n".join(json.dumps(r) for r in data[50:]) + "\n"
+    (tmp_path / "one" / "big.jsonl").write_text(good)
+    for piece_bytes in (997, cut, size // 3):
+        out = tmp_path / f"out-{piece_bytes}"
+        manifest = build_corpus(SPEC, str(tmp_path / "one"), str(out), rows_per_file=64, piece_bytes=piece_bytes)
+        assert manifest["inputs"]["pieces"] > 1 and manifest["inputs"]["files"] == 1
+        assert {r["id"]: r for r in read_corpus(out)} == {r["id"]: build_row(SPEC, r) for r in data}
+        assert manifest["rows"] == 200
+    # A duplicate id across pieces of one file names both lines as the whole file numbers them.
+    dup = data + [data[10]]
+    (tmp_path / "dup").mkdir()
+    (tmp_path / "dup" / "d.jsonl").write_text("\n".join(json.dumps(r) for r in dup) + "\n")
+    with pytest.raises(CorpusProblems, match=r"d.jsonl, line 201: record 'u00010': duplicate id \(first at .*d.jsonl, line 11\)"):
+        build_corpus(SPEC, str(tmp_path / "dup"), str(tmp_path / "out-dup"), piece_bytes=1500)
+    # Parquet by row groups: rows numbered as the whole file.
+    (tmp_path / "pq").mkdir()
+    bad = [dict(r) for r in data]
+    bad[150]["target_codes"] = [999]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "pq" / "big.parquet", row_group_size=40)
+    with pytest.raises(CorpusProblems, match=r"big.parquet, row 151: record 'u00150': target_codes holds 999"):
+        build_corpus(SPEC, str(tmp_path / "pq"), str(tmp_path / "out-pq"), piece_bytes=1000)
+    pq.write_table(pa.Table.from_pylist(data), tmp_path / "pq" / "big.parquet", row_group_size=40)
+    manifest = build_corpus(SPEC, str(tmp_path / "pq"), str(tmp_path / "out-pq"), piece_bytes=1000)
+    assert manifest["inputs"]["pieces"] > 1 and manifest["rows"] == 200
+    assert {r["id"]: r for r in read_corpus(tmp_path / "out-pq")} == {r["id"]: build_row(SPEC, r) for r in data}
