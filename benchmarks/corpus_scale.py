@@ -110,8 +110,8 @@ init_ray()
 # the check needs the spec alone: no teacher weights (a real-size config would insist on them)
 config = PrecomputeConfig.model_construct(model='cosyvoice2', model_size='real', corpus=sys.argv[1], shards=sys.argv[2],
                                           rows_per_shard=1000, read_num_cpus=0.5)
-ds, files = read_corpus(config)
-check = check_corpus(ds, files, config.spec(), config.rows_per_shard, False, config.read_num_cpus)
+_, files = read_corpus(config)  # the file list, as the precompute takes it
+check = check_corpus(files, config.corpus, None, config.spec(), config.rows_per_shard, False, config.read_num_cpus)
 assert not check.bad_count, check.bad[:3]
 # the builder's fingerprint, from its own code path: the two must agree
 assert check.fingerprint == read_manifest(sys.argv[1], None)['fingerprint'], 'fingerprints differ'

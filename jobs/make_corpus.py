@@ -10,7 +10,7 @@ Input: JSONL or Parquet files (a file or a folder, local or s3://), one record p
 text_ids (or text with --tokenizer), prompt_codes (optional), target_codes, and per family
 global_codes (Spark) or conditioning_latents (IndexTTS). See pipeline/data/corpus_builder.py and
 docs/bring-your-own.md for each family's fields. Runs as Ray Data work (pipeline/data/corpus_build.py:
-one task per input file, streaming; on the cluster it was submitted to, else a local Ray): output
+one task per input file or 128 MiB piece of one, streaming; on the cluster it was submitted to, else a local Ray): output
 <output>/part-*.parquet (at most --rows-per-file rows each, rows ending in the model's stop id) and,
 written last, <output>/corpus.json (rows, files, fingerprint). Every record is checked (the layout,
 the codec's code range, the precompute's row checks, ids unique across files); if any is bad, the

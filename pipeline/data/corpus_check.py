@@ -22,11 +22,15 @@ import hashlib
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
 
+from pipeline import storage
 from pipeline.data.corpus import check_batch, row_hash
 
 log = logging.getLogger("wand.precompute")
@@ -34,6 +38,7 @@ log = logging.getLogger("wand.precompute")
 MODULUS = 1 << 256
 SHOWN_BAD = 20       # bad rows named in a fail-mode error
 STREAM_BATCH = 65_536
+CHECK_BATCH = 4096   # rows a check task turns into Python objects at once (a whole block could be 100k)
 RECORD_SCHEMA = pa.schema([("id", pa.string()), ("file", pa.int32()), ("hash", pa.binary(32)),
                           ("reason", pa.string())])
 # `_run.json` files written before this module recorded the fingerprint as the SHA-256 of the rows'
@@ -41,18 +46,45 @@ RECORD_SCHEMA = pa.schema([("id", pa.string()), ("file", pa.int32()), ("hash", p
 FINGERPRINT_KIND = "sum-of-row-sha256/1"
 
 
-def check_records(batch: pa.Table, spec, files: dict[str, int]) -> pa.Table:
-    """Ray Data map_batches function: the row checks, then one small record per row (``files``: the
-    read's path -> its number in the sorted file list)."""
+def check_records(batch: pa.Table, spec, number: int) -> pa.Table:
+    """The row checks of one batch of file ``number``, then one small record per row."""
     checks = check_batch(batch, spec)
-    paths = checks.column("path").to_pylist()
-    unknown = sorted({p for p in paths if p not in files})
-    if unknown:
-        raise RuntimeError(f"precompute: rows from {unknown[:3]}, a file the corpus listing did not name")
-    return pa.table({"id": checks.column("id"), "file": pa.array([files[p] for p in paths], pa.int32()),
+    return pa.table({"id": checks.column("id"), "file": pa.array([number] * batch.num_rows, pa.int32()),
                      "hash": pa.array([bytes.fromhex(h) for h in checks.column("row_hash").to_pylist()],
                                       pa.binary(32)),
                      "reason": checks.column("reason")}, schema=RECORD_SCHEMA)
+
+
+def file_batches(fs, path: str, rows: int) -> Iterator[pa.Table]:
+    """A corpus file in batches of at most ``rows`` rows: Parquet streamed by record batches; JSONL
+    read whole (as Ray Data's read_json does: one schema for the file) and sliced."""
+    if path.endswith(".parquet"):
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=rows):
+            yield pa.Table.from_batches([batch])
+        return
+    with fs.open_input_stream(path) as stream:
+        table = pajson.read_json(stream)
+    for start in range(0, table.num_rows, rows):
+        yield table.slice(start, rows)
+
+
+def check_files(items: pa.Table, source: str, endpoint: str | None, spec) -> Iterator[pa.Table]:
+    """Ray Data map_batches function: corpus files (``file``: number, ``path``) -> the records of
+    their rows, ``CHECK_BATCH`` rows at a time (the task never holds a whole Parquet file)."""
+    fs, _ = storage.resolve(source, endpoint)
+    for number, path in zip(items.column("file").to_pylist(), items.column("path").to_pylist()):
+        for batch in file_batches(fs, path, CHECK_BATCH):
+            yield check_records(batch.append_column("path", pa.array([path] * batch.num_rows, pa.string())),
+                                spec, number)
+
+
+def file_records(files: list[str], source: str, endpoint: str | None, spec, num_cpus: float):
+    """The Dataset of every row's record: one task per corpus file, streaming."""
+    import ray.data
+
+    items = ray.data.from_items([{"file": i, "path": p} for i, p in enumerate(files)], override_num_blocks=len(files))
+    return items.map_batches(check_files, fn_kwargs={"source": source, "endpoint": endpoint, "spec": spec},
+                             batch_size=1, batch_format="pyarrow", num_cpus=num_cpus)
 
 
 @dataclass
@@ -69,16 +101,15 @@ class CorpusCheck:
     def shards(self) -> int:
         return len(self.boundaries)
 
-    def plan(self, done: set[int]) -> dict:
-        """What ``assign_shards`` needs (small: one id per shard and the ids with bad copies)."""
-        return {"boundaries": self.boundaries, "special": self.special, "done": sorted(done)}
+    def plan(self, done: set[int], files: list[str]) -> dict:
+        """What ``assign_shards`` needs (small: one id per shard, the ids with bad copies, the files)."""
+        return {"boundaries": self.boundaries, "special": self.special, "done": sorted(done), "files": files}
 
 
-def check_corpus(ds, files: list[str], spec, rows_per_shard: int, keep_all_bad: bool, num_cpus: float) -> CorpusCheck:
-    """Check every row of ``ds`` (read with ``include_paths``) and plan the shards; see the module doc."""
-    numbers = {path: i for i, path in enumerate(files)}
-    records = ds.map_batches(check_records, fn_kwargs={"spec": spec, "files": numbers}, batch_format="pyarrow",
-                             num_cpus=num_cpus)
+def check_corpus(files: list[str], source: str, endpoint: str | None, spec, rows_per_shard: int, keep_all_bad: bool,
+                 num_cpus: float) -> CorpusCheck:
+    """Check every row of the corpus ``files`` (under ``source``) and plan the shards; see the module doc."""
+    records = file_records(files, source, endpoint, spec, num_cpus)
     result = CorpusCheck()
     total, started, last_log = 0, time.monotonic(), time.monotonic()
     run_id, run = None, []  # the copies of the id being read: (file, hash, reason)
@@ -138,6 +169,11 @@ def assign_shards(batch: pa.Table, plan) -> pa.Table:
 
     if isinstance(plan, ray.ObjectRef):
         plan = ray.get(plan)
+    if "path" in batch.column_names:  # the kept copies are named by the paths the check read
+        outside = pc.invert(pc.is_in(batch.column("path"), pa.array(plan["files"], pa.string())))
+        if pc.any(outside).as_py():
+            raise RuntimeError(f"precompute: rows from {batch.filter(outside).column('path')[0]}, a file the "
+                               "corpus check did not read")
     ids = batch.column("id")
     boundaries = np.asarray(plan["boundaries"], dtype=str)
     present = pc.fill_null(pc.invert(pc.is_null(ids)), False).to_numpy(zero_copy_only=False)
@@ -157,12 +193,11 @@ def assign_shards(batch: pa.Table, plan) -> pa.Table:
     return batch.append_column("shard", pa.array(shards, pa.int64())).filter(pa.array(keep))
 
 
-def legacy_fingerprint(ds, spec, num_cpus: float) -> str:
+def legacy_fingerprint(files: list[str], source: str, endpoint: str | None, spec, num_cpus: float) -> str:
     """The input fingerprint as `_run.json` files recorded it before ``FINGERPRINT_KIND``: SHA-256 of
     the rows' sorted hex hashes, streamed from a cluster-side sort (only to resume such a run)."""
-    hashes = ds.map_batches(check_batch, fn_kwargs={"spec": spec}, batch_format="pyarrow",
-                            num_cpus=num_cpus).select_columns(["row_hash"])
+    hashes = file_records(files, source, endpoint, spec, num_cpus).select_columns(["hash"])
     digest = hashlib.sha256()
-    for batch in hashes.sort("row_hash").iter_batches(batch_size=STREAM_BATCH, batch_format="pyarrow"):
-        digest.update("".join(batch.column("row_hash").to_pylist()).encode())
+    for batch in hashes.sort("hash").iter_batches(batch_size=STREAM_BATCH, batch_format="pyarrow"):
+        digest.update("".join(h.hex() for h in batch.column("hash").to_pylist()).encode())
     return digest.hexdigest()

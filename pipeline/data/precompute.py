@@ -160,8 +160,8 @@ def run_precompute(config: PrecomputeConfig) -> dict:
     spec = config.spec()
     fs, root = storage.resolve(config.shards, config.s3_endpoint)
     ds, files = read_corpus(config)
-    check = check_corpus(ds, files, spec, config.rows_per_shard, config.on_bad_rows == "quarantine",
-                         config.read_num_cpus)
+    check = check_corpus(files, config.corpus, config.s3_endpoint, spec, config.rows_per_shard,
+                         config.on_bad_rows == "quarantine", config.read_num_cpus)
     if check.bad_count and config.on_bad_rows == "fail":
         raise ValueError(bad_rows_error(check))
     if not check.good:
@@ -180,7 +180,8 @@ def run_precompute(config: PrecomputeConfig) -> dict:
         if "input_fingerprint_kind" not in previous:  # written before the order-independent fingerprint
             log.info("precompute: %s records the input's fingerprint the earlier way; computing it so", run_path)
             run.pop("input_fingerprint_kind")
-            run["input_fingerprint"] = legacy_fingerprint(ds, spec, config.read_num_cpus)
+            run["input_fingerprint"] = legacy_fingerprint(files, config.corpus, config.s3_endpoint, spec,
+                                                          config.read_num_cpus)
         if previous != run:
             raise ValueError(
                 f"output {config.shards} holds shards of another run (settings, input or teacher weights differ: "
@@ -202,7 +203,7 @@ def run_precompute(config: PrecomputeConfig) -> dict:
 
         # Plain functions run as tasks on pooled workers (no new process per run); only the
         # teacher needs an actor.
-        assigned = ds.map_batches(assign_shards, fn_kwargs={"plan": ray.put(check.plan(done))},
+        assigned = ds.map_batches(assign_shards, fn_kwargs={"plan": ray.put(check.plan(done, files))},
                                   batch_format="pyarrow", num_cpus=config.read_num_cpus)
         # One shuffle partition per pending shard (bounded): Ray's default of 200 is for big data.
         partitions = max(1, min(pending, 64))

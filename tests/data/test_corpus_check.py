@@ -74,7 +74,7 @@ def test_check_and_plan_match_a_direct_computation(ray_local, tmp_path, monkeypa
     config = PrecomputeConfig(model="cosyvoice2", model_size="tiny", corpus=str(tmp_path / "in"), shards="unused")
     ds, files = read_corpus(config)
     expected = direct(parts, files, rows_per_shard=7)
-    check = check_corpus(ds, files, SPEC, 7, keep_all_bad=True, num_cpus=0.5)
+    check = check_corpus(files, config.corpus, None, SPEC, 7, keep_all_bad=True, num_cpus=0.5)
 
     assert check.fingerprint == expected["fingerprint"] and check.rows == sum(map(len, parts))
     assert sorted((b["id"], b["path"]) for b in check.bad) == expected["bad"]
@@ -87,30 +87,30 @@ def test_check_and_plan_match_a_direct_computation(ray_local, tmp_path, monkeypa
     assert check.special["only-bad"] is None
 
     # The rows assign_shards lets through: the kept copies, each in its planned shard.
-    assigned = ds.map_batches(assign_shards, fn_kwargs={"plan": check.plan(set())}, batch_format="pyarrow").take_all()
+    assigned = ds.map_batches(assign_shards, fn_kwargs={"plan": check.plan(set(), files)}, batch_format="pyarrow").take_all()
     got = sorted((r["id"], r["path"], row_hash(r), r["shard"]) for r in assigned)
     want = sorted((row_id, *expected["kept"][row_id], s) for s, shard in enumerate(expected["shards"]) for row_id in shard)
     # (An identical copy in the kept copy's own file passes too: TeacherTopK stores an id once.)
     assert sorted(set(got)) == want and len(got) == len(want) + 1
     # Finished shards are left out.
-    again = ds.map_batches(assign_shards, fn_kwargs={"plan": check.plan({0, 2})}, batch_format="pyarrow").take_all()
+    again = ds.map_batches(assign_shards, fn_kwargs={"plan": check.plan({0, 2}, files)}, batch_format="pyarrow").take_all()
     assert sorted({r["id"] for r in again}) == sorted(i for s, shard in enumerate(expected["shards"]) if s not in (0, 2)
                                                     for i in shard)
 
     # Fail mode keeps the first SHOWN_BAD bad rows and counts the rest.
     monkeypatch.setattr(corpus_check, "SHOWN_BAD", 2)
-    bounded = check_corpus(ds, files, SPEC, 7, keep_all_bad=False, num_cpus=0.5)
+    bounded = check_corpus(files, config.corpus, None, SPEC, 7, keep_all_bad=False, num_cpus=0.5)
     assert len(bounded.bad) == 2 and bounded.bad_count == check.bad_count
 
     # The same rows in other files and another order: the same fingerprint.
     everything = [r for part in parts for r in part][::-1]
     write(tmp_path / "resharded", [everything[:5], everything[5:]])
-    ds2, files2 = read_corpus(config.model_copy(update={"corpus": str(tmp_path / "resharded")}))
-    assert check_corpus(ds2, files2, SPEC, 7, True, 0.5).fingerprint == check.fingerprint
+    _, files2 = read_corpus(config.model_copy(update={"corpus": str(tmp_path / "resharded")}))
+    assert check_corpus(files2, str(tmp_path / "resharded"), None, SPEC, 7, True, 0.5).fingerprint == check.fingerprint
 
     # The legacy fingerprint (resuming an older run): SHA-256 of the sorted hex hashes.
     hashes = sorted(row_hash(r) for part in parts for r in part)
-    assert legacy_fingerprint(ds, SPEC, 0.5) == hashlib.sha256("".join(hashes).encode()).hexdigest()
+    assert legacy_fingerprint(files, config.corpus, None, SPEC, 0.5) == hashlib.sha256("".join(hashes).encode()).hexdigest()
 
 
 def test_a_built_corpus_has_the_precompute_fingerprint_and_an_older_run_resumes(ray_local, tmp_path):
