@@ -1,7 +1,7 @@
-"""The precompute's corpus check at scale: every row is checked where it is read (Ray Data tasks),
-reduced to a small record (id, file number, content hash, reason), and the records are sorted by id
-on the cluster. The driver then streams the sorted records once, holding one batch at a time, and
-derives from them:
+"""The precompute's corpus check at scale: one Ray Data task per corpus file reads it in batches,
+checks every row and reduces it to a small record (id, file number, content hash, reason); the
+records are sorted by id on the cluster. The driver then streams the sorted records once, holding
+one batch at a time, and derives from them:
 
 * the input fingerprint: the sum of the rows' content hashes modulo 2^256, the same combination as
   the corpus builder's (``corpus.json``), so re-sharding the same rows gives the same value;
@@ -27,11 +27,9 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.json as pajson
-import pyarrow.parquet as pq
-
 from pipeline import storage
 from pipeline.data.corpus import check_batch, row_hash
+from pipeline.data.corpus_io import file_batches
 
 log = logging.getLogger("wand.precompute")
 
@@ -53,19 +51,6 @@ def check_records(batch: pa.Table, spec, number: int) -> pa.Table:
                      "hash": pa.array([bytes.fromhex(h) for h in checks.column("row_hash").to_pylist()],
                                       pa.binary(32)),
                      "reason": checks.column("reason")}, schema=RECORD_SCHEMA)
-
-
-def file_batches(fs, path: str, rows: int) -> Iterator[pa.Table]:
-    """A corpus file in batches of at most ``rows`` rows: Parquet streamed by record batches; JSONL
-    read whole (as Ray Data's read_json does: one schema for the file) and sliced."""
-    if path.endswith(".parquet"):
-        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=rows):
-            yield pa.Table.from_batches([batch])
-        return
-    with fs.open_input_stream(path) as stream:
-        table = pajson.read_json(stream)
-    for start in range(0, table.num_rows, rows):
-        yield table.slice(start, rows)
 
 
 def check_files(items: pa.Table, source: str, endpoint: str | None, spec) -> Iterator[pa.Table]:

@@ -1,8 +1,9 @@
 """Corpus files in and out, one way for every job and benchmark: ``write_corpus`` (one Parquet file,
 written whole or not at all, local or s3://), the corpus manifest (``corpus.json``, written last by
 the builder, ``pipeline.data.corpus_build``), ``corpus_files`` (the files a reader may trust) and
-``read_rows`` (the evals' held-out rows, by id). The precompute reads the files of ``corpus_files``
-with Ray Data (``pipeline.data.precompute``), as many files in parallel.
+``read_rows`` (the evals' held-out rows, by id), ``file_batches`` (one file in bounded batches: the
+precompute's check). The precompute reads the files of ``corpus_files`` with Ray Data
+(``pipeline.data.precompute``), as many files in parallel.
 """
 
 from __future__ import annotations
@@ -11,12 +12,15 @@ import io
 import json
 import random
 
+from typing import Iterator
+
 import pyarrow as pa
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 
 from pipeline import storage
 
-__all__ = ["corpus_files", "read_manifest", "read_rows", "sample_rows", "write_corpus", "write_manifest", "CORPUS_FILE", "MANIFEST"]
+__all__ = ["corpus_files", "file_batches", "read_manifest", "read_rows", "sample_rows", "write_corpus", "write_manifest", "CORPUS_FILE", "MANIFEST"]
 
 CORPUS_FILE = "corpus.parquet"
 MANIFEST = "corpus.json"
@@ -109,6 +113,19 @@ def _sample_built(uri: str, endpoint: str | None, manifest: dict, count: int, se
                 rows.extend(parquet.read_row_group(group).take(inside).to_pylist())
             group_start += size
     return sorted(rows, key=lambda r: str(r["id"]))
+
+
+def file_batches(fs, path: str, rows: int) -> Iterator[pa.Table]:
+    """A corpus file in batches (the precompute's check) of at most ``rows`` rows: Parquet streamed by record batches; JSONL
+    read whole (as Ray Data's read_json does: one schema for the file) and sliced."""
+    if path.endswith(".parquet"):
+        for batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(batch_size=rows):
+            yield pa.Table.from_batches([batch])
+        return
+    with fs.open_input_stream(path) as stream:
+        table = pajson.read_json(stream)
+    for start in range(0, table.num_rows, rows):
+        yield table.slice(start, rows)
 
 
 def _manifest_of(uri: str, endpoint: str | None) -> dict | None:
