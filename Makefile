@@ -70,8 +70,9 @@ screenshots: install browser
 docs: install
 	$(VENV)/bin/mkdocs build --strict
 
+# --durations: the 25 slowest tests at the end, to see where the suite's time goes.
 test: install browser
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=25
 
 # The MLflow UI test (tests/test_mlflow_ui.py) drives headless Chromium: Debian's chromium and
 # chromium-driver packages (no browser download at run time). Installed here when missing (CI runs as

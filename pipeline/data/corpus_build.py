@@ -1,7 +1,7 @@
-"""The corpus builder at scale, as Ray Data work: each input file (JSONL or Parquet, local or s3://)
-is read, laid out and checked by a task where the data is, streaming in chunks, and written as
-Parquet part files of at most ``rows_per_file`` rows to a staging prefix; the driver only ever holds
-one small summary per input file. All or nothing: problems (bad records, unreadable lines, duplicate
+"""The corpus builder at scale, as Ray Data work: each input piece (a JSONL or Parquet file, local or
+s3://, or a part of a large one: ``corpus_inputs``) is read, laid out and checked by a task where the
+data is, streaming in chunks, and written as Parquet part files of at most ``rows_per_file`` rows to
+a staging prefix; the driver only ever holds one small summary per piece. All or nothing: problems (bad records, unreadable lines, duplicate
 ids across files) are collected across the cluster, bounded (the first ``max_problems`` per kind,
 with their file and line, and a count of the rest), and unless there are none the staging prefix is
 removed and nothing is published. Otherwise the parts move into the output folder and the corpus
@@ -81,8 +81,9 @@ def bucket_of(row_id: str, buckets: int) -> int:
 
 
 class FileBuilder:
-    """One input piece (a file, or a part of a large one) -> part files and id buckets under the staging prefix, and a small summary.
-    Runs in a Ray Data task (``map``); holds at most one chunk and one part file's writer."""
+    """One input piece (a file, or a part of a large one) -> part files and id buckets under the
+    staging prefix, and a small summary. Runs in a Ray Data task (``map``); holds at most one chunk
+    and one part file's writer."""
 
     def __init__(self, spec, source: str, staging: str, endpoint: str | None, rows_per_file: int, buckets: int,
                  max_problems: int, tokenizer_path: str | None = None):

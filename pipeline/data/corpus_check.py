@@ -27,6 +27,7 @@ from typing import Iterator
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+
 from pipeline import storage
 from pipeline.data.corpus import check_batch, row_hash
 from pipeline.data.corpus_io import file_batches
@@ -59,6 +60,8 @@ def check_files(items: pa.Table, source: str, endpoint: str | None, spec) -> Ite
     fs, _ = storage.resolve(source, endpoint)
     for number, path in zip(items.column("file").to_pylist(), items.column("path").to_pylist()):
         for batch in file_batches(fs, path, CHECK_BATCH):
+            if "path" in batch.column_names:  # a corpus column of that name: the file's path is what counts here
+                batch = batch.drop_columns(["path"])
             yield check_records(batch.append_column("path", pa.array([path] * batch.num_rows, pa.string())),
                                 spec, number)
 
