@@ -206,16 +206,20 @@ def test_autoscaler_v2_runs_each_stage_on_its_node_type_and_replaces_a_lost_work
             # 2. Idle nodes go: zero workers between the stages.
             watch.wait_workers(0, 120)
 
-            # 3. Training + evals, as one more job; kill the training node once the stage checkpointed.
+            # 3. Training + evals, as one more job; kill the training node once the stage has a whole
+            # checkpoint: two checkpoint folders with a state.json (the first is then complete; killed
+            # while the only one was still uploading, the stage rightly restarts from step 0, which this
+            # test is not about). 12 epochs: many steps left after that, so the kill lands mid-stage.
             job = subprocess.Popen([f"{VENV_BIN}/ray", "job", "submit", "--address", head.dashboard_url,
                                     "--working-dir", ".", "--", "python", "-m", "jobs.distill", *common,
-                                    "--set", "curriculum.stages=1", "--set", "curriculum.epochs=6.0",
+                                    "--set", "curriculum.stages=1", "--set", "curriculum.epochs=12.0",
                                     "--set", "train.checkpoint_every=2", "--set", "storage=s3://autoscale/runs",
                                     "--set", "evaluate.corpus=s3://autoscale/corpus/heldout", "--set", "evaluate.rows=2"],
                                    cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                    env={**os.environ, **head.client_env()})
             deadline = time.monotonic() + 600
-            while not any(k.endswith("/state.json") for k in s3_keys(s3, "runs/tiny-sparktts-stage1/")):
+            while len({k.rsplit("/", 1)[0] for k in s3_keys(s3, "runs/tiny-sparktts-stage1/")
+                       if k.endswith("/state.json")}) < 2:
                 assert job.poll() is None and time.monotonic() < deadline, job.communicate()[0][-5000:]
                 time.sleep(0.5)
             trained_on = {n for n in watch.alive if watch.types[n] in TRAIN_TYPES}
