@@ -144,3 +144,19 @@ def wand_speech(spec, model, window: int, prompt: dict, steps: int) -> list[int]
                            prefill_kwargs=extra)[0, ids.shape[1]:].tolist()
     stop = next((i for i, t in enumerate(tokens) if t in spec.stop_token_ids), len(tokens))
     return tokens[:stop]
+
+
+def spark_tokenizer(semantic: int = 256, global_: int = 32):
+    """A small real tokenizer holding every SparkTTS special, control, style and BiCodec token, numbered
+    differently from the tiny preset, so ids read through ``spec.with_tokenizer`` must come from it."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+
+    from wand.models.sparktts import CONTROL_TOKENS, SPECIAL_TOKENS, STYLE_TOKENS
+
+    names = ["<unk>"] + [f"t{i}" for i in range(40)] + list(reversed(SPECIAL_TOKENS)) + list(CONTROL_TOKENS)
+    names += [pattern.format(i) for pattern, count in STYLE_TOKENS.values() for i in range(count)]
+    names += [f"<|bicodec_global_{i}|>" for i in range(global_)] + [f"<|bicodec_semantic_{i}|>" for i in range(semantic)]
+    vocab = {name: i for i, name in enumerate(names)}
+    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>")

@@ -103,7 +103,8 @@ def row_hash(row: dict) -> str:
     """Content hash of one row (id, tokens, prefix, latents): the input fingerprint is built from these."""
     digest = hashlib.sha256()
     digest.update(str(row.get("id")).encode())
-    digest.update(np.asarray(row.get("input_ids") or [], dtype=np.int64).tobytes())
+    ids = row.get("input_ids")
+    digest.update(np.asarray([] if ids is None else ids, dtype=np.int64).tobytes())
     digest.update(str(row.get("prefix_length")).encode())
     if row.get("conditioning_latents") is not None:
         digest.update(np.asarray(row["conditioning_latents"], dtype=np.float32).tobytes())

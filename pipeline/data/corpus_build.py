@@ -23,7 +23,6 @@ import logging
 import time
 import uuid
 from collections import Counter
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -31,7 +30,8 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.data.corpus import check_batch
 from pipeline.data.corpus_builder import build_rows
-from pipeline.data.corpus_inputs import count_newlines, first_lines, input_files, PIECE_BYTES, pieces, records_of
+from pipeline.data.corpus_batch import BatchBuilder
+from pipeline.data.corpus_inputs import chunks_of, count_newlines, first_lines, input_files, PIECE_BYTES, pieces
 from pipeline.data.corpus_io import MANIFEST, STAGING, write_manifest
 
 log = logging.getLogger("wand.corpus")
@@ -65,17 +65,6 @@ def combine(fingerprints) -> str:
     return format(sum(int(f, 16) for f in fingerprints) % MODULUS, "064x")
 
 
-def _chunks(items: Iterator, size: int) -> Iterator[list]:
-    chunk = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def bucket_of(row_id: str, buckets: int) -> int:
     return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big") % buckets
 
@@ -105,40 +94,32 @@ class FileBuilder:
         parts, records, rows, total = [], 0, 0, 0
         ids: dict[int, list[tuple[str, str]]] = {}
         writer, sink, part_rows, part_name = None, None, 0, None
-        for chunk in _chunks(records_of(fs, item), CHUNK):
-            for origin, _, problem in chunk:
-                if problem:
-                    add_problem(problems, "read", problem, self.max_problems)
-            good = [(origin, record) for origin, record, problem in chunk if record is not None]
-            records += len(good)
-            built, row_problems = build_rows(self.spec, [r for _, r in good], tokenizer, [o for o, _ in good])
-            for line in row_problems:
-                add_problem(problems, "record", line, self.max_problems)
-            if not built:
-                continue
-            origin_of = {}  # the built rows' origins (build_rows keeps the first of an id inside a chunk)
-            for origin, record in good:
-                origin_of.setdefault(str(record.get("id")), origin)
-            table = pa.Table.from_pylist(built)
-            checks = check_batch(table.append_column("path", pa.array([item["path"]] * len(built))), self.spec)
-            reasons = checks.column("reason").to_pylist()
-            for row, reason in zip(built, reasons):
-                if reason:
-                    add_problem(problems, "record", f"{origin_of[row['id']]}: record {row['id']!r}: {reason}",
-                                self.max_problems)
-            if any(reasons):
-                continue  # nothing of this build is published anyway; keep counting problems
-            total = (total + sum(int(h, 16) for h in checks.column("row_hash").to_pylist())) % MODULUS
-            for row in built:
-                ids.setdefault(bucket_of(row["id"], self.buckets), []).append((row["id"], origin_of[row["id"]]))
+        fast = BatchBuilder(self.spec) if tokenizer is None else None
+        for chunk in chunks_of(fs, item, CHUNK):
+            built = self._fast(fast, chunk)
+            if built is not None:  # every record good: laid out and checked as one batch
+                table, hashes = built
+                origins = chunk.origins()
+                records += table.num_rows
+            else:  # the per-record path: names every problem of the chunk
+                table, hashes, origins, count = self._per_record(chunk, tokenizer, item["path"], problems)
+                records += count
+                if table is None:
+                    continue
+            if problems:
+                continue  # nothing of this build is published: only count what is left
+            total = (total + sum(int(h, 16) for h in hashes)) % MODULUS
+            row_ids = table.column("id").to_pylist()
+            for row_id, origin in zip(row_ids, origins):
+                ids.setdefault(bucket_of(row_id, self.buckets), []).append((row_id, origin))
             start = 0
-            while start < len(built):
+            while start < table.num_rows:
                 if writer is None:
                     part_name = f"part-{item['index']:05d}-{len(parts):04d}.parquet"
                     sink = out_fs.open_output_stream(storage.join(staging, part_name))
                     writer = pq.ParquetWriter(sink, table.schema)
                     part_rows = 0
-                take = min(self.rows_per_file - part_rows, len(built) - start)
+                take = min(self.rows_per_file - part_rows, table.num_rows - start)
                 writer.write_table(table.slice(start, take))
                 part_rows, rows, start = part_rows + take, rows + take, start + take
                 if part_rows == self.rows_per_file:
@@ -154,6 +135,42 @@ class FileBuilder:
         return {"index": item["index"], "path": item["path"], "bytes": item["bytes"], "records": records,
                 "rows": rows, "parts": json.dumps(parts), "fingerprint": format(total, "064x"),
                 "problems": json.dumps(problems)}
+
+    @staticmethod
+    def _fast(fast, chunk):
+        if fast is None or chunk.problem:
+            return None
+        table = fast.from_json_lines([raw for _, raw in chunk.lines]) if chunk.lines is not None \
+            else fast.from_arrow(chunk.table)
+        return fast.build(table) if table is not None else None
+
+    def _per_record(self, chunk, tokenizer, path: str, problems: dict):
+        """One chunk record by record (``build_rows`` and the row checks): every problem is filed;
+        returns (rows table, hashes, origins, readable records), the table None when nothing of
+        this build will be published (a problem) or nothing is left."""
+        read = list(chunk.records())
+        for origin, _, problem in read:
+            if problem:
+                add_problem(problems, "read", problem, self.max_problems)
+        good = [(origin, record) for origin, record, problem in read if record is not None]
+        built, row_problems = build_rows(self.spec, [r for _, r in good], tokenizer, [o for o, _ in good])
+        for line in row_problems:
+            add_problem(problems, "record", line, self.max_problems)
+        if not built:
+            return None, None, None, len(good)
+        origin_of = {}  # the built rows' origins (build_rows keeps the first of an id inside a chunk)
+        for origin, record in good:
+            origin_of.setdefault(str(record.get("id")), origin)
+        table = pa.Table.from_pylist(built)
+        checks = check_batch(table.append_column("path", pa.array([path] * len(built))), self.spec)
+        reasons = checks.column("reason").to_pylist()
+        for row, reason in zip(built, reasons):
+            if reason:
+                add_problem(problems, "record", f"{origin_of[row['id']]}: record {row['id']!r}: {reason}",
+                            self.max_problems)
+        if any(reasons) or problems:
+            return None, None, None, len(good)  # nothing of this build is published anyway; keep counting
+        return table, checks.column("row_hash").to_pylist(), [origin_of[r["id"]] for r in built], len(good)
 
 
 def _close(writer, sink) -> None:

@@ -1,6 +1,7 @@
 """The corpus builder's inputs: the files under ``--input``, cut into pieces that tasks read in
 parallel (a large JSONL file by byte ranges, a large Parquet file by row groups), and the records of
-one piece, streamed, each with its origin ("file, line N" / "file, row N") as the whole file counts.
+one piece, streamed in chunks, each record with its origin ("file, line N" / "file, row N") as the
+whole file counts.
 
 A JSONL piece [start, end) owns the lines whose first byte lies in it: it skips the line it starts
 inside and reads on past ``end`` to the end of its last line. Line numbers of a piece that starts
@@ -97,14 +98,61 @@ def first_lines(split: list[dict], counts: dict[int, int]) -> dict[int, int]:
     return numbers
 
 
-def records_of(fs, piece: dict) -> Iterator[tuple[str, dict | None, str | None]]:
-    """(origin, record, problem) for each record of one piece, streaming. Lines that are not JSON
-    objects, or not UTF-8, are problems, never a traceback."""
+class Chunk:
+    """Up to ``size`` records of one piece as read: JSONL ``lines`` [(line number, raw bytes)] (blank
+    lines left out), or a Parquet ``table`` whose first row is row ``first_row`` + 1 of its file, or
+    a ``problem`` (an unreadable file). ``records()`` parses them one by one with their origins."""
+
+    def __init__(self, path: str, lines=None, table: pa.Table | None = None, first_row: int = 0,
+                 problem: str | None = None):
+        self.path, self.lines, self.table, self.first_row, self.problem = path, lines, table, first_row, problem
+
+    def origins(self) -> list[str]:
+        if self.lines is not None:
+            return [f"{self.path}, line {number}" for number, _ in self.lines]
+        return [f"{self.path}, row {self.first_row + i + 1}" for i in range(self.table.num_rows if self.table else 0)]
+
+    def records(self) -> Iterator[tuple[str, dict | None, str | None]]:
+        """(origin, record, problem) per record. Lines that are not JSON objects, or not UTF-8, are
+        problems, never a traceback."""
+        if self.problem:
+            yield self.path, None, self.problem
+        elif self.lines is not None:
+            for (number, raw) in self.lines:
+                found = parse_line(f"{self.path}, line {number}", raw)
+                if found is not None:
+                    yield found
+        else:
+            yield from zip(self.origins(), self.table.to_pylist(), [None] * self.table.num_rows)
+
+
+def parse_line(origin: str, raw: bytes) -> tuple[str, dict | None, str | None] | None:
+    """One JSONL line -> (origin, record, problem); None for a blank line."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        return origin, None, f"{origin}: not UTF-8 text (byte {err.start + 1} of the line)"
+    if not line.strip():
+        return None
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as err:
+        return origin, None, f"{origin}: not JSON ({err.msg}, column {err.colno})"
+    except RecursionError:
+        return origin, None, f"{origin}: nested too deeply"
+    if not isinstance(record, dict):
+        return origin, None, f"{origin}: a JSON {type(record).__name__}, not an object of fields"
+    return origin, record, None
+
+
+def chunks_of(fs, piece: dict, size: int) -> Iterator[Chunk]:
+    """The records of one piece, streaming, ``size`` at a time (see ``Chunk``)."""
     path = piece["path"]
     if path.endswith(".parquet"):
-        yield from _parquet_records(fs, piece)
+        yield from _parquet_chunks(fs, piece, size)
         return
     start, end = piece.get("start", 0), piece.get("end")
+    lines: list[tuple[int, bytes]] = []
     with fs.open_input_file(path) as handle:
         if start:
             handle.seek(start - 1)
@@ -120,39 +168,24 @@ def records_of(fs, piece: dict) -> Iterator[tuple[str, dict | None, str | None]]
                 break
             position += len(raw)
             number += 1
-            origin = f"{path}, line {number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                yield origin, None, f"{origin}: not UTF-8 text (byte {err.start + 1} of the line)"
-                continue
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                yield origin, None, f"{origin}: not JSON ({err.msg}, column {err.colno})"
-                continue
-            except RecursionError:
-                yield origin, None, f"{origin}: nested too deeply"
-                continue
-            if not isinstance(record, dict):
-                yield origin, None, f"{origin}: a JSON {type(record).__name__}, not an object of fields"
-                continue
-            yield origin, record, None
+            if raw.isspace():
+                continue  # blank (ASCII whitespace); other blank-looking lines go to parse_line
+            lines.append((number, raw.rstrip(b"\r\n")))
+            if len(lines) == size:
+                yield Chunk(path, lines=lines)
+                lines = []
+    if lines:
+        yield Chunk(path, lines=lines)
 
 
-def _parquet_records(fs, piece: dict, batch_size: int = 2048) -> Iterator[tuple[str, dict | None, str | None]]:
+def _parquet_chunks(fs, piece: dict, size: int) -> Iterator[Chunk]:
     path = piece["path"]
     try:
         parquet = pq.ParquetFile(fs.open_input_file(path))
         groups = piece.get("row_groups")
         number = piece.get("first_row", 0)
-        batches = parquet.iter_batches(batch_size=batch_size,
-                                       row_groups=list(range(*groups)) if groups else None)
-        for batch in batches:
-            for record in batch.to_pylist():
-                number += 1
-                yield f"{path}, row {number}", record, None
+        for batch in parquet.iter_batches(batch_size=size, row_groups=list(range(*groups)) if groups else None):
+            yield Chunk(path, table=pa.Table.from_batches([batch]), first_row=number)
+            number += batch.num_rows
     except (OSError, ValueError, pa.ArrowException) as err:
-        yield path, None, f"{path}: not a readable Parquet file ({str(err)[:200]})"
+        yield Chunk(path, problem=f"{path}: not a readable Parquet file ({str(err)[:200]})")

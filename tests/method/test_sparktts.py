@@ -6,22 +6,17 @@ import torch
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
-
+from helpers import spark_tokenizer
 from pipeline.data.corpus import RowChecker
 from wand.models import get_spec
-from wand.models.sparktts import CONTROL_TOKENS, SPECIAL_TOKENS, STYLE_TOKENS
+from wand.models.sparktts import SPECIAL_TOKENS
 
 SEMANTIC, GLOBAL = 256, 32  # the tiny preset's codebooks
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    # A different numbering from the tiny preset's own, so every id below must come from the tokenizer.
-    names = ["<unk>"] + [f"t{i}" for i in range(40)] + list(reversed(SPECIAL_TOKENS)) + list(CONTROL_TOKENS)
-    names += [pattern.format(i) for pattern, count in STYLE_TOKENS.values() for i in range(count)]
-    names += [f"<|bicodec_global_{i}|>" for i in range(GLOBAL)] + [f"<|bicodec_semantic_{i}|>" for i in range(SEMANTIC)]
-    vocab = {name: i for i, name in enumerate(names)}
-    return PreTrainedTokenizerFast(tokenizer_object=Tokenizer(WordLevel(vocab, unk_token="<unk>")), unk_token="<unk>")
+    return spark_tokenizer(SEMANTIC, GLOBAL)
 
 
 def tok(tokenizer, *names):

@@ -120,20 +120,20 @@ class CosyVoice2Spec(ModelSpec):
         """Final hidden states [B, T, D] (through ``forward``, e.g. a DeepSpeed engine) and the head."""
         return forward(**kwargs, return_hidden=True).hidden_states, module.llm_decoder
 
-    def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
-        """Map Qwen text-tokenizer ids into this spec's id space."""
-        return text_token_ids + self.extra["speech_token_size"] + 5
+    @property
+    def text_id_offset(self) -> int:
+        """Qwen text-tokenizer ids sit after the speech codes and their 5 specials."""
+        return self.extra["speech_token_size"] + 5
 
     @property
     def text_vocab_size(self) -> int:
         return self.config["vocab_size"]
 
-    def layout(self, text, prompt, generated, global_tokens=None):
+    def layout_plan(self, **labels):
         """``[sos, text, task_id, prompt speech, speech]`` (upstream ``Qwen2LM.forward`` /
         ``inference``: sos_eos, text, task_id, then the prompt's and the target's speech tokens)."""
         sos, task = self.prefix_end_token_id - 1, self.prefix_end_token_id
-        head = torch.cat([torch.tensor([sos]), self.text_ids(text), torch.tensor([task])])
-        return torch.cat([head, prompt, generated]), len(head) + len(prompt)
+        return (("ids", [sos]), ("text", self.text_id_offset), ("ids", [task]), ("prompt",), ("prefix",), ("generated",))
 
     def save(self, model: CosyVoice2LM, directory: str | Path) -> Path:
         """Write ``llm.pt`` as CosyVoice 2 ships it (a plain state dict)."""

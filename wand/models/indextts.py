@@ -150,9 +150,10 @@ class IndexTTSSpec(ModelSpec):
         hidden = forward(**kwargs, return_hidden=True).hidden_states
         return hidden, lambda h: module.mel_head(module.final_norm(h))
 
-    def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
-        """Map IndexTTS BPE ids (start_text 0, stop_text 1 included) into this spec's id space."""
-        return text_token_ids + self.extra["number_mel_codes"] + 1
+    @property
+    def text_id_offset(self) -> int:
+        """IndexTTS BPE ids (start_text 0, stop_text 1 included) sit after the mel codes and start_mel."""
+        return self.extra["number_mel_codes"] + 1
 
     row_columns = ("conditioning_latents",)
 
@@ -178,13 +179,13 @@ class IndexTTSSpec(ModelSpec):
         # start_mel (the prefix's last token), max_mel_tokens codes and the stop code.
         return self.extra["max_mel_tokens"] + 1
 
-    def layout(self, text, prompt, generated, global_tokens=None):
+    def layout_plan(self, **labels):
         """``[latents, start_text, text, stop_text, start_mel, speech]`` (upstream ``UnifiedVoice``:
         conditioning latents, then text and mel each between its start and stop token)."""
-        latents = torch.full((self.extra["num_latents"],), self.extra["number_mel_codes"])
-        start, stop = self.text_ids(torch.tensor([0])), self.text_ids(torch.tensor([1]))
-        head = torch.cat([latents, start, self.text_ids(text), stop, torch.tensor([self.prefix_end_token_id])])
-        return torch.cat([head, prompt, generated]), len(head) + len(prompt)
+        latents = [self.extra["number_mel_codes"]] * self.extra["num_latents"]
+        start, stop = self.text_id_offset, self.text_id_offset + 1  # start_text 0, stop_text 1
+        return (("ids", latents + [start]), ("text", self.text_id_offset), ("ids", [stop, self.prefix_end_token_id]),
+                ("prompt",), ("prefix",), ("generated",))
 
     def row_inputs(self, rows, device=None):
         n, dim = self.latent_shape

@@ -82,37 +82,40 @@ class SparkTTSSpec(CausalLMSpec):
             structure += self._global_ids(torch.arange(self.global_codes)).tolist()
         return torch.cat([base, torch.tensor(structure, dtype=torch.long)])
 
-    def layout(self, text, prompt, generated, global_tokens=None, style: tuple[int, int, int] | None = None):
-        """The form's sequence (module docstring). ``global_tokens``: BiCodec global codes (0-based);
-        ``style``: (gender, pitch, speed) label indices of the controllable form."""
-        t = lambda *names: torch.tensor([self._id(n) for n in names], dtype=torch.long)  # noqa: E731
-        form = self.prompt_form
-        if form == "controllable":
+    def layout_plan(self, style: tuple[int, int, int] | None = None, **labels):
+        """The form's sequence (module docstring). ``style``: (gender, pitch, speed) label indices of
+        the controllable form."""
+        t = lambda *names: ("ids", [self._id(n) for n in names])  # noqa: E731
+        if "first_global_id" not in self.extra:
+            raise ValueError(f"{self.name}: global-token ids unknown; use spec.with_tokenizer(...) first")
+        glob = ("global", int(self.extra["first_global_id"]))
+        text = ("text", self.text_id_offset)
+        if self.prompt_form == "controllable":
             if style is None or len(style) != 3:
                 raise ValueError(f"{self.name}: the controllable form needs style=(gender, pitch, speed)")
-            labels = []
+            labels_ = []
             for (kind, (pattern, count)), value in zip(STYLE_TOKENS.items(), style):
                 if not 0 <= int(value) < count:
                     raise ValueError(f"{self.name}: style {kind} must be in [0, {count}), got {value}")
-                labels.append(pattern.format(int(value)))
-            head = torch.cat([t("<|task_controllable_tts|>", "<|start_content|>"), text,
-                              t("<|end_content|>", "<|start_style_label|>", *labels, "<|end_style_label|>")])
-            if len(prompt):
-                raise ValueError(f"{self.name}: the controllable form has no prompt speech")
-            glob = self._global_ids(torch.as_tensor(global_tokens)) if global_tokens is not None else torch.tensor([], dtype=torch.long)
-            spoken = torch.cat([t("<|start_global_token|>"), glob, t("<|end_global_token|>", "<|start_semantic_token|>"),
-                                generated])
-            return torch.cat([head, spoken]), len(head)
-        if global_tokens is None:
+                labels_.append(pattern.format(int(value)))
+            return (t("<|task_controllable_tts|>", "<|start_content|>"), text,
+                    t("<|end_content|>", "<|start_style_label|>", *labels_, "<|end_style_label|>"), ("prefix",),
+                    t("<|start_global_token|>"), glob, t("<|end_global_token|>", "<|start_semantic_token|>"),
+                    ("generated",))
+        head = (t("<|task_tts|>", "<|start_content|>"), text, t("<|end_content|>", "<|start_global_token|>"), glob)
+        if self.prompt_form == "clone":
+            return head + (t("<|end_global_token|>", "<|start_semantic_token|>"), ("prompt",), ("prefix",), ("generated",))
+        return head + (t("<|end_global_token|>"), ("prefix",), t("<|start_semantic_token|>"), ("generated",))
+
+    def layout(self, text, prompt, generated, global_tokens=None, style: tuple[int, int, int] | None = None):
+        """The form's sequence (``layout_plan``). ``global_tokens``: BiCodec global codes (0-based)."""
+        form = self.prompt_form
+        if form != "clone" and len(prompt):
+            raise ValueError(f"{self.name}: the {form} form has no prompt speech" + (
+                " (upstream drops it without its text)" if form == "clone_no_text" else ""))
+        if form != "controllable" and global_tokens is None:
             raise ValueError(f"{self.name}: the {form} form needs the reference audio's global tokens")
-        head = torch.cat([t("<|task_tts|>", "<|start_content|>"), text, t("<|end_content|>", "<|start_global_token|>"),
-                          self._global_ids(torch.as_tensor(global_tokens)), t("<|end_global_token|>")])
-        if form == "clone":
-            head = torch.cat([head, t("<|start_semantic_token|>")])
-            return torch.cat([head, prompt, generated]), len(head) + len(prompt)
-        if len(prompt):
-            raise ValueError(f"{self.name}: the clone_no_text form has no prompt speech (upstream drops it without its text)")
-        return torch.cat([head, t("<|start_semantic_token|>"), generated]), len(head)
+        return super().layout(text, prompt, generated, global_tokens, style=style)
 
     def with_tokenizer(self, tokenizer) -> "SparkTTSSpec":
         """The same spec with token ids read from the checkpoint's own tokenizer (``LLM/tokenizer.json``):

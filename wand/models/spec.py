@@ -166,9 +166,14 @@ class ModelSpec:
     # here, so the data pipeline never asks which family a spec is.
     row_columns: ClassVar[tuple[str, ...]] = ()  # model-specific corpus columns (IndexTTS: conditioning_latents)
 
+    @property
+    def text_id_offset(self) -> int:
+        """What ``text_ids`` adds to a raw text-tokenizer id (0 for one-vocabulary models)."""
+        return 0
+
     def text_ids(self, text_token_ids: torch.Tensor) -> torch.Tensor:
         """Text-tokenizer ids mapped into this spec's input id space (identity for one-vocabulary models)."""
-        return text_token_ids
+        return text_token_ids + self.text_id_offset if self.text_id_offset else text_token_ids
 
     @property
     def reserved_text_ids(self) -> int:
@@ -212,13 +217,38 @@ class ModelSpec:
         positions where the model's own limits say it (IndexTTS)."""
         return self.backbone_positions or self.max_generated_tokens
 
+    def layout_plan(self, **labels) -> tuple[tuple, ...]:
+        """The layout as data, in order: ``("ids", [...])`` fixed ids, ``("text", offset)`` the raw text
+        ids plus ``offset``, ``("global", offset)`` the global codes plus ``offset`` (Spark),
+        ``("prompt",)`` / ``("generated",)`` the speech ids as given, and ``("prefix",)`` where the
+        conditioning prefix ends. ``layout`` builds one row from it, the corpus builder a whole batch
+        (``pipeline.data.corpus_batch``): one definition per model. ``labels``: per-row fixed choices
+        (Spark's controllable form: ``style``)."""
+        return (("text", self.text_id_offset), ("ids", [self.prefix_end_token_id]),  # Llasa / Orpheus
+                ("prompt",), ("prefix",), ("generated",))
+
     def layout(self, text: torch.Tensor, prompt: torch.Tensor, generated: torch.Tensor,
-               global_tokens: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+               global_tokens: torch.Tensor | None = None, **labels) -> tuple[torch.Tensor, int]:
         """One sequence from its parts, in the layout of the model's own training and inference code;
         returns (ids, prefix length). ``text``: raw text-tokenizer ids (mapped with ``text_ids`` here);
         ``prompt`` / ``generated``: speech ids (the caller appends the stop id to ``generated``)."""
-        head = torch.cat([self.text_ids(text), torch.tensor([self.prefix_end_token_id])])  # Llasa / Orpheus
-        return torch.cat([head, prompt, generated]), len(head) + len(prompt)
+        given = {"prompt": prompt, "generated": generated}
+        pieces, prefix = [], 0
+        for kind, *arg in self.layout_plan(**labels):
+            if kind == "prefix":
+                prefix = sum(len(p) for p in pieces)
+            elif kind == "ids":
+                pieces.append(torch.tensor(arg[0], dtype=torch.long))
+            elif kind == "text":
+                pieces.append(text + arg[0])
+            elif kind == "global":
+                pieces.append(torch.as_tensor(global_tokens) + arg[0] if global_tokens is not None
+                              else torch.tensor([], dtype=torch.long))
+            else:
+                pieces.append(given[kind])
+        if "prompt" not in {step[0] for step in self.layout_plan(**labels)} and len(prompt):
+            raise ValueError(f"{self.name}: this layout has no prompt speech")
+        return torch.cat(pieces), prefix
 
     def row_inputs(self, rows: list[dict], device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
         """The model-specific forward inputs of a batch of rows (none for most models)."""
