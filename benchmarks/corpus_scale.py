@@ -7,12 +7,17 @@ tree (the job, its local Ray and every worker) for building a corpus, checking i
 
 For each size: a user-format corpus (JSONL: id, text_ids, prompt_codes, 60-160 target_codes per
 record, CosyVoice 2's real code range) in --input-files files is made, then, each as its own process
-tree measured from outside (RSS of the process and all its descendants, sampled every 0.1 s):
-  * build:    `python -m jobs.make_corpus` (Ray Data, local Ray) -> part files + corpus.json;
-  * baseline: a bare pyarrow JSON read + Parquet write of the same files in one process (the floor
-              for "read JSONL, write Parquet" on these cores; no layout, no checks);
-  * check:    the precompute's corpus check and shard plan (precompute.read_corpus + corpus_check.check_corpus);
-  * sample:   the evals' row read (pipeline.data.corpus_io.read_rows, 64 rows).
+tree measured from outside (RSS of the process and all its descendants, sampled every 0.1 s; for a
+job on the running cluster, the cluster's processes too):
+  * build:      `ray job submit -- python -m jobs.make_corpus` to a Ray cluster already up on these
+                cores (a head this benchmark starts once: token auth, 127.0.0.1), as users run it
+                on a cluster -> part files + corpus.json;
+  * build_cold: the same job starting its own local Ray (a plain `python -m jobs.make_corpus`);
+  * baseline:   a bare pyarrow JSON read + Parquet write of the same files in one process (the floor
+                for "read JSONL, write Parquet" on these cores; no layout, no checks);
+  * check:      the precompute's corpus check and shard plan (precompute.read_corpus +
+                corpus_check.check_corpus), starting its own local Ray;
+  * sample:     the evals' row read (pipeline.data.corpus_io.read_rows, 64 rows).
 Goals (issue 28): build throughput >= 0.5x the baseline's; peak at the largest size within 10% of
 the peak at the smallest. Writes benchmarks/results/corpus_scale.json (--output).
 """
@@ -50,17 +55,18 @@ def make_inputs(folder: Path, records: int, files: int, seed: int) -> int:
     return sum(f.stat().st_size for f in folder.iterdir())
 
 
-def run_tree(cmd: list[str], env: dict, timeout: float = 7200) -> dict:
-    """Run ``cmd``; its wall time and the peak summed RSS of it and all its descendants."""
+def run_tree(cmd: list[str], env: dict, timeout: float = 7200, also: int | None = None) -> dict:
+    """Run ``cmd``; its wall time and the peak summed RSS of it and all its descendants (and of the
+    process ``also`` and its descendants: a Ray cluster the command joins)."""
     import psutil
 
     started = time.monotonic()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        root, peak = psutil.Process(proc.pid), 0
+        roots, peak = [psutil.Process(proc.pid)] + ([psutil.Process(also)] if also else []), 0
         while proc.poll() is None:
             try:
-                tree = [root] + root.children(recursive=True)
+                tree = {p.pid: p for root in roots for p in [root] + root.children(recursive=True)}.values()
                 peak = max(peak, sum(p.memory_info().rss for p in tree if _alive(p)))
             except psutil.NoSuchProcess:
                 pass
@@ -126,40 +132,66 @@ print('sampled', len(rows))
 }
 
 
-def measure(records: int, files: int, work: Path, env: dict) -> dict:
+def measure(records: int, files: int, work: Path, env: dict, cluster: dict) -> dict:
+    """One size; ``cluster``: {"env": a client's environment, "url": the job server, "pid": the head}."""
     inputs, corpus = work / f"in-{records}", work / f"corpus-{records}"
     made = time.monotonic()
     size = make_inputs(inputs, records, files, seed=records)
     print(f"# {records} records, {files} files, {size / 2**20:.0f} MiB of JSONL ({time.monotonic() - made:.0f} s)",
           flush=True)
     python = sys.executable
-    build = run_tree([python, "-m", "jobs.make_corpus", "--model", "cosyvoice2", "--size", "real", "--input",
-                      str(inputs), "--output", str(corpus)], env)
+    job = [python, "-m", "jobs.make_corpus", "--model", "cosyvoice2", "--size", "real", "--input", str(inputs)]
+    submit = [str(Path(python).with_name("ray")), "job", "submit", "--address", cluster["url"], "--working-dir", str(ROOT), "--"]
+    build = run_tree([*submit, "python", *job[1:], "--output", str(corpus)], cluster["env"], also=cluster["pid"])
+    build_cold = run_tree([*job, "--output", str(work / f"cold-{records}")], env)
     baseline = run_tree([python, "-c", PHASES["baseline"], str(inputs), str(work / f"baseline-{records}")], env)
     check = run_tree([python, "-c", PHASES["check"], str(corpus), str(work / "unused-shards")], env)
     sample = run_tree([python, "-c", PHASES["sample"], str(corpus)], env)
     manifest = json.loads((corpus / "corpus.json").read_text())
     assert manifest["rows"] == records, manifest["rows"]
+    cold = json.loads((work / f"cold-{records}" / "corpus.json").read_text())
+    assert cold["fingerprint"] == manifest["fingerprint"], "the two builds differ"
     result = {"records": records, "input_mib": round(size / 2**20, 1), "output_files": len(manifest["files"])}
-    for name, run in (("build", build), ("baseline", baseline), ("check", check), ("sample", sample)):
+    for name, run in (("build", build), ("build_cold", build_cold), ("baseline", baseline), ("check", check),
+                      ("sample", sample)):
         result[name] = {"seconds": run["seconds"], "peak_mb": run["peak_mb"],
                         "records_per_s": round(records / run["seconds"], 1)}
+    # the builder's own rate from its last progress line: records over the time from its first task
+    # to its last piece, i.e. without the job's start-up (imports, Ray, workers' imports) and exit
+    result["build"]["streaming_records_per_s"] = streaming_rate(build["output"], records)
     result["build_vs_baseline"] = round(result["build"]["records_per_s"] / result["baseline"]["records_per_s"], 3)
-    for folder in (inputs, corpus, work / f"baseline-{records}"):
+    result["build_streaming_vs_baseline"] = round(result["build"]["streaming_records_per_s"]
+                                                  / result["baseline"]["records_per_s"], 3)
+    result["build_cold_vs_baseline"] = round(result["build_cold"]["records_per_s"]
+                                             / result["baseline"]["records_per_s"], 3)
+    for folder in (inputs, corpus, work / f"cold-{records}", work / f"baseline-{records}"):
         shutil.rmtree(folder, ignore_errors=True)
     print(json.dumps(result), flush=True)
     return result
 
 
+def streaming_rate(output: str, records: int) -> float:
+    """records/s from the job's last progress line (``corpus: 8/8 pieces ..., N records (R records/s)``)."""
+    import re
+
+    found = re.findall(r"corpus: \d+/\d+ pieces .*?, (\d+) records \((\d+) records/s\)", output)
+    if not found or int(found[-1][0]) != records:
+        raise RuntimeError(f"no final progress line for {records} records in the build's output:\n{output[-2000:]}")
+    return float(found[-1][1])
+
+
 def table(summary: dict) -> str:
     """The Markdown table docs/benchmarks.md shows, rendered from a results file."""
-    lines = ["| records | JSONL | build s | build rec/s | baseline rec/s | build / baseline | build peak MiB "
-             "| check s | check peak MiB | sample s | sample peak MiB |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| records | JSONL | build s | build rec/s | streaming rec/s | baseline rec/s | build / baseline "
+             "| streaming / baseline | cold build s | build peak MiB | check s | check peak MiB | sample s "
+             "| sample peak MiB |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in summary["sizes"]:
         lines.append(f"| {r['records']:,} | {r['input_mib']:,.0f} MiB | {r['build']['seconds']:,.0f} "
-                     f"| {r['build']['records_per_s']:,.0f} | {r['baseline']['records_per_s']:,.0f} "
-                     f"| {r['build_vs_baseline']:.2f} | {r['build']['peak_mb']:,.0f} | {r['check']['seconds']:,.0f} "
+                     f"| {r['build']['records_per_s']:,.0f} | {r['build']['streaming_records_per_s']:,.0f} "
+                     f"| {r['baseline']['records_per_s']:,.0f} | {r['build_vs_baseline']:.2f} "
+                     f"| {r['build_streaming_vs_baseline']:.2f} | {r['build_cold']['seconds']:,.0f} "
+                     f"| {r['build']['peak_mb']:,.0f} | {r['check']['seconds']:,.0f} "
                      f"| {r['check']['peak_mb']:,.0f} | {r['sample']['seconds']:,.1f} | {r['sample']['peak_mb']:,.0f} |")
     growth = summary["peak_growth"]
     lines.append("")
@@ -188,9 +220,15 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="wand-corpus-scale-"))
     env = {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": str(work), "LANG": "C.UTF-8",
            "TMPDIR": str(work), "RAY_USAGE_STATS_ENABLED": "0"}
+    from pipeline.services import RayHead
+
+    head = RayHead(work / "ray-token", num_cpus=os.cpu_count() or 2, env=env)
     try:
-        results = [measure(n, args.input_files, work, env) for n in sizes]
+        head.start(log_file=work / "ray-head.log")
+        cluster = {"env": {**env, **head.client_env()}, "url": head.dashboard_url, "pid": head.pid}
+        results = [measure(n, args.input_files, work, env, cluster) for n in sizes]
     finally:
+        head.stop()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     smallest, largest = results[0], results[-1]
@@ -199,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         "peak_growth": {step: round(largest[step]["peak_mb"] / smallest[step]["peak_mb"], 3)
                         for step in ("build", "check", "sample")},
         "goals": {"build_vs_baseline >= 0.5": all(r["build_vs_baseline"] >= 0.5 for r in results),
+                  "build_streaming_vs_baseline >= 0.5": all(r["build_streaming_vs_baseline"] >= 0.5 for r in results),
                   **{f"{step} peak at the largest within 10% of the smallest":
                      largest[step]["peak_mb"] <= 1.1 * smallest[step]["peak_mb"] for step in ("build", "check")}},
     }

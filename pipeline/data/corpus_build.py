@@ -22,9 +22,9 @@ import json
 import logging
 import time
 import uuid
-from collections import Counter
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline import storage
@@ -36,7 +36,7 @@ from pipeline.data.corpus_io import MANIFEST, STAGING, write_manifest
 
 log = logging.getLogger("wand.corpus")
 
-CHUNK = 2048                  # records laid out and checked at once
+CHUNK = 8192                  # records laid out and checked at once
 BUCKET_BYTES = 64 << 20       # input bytes per duplicate-id bucket (about 100k records)
 MODULUS = 1 << 256
 
@@ -214,15 +214,17 @@ class DuplicateFinder:
         if storage.exists(fs, folder):
             table = pa.concat_tables([pq.read_table(f, filesystem=fs)
                                       for f in storage.list_files(fs, folder, (".parquet",))])
-            counts = Counter(table.column("id").to_pylist())
+            # only ids seen more than once come back to Python (a vectorised count first)
+            counts = table.group_by("id").aggregate([("id", "count")])
+            repeated = counts.filter(pc.greater(counts.column("id_count"), 1)).column("id")
+            table = table.filter(pc.is_in(table.column("id"), value_set=repeated.combine_chunks()))
             first: dict[str, str] = {}
             for row_id, origin in zip(table.column("id").to_pylist(), table.column("origin").to_pylist()):
-                if counts[row_id] > 1:
-                    if row_id in first:
-                        add_problem(problems, "duplicate", f"{origin}: record {row_id!r}: duplicate id "
-                                    f"(first at {first[row_id]})", self.max_problems)
-                    else:
-                        first[row_id] = origin
+                if row_id in first:
+                    add_problem(problems, "duplicate", f"{origin}: record {row_id!r}: duplicate id "
+                                f"(first at {first[row_id]})", self.max_problems)
+                else:
+                    first[row_id] = origin
         return {"bucket": item["bucket"], "problems": json.dumps(problems)}
 
 
