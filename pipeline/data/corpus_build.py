@@ -16,13 +16,13 @@ one task per bucket counts them, so no process holds every id.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -65,8 +65,23 @@ def combine(fingerprints) -> str:
     return format(sum(int(f, 16) for f in fingerprints) % MODULUS, "064x")
 
 
-def bucket_of(row_id: str, buckets: int) -> int:
-    return int.from_bytes(hashlib.blake2b(row_id.encode(), digest_size=8).digest(), "big") % buckets
+def buckets_of(ids: pa.Array, buckets: int) -> np.ndarray:
+    """Each id's duplicate-id bucket, for a whole chunk at once: a polynomial hash of its UTF-8 bytes
+    (uint64 arithmetic, wrapping), mixed, modulo ``buckets``. The same id gets the same bucket in
+    every task, on every machine; ids are never empty (both paths refuse them)."""
+    ids = ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
+    ids = ids.cast(pa.large_string())  # 64-bit offsets, whatever the input
+    offsets = np.frombuffer(ids.buffers()[1], dtype=np.int64)[ids.offset:ids.offset + len(ids) + 1]
+    data = np.frombuffer(ids.buffers()[2], dtype=np.uint8)[offsets[0]:offsets[-1]].astype(np.uint64)
+    lengths = np.diff(offsets)
+    within = np.arange(len(data), dtype=np.int64) - np.repeat(offsets[:-1] - offsets[0], lengths)
+    powers = np.cumprod(np.full(int(lengths.max(initial=1)), 1099511628211, dtype=np.uint64))  # FNV prime
+    with np.errstate(over="ignore"):
+        h = np.add.reduceat(data * powers[within], offsets[:-1] - offsets[0]) if len(data) else np.zeros(0, np.uint64)
+        h ^= h >> np.uint64(33)
+        h *= np.uint64(0xFF51AFD7ED558CCD)
+        h ^= h >> np.uint64(33)
+    return (h % np.uint64(buckets)).astype(np.int64)
 
 
 class FileBuilder:
@@ -92,7 +107,7 @@ class FileBuilder:
         out_fs.create_dir(staging, recursive=True)
         problems: dict = {}
         parts, records, rows, total = [], 0, 0, 0
-        ids: dict[int, list[tuple[str, str]]] = {}
+        ids: dict[int, list[pa.Table]] = {}  # bucket -> this piece's (id, origin) tables
         writer, sink, part_rows, part_name = None, None, 0, None
         fast = BatchBuilder(self.spec) if tokenizer is None else None
         for chunk in chunks_of(fs, item, CHUNK):
@@ -109,9 +124,11 @@ class FileBuilder:
             if problems:
                 continue  # nothing of this build is published: only count what is left
             total = (total + sum(int(h, 16) for h in hashes)) % MODULUS
-            row_ids = table.column("id").to_pylist()
-            for row_id, origin in zip(row_ids, origins):
-                ids.setdefault(bucket_of(row_id, self.buckets), []).append((row_id, origin))
+            entries = pa.table({"id": table.column("id"), "origin": pa.array(origins, pa.string())})
+            buckets = buckets_of(table.column("id"), self.buckets)
+            order = np.argsort(buckets, kind="stable")
+            for group in np.split(order, np.flatnonzero(np.diff(buckets[order])) + 1):
+                ids.setdefault(int(buckets[group[0]]), []).append(entries.take(group))
             start = 0
             while start < table.num_rows:
                 if writer is None:
@@ -129,9 +146,11 @@ class FileBuilder:
         if writer is not None:
             _close(writer, sink)
             parts.append({"name": part_name, "rows": part_rows})
-        for bucket, entries in ids.items():
+        for bucket, tables in ids.items():
             folder = storage.join(staging, "_ids", f"{bucket:04d}")
-            storage.write_bytes(out_fs, storage.join(folder, f"{item['index']:05d}.parquet"), _ids_table(entries))
+            buffer = io.BytesIO()
+            pq.write_table(pa.concat_tables(tables), buffer)
+            storage.write_bytes(out_fs, storage.join(folder, f"{item['index']:05d}.parquet"), buffer.getvalue())
         return {"index": item["index"], "path": item["path"], "bytes": item["bytes"], "records": records,
                 "rows": rows, "parts": json.dumps(parts), "fingerprint": format(total, "064x"),
                 "problems": json.dumps(problems)}
@@ -177,12 +196,6 @@ def _close(writer, sink) -> None:
     writer.close()
     if not sink.closed:
         sink.close()
-
-
-def _ids_table(entries: list[tuple[str, str]]) -> bytes:
-    buffer = io.BytesIO()
-    pq.write_table(pa.table({"id": [e[0] for e in entries], "origin": [e[1] for e in entries]}), buffer)
-    return buffer.getvalue()
 
 
 def _rows(items: list[dict]) -> list[dict]:

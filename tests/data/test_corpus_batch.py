@@ -143,3 +143,27 @@ def test_forms_the_fast_path_leaves_to_the_per_record_path():
     assert cosy.from_arrow(ids_as_ints) is None  # build_row turns them into strings: its path decides
     assert cosy.from_json_lines([b'{"id": "a", "text_ids": [1], "target_codes": [1]}', b"[1, 2]"]) is None
     assert cosy.from_json_lines([b'{"id": "\xff", "text_ids": [1], "target_codes": [1]}']) is None
+
+
+def test_duplicate_id_buckets_are_the_same_for_an_id_wherever_it_is():
+    """The builder files ids into buckets a chunk at a time (vectorised); an id's bucket must not
+    depend on its chunk, its neighbours or the array's slicing: checked against the same hash in
+    plain Python, byte by byte."""
+    from pipeline.data.corpus_build import buckets_of
+
+    def reference(row_id: str, buckets: int) -> int:
+        h, mask = 0, (1 << 64) - 1
+        for j, byte in enumerate(row_id.encode()):
+            h = (h + byte * pow(1099511628211, j + 1, 1 << 64)) & mask
+        h ^= h >> 33
+        h = (h * 0xFF51AFD7ED558CCD) & mask
+        h ^= h >> 33
+        return h % buckets
+
+    rng = random.Random(3)
+    ids = [f"utt-{rng.randrange(10**9)}" for _ in range(500)] + ["ü-ñ", "x", "a" * 300]
+    want = [reference(i, 13) for i in ids]
+    assert buckets_of(pa.array(ids), 13).tolist() == want
+    assert buckets_of(pa.array(ids).slice(7, 50), 13).tolist() == want[7:57]
+    assert buckets_of(pa.chunked_array([ids[:3], ids[3:]]), 13).tolist() == want
+    assert len(set(want)) == 13  # spread over every bucket
