@@ -233,8 +233,9 @@ class ModelSpec:
         returns (ids, prefix length). ``text``: raw text-tokenizer ids (mapped with ``text_ids`` here);
         ``prompt`` / ``generated``: speech ids (the caller appends the stop id to ``generated``)."""
         given = {"prompt": prompt, "generated": generated}
+        plan = self.layout_plan(**labels)
         pieces, prefix = [], 0
-        for kind, *arg in self.layout_plan(**labels):
+        for kind, *arg in plan:
             if kind == "prefix":
                 prefix = sum(len(p) for p in pieces)
             elif kind == "ids":
@@ -246,7 +247,7 @@ class ModelSpec:
                               else torch.tensor([], dtype=torch.long))
             else:
                 pieces.append(given[kind])
-        if "prompt" not in {step[0] for step in self.layout_plan(**labels)} and len(prompt):
+        if "prompt" not in {step[0] for step in plan} and len(prompt):
             raise ValueError(f"{self.name}: this layout has no prompt speech")
         return torch.cat(pieces), prefix
 
