@@ -33,11 +33,17 @@ class Batch:
     positions: torch.Tensor  # [N] the logit position that predicts it
     targets: torch.Tensor  # [N] the generated token (input_ids[batch_index, positions + 1])
     inputs: dict[str, torch.Tensor] = field(default_factory=dict)  # the spec's extra forward inputs
+    # [B] the first tokens the mask keeps besides the window, where they are not the conditioning
+    # prefix (a StreamingLLM-style mask keeps a few attention sinks); None: the prefix (WAND).
+    kept_prefix_lengths: torch.Tensor | None = None
 
     def model_inputs(self) -> dict[str, torch.Tensor]:
         """Keyword arguments of a WAND-enabled forward (window and tau are the caller's)."""
+        if self.kept_prefix_lengths is None:
+            return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
+                    "prefix_lengths": self.prefix_lengths, **self.inputs}
         return {"input_ids": self.input_ids, "attention_mask": self.attention_mask,
-                "prefix_lengths": self.prefix_lengths, **self.inputs}
+                "prefix_lengths": self.kept_prefix_lengths, "model_prefix_lengths": self.prefix_lengths, **self.inputs}
 
     def distance(self) -> torch.Tensor:
         """[N] how many generated tokens precede each target (0 for the first one)."""
@@ -50,8 +56,8 @@ class Batch:
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
-        moved = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else v.to(device))
-                 for k, v in moved.items()}
+        moved = {k: ({n: t.to(device) for n, t in v.items()} if isinstance(v, dict) else
+                     None if v is None else v.to(device)) for k, v in moved.items()}
         return Batch(**moved)
 
 

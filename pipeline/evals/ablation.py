@@ -8,15 +8,21 @@ the WAND mask and ``WandCache``, ``pipeline.evals.quality.position_scores``. Wha
 Ray, DeepSpeed and Parquet files (the shard tables stay in memory), and the loop (AdamW, random
 batches): where the numbers are computed, not what they are.
 
-Variants (every student starts from the teacher's weights and gets the same steps, rows and lr):
+Variants (every student starts from the teacher's weights and gets the same steps, rows, batches
+and lr; W is the config's target window unless the variant sets its own):
 
 - ``teacher``: the teacher itself, full attention (the reference).
+- ``control``: the full-attention fine-tune: the same recipe (CE + KD, same steps) with no window,
+  so a student-vs-control gap is the window's effect, not the recipe's.
 - ``wand``: prefix + last W generated tokens; W shrinks on the curriculum, soft mask tau, CE + KD.
 - ``window_only``: the same curriculum and mask, CE only (no teacher).
 - ``kd_no_curriculum``: CE + KD with the hard mask at the target W from the first step.
-- ``streaming_llm``: StreamingLLM-style cache on the teacher's weights, training-free as in the
-  StreamingLLM paper: the first 4 tokens (attention sinks) + the last W tokens, no prefix.
+- ``sinks``: StreamingLLM-style attention sinks (the first 4 tokens) + the last W, no prefix,
+  fine-tuned with WAND's recipe (curriculum + KD): the sinks baseline given the same training.
+- ``streaming_llm``: the same sinks + W cache on the teacher's weights, training-free as in the
+  StreamingLLM paper.
 - ``mask_only``: the teacher under the WAND mask (prefix + W) without fine-tuning.
+- ``wand_w8``: WAND at W = 8 (curriculum 32 -> 8), a stress row: about two phonemes of history.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from wand.cache import WandCache
 from wand.curriculum import Curriculum
 from wand.distill import distill_loss
 from wand.generate import cache_kwarg_name
+from wand.profiling import cache_nbytes
 
 from pipeline.data.precompute import topk_of_rows
 from pipeline.data.shards import build_shard_table, shard_topk
@@ -53,8 +60,8 @@ log = logging.getLogger("wand.ablation")
 
 @dataclass(frozen=True)
 class AblationConfig:
-    window: int = 8  # target W (tokens of generated history kept)
-    window_start: int = 32  # curriculum start
+    window: int = 32  # target W (tokens of generated history kept): the paper's 32 at 25 Hz
+    window_start: int = 128  # curriculum start
     sinks: int = 4  # StreamingLLM's attention sinks
     steps: int = 300  # optimizer steps per trained student
     batch_size: int = 8
@@ -78,15 +85,24 @@ class Variant:
     kd_weight: float = 1.0
     curriculum: bool = True
     attends: str = "prefix"  # "full" | "prefix" (prefix + W) | "sinks" (first tokens + W)
+    window: int | None = None  # its own target W and curriculum start (None: the config's)
+    window_start: int | None = None
+
+    def target(self, config: AblationConfig) -> tuple[int, int]:
+        """(target W, curriculum start) of this variant under ``config``."""
+        return (self.window or config.window, self.window_start or config.window_start)
 
 
 VARIANTS = (
     Variant("teacher", "teacher, full attention", attends="full"),
+    Variant("control", "full-attention fine-tune: CE + KD, same steps, no window", train=True, attends="full"),
     Variant("wand", "WAND: prefix + W, curriculum + KD", train=True),
     Variant("window_only", "prefix + W, curriculum, no KD (CE only)", train=True, kd_weight=0.0),
     Variant("kd_no_curriculum", "prefix + W, KD, target W from step 0", train=True, curriculum=False),
-    Variant("streaming_llm", "StreamingLLM: 4 sinks + W, no prefix (teacher weights)", attends="sinks"),
+    Variant("sinks", "4 sinks + W, no prefix, fine-tuned (curriculum + KD)", train=True, attends="sinks"),
+    Variant("streaming_llm", "StreamingLLM: 4 sinks + W, no prefix, training-free", attends="sinks"),
     Variant("mask_only", "prefix + W on the teacher, no fine-tuning"),
+    Variant("wand_w8", "WAND at W = 8 (curriculum 32 -> 8): stress row", train=True, window=8, window_start=32),
 )
 
 
@@ -98,9 +114,11 @@ def teacher_targets(spec, teacher, rows: list[dict], k: int, value_dtype: str = 
 
 
 def curriculum_for(variant: Variant, config: AblationConfig) -> Curriculum:
-    if variant.curriculum:
-        return Curriculum(config.steps, config.window_start, config.window, lr=config.lr)
-    return Curriculum(config.steps, config.window, config.window, tau_end=None, lr=config.lr)
+    """The variant's lr / window / tau per step (the full-attention control reads only the lr)."""
+    window, start = variant.target(config)
+    if variant.curriculum and variant.attends != "full":
+        return Curriculum(config.steps, start, window, lr=config.lr)
+    return Curriculum(config.steps, window, window, tau_end=None, lr=config.lr)
 
 
 def train_student(spec, teacher, rows: list[dict], variant: Variant, config: AblationConfig,
@@ -119,7 +137,11 @@ def train_student(spec, teacher, rows: list[dict], variant: Variant, config: Abl
         for group in optimizer.param_groups:
             group["lr"] = values.lr
         picked = [rows[i] for i in rng.integers(0, len(rows), config.batch_size)]
-        out = distill_loss(spec, student, collate(spec, picked), values.window, values.tau,
+        batch = collate(spec, picked)
+        window, tau = (None, None) if variant.attends == "full" else (values.window, values.tau)
+        if variant.attends == "sinks":  # the mask keeps the first tokens, not the prefix
+            batch = replace(batch, kept_prefix_lengths=torch.full_like(batch.prefix_lengths, config.sinks))
+        out = distill_loss(spec, student, batch, window, tau,
                            shard_topk(picked, target_ids, config.k, value_dtype), kind=config.kd_kind,
                            kd_weight=variant.kd_weight)
         optimizer.zero_grad(set_to_none=True)
@@ -127,8 +149,8 @@ def train_student(spec, teacher, rows: list[dict], variant: Variant, config: Abl
         torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
         optimizer.step()
         if step % 50 == 0 or step == config.steps - 1:
-            log.info("%s %s step %d/%d W=%d loss %.4f (ce %.4f kd %.4f) %.0f s", spec.name, variant.name, step,
-                     config.steps, values.window, float(out.loss.detach()), float(out.ce), float(out.kd),
+            log.info("%s %s step %d/%d W=%s loss %.4f (ce %.4f kd %.4f) %.0f s", spec.name, variant.name, step,
+                     config.steps, window, float(out.loss.detach()), float(out.ce), float(out.kd),
                      time.perf_counter() - start)
     return student.eval()
 
@@ -137,7 +159,7 @@ def attention(variant: Variant, config: AblationConfig, prefix: int) -> tuple[in
     """(window, prefix the mask and cache keep) of a variant on a row with ``prefix`` tokens."""
     if variant.attends == "full":
         return None, prefix
-    return config.window, (config.sinks if variant.attends == "sinks" else prefix)
+    return variant.target(config)[0], (config.sinks if variant.attends == "sinks" else prefix)
 
 
 @torch.no_grad()
@@ -177,7 +199,7 @@ def free_run(spec, model, row: dict, window: int | None, keep: int, stop: bool =
     return {"accuracy": float((compared == truth).float().mean()), "step_seconds": seconds,
             "stopped": bool(stop and int(tokens[-1]) in spec.stop_token_ids),
             "matched": int(wrong[0]) if len(wrong) else len(truth),  # tokens before the first error
-            "cache_bytes": wand.profiling.cache_nbytes(cache), "tokens": tokens}
+            "cache_bytes": cache_nbytes(cache), "tokens": tokens}
 
 
 def latency_ratio(step_seconds: list[float], span: int = 48) -> float:
@@ -199,12 +221,24 @@ def said(spec, model, variant: Variant, config: AblationConfig, rows: list[dict]
     result = {"free_running_accuracy": float(np.mean([r["accuracy"] for r in runs])), "free_rows": len(runs),
               "stopped": float(np.mean([r["stopped"] for r in runs])),
               "free_running_matched": float(np.mean([r["matched"] for r in runs]))}
+    # Generated tokens (the stop id included) over the reference's: 1.0 is the reference's length.
+    ratios = [len(run["tokens"]) / (len(row["input_ids"]) - row["prefix_length"]) for run, row in zip(runs, rows)]
+    result["length_ratio_median"] = float(np.median(ratios))
+    per_row = [{"id": row["id"], "stopped": run["stopped"], "length_ratio": round(ratio, 4)}
+               for run, row, ratio in zip(runs, rows, ratios)]
     if all("text" in row for row in rows):
         codes = len(speech_ids(spec))
         scores = [score(task, codes, speech_codes_of(spec, run["tokens"].tolist()), row["text"], row["speaker"])
                   for run, row in zip(runs, rows)]
-        result.update({key: float(np.mean([s[key] for s in scores]))
-                       for key in ("per", "speaker_accuracy", "law_consistency")})
+        keys = ("per", "substitutions", "deletions", "insertions", "speaker_accuracy", "law_consistency")
+        result.update({key: float(np.mean([s[key] for s in scores])) for key in keys})
+        # Speaker accuracy weighted by tokens: a row that says little counts little.
+        weights = np.array([s["tokens"] for s in scores], dtype=float)
+        result["speaker_accuracy_tokens"] = float(np.average([s["speaker_accuracy"] for s in scores],
+                                                             weights=weights)) if weights.sum() else 0.0
+        for entry, s in zip(per_row, scores):
+            entry.update({key: round(float(s[key]), 4) for key in keys}, tokens=s["tokens"])
+    result["per_row"] = per_row
     return result
 
 
@@ -268,7 +302,9 @@ def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], con
             model = train_student(spec, teacher, shard_rows, variant, run_config) if variant.train else teacher
             trained = time.perf_counter() - start
             result = score_variant(spec, teacher, model, variant, run_config, heldout, free_rows, task, long_form)
-            result.update(model=spec.name, seed=seed, train_seconds=round(trained, 1), config=asdict(run_config))
+            result.update(model=spec.name, seed=seed, train_seconds=round(trained, 1),
+                          score_seconds=round(time.perf_counter() - start - trained, 1),
+                          window=attention(variant, run_config, 0)[0], config=asdict(run_config))
             log.info("%s %s seed %s: %s", spec.name, variant.name, seed,
                      {k: v for k, v in result.items() if k != "config"})
             results.append(result)

@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -58,14 +58,17 @@ class Phase:
 # chance at phoneme starts after 1,500 steps; on 4-12-phoneme texts the same model reaches 95% in
 # 2,000 steps (measured), and each longer phase then extends it. The last phase is the corpus's own
 # lengths (pipeline.synthetic.law.TEXT_LENGTHS).
-CURRICULUM = (Phase(3000, 4, 12, 32), Phase(2000, 12, 40, 16), Phase(1500, *TEXT_LENGTHS, 8))
+CURRICULUM = (Phase(3000, 4, 12, 32), Phase(2000, 12, 40, 16), Phase(2500, *TEXT_LENGTHS, 8))
 
 
 def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float = 3e-3, seed: int = 0,
-                  log_every: int = 100) -> torch.nn.Module:
+                  log_every: int = 100, curve: Callable[[torch.nn.Module], dict] | None = None,
+                  curve_every: int = 500) -> tuple[torch.nn.Module, list[dict]]:
     """A model of ``spec`` trained from seeded random weights with full attention, on each phase's
     ``(rows, steps, batch_size)`` in turn (a length curriculum); one learning-rate schedule over all
-    of them (warm-up, then cosine down to a tenth)."""
+    of them (warm-up, then cosine down to a tenth). Returns the model and its learning curve:
+    ``curve(model)`` (in eval mode, no grad) every ``curve_every`` steps and at the end of each phase,
+    each entry with its ``step`` and ``phase`` (empty without ``curve``)."""
     torch.manual_seed(seed)
     model = wand.enable_wand(spec.build(), None)
     model.train()
@@ -75,7 +78,7 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
     rng = np.random.default_rng(seed)
-    start, step = time.perf_counter(), 0
+    start, step, points = time.perf_counter(), 0, []
     for phase, (rows, steps, batch_size) in enumerate(phases):
         for _ in range(steps):
             batch = collate(spec, [rows[i] for i in rng.integers(0, len(rows), batch_size)])
@@ -90,7 +93,13 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
                 log.info("%s teacher phase %d step %d/%d loss %.4f (%.0f s)", spec.name, phase, step, total,
                          loss.item(), time.perf_counter() - start)
             step += 1
-    return model.eval()
+            if curve is not None and (step % curve_every == 0 or step == sum(p[1] for p in phases[: phase + 1])):
+                model.eval()
+                with torch.no_grad():
+                    points.append({"step": step, "phase": phase, **curve(model)})
+                log.info("%s teacher step %d: %s", spec.name, step, points[-1])
+                model.train()
+    return model.eval(), points
 
 
 @torch.no_grad()
@@ -134,8 +143,10 @@ def spoken_quality(spec, model, rows: list[dict], task) -> dict:
 
     full = next(v for v in VARIANTS if v.attends == "full")
     scores = said(spec, model, full, AblationConfig(), rows, task)
-    return {"spoken_rows": len(rows), **{key: round(scores[key], 4)
-                                         for key in ("per", "speaker_accuracy", "law_consistency", "stopped")}}
+    keys = ("per", "substitutions", "deletions", "insertions", "speaker_accuracy", "law_consistency", "stopped",
+            "length_ratio_median")
+    return {"spoken_rows": len(rows), **{key: round(scores[key], 4) for key in keys},
+            "per_by_row": [entry["per"] for entry in scores["per_row"]]}
 
 
 def file_sha256(path: Path) -> str:

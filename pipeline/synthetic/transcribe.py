@@ -27,7 +27,7 @@ import numpy as np
 
 from pipeline.synthetic.law import SyntheticTask
 
-__all__ = ["Transcript", "transcribe", "score", "edit_distance", "speech_codes_of"]
+__all__ = ["Transcript", "transcribe", "score", "edit_distance", "edit_operations", "speech_codes_of"]
 
 _INF = 1 << 30
 
@@ -144,14 +144,41 @@ def edit_distance(a: list[int], b: list[int]) -> int:
     return row[-1]
 
 
+def edit_operations(said: list[int], reference: list[int]) -> tuple[int, int, int]:
+    """(substitutions, deletions, insertions) of one cheapest alignment of ``said`` to ``reference``
+    (their sum is ``edit_distance``): deletions are reference phonemes not said, insertions phonemes
+    said that the reference has not. Ties prefer a substitution, then a deletion."""
+    n, m = len(said), len(reference)
+    table = [[i + j if i == 0 or j == 0 else 0 for j in range(m + 1)] for i in range(n + 1)]
+    for i in range(1, n + 1):
+        for j in range(1, m + 1):
+            table[i][j] = min(table[i - 1][j] + 1, table[i][j - 1] + 1,
+                              table[i - 1][j - 1] + (said[i - 1] != reference[j - 1]))
+    sub = dele = ins = 0
+    i, j = n, m
+    while i or j:
+        if i and j and table[i][j] == table[i - 1][j - 1] + (said[i - 1] != reference[j - 1]):
+            sub += said[i - 1] != reference[j - 1]
+            i, j = i - 1, j - 1
+        elif j and table[i][j] == table[i][j - 1] + 1:
+            dele, j = dele + 1, j - 1
+        else:
+            ins, i = ins + 1, i - 1
+    return sub, dele, ins
+
+
 def score(task: SyntheticTask, codes: int, tokens, text: list[int], speaker: int) -> dict:
-    """PER against ``text``, speaker accuracy and law consistency of one utterance's ``tokens``."""
+    """PER against ``text`` (with its substitutions, deletions and insertions, each over the text's
+    length), speaker accuracy and law consistency of one utterance's ``tokens``."""
     said = transcribe(task, codes, tokens, speaker)
     sym = homophones(task, codes, speaker)
     reference = [sym[p] for p in text]
     fractions = [transcribe(task, codes, tokens, s).lawful.mean() if len(tokens) else 0.0
                  for s in range(task.speakers)]
-    return {"per": edit_distance(said.phonemes, reference) / max(1, len(reference)),
+    sub, dele, ins = edit_operations(said.phonemes, reference)
+    length = max(1, len(reference))
+    return {"per": (sub + dele + ins) / length, "substitutions": sub / length, "deletions": dele / length,
+            "insertions": ins / length,
             "speaker_accuracy": float(fractions[speaker]), "law_consistency": float(max(fractions)),
             "phonemes": said.phonemes, "tokens": len(tokens)}
 

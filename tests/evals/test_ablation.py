@@ -131,6 +131,10 @@ def test_the_table_has_every_variant_with_consistent_columns():
     assert by["teacher"]["kv_bytes_longest"] == (len(longest["input_ids"]) - 1) * per_token
     assert by["wand"]["kv_bytes_longest"] == (longest["prefix_length"] + CONFIG.window) * per_token
     assert by["streaming_llm"]["kv_bytes_longest"] == (CONFIG.sinks + CONFIG.window) * per_token
+    assert by["sinks"]["kv_bytes_longest"] == (CONFIG.sinks + CONFIG.window) * per_token
+    assert by["control"]["kv_bytes_longest"] == by["teacher"]["kv_bytes_longest"]  # full attention
+    assert by["wand_w8"]["kv_bytes_longest"] == (longest["prefix_length"] + 8) * per_token  # its own W
+    assert by["control"]["kl_far"] != by["teacher"]["kl_far"] and by["sinks"]["kl_far"] != by["streaming_llm"]["kl_far"]
     for r in results:
         n = sum(r[f"positions_{b}"] for b in ("near", "mid", "far"))
         assert n == sum(len(h["input_ids"]) - h["prefix_length"] for h in held)
@@ -153,7 +157,44 @@ def test_students_of_several_seeds_and_long_form_rows_get_their_own_figures():
     expected = {**forced(spec, teacher, teacher, teacher_variant, CONFIG, long_form),
                 **said(spec, teacher, teacher_variant, CONFIG, long_form)}
     for key, value in expected.items():
-        assert results[0][f"long_{key}"] == pytest.approx(value), key
+        if key == "per_row":  # ids, flags and rounded figures: exact
+            assert results[0]["long_per_row"] == value
+        else:
+            assert results[0][f"long_{key}"] == pytest.approx(value), key
     assert results[0]["long_generated_tokens"] == len(long_form[0]["input_ids"]) - long_form[0]["prefix_length"]
     assert results[0]["long_kl_far"] == pytest.approx(0.0, abs=1e-6)
     assert 0 <= results[1]["long_per"] and 0 <= results[1]["long_speaker_accuracy"] <= 1
+
+
+@pytest.mark.parametrize("name", ["sparktts", "indextts"])
+def test_a_batch_that_keeps_sinks_masks_like_a_hand_built_sinks_plus_window_mask(name):
+    """The fine-tuned sinks baseline trains through Batch.kept_prefix_lengths: its forward is the
+    model's own forward under a hand-built first-4 + last-W mask (IndexTTS still numbers its
+    positions from the real prefix)."""
+    from dataclasses import replace
+
+    from wand.batch import collate
+
+    spec, teacher, _, held = setup(name)
+    row = held[0]
+    batch = collate(spec, [row])
+    batch = replace(batch, kept_prefix_lengths=torch.full_like(batch.prefix_lengths, CONFIG.sinks))
+    with torch.no_grad():
+        logits = teacher(**batch.model_inputs(), window=CONFIG.window).logits[0]
+    expected, _ = brute_force_logits(spec, teacher, row, CONFIG.sinks, CONFIG.window)
+    torch.testing.assert_close(logits, expected, atol=1e-4, rtol=1e-4)
+    wand_logits, _ = brute_force_logits(spec, teacher, row, row["prefix_length"], CONFIG.window)
+    assert not torch.allclose(logits, wand_logits, atol=1e-4)  # the prefix really is dropped
+
+
+def test_the_full_attention_control_never_sees_a_window():
+    """Same recipe as WAND but full attention: the config's window cannot change the control."""
+    from dataclasses import replace
+
+    spec, teacher, rows, _ = setup("cosyvoice2")
+    targets = teacher_targets(spec, teacher, rows, CONFIG.k)
+    control = next(v for v in VARIANTS if v.name == "control")
+    a = train_student(spec, teacher, targets, control, CONFIG)
+    b = train_student(spec, teacher, targets, control, replace(CONFIG, window=1, window_start=1))
+    flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
+    assert torch.equal(flat(a), flat(b)) and not torch.equal(flat(a), flat(teacher))

@@ -20,8 +20,12 @@ def test_training_beats_the_untrained_model_and_accuracy_is_exact():
     held = synthetic_rows(spec, 8, seed=1, min_text=8, max_text=16, split="heldout")
     torch.manual_seed(0)
     untrained = teacher_forced_accuracy(spec, spec.build().eval(), held)["accuracy"]
-    model = train_teacher(spec, [(rows, 60, 8)], lr=1e-2, log_every=0)
+    model, curve = train_teacher(spec, [(rows, 40, 8), (rows, 20, 8)], lr=1e-2, log_every=0, curve_every=25,
+                                 curve=lambda m: {"accuracy": teacher_forced_accuracy(spec, m, held)["accuracy"]})
     result = teacher_forced_accuracy(spec, model, held)
+    # The learning curve: every 25 steps and at each phase's end, measured on the model as it was then.
+    assert [(p["step"], p["phase"]) for p in curve] == [(25, 0), (40, 0), (50, 1), (60, 1)]
+    assert curve[-1]["accuracy"] == pytest.approx(result["accuracy"]) and not model.training
     assert result["accuracy"] > max(0.1, 3 * untrained), (result["accuracy"], untrained)
     # Independent: one unpadded forward per row, argmax over the target ids, compared by hand.
     targets = spec.target_ids()

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from pipeline.synthetic.law import speech_codes, synthetic_rows, SyntheticTask
-from pipeline.synthetic.transcribe import edit_distance, homophones, score, speech_codes_of, transcribe
+from pipeline.synthetic.transcribe import edit_distance, edit_operations, homophones, score, speech_codes_of, transcribe
 from wand.models import get_spec
 
 TASK = SyntheticTask()
@@ -30,6 +30,18 @@ def test_edit_distance_against_hand_counts():
     assert edit_distance([1, 3], [1, 2, 3]) == 1
     assert edit_distance([1, 2, 2, 3], [1, 2, 3]) == 1
     assert edit_distance([], [1, 2]) == 2 and edit_distance([4, 5], []) == 2
+
+
+def test_edit_operations_split_the_distance():
+    # (said, reference) -> (substitutions, deletions, insertions), counted by hand.
+    cases = {((1, 9, 3), (1, 2, 3)): (1, 0, 0), ((1, 3), (1, 2, 3)): (0, 1, 0), ((1, 2, 2, 3), (1, 2, 3)): (0, 0, 1),
+             ((), (1, 2)): (0, 2, 0), ((4, 5), ()): (0, 0, 2), ((7, 1, 2), (1, 2, 3)): (0, 1, 1)}
+    for (said, reference), expected in cases.items():
+        assert edit_operations(list(said), list(reference)) == expected, (said, reference)
+    rng = np.random.default_rng(0)  # the three always sum to the independent Levenshtein distance
+    for _ in range(200):
+        a, b = rng.integers(0, 4, rng.integers(0, 9)).tolist(), rng.integers(0, 4, rng.integers(0, 9)).tolist()
+        assert sum(edit_operations(a, b)) == edit_distance(a, b)
 
 
 @pytest.mark.parametrize("name", ["cosyvoice2", "indextts", "sparktts"])

@@ -1,0 +1,116 @@
+"""What the results table may claim: paired per-row differences with bootstrap confidence intervals,
+judged against thresholds fixed here, before any run (issue 26).
+
+The claim under test is WAND's: at the headline window, the student says what the full-attention
+model says. Its comparisons are paired (the same held-out rows, decoded free-running by every
+variant): per row, the PER of the WAND student minus that of the full-attention fine-tune control
+(the same recipe without a window: the window's own cost) and minus that of the teacher. A trained
+variant's per-row PER is the mean over its seeds, so the interval covers the rows (the sampling
+error the reader cares about), with the seeds averaged inside each row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+__all__ = ["Thresholds", "THRESHOLDS", "bootstrap_ci", "per_row", "claims", "reading"]
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass marks for the WAND student at the headline window, fixed before the run."""
+
+    control_gap_per: float = 0.02  # upper 95% bound of PER(WAND) - PER(control), per row
+    speaker: float = 0.99  # speaker accuracy, weighted by tokens
+    stops: float = 0.98  # fraction of rows that end with the stop id
+    length_ratio: tuple[float, float] = (0.9, 1.1)  # median generated / reference length
+    teacher_per: float = 0.05  # a teacher above it says too little of the text to judge a student by
+    level: float = 0.95
+    resamples: int = 10_000
+
+
+THRESHOLDS = Thresholds()
+
+
+def bootstrap_ci(values, level: float = 0.95, resamples: int = 10_000, seed: int = 0) -> dict:
+    """Mean of ``values`` and its percentile-bootstrap interval (rows resampled with replacement)."""
+    values = np.asarray(values, dtype=float)
+    if values.ndim != 1 or len(values) < 2:
+        raise ValueError(f"bootstrap_ci needs at least 2 values, got {values.shape}")
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), (resamples, len(values)))].mean(axis=1)
+    tail = (1 - level) / 2
+    low, high = np.quantile(means, [tail, 1 - tail])
+    return {"mean": float(values.mean()), "low": float(low), "high": float(high), "rows": int(len(values))}
+
+
+def per_row(results: list[dict], model: str, variant: str, key: str = "per") -> dict[str, float]:
+    """Row id -> ``key`` of that row, averaged over the variant's seeds (runs must share their rows)."""
+    runs = [r for r in results if r["model"] == model and r["variant"] == variant]
+    if not runs:
+        raise KeyError(f"no results for {model} {variant}")
+    ids = [entry["id"] for entry in runs[0]["per_row"]]
+    for run in runs[1:]:
+        if [entry["id"] for entry in run["per_row"]] != ids:
+            raise ValueError(f"{model} {variant}: seed {run.get('seed')} was scored on other rows")
+    return {i: float(np.mean([run["per_row"][k][key] for run in runs])) for k, i in enumerate(ids)}
+
+
+def _paired(results: list[dict], model: str, a: str, b: str, thresholds: Thresholds) -> dict:
+    first, second = per_row(results, model, a), per_row(results, model, b)
+    if first.keys() != second.keys():
+        raise ValueError(f"{model}: {a} and {b} were scored on different rows; a paired comparison needs the same")
+    return bootstrap_ci([first[i] - second[i] for i in first], thresholds.level, thresholds.resamples)
+
+
+def claims(results: list[dict], thresholds: Thresholds = THRESHOLDS, variant: str = "wand") -> dict[str, dict]:
+    """Per model with ``variant``, control and teacher results: the paired PER differences with their
+    intervals, PER's parts, the token-weighted speaker accuracy, stops and length ratio (means over
+    seeds), each threshold's check and whether all pass."""
+    out = {}
+    for model in dict.fromkeys(r["model"] for r in results):
+        have = {r["variant"] for r in results if r["model"] == model}
+        if not {variant, "control", "teacher"} <= have:
+            continue
+        runs = [r for r in results if r["model"] == model and r["variant"] == variant]
+        mean = lambda key: float(np.mean([r[key] for r in runs]))  # noqa: E731
+        claim = {"variant": variant, "window": runs[0]["window"],
+                 "minus_control": _paired(results, model, variant, "control", thresholds),
+                 "minus_teacher": _paired(results, model, variant, "teacher", thresholds),
+                 **{key: mean(key) for key in ("per", "substitutions", "deletions", "insertions",
+                                               "speaker_accuracy_tokens", "stopped", "length_ratio_median")}}
+        low, high = thresholds.length_ratio
+        claim["checks"] = {
+            "control_gap_per": claim["minus_control"]["high"] <= thresholds.control_gap_per,
+            "speaker": claim["speaker_accuracy_tokens"] >= thresholds.speaker,
+            "stops": claim["stopped"] >= thresholds.stops,
+            "length_ratio": low <= claim["length_ratio_median"] <= high,
+        }
+        claim["passed"] = all(claim["checks"].values())
+        claim["thresholds"] = asdict(thresholds)
+        out[model] = claim
+    return out
+
+
+def _interval(ci: dict) -> str:
+    return f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"
+
+
+def reading(model: str, claim: dict) -> str:
+    """One plain sentence of what the intervals say, no stronger than they are."""
+    gap, mark = claim["minus_control"], claim["thresholds"]["control_gap_per"]
+    level = round(100 * claim["thresholds"]["level"])
+    if gap["high"] <= mark:
+        window = (f"the window costs at most {gap['high']:.3f} PER against the full-attention control "
+                  f"({level}% upper bound, within the {mark} mark)")
+    elif gap["low"] > 0:
+        window = (f"the window costs PER against the full-attention control: {_interval(gap)}, "
+                  f"the whole interval above 0, beyond the {mark} mark")
+    else:
+        window = (f"a window cost above the {mark} mark cannot be ruled out: PER against the control "
+                  f"{_interval(gap)} ({level}% interval over {gap['rows']} rows)")
+    failed = [name for name, ok in claim["checks"].items() if not ok]
+    verdict = "passes every threshold" if not failed else "misses " + ", ".join(failed)
+    return f"{model} at W = {claim['window']}: {window}; the student {verdict}."

@@ -1,0 +1,66 @@
+"""The results table's claims: bootstrap intervals against the normal approximation, paired per-row
+differences against a direct computation, and the fixed thresholds' checks."""
+
+import numpy as np
+import pytest
+
+from pipeline.evals.claims import bootstrap_ci, claims, per_row, reading, THRESHOLDS
+
+
+def test_bootstrap_interval_matches_the_normal_approximation():
+    values = np.random.default_rng(3).normal(0.05, 0.2, 400)
+    ci = bootstrap_ci(values)
+    half = 1.96 * values.std(ddof=1) / np.sqrt(len(values))  # independent: the CLT interval of the mean
+    assert ci["mean"] == pytest.approx(values.mean())
+    assert ci["low"] == pytest.approx(values.mean() - half, abs=0.2 * half)
+    assert ci["high"] == pytest.approx(values.mean() + half, abs=0.2 * half)
+    assert bootstrap_ci(values) == ci  # seeded: the same interval every run
+    with pytest.raises(ValueError, match="at least 2"):
+        bootstrap_ci([0.1])
+
+
+def run(model, variant, seed, pers, stopped=1.0, speaker=1.0, ratio=1.0, window=32):
+    rows = [{"id": f"r{i}", "per": p} for i, p in enumerate(pers)]
+    return {"model": model, "variant": variant, "seed": seed, "per_row": rows, "per": float(np.mean(pers)),
+            "substitutions": 0.0, "deletions": 0.0, "insertions": float(np.mean(pers)),
+            "speaker_accuracy_tokens": speaker, "stopped": stopped, "length_ratio_median": ratio,
+            "window": window}
+
+
+def test_paired_differences_average_the_seeds_inside_each_row():
+    rng = np.random.default_rng(0)
+    control = [rng.uniform(0, 0.3, 64) for _ in range(3)]
+    wand = [c + rng.normal(0.0, 0.01, 64) for c in control]
+    teacher = rng.uniform(0, 0.3, 64)
+    results = [run("m", "teacher", None, teacher)]
+    results += [run("m", "control", s, control[s]) for s in range(3)]
+    results += [run("m", "wand", s, wand[s]) for s in range(3)]
+    assert list(per_row(results, "m", "wand").values()) == pytest.approx(np.mean(wand, axis=0))
+    claim = claims(results)["m"]
+    direct = np.mean(wand, axis=0) - np.mean(control, axis=0)  # per row, seeds averaged
+    assert claim["minus_control"]["mean"] == pytest.approx(direct.mean())
+    assert claim["minus_control"] == bootstrap_ci(direct)
+    assert claim["minus_teacher"]["mean"] == pytest.approx((np.mean(wand, axis=0) - teacher).mean())
+    assert claim["checks"] == {"control_gap_per": True, "speaker": True, "stops": True, "length_ratio": True}
+    assert claim["passed"] and "passes every threshold" in reading("m", claim)
+
+
+def test_each_threshold_can_fail():
+    base = [0.1] * 32
+    worse = [0.2] * 16 + [0.1] * 16  # +0.05 PER on average, every difference >= 0
+    results = [run("m", "teacher", None, base), run("m", "control", 0, base),
+               run("m", "wand", 0, worse, stopped=0.9, speaker=0.95, ratio=1.3)]
+    claim = claims(results)["m"]
+    assert claim["checks"] == {"control_gap_per": False, "speaker": False, "stops": False, "length_ratio": False}
+    assert claim["minus_control"]["high"] > THRESHOLDS.control_gap_per and not claim["passed"]
+    assert "beyond the 0.02 mark" in reading("m", claim)
+    # A family without its control is not judged at all (no claim without the control).
+    assert claims([r for r in results if r["variant"] != "control"]) == {}
+
+
+def test_runs_scored_on_other_rows_are_refused():
+    results = [run("m", "teacher", None, [0.1, 0.2]), run("m", "control", 0, [0.1, 0.2]),
+               run("m", "wand", 0, [0.1, 0.2])]
+    results[2]["per_row"][1]["id"] = "other"
+    with pytest.raises(ValueError, match="different rows"):
+        claims(results)
