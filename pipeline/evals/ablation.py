@@ -35,19 +35,15 @@ from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
-from transformers import DynamicCache
-
 import wand
-from wand.batch import collate, forward_inputs
-from wand.cache import WandCache
+from wand.batch import collate
 from wand.curriculum import Curriculum
 from wand.distill import distill_loss
-from wand.generate import cache_kwarg_name
-from wand.profiling import cache_nbytes
 
 from pipeline.data.precompute import topk_of_rows
 from pipeline.data.shards import build_shard_table, shard_topk
 from pipeline.evals.common import DISTANCE_BUCKETS, speech_ids
+from pipeline.evals.decode import free_run, free_run_batch
 from pipeline.evals.quality import distance_bucket, position_scores
 from pipeline.synthetic.law import SyntheticTask
 from pipeline.synthetic.transcribe import score, speech_codes_of
@@ -56,6 +52,8 @@ __all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_st
            "forced", "score_variant", "run_ablation"]
 
 log = logging.getLogger("wand.ablation")
+
+DECODE_BATCH = 64  # free-running rows decoded together (the same tokens as one by one, tested)
 
 
 @dataclass(frozen=True)
@@ -162,46 +160,6 @@ def attention(variant: Variant, config: AblationConfig, prefix: int) -> tuple[in
     return variant.target(config)[0], (config.sinks if variant.attends == "sinks" else prefix)
 
 
-@torch.no_grad()
-def free_run(spec, model, row: dict, window: int | None, keep: int, stop: bool = False,
-             max_tokens: int | None = None) -> dict:
-    """Greedy decoding from the row's prefix, restricted to the speech codes (with ``stop``, also the
-    stop ids, and decoding ends at one), for ``max_tokens`` tokens at most (default: as many as the
-    row has); the cache is a WandCache keeping ``keep`` first tokens + ``window`` (None: the full
-    DynamicCache). Returns the tokens, their accuracy against the row (over the row's length),
-    per-step seconds and cache bytes."""
-    inputs = forward_inputs(spec, row, torch.device("cpu"))
-    prefix = inputs.pop("prefix_length")
-    ids = inputs.pop("input_ids")
-    truth = ids[0, prefix:]
-    codes = speech_ids(spec)
-    if stop:
-        codes = torch.cat([codes, torch.tensor(spec.stop_token_ids, dtype=codes.dtype)])
-    keep_t = torch.tensor([keep])
-    cache = WandCache(keep_t, window) if window is not None else DynamicCache()
-    kw = {cache_kwarg_name(model): cache, "prefix_lengths": keep_t, "window": window, "use_cache": True,
-          "model_prefix_lengths": torch.tensor([prefix])}
-    out = model(input_ids=ids[:, :prefix], **kw, **inputs)
-    token = codes[out.logits[0, -1, codes].argmax()].view(1, 1)
-    generated, seconds = [token], []
-    for _ in range((max_tokens or len(truth)) - 1):
-        if stop and int(token) in spec.stop_token_ids:
-            break
-        start = time.perf_counter()
-        out = model(input_ids=token, **kw)
-        token = codes[out.logits[0, -1, codes].argmax()].view(1, 1)
-        seconds.append(time.perf_counter() - start)
-        generated.append(token)
-    tokens = torch.cat(generated, 1)[0]
-    compared = torch.full_like(truth, -1)
-    compared[: min(len(tokens), len(truth))] = tokens[: len(truth)]  # stopped early: the rest count as wrong
-    wrong = torch.nonzero(compared != truth).flatten()
-    return {"accuracy": float((compared == truth).float().mean()), "step_seconds": seconds,
-            "stopped": bool(stop and int(tokens[-1]) in spec.stop_token_ids),
-            "matched": int(wrong[0]) if len(wrong) else len(truth),  # tokens before the first error
-            "cache_bytes": cache_nbytes(cache), "tokens": tokens}
-
-
 def latency_ratio(step_seconds: list[float], span: int = 48) -> float:
     """Median step time of the last ``span`` steps over that of ``span`` early steps (after 8 warm-up)."""
     early = step_seconds[8 : 8 + span]
@@ -216,8 +174,13 @@ def said(spec, model, variant: Variant, config: AblationConfig, rows: list[dict]
     rows carry their text and speaker, PER / speaker accuracy / law consistency (pipeline/synthetic/transcribe.py)."""
     # Up to twice the reference's length, as TTS evaluations decode to the end-of-speech token with
     # a generous cap: a model that speaks a little slower is not cut off mid-text.
-    runs = [free_run(spec, model, row, *attention(variant, config, row["prefix_length"]), stop=True,
-                     max_tokens=2 * (len(row["input_ids"]) - row["prefix_length"])) for row in rows]
+    window = attention(variant, config, 0)[0]
+    keeps = [attention(variant, config, row["prefix_length"])[1] for row in rows]
+    caps = [2 * (len(row["input_ids"]) - row["prefix_length"]) for row in rows]
+    runs = []
+    for start in range(0, len(rows), DECODE_BATCH):  # one left-padded batch decode per DECODE_BATCH rows
+        part = slice(start, start + DECODE_BATCH)
+        runs += free_run_batch(spec, model, rows[part], window, keeps[part], stop=True, max_tokens=caps[part])
     result = {"free_running_accuracy": float(np.mean([r["accuracy"] for r in runs])), "free_rows": len(runs),
               "stopped": float(np.mean([r["stopped"] for r in runs])),
               "free_running_matched": float(np.mean([r["matched"] for r in runs]))}

@@ -198,3 +198,33 @@ def test_the_full_attention_control_never_sees_a_window():
     b = train_student(spec, teacher, targets, control, replace(CONFIG, window=1, window_start=1))
     flat = lambda m: torch.cat([p.detach().flatten() for p in m.parameters()])  # noqa: E731
     assert torch.equal(flat(a), flat(b)) and not torch.equal(flat(a), flat(teacher))
+
+
+@pytest.mark.parametrize("name, trained", [("cosyvoice2", False), ("indextts", False), ("sparktts", False),
+                                           ("sparktts", True)])
+def test_a_batch_decode_says_what_each_row_says_alone(name, trained):
+    """The PER columns decode all rows in one left-padded batch: per row, the same tokens, stop,
+    accuracy and match as free_run on that row alone, for full attention, prefix + W and sinks + W.
+    The committed (trained) teacher stops, so the stop path is exercised too."""
+    from pathlib import Path
+
+    from pipeline.evals.decode import free_run_batch
+
+    spec, teacher, _, _ = setup(name)
+    if trained:
+        spec = get_spec(name, "mini")
+        teacher = wand.enable_wand(spec.load(str(Path(__file__).resolve().parents[2] / "teachers" / name)), None)
+    rows = synthetic_rows(spec, 4, seed=7, min_text=3, max_text=14, split="heldout")
+    assert len({r["prefix_length"] for r in rows}) > 1  # the batch really is left-padded
+    prefixes = [r["prefix_length"] for r in rows]
+    caps = [2 * (len(r["input_ids"]) - p) for r, p in zip(rows, prefixes)]
+    stopped = 0
+    for window, keeps in ((None, prefixes), (CONFIG.window, prefixes), (CONFIG.window, [CONFIG.sinks] * 4)):
+        batch = free_run_batch(spec, teacher, rows, window, keeps, stop=True, max_tokens=caps)
+        for b, row in enumerate(rows):
+            alone = free_run(spec, teacher, row, window, keeps[b], stop=True, max_tokens=caps[b])
+            assert batch[b]["tokens"].tolist() == alone["tokens"].tolist(), (window, keeps[b], b)
+            assert {k: batch[b][k] for k in ("stopped", "accuracy", "matched")} == \
+                {k: alone[k] for k in ("stopped", "accuracy", "matched")}
+            stopped += alone["stopped"]
+    assert stopped > 0 or not trained
