@@ -56,7 +56,9 @@ runs/corpus/syn-%/corpus.parquet: pipeline/synthetic/law.py jobs/make_synthetic_
 
 # The embedded default's teachers (committed under teachers/; this retrains them): one process per family.
 teachers: install
-	for m in $(MODELS); do $(PY) -m jobs.train_teachers --models $$m --threads 1 & done; wait
+	pids=""; for m in $(MODELS); do $(PY) -m jobs.train_teachers --models $$m --threads 1 & pids="$$pids $$!"; done; \
+	for p in $$pids; do wait $$p || exit 1; done
+	$(PY) -m jobs.train_teachers --table docs/results.md
 
 # Decoding with full attention vs WAND on tiny random models of the three backbones.
 demo-generate: install

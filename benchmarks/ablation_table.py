@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import platform
-import re
 import statistics
 import sys
 import time
@@ -34,6 +33,7 @@ from pathlib import Path
 import torch
 
 from pipeline.evals.ablation import AblationConfig, run_ablation, VARIANTS
+from pipeline.docblocks import replace_block
 from pipeline.evals.claims import claims, reading, THRESHOLDS
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
 from pipeline.synthetic.teachers import read_teacher_record
@@ -206,14 +206,6 @@ def merged(saved: list[dict]) -> dict:
             "teachers": {k: v for s in by_family for k, v in s["teachers"].items()},
             "long_form_notes": {k: v for s in by_family for k, v in s.get("long_form_notes", {}).items()},
             "results": [r for s in by_family for r in s["results"]]}
-
-
-def replace_block(path: Path, start: str, end: str, table: str) -> None:
-    text = path.read_text()
-    if start not in text or end not in text:
-        raise SystemExit(f"{path} has no {start} ... {end} block to replace")
-    block = f"{start}\n{table}\n{end}"
-    path.write_text(re.sub(re.escape(start) + r".*?" + re.escape(end), lambda _: block, text, flags=re.S))
 
 
 def write_tables(docs: Path, readme: Path, table: str, results: list[dict]) -> None:

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.docblocks import replace_block
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, spoken_quality, train_teacher
 from wand.models import CausalLMSpec, get_spec
@@ -64,6 +65,26 @@ def save_teacher(spec, model, directory: Path) -> list[Path]:
     return [spec.save_state_dict(model, directory)]  # CosyVoice 2 llm.pt, IndexTTS gpt.pth
 
 
+TABLE_START, TABLE_END = "<!-- teacher-table:start -->", "<!-- teacher-table:end -->"
+NAMES = {"cosyvoice2": "CosyVoice 2 (Qwen2)", "indextts": "IndexTTS (GPT-2)", "sparktts": "SparkTTS (Qwen2)"}
+
+
+def teacher_table(records: list[dict]) -> str:
+    """The docs' table of the committed teachers, from their teacher.json records."""
+    lines = ["| teacher (mini) | parameters | steps | held-out accuracy | inside phonemes | at phoneme starts | "
+             "PER (free-running) | sub / del / ins | speaker | stops | length | training |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in records:
+        q, t = r["heldout"], r["train"]
+        parts = " / ".join(f"{q[k]:.3f}" if k in q else "n/a" for k in ("substitutions", "deletions", "insertions"))
+        lines.append(f"| {NAMES[r['model']]} | {r['parameters']:,} | {t['steps']:,} | {q['accuracy']:.1%} | "
+                     f"{q['accuracy_inside_phonemes']:.1%} | **{q['accuracy_phoneme_starts']:.1%}** | "
+                     f"{q['per']:.3f} ({q['spoken_rows']} rows) | {parts} | {q['speaker_accuracy']:.3f} | "
+                     f"{q['stopped']:.2f} | {q.get('length_ratio_median', float('nan')):.2f} | "
+                     f"{t['seconds'] / 60:.0f} min, {t['threads']} thread(s), {t['device']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=FAMILIES, default=list(FAMILIES))
@@ -79,9 +100,17 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: run families side by side)")
     parser.add_argument("--output", type=Path, default=Path("teachers"))
     parser.add_argument("--rescore", action="store_true", help="score the teachers already in --output again, no training")
+    parser.add_argument("--table", type=Path, metavar="DOC",
+                        help="only render the teachers' table from --output's teacher.json files into DOC "
+                             "(between its teacher-table markers), no training")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.heldout < 1 or args.curve_every < 1:
         parser.error("--rows, --heldout and --curve-every must be >= 1")
+    if args.table:
+        records = [read_teacher_record(args.output / name) for name in args.models]
+        replace_block(args.table, TABLE_START, TABLE_END, teacher_table(records))
+        print(teacher_table(records))
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     task = SyntheticTask()

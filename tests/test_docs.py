@@ -48,6 +48,7 @@ def test_the_results_tables_are_rendered_from_the_saved_results():
     output file (re-render: python -m benchmarks.ablation_table --from-json <file>), not hand-kept."""
     import json
 
+    from pipeline.docblocks import read_block
     from benchmarks.ablation_table import END, HEADLINE_END, HEADLINE_START, START, headline, markdown
     from pipeline.evals.ablation import AblationConfig
 
@@ -55,9 +56,16 @@ def test_the_results_tables_are_rendered_from_the_saved_results():
     table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"],
                      saved.get("long_form_notes"))
 
-    def block(path: Path, start: str, end: str) -> str:
-        text = path.read_text()
-        return text[text.index(start) + len(start): text.index(end)].strip()
+    assert read_block(ROOT / "docs/results.md", START, END) == table
+    assert read_block(ROOT / "README.md", HEADLINE_START, HEADLINE_END) == headline(saved["results"])
 
-    assert block(ROOT / "docs/results.md", START, END) == table
-    assert block(ROOT / "README.md", HEADLINE_START, HEADLINE_END) == headline(saved["results"])
+
+def test_the_teachers_table_is_rendered_from_their_records():
+    """docs/results.md's teacher table is what `python -m jobs.train_teachers --table docs/results.md`
+    renders from the committed teacher.json files (which test_teachers checks against the weights)."""
+    from jobs.train_teachers import FAMILIES, TABLE_END, TABLE_START, teacher_table
+    from pipeline.docblocks import read_block
+    from pipeline.synthetic.teachers import read_teacher_record
+
+    records = [read_teacher_record(ROOT / "teachers" / name) for name in FAMILIES]
+    assert read_block(ROOT / "docs/results.md", TABLE_START, TABLE_END) == teacher_table(records)
