@@ -176,7 +176,9 @@ def said(spec, model, variant: Variant, config: AblationConfig, rows: list[dict]
     # a generous cap: a model that speaks a little slower is not cut off mid-text.
     window = attention(variant, config, 0)[0]
     keeps = [attention(variant, config, row["prefix_length"])[1] for row in rows]
-    caps = [2 * (len(row["input_ids"]) - row["prefix_length"]) for row in rows]
+    # The model's own limit too (IndexTTS's learned mel positions): a batch advances every row together.
+    limit = spec.max_generated_tokens or float("inf")
+    caps = [min(2 * (len(row["input_ids"]) - row["prefix_length"]), limit) for row in rows]
     runs = []
     for start in range(0, len(rows), DECODE_BATCH):  # one left-padded batch decode per DECODE_BATCH rows
         part = slice(start, start + DECODE_BATCH)

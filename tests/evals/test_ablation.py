@@ -228,3 +228,20 @@ def test_a_batch_decode_says_what_each_row_says_alone(name, trained):
                 {k: alone[k] for k in ("stopped", "accuracy", "matched")}
             stopped += alone["stopped"]
     assert stopped > 0 or not trained
+
+
+def test_free_running_stops_at_the_models_own_position_limit():
+    """IndexTTS has learned mel positions: a student that never stops is cut at its last position,
+    not at twice the reference (which would run past the positions and fail)."""
+    from pipeline.evals.ablation import said
+
+    spec, teacher, _, _ = setup("indextts")
+    limit = spec.max_generated_tokens
+    rows = [r for r in synthetic_rows(spec, 16, seed=3, min_text=55, max_text=58, split="heldout", alignment=True)
+            if 2 * (len(r["input_ids"]) - r["prefix_length"]) > limit][:2]  # rows where the cap matters
+    assert rows
+    with torch.no_grad():  # a model that never says the stop id
+        teacher.mel_head.bias[spec.stop_token_ids[0]] = -1e4
+    result = said(spec, teacher, VARIANTS[0], CONFIG, rows)
+    assert all(entry["tokens"] <= limit for entry in result["per_row"]) and len(result["per_row"]) == len(rows)
+    assert [entry["tokens"] for entry in result["per_row"]] == [limit] * len(rows)  # it ran to the cap
