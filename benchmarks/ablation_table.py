@@ -105,7 +105,8 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
             f"{cell(runs, 'speaker_accuracy_tokens')} | {cell(runs, 'stopped')} | {cell(runs, 'length_ratio_median')} | "
             f"{kib(r['kv_bytes_longest'])} | {cell(runs, 'latency_late_over_early')} |")
     lines.append("")
-    lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in VARIANTS) + ".")
+    ran = {r["variant"] for r in results}
+    lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in VARIANTS if v.name in ran) + ".")
     lines += ["", claims_markdown(results)]
     long_runs = [runs for runs in grouped(results) if "long_per" in runs[0]]
     if long_runs or notes:
