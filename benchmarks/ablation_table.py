@@ -1,21 +1,24 @@
-"""The results table: WAND against its ablations on the embedded default's trained teachers.
+"""The results table: WAND against the full-attention control and its ablations on the embedded default's teachers.
 
-    python -m benchmarks.ablation_table                      # all three families, writes docs/results.md's table and the README's headline
-    python -m benchmarks.ablation_table --models cosyvoice2 --steps 50 --no-readme   # a quick look
-    python -m benchmarks.ablation_table --from-json benchmarks/results/ablation_table.json   # re-render
+    make ablation                                            # the three families side by side, then one table
+    python -m benchmarks.ablation_table                      # all three in one process, writes docs/results.md and the README
+    python -m benchmarks.ablation_table --models cosyvoice2 --variants teacher control wand --seeds 0 --no-readme   # a quick look
+    python -m benchmarks.ablation_table --from-json runs/ablation/cosyvoice2.json runs/ablation/indextts.json runs/ablation/sparktts.json
 
 For each family: load the teacher from teachers/<model> (jobs/train_teachers.py), fine-tune the
-students (pipeline/evals/ablation.py: WAND, window only without KD, KD without curriculum; all from the
-teacher's weights, same rows, steps and lr) and score every variant, with the training-free
-StreamingLLM-style cache and the bare mask, on held-out synthetic rows (seed 1, never trained on).
-Columns: teacher-forced top-1 agreement with the teacher and KL(teacher || variant) by distance
-from the prefix (near < W <= mid < 4W <= far), teacher-forced and free-running accuracy against the
-corpus tokens, PER / speaker accuracy / law consistency of free-running decodes (pipeline/synthetic/transcribe.py),
-KV bytes after decoding the longest held-out utterance (float32 on CPU) and the per-step latency
-ratio (late / early) of that decode. Writes benchmarks/results/ablation_table.json
-the table between docs/results.md's ablation-table markers and its teacher-vs-WAND headline into
-the README. About 26 minutes on 2 CPU cores with the default 3 seeds and
-long form (measured); --seeds 0 --long-rows 0 takes about 13.
+students (pipeline/evals/ablation.py: the full-attention control, WAND, window only, KD without
+curriculum, fine-tuned sinks, WAND at W = 8; all from the teacher's weights, same fresh rows, steps,
+batches and lr) and score every variant, with the training-free StreamingLLM-style cache and the
+bare mask, on held-out synthetic rows (seed 1, never trained on). Columns: teacher-forced agreement
+with the teacher and KL by distance from the prefix, accuracy against the corpus tokens, PER (with
+substitutions / deletions / insertions), token-weighted speaker accuracy, stops and length ratio of
+free-running decodes (pipeline/synthetic/transcribe.py), KV bytes after decoding the longest
+held-out utterance and the per-step latency ratio of that decode; then the claims
+(pipeline/evals/claims.py: paired bootstrap intervals against fixed thresholds). Writes
+benchmarks/results/ablation_table.json (every row's figures), the table between docs/results.md's
+ablation-table markers and the headline into the README. Measured on 2 CPU cores: teacher, control,
+WAND (3 seeds) and the two training-free rows take about 21 minutes with the families side by side;
+all nine variants are estimated at about an hour.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ family's release format, so ``teacher_source: teachers/<model>`` loads it like a
 CosyVoice 2 ``llm.pt``, IndexTTS ``gpt.pth``, SparkTTS a transformers folder (safetensors). Next to
 it, ``teacher.json`` records the recipe and the measured held-out quality that tests check.
 Deterministic for the seeds on one machine (CPU float32). One process trains the families one after
-the other; `make teachers` runs the three side by side (20-24 minutes each on 2 cores, measured).
+the other; `make teachers` runs the three side by side (30-41 minutes each on 2 cores, measured) and
+renders docs/results.md's teacher table from their teacher.json (--table).
 """
 
 from __future__ import annotations
