@@ -38,6 +38,7 @@ import torch
 from pipeline.evals.ablation import AblationConfig, run_ablation, VARIANTS
 from pipeline.docblocks import replace_block
 from pipeline.evals.claims import claims, reading, THRESHOLDS
+from pipeline.evals.common import FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
 from pipeline.synthetic.teachers import read_teacher_record
 from wand.models import get_spec
@@ -176,7 +177,6 @@ def long_form_rows(spec, task: SyntheticTask, n: int, seed: int) -> tuple[list[d
 
 
 HEADLINE_START, HEADLINE_END = "<!-- headline-table:start -->", "<!-- headline-table:end -->"
-FAMILY_NAMES = {"cosyvoice2": "CosyVoice 2", "indextts": "IndexTTS 1.5", "sparktts": "SparkTTS"}
 
 
 def headline(results: list[dict]) -> str:

@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 
 from pipeline.docblocks import replace_block
+from pipeline.evals.common import FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, spoken_quality, train_teacher
 from wand.models import CausalLMSpec, get_spec
@@ -67,7 +68,6 @@ def save_teacher(spec, model, directory: Path) -> list[Path]:
 
 
 TABLE_START, TABLE_END = "<!-- teacher-table:start -->", "<!-- teacher-table:end -->"
-NAMES = {"cosyvoice2": "CosyVoice 2 (Qwen2)", "indextts": "IndexTTS (GPT-2)", "sparktts": "SparkTTS (Qwen2)"}
 
 
 def teacher_table(records: list[dict]) -> str:
@@ -78,7 +78,8 @@ def teacher_table(records: list[dict]) -> str:
     for r in records:
         q, t = r["heldout"], r["train"]
         parts = " / ".join(f"{q[k]:.3f}" if k in q else "n/a" for k in ("substitutions", "deletions", "insertions"))
-        lines.append(f"| {NAMES[r['model']]} | {r['parameters']:,} | {t['steps']:,} | {q['accuracy']:.1%} | "
+        backbone = get_spec(r["model"], r["size"]).backbone_config().model_type  # from the spec, not a list
+        lines.append(f"| {FAMILY_NAMES[r['model']]} ({backbone}) | {r['parameters']:,} | {t['steps']:,} | {q['accuracy']:.1%} | "
                      f"{q['accuracy_inside_phonemes']:.1%} | **{q['accuracy_phoneme_starts']:.1%}** | "
                      f"{q['per']:.3f} ({q['spoken_rows']} rows) | {parts} | {q['speaker_accuracy']:.3f} | "
                      f"{q['stopped']:.2f} | {q.get('length_ratio_median', float('nan')):.2f} | "

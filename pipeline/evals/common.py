@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 DISTANCE_BUCKETS = ("near", "mid", "far")  # generated index d < W, W <= d < 4W, d >= 4W
+FAMILY_NAMES = {"cosyvoice2": "CosyVoice 2", "indextts": "IndexTTS 1.5", "sparktts": "SparkTTS"}  # for tables
 
 
 @dataclass

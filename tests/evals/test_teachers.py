@@ -94,6 +94,8 @@ def test_indextts_small_presets_have_no_dropout():
         assert (config.embd_pdrop, config.resid_pdrop, config.attn_pdrop) == (0.0, 0.0, 0.0), size
     real = get_spec("indextts", "real").backbone_config()
     assert real.resid_pdrop == 0.1  # GPT2Config's default, as upstream builds it
+    for name in ("cosyvoice2", "sparktts"):  # what teacher.json's "dropout" says of the Qwen2 families
+        assert get_spec(name, "mini").build().config.attention_dropout == 0.0, name
 
 
 @pytest.mark.parametrize("name", sorted(STATED))
