@@ -91,10 +91,10 @@ def free_run_batch(spec, model, rows: list[dict], window: int | None, keeps: lis
     kw = {cache_kwarg_name(model): cache, "prefix_lengths": keep_t, "window": window, "use_cache": True,
           "model_prefix_lengths": torch.tensor(prefixes)}
     out = model(input_ids=ids, attention_mask=mask, **kw, **spec.row_inputs(rows, torch.device("cpu")))
-    stops = torch.tensor(spec.stop_token_ids)
+    stops, caps_t = torch.tensor(spec.stop_token_ids), torch.tensor(caps)
     columns = [codes[out.logits[:, -1, codes].argmax(-1)]]
     done = torch.isin(columns[0], stops) if stop else torch.zeros(len(rows), dtype=torch.bool)
-    done |= torch.tensor(caps) <= 1
+    done |= caps_t <= 1
     while not bool(done.all()):
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
         out = model(input_ids=columns[-1][:, None], attention_mask=mask, **kw)
@@ -102,7 +102,7 @@ def free_run_batch(spec, model, rows: list[dict], window: int | None, keeps: lis
         columns.append(token)
         if stop:
             done |= torch.isin(token, stops)
-        done |= torch.tensor(caps) <= len(columns)
+        done |= caps_t <= len(columns)
     generated = torch.stack(columns, 1)
     results = []
     for b, (row, p) in enumerate(zip(rows, prefixes)):
