@@ -35,7 +35,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evals.ablation import AblationConfig, run_ablation, VARIANTS
+from pipeline.evals.ablation import AblationConfig, run_ablation, variant_named, VARIANTS
 from pipeline.docblocks import replace_block
 from pipeline.evals.claims import claims, reading, THRESHOLDS
 from pipeline.evals.common import FAMILY_NAMES
@@ -109,8 +109,8 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
             f"{cell(runs, 'speaker_accuracy_tokens')} | {cell(runs, 'stopped')} | {cell(runs, 'length_ratio_median')} | "
             f"{kib(r['kv_bytes_longest'])} | {cell(runs, 'latency_late_over_early')} |")
     lines.append("")
-    ran = {r["variant"] for r in results}
-    lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in VARIANTS if v.name in ran) + ".")
+    ran = [variant_named(name) for name in dict.fromkeys(r["variant"] for r in results)]
+    lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in ran) + ".")
     lines += ["", claims_markdown(results)]
     long_runs = [runs for runs in grouped(results) if "long_per" in runs[0]]
     if long_runs or notes:
@@ -138,6 +138,18 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
     return "\n".join(lines)
 
 
+def wand_variants(results: list[dict]) -> list[str]:
+    """The WAND students in ``results``: the headline's ``wand`` first, then ``wand_w<N>`` by W."""
+    names = {r["variant"]: r["window"] for r in results if r["variant"] == "wand" or r["variant"].startswith("wand_w")}
+    return sorted(names, key=lambda name: (name != "wand", names[name]))
+
+
+def variant_order(name: str) -> tuple[int, int]:
+    """Table order: ``VARIANTS``' order, then the window sweep's ``wand_w<N>`` by W."""
+    names = [v.name for v in VARIANTS]
+    return (names.index(name), 0) if name in names else (len(names), variant_named(name).window)
+
+
 def claims_markdown(results: list[dict]) -> str:
     """The claims table (pipeline/evals/claims.py) and its plain readings, for WAND and the W = 8 stress row."""
     t = THRESHOLDS
@@ -149,7 +161,7 @@ def claims_markdown(results: list[dict]) -> str:
              "| model | variant | W | WAND - control PER | WAND - teacher PER | speaker | stops | length | passes |",
              "|---|---|---|---|---|---|---|---|---|"]
     readings = []
-    for variant in ("wand", "wand_w8"):
+    for variant in wand_variants(results):
         for model, c in claims(results, variant=variant).items():
             interval = lambda ci: f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"  # noqa: E731
             lines.append(f"| {model} | {variant} | {c['window']} | {interval(c['minus_control'])} | "
@@ -200,16 +212,26 @@ def headline(results: list[dict]) -> str:
 
 
 def merged(saved: list[dict]) -> dict:
-    """Several --output files (one family each, run side by side) as one: results in family order."""
+    """Several --output files as one (one family each, run side by side; or more variants of a family run
+    later): results in family order, then table order; minutes summed per family."""
     if len(saved) == 1:
         return saved[0]
     if len({s["device"] for s in saved}) > 1:
         raise SystemExit("the files were measured on different devices: " + ", ".join(s["device"] for s in saved))
-    by_family = sorted(saved, key=lambda s: min(FAMILIES.index(r["model"]) for r in s["results"]))
-    return {"device": by_family[0]["device"], "minutes": {k: v for s in by_family for k, v in s["minutes"].items()},
-            "teachers": {k: v for s in by_family for k, v in s["teachers"].items()},
-            "long_form_notes": {k: v for s in by_family for k, v in s.get("long_form_notes", {}).items()},
-            "results": [r for s in by_family for r in s["results"]]}
+    results = [r for s in saved for r in s["results"]]
+    seen = [(r["model"], r["variant"], r["seed"]) for r in results]
+    twice = sorted({key for key in seen if seen.count(key) > 1}, key=str)
+    if twice:
+        raise SystemExit(f"the files hold the same (model, variant, seed) more than once: {twice}")
+    minutes: dict = {}
+    for s in saved:
+        for k, v in s["minutes"].items():
+            minutes[k] = round(minutes.get(k, 0) + v, 1)
+    results.sort(key=lambda r: (FAMILIES.index(r["model"]), variant_order(r["variant"])))  # stable: seeds stay in order
+    return {"device": saved[0]["device"], "minutes": {k: minutes[k] for k in FAMILIES if k in minutes},
+            "teachers": {k: v for s in saved for k, v in s["teachers"].items()},
+            "long_form_notes": {k: v for s in saved for k, v in s.get("long_form_notes", {}).items()},
+            "results": results}
 
 
 def write_tables(docs: Path, readme: Path, table: str, results: list[dict]) -> None:
@@ -231,8 +253,9 @@ def main(argv=None) -> int:
                         help=f"fine-tuning utterances (seed {FRESH_SEED}: fresh, not the teachers' own)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out utterances (seed 1) scored teacher-forced")
     parser.add_argument("--free-rows", type=int, default=64, help="held-out utterances decoded free-running")
-    parser.add_argument("--variants", nargs="+", choices=[v.name for v in VARIANTS], default=[v.name for v in VARIANTS],
-                        help="the table's rows (default: all)")
+    parser.add_argument("--variants", nargs="+", default=[v.name for v in VARIANTS],
+                        help=f"the table's rows (default: all): {', '.join(v.name for v in VARIANTS)}; "
+                             "wand_w<N>: WAND at W = N (the window sweep)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                         help="seeds of each trained student (its batches): the table shows mean ± sd")
     parser.add_argument("--long-rows", type=int, default=4,
@@ -266,7 +289,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
     results, teachers, notes, minutes = [], {}, {}, {}
-    variants = [v for v in VARIANTS if v.name in args.variants]
+    try:
+        variants = sorted({name: variant_named(name) for name in args.variants}.values(),
+                          key=lambda v: variant_order(v.name))
+    except ValueError as e:
+        parser.error(f"--variants: {e}")
     start = time.perf_counter()
     for name in args.models:
         directory = args.teachers / name

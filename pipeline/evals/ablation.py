@@ -23,6 +23,8 @@ and lr; W is the config's target window unless the variant sets its own):
   StreamingLLM paper.
 - ``mask_only``: the teacher under the WAND mask (prefix + W) without fine-tuning.
 - ``wand_w8``: WAND at W = 8 (curriculum 32 -> 8), a stress row: about two phonemes of history.
+- ``wand_w<N>`` (any N, by name: ``variant_named``): WAND at W = N (curriculum 4N -> N), for the
+  window sweep the chooser is checked against.
 """
 
 from __future__ import annotations
@@ -48,8 +50,8 @@ from pipeline.evals.quality import distance_bucket, position_scores
 from pipeline.synthetic.law import SyntheticTask
 from pipeline.synthetic.transcribe import score, speech_codes_of
 
-__all__ = ["AblationConfig", "Variant", "VARIANTS", "teacher_targets", "train_student", "free_run", "said",
-           "forced", "score_variant", "run_ablation"]
+__all__ = ["AblationConfig", "Variant", "VARIANTS", "wand_at", "variant_named", "teacher_targets", "train_student",
+           "free_run", "said", "forced", "score_variant", "run_ablation"]
 
 log = logging.getLogger("wand.ablation")
 
@@ -102,6 +104,25 @@ VARIANTS = (
     Variant("mask_only", "prefix + W on the teacher, no fine-tuning"),
     Variant("wand_w8", "WAND at W = 8 (curriculum 32 -> 8): stress row", train=True, window=8, window_start=32),
 )
+
+
+def wand_at(window: int) -> Variant:
+    """WAND at its own W (curriculum 4W -> W, the headline's ratio): a row of the window sweep."""
+    if window < 1:
+        raise ValueError(f"window must be >= 1, got {window}")
+    return Variant(f"wand_w{window}", f"WAND at W = {window} (curriculum {4 * window} -> {window})", train=True,
+                   window=window, window_start=4 * window)
+
+
+def variant_named(name: str) -> Variant:
+    """A variant of ``VARIANTS`` by name, or ``wand_w<N>``: WAND at W = N (``wand_at``)."""
+    for variant in VARIANTS:
+        if variant.name == name:
+            return variant
+    window = name.removeprefix("wand_w")
+    if name.startswith("wand_w") and window.isdigit() and int(window) >= 1:
+        return wand_at(int(window))
+    raise ValueError(f"unknown variant {name!r}: one of {', '.join(v.name for v in VARIANTS)}, or wand_w<N> (WAND at W = N)")
 
 
 def teacher_targets(spec, teacher, rows: list[dict], k: int, value_dtype: str = "float16") -> list[dict]:
