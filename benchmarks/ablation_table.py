@@ -139,9 +139,9 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
 
 
 def wand_variants(results: list[dict]) -> list[str]:
-    """The WAND students in ``results``: the headline's ``wand`` first, then ``wand_w<N>`` by W."""
-    names = {r["variant"]: r["window"] for r in results if r["variant"] == "wand" or r["variant"].startswith("wand_w")}
-    return sorted(names, key=lambda name: (name != "wand", names[name]))
+    """The WAND students in ``results``, in table order: ``wand`` (the headline), ``wand_hold``, ``wand_w<N>`` by W."""
+    names = {r["variant"] for r in results if r["variant"] == "wand" or r["variant"].startswith("wand_")}
+    return sorted(names, key=variant_order)
 
 
 def variant_order(name: str) -> tuple[int, int]:

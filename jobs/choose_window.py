@@ -1,14 +1,17 @@
-"""Choose W before training: the teacher's attention mass on the prefix + the last W generated tokens.
+"""Choose W before training: what each W costs the teacher (the bare mask's agreement) and saves (KV).
 
     python -m jobs.choose_window --config jobs/configs/tiny.yaml --only cosyvoice2 --root "$PWD"
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \
         python -m jobs.choose_window --config jobs/configs/paper.yaml --only cosyvoice2 --rows 64 --device cuda
 
-Runs the experiment's teacher (full attention, `teacher_source`) on a seeded sample of its corpus and
-prints, per W, the mean share of each generated query's attention on the prefix and on the last W
-tokens (overall and its lowest layer), the smallest W keeping 90 / 95 / 99% of it, and the
-recommended `curriculum.window_target` (95%) and `curriculum.window_start` (4x). With tracking on it logs them
-as a `choose-window` child of the experiment's parent run.
+Runs the experiment's teacher (`teacher_source`) on a seeded sample of its corpus and prints, per W:
+the bare WAND mask's top-1 agreement and KL against the same teacher with full attention
+(teacher-forced, at the positions the window cuts), the KV cache saved at the median row, and the
+teacher's attention mass on the prefix and on the last W tokens (the paper's Table 2, a reading aid).
+Recommends `curriculum.window_target`: the smallest W whose bare-mask agreement reaches
+MIN_AGREEMENT (pipeline/evals/window_choice.py, calibrated on the results table's window sweep), and
+`curriculum.window_start` (4x); says so when that W saves little. With tracking on it logs them as a
+`choose-window` child of the experiment's parent run.
 """
 
 from __future__ import annotations
@@ -68,6 +71,8 @@ def main(argv: list[str] | None = None) -> int:
             "prefix": [m.prefix for m in choice.masses], "window_share": [m.window_share for m in choice.masses],
             "layers": [list(m.layers) for m in choice.masses], "rows": [r["id"] for r in rows],
             "smallest": {str(c): w for c, w in choice.smallest.items()},
+            "mask_agreement": [q.agreement for q in choice.qualities], "mask_kl": [q.kl for q in choice.qualities],
+            "kv_saving": [q.kv_saving for q in choice.qualities], "notes": choice.notes,
             "window_target": choice.window_target, "window_start": choice.window_start}, indent=2))
     return 0
 

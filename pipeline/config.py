@@ -67,6 +67,7 @@ class TrainConfig(BaseModel):
     tau_end: float | None = Field(1e4, gt=0, description="None: hard mask every step (no soft curriculum)")
     lr: float = Field(1e-5, gt=0)
     warmup_fraction: float = Field(0.03, ge=0, lt=1)
+    hold_fraction: float = Field(0.0, ge=0, lt=1, description="the last steps at the target W (0: the paper's cosine)")
     weight_decay: float = Field(0.0, ge=0)
     kd_kind: str = Field("skew_fkl", description=f"one of {', '.join(KD_KINDS)}")
     kd_weight: float = Field(1.0, ge=0, description="lambda: loss = CE + lambda x KD")
@@ -140,7 +141,8 @@ class TrainConfig(BaseModel):
     def curriculum(self, total_steps: int) -> Curriculum:
         return Curriculum(total_steps=total_steps, window_start=self.window_start,
                           window_target=self.resolved_window_target(), tau_start=self.tau_start,
-                          tau_end=self.tau_end, lr=self.lr, warmup_fraction=self.warmup_fraction)
+                          tau_end=self.tau_end, lr=self.lr, warmup_fraction=self.warmup_fraction,
+                          hold_fraction=self.hold_fraction)
 
     def run_name(self, stage: int) -> str:
         return f"{self.experiment}-stage{stage}"
@@ -290,7 +292,8 @@ SHARED = ("experiment", "model", "model_size", "teacher_source", "teacher_seed",
           "s3_endpoint")
 
 
-CURRICULUM = ("stages", "epochs", "window_start", "window_target", "tau_start", "tau_end", "lr", "warmup_fraction")
+CURRICULUM = ("stages", "epochs", "window_start", "window_target", "tau_start", "tau_end", "lr", "warmup_fraction",
+              "hold_fraction")
 
 
 PRECOMPUTE = tuple(n for n in PrecomputeConfig.model_fields if n not in SHARED)

@@ -15,6 +15,8 @@ and lr; W is the config's target window unless the variant sets its own):
 - ``control``: the full-attention fine-tune: the same recipe (CE + KD, same steps) with no window,
   so a student-vs-control gap is the window's effect, not the recipe's.
 - ``wand``: prefix + last W generated tokens; W shrinks on the curriculum, soft mask tau, CE + KD.
+- ``wand_hold``: WAND whose curriculum ends at half the steps, then trains at the target W: the
+  paper's cosine reaches the target only in the last steps, at a near-zero lr (``wand.curriculum``).
 - ``window_only``: the same curriculum and mask, CE only (no teacher).
 - ``kd_no_curriculum``: CE + KD with the hard mask at the target W from the first step.
 - ``sinks``: StreamingLLM-style attention sinks (the first 4 tokens) + the last W, no prefix,
@@ -87,6 +89,7 @@ class Variant:
     attends: str = "prefix"  # "full" | "prefix" (prefix + W) | "sinks" (first tokens + W)
     window: int | None = None  # its own target W and curriculum start (None: the config's)
     window_start: int | None = None
+    hold: float = 0.0  # the curriculum's hold_fraction (wand.curriculum): the last steps at the target W
 
     def target(self, config: AblationConfig) -> tuple[int, int]:
         """(target W, curriculum start) of this variant under ``config``."""
@@ -97,6 +100,8 @@ VARIANTS = (
     Variant("teacher", "teacher, full attention", attends="full"),
     Variant("control", "full-attention fine-tune: CE + KD, same steps, no window", train=True, attends="full"),
     Variant("wand", "WAND: prefix + W, curriculum + KD", train=True),
+    Variant("wand_hold", "WAND, the curriculum over the first half of the steps, then the target W held",
+            train=True, hold=0.5),
     Variant("window_only", "prefix + W, curriculum, no KD (CE only)", train=True, kd_weight=0.0),
     Variant("kd_no_curriculum", "prefix + W, KD, target W from step 0", train=True, curriculum=False),
     Variant("sinks", "4 sinks + W, no prefix, fine-tuned (curriculum + KD)", train=True, attends="sinks"),
@@ -136,7 +141,7 @@ def curriculum_for(variant: Variant, config: AblationConfig) -> Curriculum:
     """The variant's lr / window / tau per step (the full-attention control reads only the lr)."""
     window, start = variant.target(config)
     if variant.curriculum and variant.attends != "full":
-        return Curriculum(config.steps, start, window, lr=config.lr)
+        return Curriculum(config.steps, start, window, lr=config.lr, hold_fraction=variant.hold)
     return Curriculum(config.steps, window, window, tau_end=None, lr=config.lr)
 
 

@@ -31,10 +31,12 @@ def window_chooser(spec, teacher, rows: list[dict], windows: list[int], device: 
     except ValueError as err:
         raise ValueError(f"evaluate.{err}") from None
     masses, notes = choice.masses, choice.notes
-    table = {"window": [m.window for m in masses], "prefix_share": [m.prefix for m in masses],
-             "window_share": [m.window_share for m in masses], "kept": [m.kept for m in masses],
-             "dropped": [m.dropped for m in masses], "queries": [m.queries for m in masses]}
-    metrics = {f"attn_kept_w{m.window}": m.kept for m in masses}
+    table = {"window": [m.window for m in masses], "mask_agreement": [q.agreement for q in choice.qualities],
+             "mask_kl": [q.kl for q in choice.qualities], "kv_saving": [q.kv_saving for q in choice.qualities],
+             "prefix_share": [m.prefix for m in masses], "window_share": [m.window_share for m in masses],
+             "kept": [m.kept for m in masses], "dropped": [m.dropped for m in masses],
+             "queries": [m.queries for m in masses]}
+    metrics = choice.metrics()
     fig, ax = new_figure(f"{spec.name} ({spec.size}): teacher attention mass by window", "W", "share of attention mass")
     labels = [str(m.window) for m in masses]
     ax.bar(labels, table["prefix_share"], label="prefix")

@@ -46,3 +46,37 @@ def test_a_run_in_two_files_is_refused():
     with pytest.raises(SystemExit, match="more than once"):
         merged([saved({"cosyvoice2": 1.0}, result("cosyvoice2", "wand", 0)),
                 saved({"cosyvoice2": 1.0}, result("cosyvoice2", "wand", 0))])
+
+
+def claimed(model, variant, window, per, seeds=(0, 1), stopped=1.0, rows=8):
+    """Results of one variant whose every row has PER ``per`` (a list: one per row)."""
+    return [{"model": model, "variant": variant, "seed": seed, "window": window, "per": sum(per) / rows,
+             "substitutions": 0.0, "deletions": 0.0, "insertions": 0.0, "speaker_accuracy_tokens": 1.0,
+             "stopped": stopped, "length_ratio_median": 1.0,
+             "per_row": [{"id": f"r{i}", "per": p} for i, p in enumerate(per)]} for seed in seeds]
+
+
+def test_the_chooser_is_judged_by_the_smallest_w_whose_student_passes():
+    from benchmarks.window_chooser import side_by_side, smallest_passing, table_verdicts
+
+    base = [0.1 * (i % 3) for i in range(8)]
+    results = (claimed("cosyvoice2", "teacher", None, base, seeds=(None,)) + claimed("cosyvoice2", "control", None, base)
+               + claimed("cosyvoice2", "wand_w8", 8, [p + 0.5 for p in base])  # clearly worse: fails
+               + claimed("cosyvoice2", "wand", 32, base, stopped=0.9)  # same PER, but stops too rarely
+               + claimed("cosyvoice2", "wand_w64", 64, base)  # passes
+               + claimed("cosyvoice2", "wand_w128", 128, base))
+    verdicts = table_verdicts(results)
+    assert verdicts["cosyvoice2"] == {8: {"passed": False, "missed": ["control_gap_per"]},
+                                      32: {"passed": False, "missed": ["stops"]},
+                                      64: {"passed": True, "missed": []}, 128: {"passed": True, "missed": []}}
+    assert smallest_passing(verdicts["cosyvoice2"]) == 64
+    chooser = {"cosyvoice2": {"windows": [8, 32, 64, 128], "mask_agreement": [0.7, 0.8, 0.95, 0.99],
+                              "window_target": 64, "kv_saving_at_target": 0.5}}
+    row = side_by_side(chooser, verdicts).splitlines()[-1]
+    assert row.startswith("| CosyVoice 2 | 64, 50% | 0.700 / 0.800 / 0.950 / 0.990 | fail (control_gap_per) / "
+                          "fail (stops) / pass / pass | 64 | yes |")
+    chooser["cosyvoice2"]["window_target"] = 32
+    assert side_by_side(chooser, verdicts).endswith("| no (chooser 32, table 64) |")
+    none_pass = {"cosyvoice2": {w: {"passed": False, "missed": ["speaker"]} for w in (8, 32, 64, 128)}}
+    chooser["cosyvoice2"]["window_target"] = 256
+    assert side_by_side(chooser, none_pass).endswith("| none up to 128 | yes: none up to 128 passes, the chooser asks for more |")

@@ -16,6 +16,18 @@ def test_window_follows_the_paper_cosine():
         assert c.window(t) == round(128 - (1 - math.cos(math.pi * t / 100)) / 2 * 96)
 
 
+def test_a_hold_ends_the_window_and_tau_schedule_early_and_keeps_the_lr():
+    plain, held = Curriculum(total_steps=101, window_start=128, window_target=32), \
+        Curriculum(total_steps=202, window_start=128, window_target=32, hold_fraction=0.5)
+    # The first 101 steps of the held schedule are the whole 101-step schedule; then the target, hard.
+    assert [held.window(s) for s in range(101)] == [plain.window(s) for s in range(101)]
+    assert [held.tau(s) for s in range(101)] == pytest.approx([plain.tau(s) for s in range(101)])
+    assert {held.window(s) for s in range(100, 202)} == {32}
+    assert [held.tau(s) for s in range(100, 202)] == pytest.approx([1e4] * 102)
+    unheld = Curriculum(total_steps=202, window_start=128, window_target=32)
+    assert [held.learning_rate(s) for s in range(202)] == [unheld.learning_rate(s) for s in range(202)]
+
+
 def test_tau_is_log_interpolated():
     c = Curriculum(total_steps=11, tau_start=0.5, tau_end=5e3)
     assert c.tau(0) == pytest.approx(0.5) and c.tau(10) == pytest.approx(5e3)
@@ -43,7 +55,8 @@ def test_stages_concatenate_to_the_unsplit_schedule(total, count):
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(total_steps=0), "total_steps"), (dict(total_steps=10, window_target=200), "window_target"),
-     (dict(total_steps=10, tau_start=0), "tau_start"), (dict(total_steps=10, lr=0), "lr")],
+     (dict(total_steps=10, tau_start=0), "tau_start"), (dict(total_steps=10, lr=0), "lr"),
+     (dict(total_steps=10, hold_fraction=1.0), "hold_fraction")],
 )
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
