@@ -23,7 +23,8 @@ import pyarrow as pa
 
 from wand.models import ModelSpec
 
-__all__ = ["REQUIRED_COLUMNS", "CHECK_SCHEMA", "RowChecker", "check_batch", "required_columns", "row_hash"]
+__all__ = ["REQUIRED_COLUMNS", "CHECK_SCHEMA", "RowChecker", "check_batch", "required_columns", "row_hash",
+           "row_hashes"]
 
 REQUIRED_COLUMNS = ("id", "input_ids", "prefix_length")
 CHECK_SCHEMA = pa.schema([("id", pa.string()), ("path", pa.string()), ("length", pa.int64()),
@@ -109,3 +110,26 @@ def row_hash(row: dict) -> str:
     if row.get("conditioning_latents") is not None:
         digest.update(np.asarray(row["conditioning_latents"], dtype=np.float32).tobytes())
     return digest.hexdigest()
+
+
+def row_hashes(ids: list, flat: np.ndarray, offsets: np.ndarray, prefix: np.ndarray,
+               latents: np.ndarray | None = None) -> list[str]:
+    """``row_hash`` of every row of a flat batch (row i: ``flat[offsets[i]:offsets[i + 1]]``, its prefix
+    length and its slice of ``latents``), the same digests without a dict or an array per row: the
+    corpus builder's hot loop at a million rows."""
+    data = memoryview(np.ascontiguousarray(flat, dtype=np.int64)).cast("B")
+    bounds = (8 * np.asarray(offsets, dtype=np.int64)).tolist()
+    lat, width = None, 0
+    if latents is not None:
+        lat = memoryview(np.ascontiguousarray(latents, dtype=np.float32)).cast("B")
+        width = 4 * (len(latents) // max(1, len(ids)))
+    sha256 = hashlib.sha256
+    out = []
+    for i, (row_id, p) in enumerate(zip(ids, np.asarray(prefix).tolist())):
+        digest = sha256(str(row_id).encode())
+        digest.update(data[bounds[i]:bounds[i + 1]])
+        digest.update(str(p).encode())
+        if lat is not None:
+            digest.update(lat[i * width:(i + 1) * width])
+        out.append(digest.hexdigest())
+    return out

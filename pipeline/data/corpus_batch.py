@@ -20,8 +20,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pj
 
-from pipeline.data.corpus import row_hash
+from pipeline.data.corpus import row_hashes
 from pipeline.data.corpus_builder import code_count, RowError
+from wand.models import ModelSpec
 
 __all__ = ["BatchBuilder"]
 
@@ -147,16 +148,19 @@ class BatchBuilder:
         if latents is not None:  # as build_row stores them: float32 values as Python floats (list<double>)
             rows["conditioning_latents"] = pa.ListArray.from_arrays(
                 pa.array(np.arange(n + 1, dtype=np.int32) * width), pa.array(latents.astype(np.float64)))
-        hashes = []
-        for i in range(n):
-            row = {"id": id_list[i], "input_ids": flat[offsets[i]:offsets[i + 1]], "prefix_length": int(prefix[i]),
-                   "prompt_length": int(prompt_len[i])}
-            if latents is not None:
-                row["conditioning_latents"] = latents[i * width:(i + 1) * width]
-            if self.spec.row_problem(row):  # the model's own limits (lengths, latents, text tokens)
+        if type(self.spec).row_problem is ModelSpec.row_problem:  # the base limits, on the whole chunk at once
+            limit, context = self.spec.max_generated_tokens, self.spec.backbone_positions
+            if (limit is not None and (lengths - prefix > limit).any()) or (context is not None and (lengths > context).any()):
                 return None
-            hashes.append(row_hash(row))
-        return pa.table(rows), hashes
+        else:  # a model with limits of its own (IndexTTS's text tokens): its check, row by row
+            for i in range(n):
+                row = {"id": id_list[i], "input_ids": flat[offsets[i]:offsets[i + 1]], "prefix_length": int(prefix[i]),
+                       "prompt_length": int(prompt_len[i])}
+                if latents is not None:
+                    row["conditioning_latents"] = latents[i * width:(i + 1) * width]
+                if self.spec.row_problem(row):
+                    return None
+        return pa.table(rows), row_hashes(id_list, flat, offsets, prefix, latents)
 
     def _assemble(self, variable: dict, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """The plan over the whole chunk: flat ids, row offsets, prefix lengths."""

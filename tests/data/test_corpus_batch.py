@@ -6,6 +6,7 @@ checks give, and must hand every record they refuse back (None) rather than acce
 import json
 import random
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -167,3 +168,21 @@ def test_duplicate_id_buckets_are_the_same_for_an_id_wherever_it_is():
     assert buckets_of(pa.array(ids).slice(7, 50), 13).tolist() == want[7:57]
     assert buckets_of(pa.chunked_array([ids[:3], ids[3:]]), 13).tolist() == want
     assert len(set(want)) == 13  # spread over every bucket
+
+
+@pytest.mark.parametrize("with_latents", [False, True])
+def test_batch_row_hashes_are_the_per_row_hashes(with_latents):
+    from pipeline.data.corpus import row_hash, row_hashes
+
+    rng = np.random.default_rng(3)
+    lengths = rng.integers(1, 40, 50)
+    offsets = np.concatenate([[0], np.cumsum(lengths)])
+    flat = rng.integers(0, 70_000, int(offsets[-1]))
+    prefix = rng.integers(1, 5, 50)
+    ids = [f"utt-{i}-é" for i in range(50)]
+    latents = rng.normal(size=50 * 6).astype(np.float32) if with_latents else None
+    rows = [{"id": ids[i], "input_ids": flat[offsets[i]:offsets[i + 1]].tolist(), "prefix_length": int(prefix[i]),
+             **({"conditioning_latents": latents[6 * i:6 * (i + 1)].tolist()} if with_latents else {})}
+            for i in range(50)]
+    assert row_hashes(ids, flat, offsets, prefix, latents) == [row_hash(r) for r in rows]
+    assert len(set(row_hashes(ids, flat, offsets, prefix, latents))) == 50
