@@ -191,23 +191,32 @@ def long_form_rows(spec, task: SyntheticTask, n: int, seed: int) -> tuple[list[d
 HEADLINE_START, HEADLINE_END = "<!-- headline-table:start -->", "<!-- headline-table:end -->"
 
 
+HEADLINE_RECIPES = {"wand": "paper's schedule", "wand_hold": "schedule + hold"}
+
+
 def headline(results: list[dict]) -> str:
     """The README's one table: per family, the teacher, the full-attention fine-tune control and the
-    WAND student (means over seeds) on what WAND claims, then the claims' plain readings."""
+    WAND students at the headline W (the paper's curriculum, and with the hold where it ran; means over
+    seeds) on what WAND claims, then the claims' plain readings."""
     runs = {(r[0]["model"], r[0]["variant"]): r for r in grouped(results)}
-    found = claims(results)
-    lines = ["| family | KV cache, longest utterance (teacher -> WAND) | PER teacher / control / WAND | "
+    lines = ["| family | WAND recipe | KV cache, longest utterance (teacher -> WAND) | PER teacher / control / WAND | "
              "WAND - control PER [95% CI] | speaker | stops | step time late / early | passes |",
-             "|---|---|---|---|---|---|---|---|"]
-    for model in [m for m in FAMILIES if m in found]:
-        teacher, control, student, c = runs[(model, "teacher")], runs[(model, "control")], runs[(model, "wand")], found[model]
-        gap = c["minus_control"]
-        lines.append(f"| {FAMILY_NAMES.get(model, model)} (W = {c['window']}) | {kib(teacher[0]['kv_bytes_longest'])} -> "
-                     f"{kib(student[0]['kv_bytes_longest'])} | {cell(teacher, 'per')} / {cell(control, 'per')} / "
-                     f"{cell(student, 'per')} | {gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}] | "
-                     f"{c['speaker_accuracy_tokens']:.3f} | {c['stopped']:.2f} | {cell(student, 'latency_late_over_early')} | "
-                     f"{'yes' if c['passed'] else 'no'} |")
-    readings = [f"- {reading(FAMILY_NAMES.get(m, m), c)}" for m, c in found.items()]
+             "|---|---|---|---|---|---|---|---|---|"]
+    readings = []
+    found = {variant: claims(results, variant=variant) for variant in HEADLINE_RECIPES}
+    for model in FAMILIES:
+        for variant, recipe in HEADLINE_RECIPES.items():
+            if model not in found[variant]:
+                continue
+            c, gap = found[variant][model], found[variant][model]["minus_control"]
+            teacher, control, student = runs[(model, "teacher")], runs[(model, "control")], runs[(model, variant)]
+            lines.append(f"| {FAMILY_NAMES.get(model, model)} (W = {c['window']}) | {recipe} | "
+                         f"{kib(teacher[0]['kv_bytes_longest'])} -> {kib(student[0]['kv_bytes_longest'])} | "
+                         f"{cell(teacher, 'per')} / {cell(control, 'per')} / {cell(student, 'per')} | "
+                         f"{gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}] | "
+                         f"{c['speaker_accuracy_tokens']:.3f} | {c['stopped']:.2f} | "
+                         f"{cell(student, 'latency_late_over_early')} | {'yes' if c['passed'] else 'no'} |")
+            readings.append(f"- {reading(FAMILY_NAMES.get(model, model) + ' (' + recipe + ')', c)}")
     return "\n".join(lines + ([""] + readings if readings else []))
 
 

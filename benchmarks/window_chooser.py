@@ -40,7 +40,8 @@ def table_verdicts(results: list[dict]) -> dict[str, dict[int, dict]]:
     out: dict[str, dict[int, dict]] = {}
     for variant in SWEEP:
         for model, claim in claims(results, variant=variant).items():
-            missed = [name for name, ok in claim["checks"].items() if not ok]
+            missed = [name + (" (teacher too)" if name in claim["teacher_misses"] else "")
+                      for name, ok in claim["checks"].items() if not ok]
             out.setdefault(model, {})[claim["window"]] = {"passed": claim["passed"], "missed": missed}
     return {model: dict(sorted(by_w.items())) for model, by_w in out.items()}
 

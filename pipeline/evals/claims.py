@@ -89,6 +89,12 @@ def claims(results: list[dict], thresholds: Thresholds = THRESHOLDS, variant: st
             "length_ratio": low <= claim["length_ratio_median"] <= high,
         }
         claim["passed"] = all(claim["checks"].values())
+        # The checks the teacher itself misses: no student of it can be expected to pass them.
+        teacher = next(r for r in results if r["model"] == model and r["variant"] == "teacher")
+        claim["teacher_misses"] = [name for name, ok in (
+            ("speaker", teacher["speaker_accuracy_tokens"] >= thresholds.speaker),
+            ("stops", teacher["stopped"] >= thresholds.stops),
+            ("length_ratio", low <= teacher["length_ratio_median"] <= high)) if not ok]
         claim["thresholds"] = asdict(thresholds)
         out[model] = claim
     return out
@@ -112,5 +118,6 @@ def reading(model: str, claim: dict) -> str:
         window = (f"a window cost above the {mark} mark cannot be ruled out: PER against the control "
                   f"{_interval(gap)} ({level}% interval over {gap['rows']} rows)")
     failed = [name for name, ok in claim["checks"].items() if not ok]
-    verdict = "passes every threshold" if not failed else "misses " + ", ".join(failed)
+    verdict = "passes every threshold" if not failed else "misses " + ", ".join(
+        name + (" (so does the teacher)" if name in claim.get("teacher_misses", ()) else "") for name in failed)
     return f"{model} at W = {claim['window']}: {window}; the student {verdict}."

@@ -54,6 +54,12 @@ def test_each_threshold_can_fail():
     assert claim["checks"] == {"control_gap_per": False, "speaker": False, "stops": False, "length_ratio": False}
     assert claim["minus_control"]["high"] > THRESHOLDS.control_gap_per and not claim["passed"]
     assert "beyond the 0.02 mark" in reading("m", claim)
+    assert claim["teacher_misses"] == [] and "so does the teacher" not in reading("m", claim)
+    # A check the teacher misses too is said to be the teacher's as well.
+    results[0] = run("m", "teacher", None, base, speaker=0.96)
+    claim = claims(results)["m"]
+    assert claim["teacher_misses"] == ["speaker"]
+    assert "speaker (so does the teacher), stops" in reading("m", claim)
     # A family without its control is not judged at all (no claim without the control).
     assert claims([r for r in results if r["variant"] != "control"]) == {}
 
