@@ -60,6 +60,22 @@ def test_the_results_tables_are_rendered_from_the_saved_results():
     assert read_block(ROOT / "README.md", HEADLINE_START, HEADLINE_END) == headline(saved["results"])
 
 
+def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
+    """The chooser's W beside the table's verdicts (python -m benchmarks.window_chooser --from-json ...), in
+    docs/results.md and the README, derived from the two saved files, not hand-kept."""
+    import json
+
+    from benchmarks.window_chooser import END, START, side_by_side, table_verdicts
+    from pipeline.docblocks import read_block
+
+    chooser = json.loads((ROOT / "benchmarks/results/window_chooser.json").read_text())
+    results = json.loads((ROOT / "benchmarks/results/ablation_table.json").read_text())["results"]
+    table = side_by_side(chooser, table_verdicts(results))
+    assert table.count("\n") >= 4  # a row per family
+    assert read_block(ROOT / "docs/results.md", START, END) == table
+    assert read_block(ROOT / "README.md", START, END) == table
+
+
 def test_the_teachers_table_is_rendered_from_their_records():
     """docs/results.md's teacher table is what `python -m jobs.train_teachers --table docs/results.md`
     renders from the committed teacher.json files (which test_teachers checks against the weights)."""

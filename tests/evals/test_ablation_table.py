@@ -66,9 +66,11 @@ def test_the_chooser_is_judged_by_the_smallest_w_whose_student_passes():
                + claimed("cosyvoice2", "wand_w64", 64, base)  # passes
                + claimed("cosyvoice2", "wand_w128", 128, base))
     verdicts = table_verdicts(results)
-    assert verdicts["cosyvoice2"] == {8: {"passed": False, "missed": ["control_gap_per"]},
-                                      32: {"passed": False, "missed": ["stops"]},
-                                      64: {"passed": True, "missed": []}, 128: {"passed": True, "missed": []}}
+    assert verdicts["cosyvoice2"] == {
+        8: {"passed": False, "missed": ["control_gap_per"], "passed_but_teacher": False},
+        32: {"passed": False, "missed": ["stops"], "passed_but_teacher": False},
+        64: {"passed": True, "missed": [], "passed_but_teacher": True},
+        128: {"passed": True, "missed": [], "passed_but_teacher": True}}
     assert smallest_passing(verdicts["cosyvoice2"]) == 64
     chooser = {"cosyvoice2": {"windows": [8, 32, 64, 128], "mask_agreement": [0.7, 0.8, 0.95, 0.99],
                               "window_target": 64, "kv_saving_at_target": 0.5}}
@@ -77,6 +79,26 @@ def test_the_chooser_is_judged_by_the_smallest_w_whose_student_passes():
                           "fail (stops) / pass / pass | 64 | yes |")
     chooser["cosyvoice2"]["window_target"] = 32
     assert side_by_side(chooser, verdicts).endswith("| no (chooser 32, table 64) |")
-    none_pass = {"cosyvoice2": {w: {"passed": False, "missed": ["speaker"]} for w in (8, 32, 64, 128)}}
+    none_pass = {"cosyvoice2": {w: {"passed": False, "missed": ["speaker"], "passed_but_teacher": False}
+                                for w in (8, 32, 64, 128)}}
     chooser["cosyvoice2"]["window_target"] = 256
     assert side_by_side(chooser, none_pass).endswith("| none up to 128 | yes: none up to 128 passes, the chooser asks for more |")
+    # A check the teacher misses too does not count against its students.
+    slow_teacher = results[:1] + [dict(r, stopped=0.9) for r in results[1:]]
+    slow_teacher[0] = dict(slow_teacher[0], stopped=0.9)
+    verdicts = table_verdicts(slow_teacher)
+    assert verdicts["cosyvoice2"][32] == {"passed": False, "missed": ["stops"], "passed_but_teacher": True}
+    assert smallest_passing(verdicts["cosyvoice2"]) == 32
+    assert "pass* (stops: teacher too)" in side_by_side(chooser, verdicts)
+
+
+def test_make_ablation_runs_every_variant_and_the_sweep_the_chooser_reads():
+    import re
+    from pathlib import Path
+
+    from benchmarks.window_chooser import SWEEP
+
+    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
+    names = re.search(r"^ABLATION_VARIANTS \?= (.+)$", makefile, re.M).group(1).split()
+    assert {v.name for v in VARIANTS} | set(SWEEP) <= set(names)
+    assert all(variant_named(name).name == name for name in names)

@@ -64,6 +64,16 @@ def test_each_threshold_can_fail():
     assert claims([r for r in results if r["variant"] != "control"]) == {}
 
 
+def test_a_bound_a_hair_past_the_mark_is_printed_past_it():
+    from pipeline.evals.claims import reading
+
+    claim = {"minus_control": {"mean": -0.009, "low": -0.045, "high": 0.02012, "rows": 64}, "window": 32,
+             "thresholds": {"control_gap_per": 0.02, "level": 0.95}, "checks": {"control_gap_per": False}}
+    assert "[-0.0450, +0.0201]" in reading("m", claim)
+    claim["minus_control"]["high"] = 0.031
+    assert "[-0.045, +0.031]" in reading("m", claim)
+
+
 def test_runs_scored_on_other_rows_are_refused():
     results = [run("m", "teacher", None, [0.1, 0.2]), run("m", "control", 0, [0.1, 0.2]),
                run("m", "wand", 0, [0.1, 0.2])]
