@@ -34,6 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 SWEEP = ("wand_w8", "wand", "wand_w64", "wand_w128")  # one recipe (curriculum 4W -> W), four W
 START, END = "<!-- chooser-table:start -->", "<!-- chooser-table:end -->"
+SWEEP_WINDOWS = tuple(sorted(variant_named(v).target(AblationConfig())[0] for v in SWEEP))  # 8, 32, 64, 128
 
 
 def table_verdicts(results: list[dict]) -> dict[str, dict[int, dict]]:
@@ -65,15 +66,16 @@ def verdict_cell(verdict: dict | None) -> str:
 
 
 def side_by_side(chooser: dict, verdicts: dict) -> str:
+    at = " / ".join(map(str, SWEEP_WINDOWS))
     lines = [f"| family | chooser: W (bare-mask agreement >= {MIN_AGREEMENT}), KV saved | bare-mask agreement at "
-             "8 / 32 / 64 / 128 | table: WAND student at W = 8 / 32 / 64 / 128 | table: smallest W that passes | agree |",
+             f"{at} | table: WAND student at W = {at} | table: smallest W that passes | agree |",
              "|---|---|---|---|---|---|"]
     for model in [m for m in FAMILIES if m in chooser and m in verdicts]:
         c, by_w = chooser[model], verdicts[model]
         agreement = dict(zip(c["windows"], c["mask_agreement"]))
         table_w = smallest_passing(by_w)
-        cells = " / ".join(verdict_cell(by_w.get(w)) for w in (8, 32, 64, 128))
-        agree = " / ".join(f"{agreement[w]:.3f}" if w in agreement else "n/a" for w in (8, 32, 64, 128))
+        cells = " / ".join(verdict_cell(by_w.get(w)) for w in SWEEP_WINDOWS)
+        agree = " / ".join(f"{agreement[w]:.3f}" if w in agreement else "n/a" for w in SWEEP_WINDOWS)
         tried = max(by_w)
         if table_w is not None:
             same = "yes" if c["window_target"] == table_w else f"no (chooser {c['window_target']}, table {table_w})"
@@ -108,8 +110,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teachers", type=Path, default=ROOT / "teachers")
     parser.add_argument("--rows", type=int, default=32, help="training utterances the chooser reads per family")
-    parser.add_argument("--windows", type=int, nargs="+", default=[*sorted({variant_named(v).target(AblationConfig())[0]
-                                                                             for v in SWEEP}), 256],
+    parser.add_argument("--windows", type=int, nargs="+", default=[*SWEEP_WINDOWS, 256],
                         help="candidate W: the table's sweep and 256 (like for like; jobs.choose_window's default "
                              f"grid is finer: {', '.join(map(str, DEFAULT_WINDOWS))})")
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/results/ablation_table.json",
