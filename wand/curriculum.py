@@ -10,7 +10,7 @@ and their gradients) to 1e4 (exp(-1e4) = 0: the hard mask). With ``tau_end=None`
 off and every step uses the hard mask of W(t).
 
 ``hold_fraction`` (ours, default 0: the paper's schedule) ends the window and tau schedule that
-fraction of the steps early and holds the target W under the hard-ended mask for the rest (the lr
+fraction of the steps early and holds the target W at tau_end (the hard mask) for the rest (the lr
 keeps its cosine over all steps). Why: on the cosine the target is reached only in the last steps,
 when the lr is near 0, so a short fine-tune barely trains at the window it is served with (issue 26:
 300-step IndexTTS students stopped on 91% of rows with the paper's schedule, 99% trained at the
