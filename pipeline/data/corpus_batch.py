@@ -149,8 +149,7 @@ class BatchBuilder:
             rows["conditioning_latents"] = pa.ListArray.from_arrays(
                 pa.array(np.arange(n + 1, dtype=np.int32) * width), pa.array(latents.astype(np.float64)))
         if type(self.spec).row_problem is ModelSpec.row_problem:  # the base limits, on the whole chunk at once
-            limit, context = self.spec.max_generated_tokens, self.spec.backbone_positions
-            if (limit is not None and (lengths - prefix > limit).any()) or (context is not None and (lengths > context).any()):
+            if any(np.any(over) for over in self.spec.over_limits(lengths, prefix)):
                 return None
         else:  # a model with limits of its own (IndexTTS's text tokens): its check, row by row
             for i in range(n):

@@ -81,23 +81,23 @@ def claims(results: list[dict], thresholds: Thresholds = THRESHOLDS, variant: st
                  "minus_teacher": _paired(results, model, variant, "teacher", thresholds),
                  **{key: mean(key) for key in ("per", "substitutions", "deletions", "insertions",
                                                "speaker_accuracy_tokens", "stopped", "length_ratio_median")}}
-        low, high = thresholds.length_ratio
-        claim["checks"] = {
-            "control_gap_per": claim["minus_control"]["high"] <= thresholds.control_gap_per,
-            "speaker": claim["speaker_accuracy_tokens"] >= thresholds.speaker,
-            "stops": claim["stopped"] >= thresholds.stops,
-            "length_ratio": low <= claim["length_ratio_median"] <= high,
-        }
+        claim["checks"] = {"control_gap_per": claim["minus_control"]["high"] <= thresholds.control_gap_per,
+                           **_output_checks(claim, thresholds)}
         claim["passed"] = all(claim["checks"].values())
         # The checks the teacher itself misses: no student of it can be expected to pass them.
         teacher = next(r for r in results if r["model"] == model and r["variant"] == "teacher")
-        claim["teacher_misses"] = [name for name, ok in (
-            ("speaker", teacher["speaker_accuracy_tokens"] >= thresholds.speaker),
-            ("stops", teacher["stopped"] >= thresholds.stops),
-            ("length_ratio", low <= teacher["length_ratio_median"] <= high)) if not ok]
+        claim["teacher_misses"] = [name for name, ok in _output_checks(teacher, thresholds).items() if not ok]
         claim["thresholds"] = asdict(thresholds)
         out[model] = claim
     return out
+
+
+def _output_checks(figures: dict, thresholds: Thresholds) -> dict[str, bool]:
+    """The checks on what a model says (speaker, stops, length), for a student or its teacher."""
+    low, high = thresholds.length_ratio
+    return {"speaker": figures["speaker_accuracy_tokens"] >= thresholds.speaker,
+            "stops": figures["stopped"] >= thresholds.stops,
+            "length_ratio": low <= figures["length_ratio_median"] <= high}
 
 
 def _interval(ci: dict, digits: int = 3) -> str:

@@ -186,3 +186,20 @@ def test_batch_row_hashes_are_the_per_row_hashes(with_latents):
             for i in range(50)]
     assert row_hashes(ids, flat, offsets, prefix, latents) == [row_hash(r) for r in rows]
     assert len(set(row_hashes(ids, flat, offsets, prefix, latents))) == 50
+
+
+@pytest.mark.parametrize("model", ["cosyvoice2", "indextts", "sparktts"])
+def test_the_chunk_length_limits_are_the_row_checks_limits(model):
+    from wand.models import ModelSpec
+
+    spec = get_spec(model, "tiny")
+    context, limit = spec.backbone_positions, spec.max_generated_tokens
+    edges = sorted({n for n in (context, limit) if n} | {5})
+    lengths = [n + d for n in edges for d in (-1, 0, 1, 2)]
+    for prefix in (1, 3):
+        too_many, too_long = (np.broadcast_to(x, len(lengths)) for x in
+                              spec.over_limits(np.array(lengths), np.full(len(lengths), prefix)))
+        for n, a, b in zip(lengths, too_many.tolist(), too_long.tolist()):
+            problem = ModelSpec.row_problem(spec, {"input_ids": [0] * n, "prefix_length": prefix})
+            assert (a or b) == (problem is not None), (n, prefix, problem)
+            assert a == (limit is not None and n - prefix > limit) and b == (context is not None and n > context)

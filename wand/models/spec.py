@@ -255,16 +255,25 @@ class ModelSpec:
         """The model-specific forward inputs of a batch of rows (none for most models)."""
         return {}
 
+    def over_limits(self, lengths, prefix_lengths):
+        """(more generated tokens than the model's limit, more tokens than its context): the length
+        limits ``row_problem`` refuses, for one row (ints -> bools) or a whole chunk at once (numpy
+        arrays -> bool arrays; the corpus builder). Plain operators: no per-row cost in the row checks."""
+        limit, context = self.max_generated_tokens, self.backbone_positions
+        too_many = lengths - prefix_lengths > limit if limit is not None else False
+        too_long = lengths > context if context is not None else False
+        return too_many, too_long
+
     def row_problem(self, row: dict) -> str | None:
         """Why a row cannot be used with this model beyond the vocabulary (its own columns, its
         length limits), or None. ``input_ids`` and ``prefix_length`` are already checked."""
-        limit = self.max_generated_tokens
         generated = len(row["input_ids"]) - int(row["prefix_length"])
-        if limit is not None and generated > limit:
-            return (f"{generated} generated tokens, more than {self.name}'s limit of {limit} "
+        too_many, too_long = self.over_limits(len(row["input_ids"]), int(row["prefix_length"]))
+        if too_many:
+            return (f"{generated} generated tokens, more than {self.name}'s limit of {self.max_generated_tokens} "
                     "(the model has no positions past it)")
         context = self.backbone_positions
-        if context is not None and len(row["input_ids"]) > context:
+        if too_long:
             return (f"{len(row['input_ids'])} tokens, longer than {self.name}'s context of {context} positions "
                     "(max_position_embeddings): split the utterance or drop it")
         return None
