@@ -10,7 +10,10 @@ text alignment is learned; pipeline.synthetic.teachers.CURRICULUM), then scored 
 family's release format, so ``teacher_source: teachers/<model>`` loads it like a real checkpoint:
 CosyVoice 2 ``llm.pt``, IndexTTS ``gpt.pth``, SparkTTS a transformers folder (safetensors). Next to
 it, ``teacher.json`` records the recipe and the measured held-out quality that tests check.
-Deterministic for the seeds on one machine (CPU float32). One process trains the families one after
+Deterministic for the seeds on one machine (CPU float32). With a GPU present (``--device auto``,
+the default) the loop trains there, for example with a longer last phase (``--phases``); the teacher
+is then moved to the CPU, saved and scored there, so what is committed loads and passes on a CPU
+(teacher.json records the training device). One process trains the families one after
 the other; `make teachers` runs the three side by side (30-41 minutes each on 2 cores, measured) and
 renders docs/results.md's teacher table from their teacher.json (--table).
 """
@@ -87,6 +90,29 @@ def teacher_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def training_device(name: str) -> torch.device:
+    """``--device``: auto -> cuda when torch sees a GPU, else cpu; a named cuda device must exist."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"{name!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"{name!r}: the teachers train on cpu or cuda")
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise ValueError(f"{name!r}: torch sees {torch.cuda.device_count()} CUDA device(s) "
+                         f"(torch {torch.__version__}); use --device cpu")
+    return device
+
+
+def device_name(device: torch.device) -> str:
+    """The training device as teacher.json records it: "CPU (x86_64)" or the GPU's name."""
+    if device.type == "cuda":
+        return f"CUDA ({torch.cuda.get_device_name(device)})"
+    return f"CPU ({platform.machine()})"
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", choices=FAMILIES, default=list(FAMILIES))
@@ -100,6 +126,8 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="weight init and batch order")
     parser.add_argument("--curve-every", type=int, default=500, help="steps between learning-curve points")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: run families side by side)")
+    parser.add_argument("--device", default="auto", help="where to train: auto (cuda when a GPU is present, else cpu), "
+                                                          "cpu, cuda or cuda:N; the teachers are saved and scored on the CPU")
     parser.add_argument("--output", type=Path, default=Path("teachers"))
     parser.add_argument("--rescore", action="store_true", help="score the teachers already in --output again, no training")
     parser.add_argument("--table", type=Path, metavar="DOC",
@@ -113,6 +141,10 @@ def main(argv=None) -> int:
         replace_block(args.table, TABLE_START, TABLE_END, teacher_table(records))
         print(teacher_table(records))
         return 0
+    try:
+        device = training_device(args.device)
+    except ValueError as e:
+        parser.error(f"--device: {e}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     task = SyntheticTask()
@@ -129,7 +161,7 @@ def main(argv=None) -> int:
             start = time.perf_counter()
             curve_rows = held[:CURVE_ROWS]
             model, curve = train_teacher(
-                spec, phases, args.lr, args.seed, curve_every=args.curve_every,
+                spec, phases, args.lr, args.seed, curve_every=args.curve_every, device=device,
                 curve=lambda m: {k: v for k, v in heldout_quality(spec, m, curve_rows).items()
                                  if k.startswith("accuracy")})
             seconds = time.perf_counter() - start
@@ -142,7 +174,7 @@ def main(argv=None) -> int:
                           "phases": [dataclasses.asdict(p) for p in args.phases],
                           "steps": sum(p.steps for p in args.phases), "lr": args.lr, "init_seed": args.seed,
                           "seconds": round(seconds, 1), "threads": args.threads, "torch": torch.__version__,
-                          "device": f"CPU ({platform.machine()})"},
+                          "device": device_name(device)},
                 "dropout": UPSTREAM_DROPOUT[name],
                 # Teacher-forced accuracy on the first CURVE_ROWS held-out rows along the training:
                 # where the curve still rises, more steps of the last phase would help.

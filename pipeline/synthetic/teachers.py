@@ -63,14 +63,16 @@ CURRICULUM = (Phase(3000, 4, 12, 32), Phase(2000, 12, 40, 16), Phase(2500, *TEXT
 
 def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float = 3e-3, seed: int = 0,
                   log_every: int = 100, curve: Callable[[torch.nn.Module], dict] | None = None,
-                  curve_every: int = 500) -> tuple[torch.nn.Module, list[dict]]:
+                  curve_every: int = 500, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[dict]]:
     """A model of ``spec`` trained from seeded random weights with full attention, on each phase's
     ``(rows, steps, batch_size)`` in turn (a length curriculum); one learning-rate schedule over all
-    of them (warm-up, then cosine down to a tenth). Returns the model and its learning curve:
-    ``curve(model)`` (in eval mode, no grad) every ``curve_every`` steps and at the end of each phase,
-    each entry with its ``step`` and ``phase`` (empty without ``curve``)."""
+    of them (warm-up, then cosine down to a tenth). Returns the model, on the CPU (where the
+    teachers are saved, scored and loaded), and its learning curve: ``curve(model)`` (in eval mode,
+    no grad, on ``device``) every ``curve_every`` steps and at the end of each phase, each entry with
+    its ``step`` and ``phase`` (empty without ``curve``). ``device``: where it trains ("cuda" on a GPU;
+    the weights start the same for a seed, from the CPU's generator)."""
     torch.manual_seed(seed)
-    model = wand.enable_wand(spec.build(), None)
+    model = wand.enable_wand(spec.build(), None).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     total = sum(steps for _, steps, _ in phases)
@@ -81,7 +83,7 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
     start, step, points = time.perf_counter(), 0, []
     for phase, (rows, steps, batch_size) in enumerate(phases):
         for _ in range(steps):
-            batch = collate(spec, [rows[i] for i in rng.integers(0, len(rows), batch_size)])
+            batch = collate(spec, [rows[i] for i in rng.integers(0, len(rows), batch_size)], device)
             # CE only, over the target ids (the speech codes and stop ids): the distillation step without a teacher.
             loss = distill_loss(spec, model, batch, window=None, ce_over=spec.target_ids()).loss
             optimizer.zero_grad(set_to_none=True)
@@ -99,7 +101,7 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
                     points.append({"step": step, "phase": phase, **curve(model)})
                 log.info("%s teacher step %d: %s", spec.name, step, points[-1])
                 model.train()
-    return model.eval(), points
+    return model.cpu().eval(), points
 
 
 @torch.no_grad()
@@ -112,7 +114,7 @@ def teacher_forced_accuracy(spec, model, rows: list[dict], window: int | None = 
         wand.enable_wand(model, window)
     correct, distance = [], []
     for start in range(0, len(rows), batch_size):
-        batch = collate(spec, rows[start : start + batch_size])
+        batch = collate(spec, rows[start : start + batch_size], next(model.parameters()).device)
         logits, labels = _generated_logits(spec, model, batch, window)
         correct.append((logits.argmax(-1) == labels).cpu())
         distance.append(batch.distance().cpu())

@@ -120,3 +120,37 @@ def test_committed_teachers_stop_at_the_stop_id(name):
         assert not any(t in spec.stop_token_ids for t in generated[:-1])  # stopped at the first one
         ratios.append(len(generated) / reference)
     assert 0.7 <= sorted(ratios)[len(ratios) // 2] <= 1.5, ratios  # median length near the reference's
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the messages of a machine without CUDA")
+def test_the_teacher_job_trains_on_the_cpu_here_and_names_a_missing_gpu(tmp_path):
+    """`--device auto` is the CPU on a machine without CUDA; asking for cuda there is refused before
+    any training or writing, naming the flag and the way out (a subprocess, as a user runs it)."""
+    import subprocess
+    import sys
+
+    from jobs.train_teachers import device_name, training_device
+
+    assert training_device("auto") == torch.device("cpu") and device_name(torch.device("cpu")).startswith("CPU (")
+    for bad, said in (("cuda", "use --device cpu"), ("cuda:3", "use --device cpu"), ("meta", "cpu or cuda"),
+                      ("no such", "not a device")):
+        with pytest.raises(ValueError, match=said):
+            training_device(bad)
+    out = tmp_path / "teachers"
+    run = subprocess.run([sys.executable, "-m", "jobs.train_teachers", "--models", "sparktts", "--device", "cuda",
+                          "--output", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"})
+    assert run.returncode == 2 and "--device: 'cuda': torch sees 0 CUDA device(s)" in run.stderr, run.stderr
+    assert not out.exists()
+
+
+def test_a_teacher_trained_elsewhere_comes_back_on_the_cpu():
+    """train_teacher(device=...) returns the model on the CPU, where it is saved and scored, and its
+    curve is measured where it trains (the CPU here; tests/method/test_cuda.py checks a GPU)."""
+    spec = get_spec("sparktts", "tiny")
+    rows = synthetic_rows(spec, 16, seed=0, min_text=4, max_text=8)
+    seen = []
+    model, curve = train_teacher(spec, [(rows, 4, 4)], log_every=0, curve_every=2, device=torch.device("cpu"),
+                                 curve=lambda m: seen.append(next(m.parameters()).device) or {})
+    assert seen == [torch.device("cpu")] * 2 and [p["step"] for p in curve] == [2, 4]
+    assert {p.device for p in model.parameters()} == {torch.device("cpu")} and not model.training

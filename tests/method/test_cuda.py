@@ -163,3 +163,35 @@ def test_static_decoding_at_batch_256_equals_the_default_path():
     expected = wand.generate(model, ids, prefix, 4, 24, attention_mask=mask)
     got = wand.generate(model, ids, prefix, 4, 24, attention_mask=mask, compile=True)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("name", ["cosyvoice2", "indextts", "sparktts"])
+def test_teacher_training_on_device_follows_the_cpu_and_comes_back_to_it(name):
+    """jobs/train_teachers.py on a GPU: the teacher loop (pipeline/synthetic/teachers.py) trains on the
+    device and returns the model on the CPU; same seed, same batches: its weights follow the CPU
+    run's (fp32 without TF32: 20 AdamW steps apart only by rounding, far less than training moved them)."""
+    from pipeline.synthetic.law import synthetic_rows
+    from pipeline.synthetic.teachers import teacher_forced_accuracy, train_teacher
+    from wand.models import get_spec
+
+    spec = get_spec(name, "tiny")
+    rows = synthetic_rows(spec, 32, seed=0, min_text=4, max_text=10)
+    held = synthetic_rows(spec, 4, seed=1, min_text=4, max_text=10, split="heldout")
+    runs = {}
+    for device in ("cpu", DEVICE):
+        seen = []
+        model, curve = train_teacher(spec, [(rows, 20, 4)], lr=3e-3, log_every=0, curve_every=10, device=device,
+                                     curve=lambda m: seen.append(next(m.parameters()).device.type) or
+                                     {"accuracy": teacher_forced_accuracy(spec, m, held)["accuracy"]})
+        assert set(seen) == {torch.device(device).type}  # the curve is measured where it trains
+        assert all(p.device.type == "cpu" for p in model.parameters())
+        runs[device] = (model, curve)
+    (cpu, cpu_curve), (dev, dev_curve) = runs["cpu"], runs[DEVICE]
+    assert [p["step"] for p in dev_curve] == [p["step"] for p in cpu_curve] == [10, 20]
+    torch.manual_seed(0)  # train_teacher's seed: the same initial weights
+    start = spec.build().state_dict()
+    moved = max(float((cpu.state_dict()[k] - v).abs().max()) for k, v in start.items() if v.is_floating_point())
+    apart = max(float((dev.state_dict()[k] - cpu.state_dict()[k]).abs().max()) for k in start
+                if start[k].is_floating_point())
+    assert moved > 1e-3 and apart < 0.1 * moved, (apart, moved)
+    assert teacher_forced_accuracy(spec, dev, held)["accuracy"] == pytest.approx(cpu_curve[-1]["accuracy"], abs=0.05)
