@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 import wand
-from wand.generate import cache_kwarg_name
+from wand.generation import cache_kwarg_name
 from wand.models import get_spec
 from wand.profiling import cache_nbytes, timing_conditions
 from wand.static import StaticDecoder

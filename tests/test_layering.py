@@ -29,7 +29,7 @@ def test_wand_imports_with_ray_and_mlflow_blocked():
         "        if name.split('.')[0] in ('ray', 'mlflow'):\n"
         "            raise ImportError('blocked ' + name)\n"
         "sys.meta_path.insert(0, Block())\n"
-        "import wand, wand.masks, wand.cache, wand.patch, wand.generate, wand.profiling\n"
+        "import wand, wand.masks, wand.cache, wand.patch, wand.generation, wand.profiling\n"
         "print('ok', sorted(m for m in sys.modules if m.split('.')[0] in ('ray', 'mlflow')))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)

@@ -1,12 +1,28 @@
 """WAND: windowed attention + knowledge distillation for autoregressive TTS (plain torch + transformers).
 
 This package never imports ray or mlflow: it is the method; ``pipeline/`` runs it at scale.
+Its names load on first use: ``import wand.models`` alone (a spec's token layout and limits, what
+a corpus builder's data workers need) does not import transformers' models.
 """
 
-from .cache import WandCache
-from .generate import generate
-from .masks import wand_mask
-from .patch import disable_wand, enable_wand, is_enabled
+from __future__ import annotations
+
+import importlib
 
 __all__ = ["WandCache", "disable_wand", "enable_wand", "generate", "is_enabled", "wand_mask"]
 __version__ = "0.1.0"
+
+_HOME = {"WandCache": "cache", "generate": "generation", "wand_mask": "masks", "disable_wand": "patch",
+         "enable_wand": "patch", "is_enabled": "patch"}
+
+
+def __getattr__(name: str):
+    if name in _HOME:
+        value = getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+        globals()[name] = value  # once: later lookups do not come back here
+        return value
+    raise AttributeError(f"module 'wand' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

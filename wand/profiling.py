@@ -14,7 +14,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .cache import WandCache
-from .generate import cache_kwarg_name
+from .generation import cache_kwarg_name
 from .patch import enable_wand, is_enabled, original_forward
 
 __all__ = ["DecodeProfile", "profile_decode", "cache_nbytes", "bucket_stats", "timing_conditions"]

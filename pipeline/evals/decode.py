@@ -11,7 +11,7 @@ from transformers import DynamicCache
 
 from wand.batch import forward_inputs
 from wand.cache import WandCache
-from wand.generate import cache_kwarg_name
+from wand.generation import cache_kwarg_name
 from wand.profiling import cache_nbytes
 
 from pipeline.evals.common import speech_ids

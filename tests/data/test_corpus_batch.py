@@ -203,3 +203,18 @@ def test_the_chunk_length_limits_are_the_row_checks_limits(model):
             problem = ModelSpec.row_problem(spec, {"input_ids": [0] * n, "prefix_length": prefix})
             assert (a or b) == (problem is not None), (n, prefix, problem)
             assert a == (limit is not None and n - prefix > limit) and b == (context is not None and n > context)
+
+
+def test_a_chunk_of_megabytes_with_a_line_longer_than_a_mebibyte_reads_whole():
+    """Arrow's JSON reader works in blocks (1 MiB by default; a line no block holds is an error):
+    every record of a chunk of several MiB comes back once and in order, a 2 MiB line included."""
+    spec, rng = spec_of("cosyvoice2"), random.Random("blocks")
+    builder = BatchBuilder(spec)
+    records = [dict(good_record(spec, rng, i), target_codes=[rng.randrange(code_count(spec)) for _ in range(300)])
+               for i in range(3000)]
+    records.insert(1700, dict(records[0], id="long", text_ids=[3] * 400_000))
+    lines = [json.dumps(r).encode() for r in records]
+    assert sum(map(len, lines)) > 4 << 20 and max(map(len, lines)) > 1 << 20
+    table = builder.from_json_lines(lines)
+    fields = [f.name for f in builder.schema]
+    assert table.to_pylist() == [{k: r.get(k) for k in fields} for r in records]

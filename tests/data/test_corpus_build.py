@@ -19,6 +19,7 @@ from pipeline.data.corpus_io import corpus_files, read_manifest
 from wand.models import get_spec
 
 SPEC = get_spec("cosyvoice2", "tiny")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def records(n: int, start: int = 0) -> list[dict]:
@@ -183,3 +184,44 @@ def test_large_files_are_cut_into_pieces_read_in_parallel_with_the_whole_file_li
     manifest = build_corpus(SPEC, str(tmp_path / "pq"), str(tmp_path / "out-pq"), piece_bytes=1000)
     assert manifest["inputs"]["pieces"] > 1 and manifest["rows"] == 200
     assert {r["id"]: r for r in read_corpus(tmp_path / "out-pq")} == {r["id"]: build_row(SPEC, r) for r in data}
+
+
+BLOCK_MODEL_CODE = """
+import sys
+class Block:  # an import of these fails: the data path must not need them
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] == 'transformers' or name in ('wand.patch', 'wand.cache', 'wand.models.cosyvoice2_lm'):
+            raise ImportError('blocked ' + name)
+sys.meta_path.insert(0, Block())
+"""
+
+
+def test_the_builders_data_path_loads_no_model_code(tmp_path):
+    """What a data worker does with a piece (unpickle the FileBuilder, lay out, check, write) and the
+    job's driver imports need the spec's token layout, never transformers or WAND's model code:
+    a worker starts in a second instead of five, and holds no model modules (issue 28)."""
+    import pickle
+    import subprocess
+    import sys
+
+    from pipeline.data.corpus_build import _rows, FileBuilder
+    from pipeline.data.corpus_inputs import input_files, pieces
+    from pipeline import storage
+
+    write_inputs(tmp_path / "in", [records(300)])
+    items = pieces(storage.resolve(str(tmp_path / "in"), None)[0], input_files(str(tmp_path / "in"), None))
+    builder = FileBuilder(SPEC, str(tmp_path / "in"), str(tmp_path / "staging"), None, 1000, 4, 50)
+    (tmp_path / "task.pkl").write_bytes(pickle.dumps((builder, _rows(items)[0])))
+    code = BLOCK_MODEL_CODE + (
+        "import pickle, json\n"
+        "import jobs.make_corpus\n"
+        f"builder, piece = pickle.loads(open({str(tmp_path / 'task.pkl')!r}, 'rb').read())\n"
+        "summary = builder(piece)\n"
+        "print(json.dumps({'rows': summary['rows'], 'problems': summary['problems'],\n"
+        "                  'torch_models': sorted(m for m in sys.modules if m.startswith('transformers'))}))\n")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"rows": 300, "problems": "{}", "torch_models": []}
+    # ... and the parts it wrote are the rows a direct build gives
+    written = pa.concat_tables([pq.read_table(f) for f in sorted((tmp_path / "staging").glob("part-*.parquet"))])
+    assert written.to_pylist() == [build_row(SPEC, r) for r in records(300)]

@@ -9,7 +9,7 @@ import torch
 import wand
 from conftest import VOCAB, tiny_model
 from helpers import batch_of_three as shared_batch, left_padded
-from wand.generate import cache_kwarg_name
+from wand.generation import cache_kwarg_name
 from wand.static import StaticDecoder
 
 WINDOW = 4

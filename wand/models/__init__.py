@@ -9,10 +9,11 @@
 from __future__ import annotations
 
 import functools
+import importlib
 
 from .causal_lm import CausalLMSpec
-from .cosyvoice2 import CosyVoice2LM, CosyVoice2Spec
-from .indextts import IndexTTSGPT, IndexTTSSpec
+from .cosyvoice2 import CosyVoice2Spec
+from .indextts import IndexTTSSpec
 from .presets import BUILDERS, shrink, widen
 from .sparktts import SparkTTSSpec
 from .spec import ModelSpec
@@ -24,6 +25,16 @@ __all__ = [
 ]
 
 MODEL_NAMES = tuple(BUILDERS)
+# The torch modules of the families with their own (not a transformers class), loaded on first use.
+_MODULES = {"CosyVoice2LM": "cosyvoice2_lm", "IndexTTSGPT": "indextts_gpt"}
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return getattr(importlib.import_module(f".{_MODULES[name]}", __name__), name)
+    raise AttributeError(f"module 'wand.models' has no attribute {name!r}")
+
+
 SIZES = ("real", "small", "mini", "tiny")
 
 

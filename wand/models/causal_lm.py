@@ -11,16 +11,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from .spec import ModelSpec
 from .weights import WeightsNotFound, WeightsRefused, require_finite, resolve_source
 
 __all__ = ["CausalLMSpec"]
 
-_BACKBONES = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM)}
+# transformers' config and model class per backbone, by name: imported when a model is built, so
+# the spec (token layout, limits) is cheap to import and to unpickle in a data worker.
+_BACKBONES = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "llama": ("LlamaConfig", "LlamaForCausalLM")}
 # Fields of the backbone config that must match the spec when loading a released folder.
 _ARCH_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "vocab_size")
+
+
+def _backbone(name: str) -> tuple[type, type]:
+    import transformers
+
+    return tuple(getattr(transformers, cls) for cls in _BACKBONES[name])
 
 
 @dataclass(frozen=True)
@@ -28,11 +35,11 @@ class CausalLMSpec(ModelSpec):
     backbone: str = "qwen2"
 
     def backbone_config(self):
-        config_cls, _ = _BACKBONES[self.backbone]
+        config_cls, _ = _backbone(self.backbone)
         return config_cls(**self.config)
 
     def build(self, dtype: torch.dtype | None = None) -> torch.nn.Module:
-        _, model_cls = _BACKBONES[self.backbone]
+        _, model_cls = _backbone(self.backbone)
         model = model_cls(self.backbone_config())
         model.set_attn_implementation("sdpa")
         return model.to(dtype) if dtype is not None else model
@@ -59,7 +66,7 @@ class CausalLMSpec(ModelSpec):
             path = path / "LLM"
         if not (path / "config.json").exists():
             raise WeightsNotFound(f"{self.name}: {path} has no config.json (expected a transformers model folder)")
-        config_cls, model_cls = _BACKBONES[self.backbone]
+        config_cls, model_cls = _backbone(self.backbone)
         loaded_config = config_cls.from_pretrained(str(path))
         expected = self.backbone_config()
         diffs = {f: (getattr(loaded_config, f, None), getattr(expected, f, None)) for f in _ARCH_FIELDS}
