@@ -8,7 +8,10 @@ not on model size (../shared/WAND.md section 5).
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["kv_bytes_per_token", "cache_bytes", "reduction", "attention_flops_per_token"]
 
@@ -30,10 +33,13 @@ def _shape(config) -> tuple[int, int, int, int]:
     return layers, heads, kv_heads, head_dim
 
 
-def kv_bytes_per_token(config, dtype: torch.dtype = torch.bfloat16) -> int:
-    """Bytes one token adds to a full-attention KV cache for a transformers decoder config."""
+def kv_bytes_per_token(config, dtype: torch.dtype | None = None) -> int:
+    """Bytes one token adds to a full-attention KV cache for a transformers decoder config, at
+    ``dtype`` (default bf16)."""
+    import torch
+
     layers, _, kv_heads, head_dim = _shape(config)
-    element = torch.empty((), dtype=dtype).element_size()
+    element = torch.empty((), dtype=dtype or torch.bfloat16).element_size()
     return 2 * layers * kv_heads * head_dim * element
 
 

@@ -50,7 +50,7 @@ class RowChecker:
     def __init__(self, spec: ModelSpec):
         self.spec = spec
         self.vocab = spec.vocab_size
-        self.targets = set(spec.target_ids().tolist())
+        self.targets = set(spec.target_id_array().tolist())
         self.target_array = np.asarray(sorted(self.targets), dtype=np.int64)
 
     def __call__(self, batch: pa.Table) -> pa.Table:

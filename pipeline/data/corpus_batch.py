@@ -49,9 +49,9 @@ class BatchBuilder:
         self.text_limit = getattr(spec, "text_vocab_size", None) or spec.vocab_size
         self.reserved = None
         if getattr(spec, "text_vocab_size", None) is None:  # one shared vocabulary: text must not hit these
-            self.reserved = np.unique(np.append(spec.target_ids().numpy(), spec.prefix_end_token_id))
+            self.reserved = np.unique(np.append(spec.target_id_array(), spec.prefix_end_token_id))
         self.is_target = np.zeros(spec.vocab_size, dtype=bool)  # a lookup per token: faster than a search
-        self.is_target[spec.target_ids().numpy()] = True
+        self.is_target[spec.target_id_array()] = True
         fields = [("id", pa.string()), ("text_ids", INTS), ("prompt_codes", INTS), ("target_codes", INTS)]
         if spec.global_codes is not None:
             fields.append(("global_codes", INTS))

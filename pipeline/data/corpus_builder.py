@@ -26,10 +26,15 @@ without it a student never learns to stop (CosyVoice 2's ``Qwen2LM`` targets end
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 import numpy as np
-import torch
+
+# The record-by-record path (a chunk with a problem, a tokenizer, Spark's labels) builds rows with
+# the spec's tensor layout; the builder's batch path (corpus_batch) needs no torch, so a data
+# worker imports it only when a chunk takes this path.
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["build_row", "build_rows", "code_count", "RowError"]
 
@@ -67,6 +72,8 @@ def _codes(record: dict, field: str, count: int, required: bool = True) -> torch
     bad = codes[(codes < 0) | (codes >= count)]
     if bad.size:
         raise RowError(f"record {record.get('id')!r}: {field} holds {int(bad[0])}, outside the codec's codes [0, {count})")
+    import torch
+
     return torch.from_numpy(codes)
 
 
@@ -74,6 +81,8 @@ def _latents(spec, record: dict) -> list[float]:
     value = record.get("conditioning_latents")
     n, dim = spec.latent_shape
     if isinstance(value, str):
+        import torch
+
         try:
             value = (np.load(value) if value.endswith(".npy")
                      else torch.load(value, weights_only=True).float().numpy())
@@ -96,7 +105,7 @@ def _check_text_ids(spec, record_id, text: list[int]) -> None:
     if bad:
         raise RowError(f"record {record_id!r}: text_ids holds {bad[0]}, outside the text vocabulary [0, {limit})")
     if getattr(spec, "text_vocab_size", None) is None:  # one shared vocabulary (Spark, Llasa, Orpheus)
-        reserved = set(spec.target_ids().tolist()) | {spec.prefix_end_token_id}
+        reserved = set(spec.target_id_array().tolist()) | {spec.prefix_end_token_id}
         clash = [t for t in text if t in reserved]
         if clash:
             raise RowError(f"record {record_id!r}: text_ids holds {clash[0]}, a speech, stop or marker id of "
@@ -105,6 +114,8 @@ def _check_text_ids(spec, record_id, text: list[int]) -> None:
 
 def build_row(spec, record: dict, tokenizer: Any = None) -> dict:
     """One corpus row in ``spec``'s layout, the stop id after the targets. Raises RowError."""
+    import torch
+
     if not isinstance(record, dict):
         raise RowError(f"a record is a {type(record).__name__}, not an object of fields")
     if not record.get("id"):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from .spec import ModelSpec
 from .weights import WeightsNotFound, WeightsRefused, require_finite, resolve_source
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["CausalLMSpec"]
 
@@ -74,6 +76,7 @@ class CausalLMSpec(ModelSpec):
         if diffs:
             detail = ", ".join(f"{f}: checkpoint {a} vs preset {b}" for f, (a, b) in diffs.items())
             raise ValueError(f"{self.name} ({self.size}): {path} is a different architecture ({detail})")
+        import torch
         from safetensors import SafetensorError
 
         try:

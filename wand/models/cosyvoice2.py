@@ -20,12 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .spec import ModelSpec
 from .weights import load_checked
 
 if TYPE_CHECKING:  # the module and its backbone load only when a model is built
+    import torch
     from transformers import Qwen2Config
 
     from .cosyvoice2_lm import CosyVoice2LM

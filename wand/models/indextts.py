@@ -25,12 +25,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from .spec import ModelSpec
 from .weights import load_checked
 
 if TYPE_CHECKING:  # the module and its backbone load only when a model is built
+    import torch
     from transformers import GPT2Config
 
     from .indextts_gpt import IndexTTSGPT
@@ -99,6 +99,8 @@ class IndexTTSSpec(ModelSpec):
 
     def row_inputs(self, rows, device=None):
         n, dim = self.latent_shape
+        import torch
+
         latents = np.stack([np.asarray(r["conditioning_latents"], dtype=np.float32).reshape(n, dim) for r in rows])
         return {"conditioning_latents": torch.from_numpy(latents).to(device or "cpu")}
 

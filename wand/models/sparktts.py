@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-import torch
+import numpy as np
 
 from .causal_lm import CausalLMSpec
 
@@ -61,7 +61,8 @@ class SparkTTSSpec(CausalLMSpec):
     def global_codes(self) -> int:
         return int(self.extra["global_codes"])
 
-    def _global_ids(self, codes: torch.Tensor) -> torch.Tensor:
+    def _global_ids(self, codes):
+        """Global codes (ints, an array or a tensor) -> their token ids."""
         if "first_global_id" not in self.extra:
             raise ValueError(f"{self.name}: global-token ids unknown; use spec.with_tokenizer(...) first")
         return self.extra["first_global_id"] + codes
@@ -71,16 +72,16 @@ class SparkTTSSpec(CausalLMSpec):
         spec = replace(self, prompt_form=form)
         return replace(spec, prefix_end_token_id=spec._id(_PREFIX_END[form]))
 
-    def target_ids(self) -> torch.Tensor:
+    def target_id_array(self) -> np.ndarray:
         """Semantic codes and ``<|im_end|>``; plus what the form makes the model generate before them."""
-        base = super().target_ids()
+        base = super().target_id_array()
         if self.prompt_form == "clone":
             return base
         structure = [self._id("<|start_semantic_token|>")]
         if self.prompt_form == "controllable":
             structure = [self._id("<|start_global_token|>"), self._id("<|end_global_token|>")] + structure
-            structure += self._global_ids(torch.arange(self.global_codes)).tolist()
-        return torch.cat([base, torch.tensor(structure, dtype=torch.long)])
+            structure += self._global_ids(np.arange(self.global_codes)).tolist()
+        return np.concatenate([base, np.asarray(structure, dtype=np.int64)])
 
     def layout_plan(self, style: tuple[int, int, int] | None = None, **labels):
         """The form's sequence (module docstring). ``style``: (gender, pitch, speed) label indices of

@@ -15,11 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TYPE_CHECKING
 
-import torch
+import numpy as np
 
 from ..kv import kv_bytes_per_token as _kv_bytes_per_token
+
+# A spec is data (the token layout, limits, sizes): it imports and unpickles without torch, so a
+# corpus builder's data workers never load it. Methods that make tensors import torch themselves.
+if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
+    import torch
 
 __all__ = ["ModelSpec", "check_id_range"]
 
@@ -31,6 +36,8 @@ def check_id_range(input_ids: torch.Tensor, upper: int, who: str) -> None:
     on the device instead (``torch._assert_async``: a bad id fails at the next synchronisation), so
     that decoding never waits for the GPU to answer a question about its input; so is a compiled step."""
     bad = (input_ids < 0) | (input_ids >= upper)
+    import torch
+
     message = f"{who}: token ids must be in [0, {upper})"
     if (input_ids.shape[-1] == 1 and input_ids.device.type == "cuda") or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), message)  # also inside a compiled step: no graph break
@@ -75,7 +82,8 @@ class ModelSpec:
         raise NotImplementedError
 
     # ------------------------------------------------------------------ sizes
-    def kv_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+    def kv_bytes_per_token(self, dtype: torch.dtype | None = None) -> int:
+        """KV bytes per cached token at ``dtype`` (default bf16)."""
         return _kv_bytes_per_token(self.backbone_config(), dtype)
 
     @property
@@ -87,11 +95,17 @@ class ModelSpec:
 
         This is the vocabulary of the CE / KD losses and of the teacher's top-k; a compact index i
         into it is stored instead of the id (it fits a smaller integer type)."""
+        import torch
+
+        return torch.from_numpy(self.target_id_array())
+
+    def target_id_array(self) -> np.ndarray:
+        """``target_ids()`` as an int64 numpy array (no torch: the corpus builder's checks)."""
         lo, hi = self.speech_range
         if lo < 0:
             raise ValueError(f"{self.name} ({self.size}): speech ids unknown; use spec.with_tokenizer(...) first")
         extra = [s for s in self.stop_token_ids if not lo <= s < hi]
-        return torch.cat([torch.arange(lo, hi), torch.tensor(extra, dtype=torch.long)])
+        return np.concatenate([np.arange(lo, hi, dtype=np.int64), np.asarray(extra, dtype=np.int64)])
 
     def tokens_for_seconds(self, seconds: float) -> int:
         return round(seconds * self.token_rate_hz)
@@ -104,6 +118,8 @@ class ModelSpec:
 
     def check_token_ids(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
         """Raise ``ValueError`` naming the sample and position of any id outside the vocabulary."""
+        import torch
+
         valid = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         bad = valid & ((input_ids < 0) | (input_ids >= self.vocab_size))
         if bad.any():
@@ -125,6 +141,8 @@ class ModelSpec:
 
         Sequences must be right-padded (or unpadded); ``attention_mask`` marks real tokens.
         """
+        import torch
+
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
         if self.prefix_end_token_id < 0:
@@ -232,6 +250,8 @@ class ModelSpec:
         """One sequence from its parts, in the layout of the model's own training and inference code;
         returns (ids, prefix length). ``text``: raw text-tokenizer ids (mapped with ``text_ids`` here);
         ``prompt`` / ``generated``: speech ids (the caller appends the stop id to ``generated``)."""
+        import torch
+
         given = {"prompt": prompt, "generated": generated}
         plan = self.layout_plan(**labels)
         pieces, prefix = [], 0
@@ -283,6 +303,8 @@ class ModelSpec:
         """Write ``weights_file`` as a plain state dict, the way CosyVoice 2 / IndexTTS ship theirs."""
         path = Path(directory) / self.weights_file
         path.parent.mkdir(parents=True, exist_ok=True)
+        import torch
+
         torch.save(model.state_dict(), path)
         return path
 
@@ -305,6 +327,6 @@ class ModelSpec:
             "speech_vocab_size": self.speech_vocab_size,
             "token_rate_hz": self.token_rate_hz,
             "target_window": self.target_window,
-            "kv_bytes_per_token_bf16": self.kv_bytes_per_token(torch.bfloat16),
+            "kv_bytes_per_token_bf16": self.kv_bytes_per_token(),
             "source": self.source,
         }

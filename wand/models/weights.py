@@ -14,8 +14,10 @@ import contextvars
 import os
 import pickle
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # annotations only: torch is imported by the functions that read or load weights
+    import torch
 
 __all__ = ["resolve_source", "read_state_dict", "load_checked", "fingerprint", "WeightsNotFound", "WeightsRefused"]
 
@@ -121,6 +123,8 @@ def read_state_dict(path: Path, names: tuple[str, ...]) -> tuple[dict[str, torch
     if path.suffix == ".safetensors":
         return read_safetensors(path), path
     if path.suffix in (".pt", ".pth", ".bin"):
+        import torch
+
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as err:  # raised before any of the file's own code runs
@@ -153,6 +157,8 @@ def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 def require_finite(tensors: dict[str, torch.Tensor], path, name: str) -> None:
     """Weights with NaN or inf would train and decode garbage without an error: refused, named."""
+    import torch
+
     bad = [key for key, value in tensors.items() if value.is_floating_point() and not bool(torch.isfinite(value).all())]
     if bad:
         raise WeightsRefused(f"{name}: {path}: {len(bad)} tensor(s) hold NaN or inf values (e.g. {bad[:3]}); "
@@ -217,5 +223,7 @@ def teacher_weights(spec, source: str | None, seed: int, endpoint: str | None) -
     if source:
         with s3_endpoint(endpoint):
             return spec.load(source)
+    import torch
+
     torch.manual_seed(seed)
     return spec.build()
