@@ -2,7 +2,7 @@
 
 This package never imports ray or mlflow: it is the method; ``pipeline/`` runs it at scale.
 Its names load on first use: ``import wand.models`` alone (a spec's token layout and limits, what
-a corpus builder's data workers need) does not import transformers' models.
+a corpus builder's data workers need) imports neither torch nor transformers.
 """
 
 from __future__ import annotations

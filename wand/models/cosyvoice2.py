@@ -32,6 +32,14 @@ if TYPE_CHECKING:  # the module and its backbone load only when a model is built
 __all__ = ["CosyVoice2Spec"]
 
 
+def __getattr__(name: str):
+    """``from wand.models.cosyvoice2 import CosyVoice2LM`` still works (the module lives in ``cosyvoice2_lm``)."""
+    if name == "CosyVoice2LM":
+        from .cosyvoice2_lm import CosyVoice2LM
+
+        return CosyVoice2LM
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 @dataclass(frozen=True)
 class CosyVoice2Spec(ModelSpec):
     def backbone_config(self) -> Qwen2Config:

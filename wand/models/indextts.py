@@ -40,6 +40,14 @@ __all__ = ["IndexTTSSpec"]
 CONDITIONING_PREFIXES = ("conditioning_encoder.", "perceiver_encoder.")
 
 
+def __getattr__(name: str):
+    """``from wand.models.indextts import IndexTTSGPT`` still works (the module lives in ``indextts_gpt``)."""
+    if name == "IndexTTSGPT":
+        from .indextts_gpt import IndexTTSGPT
+
+        return IndexTTSGPT
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 @dataclass(frozen=True)
 class IndexTTSSpec(ModelSpec):
     def backbone_config(self) -> GPT2Config:
