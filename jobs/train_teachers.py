@@ -2,6 +2,7 @@
 
     python -m jobs.train_teachers                                  # all three, into teachers/
     python -m jobs.train_teachers --models cosyvoice2 --phases 200:4:12:16 --output /tmp/teachers
+    python -m jobs.train_teachers --table docs/results.md --longer benchmarks/results/teacher_longer_sparktts.json
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
 trained from seeded random weights with cross-entropy on the generated tokens of synthetic rows
@@ -90,6 +91,24 @@ def teacher_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+LONGER_START, LONGER_END = "<!-- teacher-longer:start -->", "<!-- teacher-longer:end -->"
+
+
+def longer_block(committed: dict, longer: dict) -> str:
+    """A committed teacher beside one trained longer (another teacher.json record of the same
+    family): their table rows, each recipe's last phase, and that phase's learning curve at phoneme
+    starts (the curve rows), so the docs say what more training bought and whether it still rises."""
+    lines = [teacher_table([committed, longer]), ""]
+    for label, record in (("committed", committed), ("longer", longer)):
+        train = record["train"]
+        last = len(train["phases"]) - 1
+        curve = ", ".join(f"{p['step']:,}: {p['accuracy_phoneme_starts']:.1%}"
+                          for p in record["curve"]["points"] if p["phase"] == last)
+        lines.append(f"- {label}: last phase {train['phases'][last]['steps']:,} steps, {train['rows_per_phase']:,} "
+                     f"rows per phase; phoneme starts on the {record['curve']['rows']} curve rows: {curve}")
+    return "\n".join(lines)
+
+
 def training_device(name: str) -> torch.device:
     """``--device``: auto -> cuda when torch sees a GPU, else cpu; a named cuda device must exist."""
     if name == "auto":
@@ -133,13 +152,23 @@ def main(argv=None) -> int:
     parser.add_argument("--table", type=Path, metavar="DOC",
                         help="only render the teachers' table from --output's teacher.json files into DOC "
                              "(between its teacher-table markers), no training")
+    parser.add_argument("--longer", type=Path, metavar="RECORD",
+                        help="with --table: also render a longer-trained teacher's teacher.json beside the "
+                             "committed one of its family (between DOC's teacher-longer markers)")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.heldout < 1 or args.curve_every < 1:
         parser.error("--rows, --heldout and --curve-every must be >= 1")
+    if args.longer and not args.table:
+        parser.error("--longer goes with --table (it renders into the same document)")
     if args.table:
         records = [read_teacher_record(args.output / name) for name in args.models]
         replace_block(args.table, TABLE_START, TABLE_END, teacher_table(records))
         print(teacher_table(records))
+        if args.longer:
+            longer = json.loads(args.longer.read_text())
+            block = longer_block(read_teacher_record(args.output / longer["model"]), longer)
+            replace_block(args.table, LONGER_START, LONGER_END, block)
+            print(block)
         return 0
     try:
         device = training_device(args.device)

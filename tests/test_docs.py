@@ -85,3 +85,19 @@ def test_the_teachers_table_is_rendered_from_their_records():
 
     records = [read_teacher_record(ROOT / "teachers" / name) for name in FAMILIES]
     assert read_block(ROOT / "docs/results.md", TABLE_START, TABLE_END) == teacher_table(records)
+
+
+def test_the_longer_teacher_block_is_rendered_from_the_two_records():
+    """docs/results.md's "what longer training bought" block is what `python -m jobs.train_teachers
+    --table docs/results.md --longer benchmarks/results/teacher_longer_sparktts.json` renders: the
+    committed teacher's record beside the longer run's, never figures typed by hand."""
+    import json
+
+    from jobs.train_teachers import LONGER_END, LONGER_START, longer_block
+    from pipeline.docblocks import read_block
+    from pipeline.synthetic.teachers import read_teacher_record
+
+    longer = json.loads((ROOT / "benchmarks/results/teacher_longer_sparktts.json").read_text())
+    committed = read_teacher_record(ROOT / "teachers" / longer["model"])
+    assert longer["train"]["steps"] > committed["train"]["steps"]  # what the block is about
+    assert read_block(ROOT / "docs/results.md", LONGER_START, LONGER_END) == longer_block(committed, longer)
