@@ -18,8 +18,10 @@ job on the running cluster, the cluster's processes too):
   * check:      the precompute's corpus check and shard plan (precompute.read_corpus +
                 corpus_check.check_corpus), starting its own local Ray;
   * sample:     the evals' row read (pipeline.data.corpus_io.read_rows, 64 rows).
-Goals (issue 28): build throughput >= 0.5x the baseline's; peak at the largest size within 10% of
-the peak at the smallest. Writes benchmarks/results/corpus_scale.json (--output).
+Goals (issue 28): build throughput >= 0.5x the baseline's at the largest size (1M records by
+default); peak at the largest size within 10% of the peak at the smallest. Writes
+benchmarks/results/corpus_scale.json (--output); `--records 3000000 --output
+benchmarks/results/corpus_scale_3m.json` is the docs' second table (where the start-up is amortised).
 """
 
 from __future__ import annotations
@@ -195,9 +197,29 @@ def table(summary: dict) -> str:
                      f"| {r['check']['peak_mb']:,.0f} | {r['sample']['seconds']:,.1f} | {r['sample']['peak_mb']:,.0f} |")
     growth = summary["peak_growth"]
     lines.append("")
-    lines.append(f"Peak memory, largest size / smallest: build {growth['build']:.2f}, check {growth['check']:.2f}, "
-                 f"sample {growth['sample']:.2f} ({summary['device']}).")
+    if len(summary["sizes"]) > 1:
+        lines.append(f"Peak memory, largest size / smallest: build {growth['build']:.2f}, check {growth['check']:.2f}, "
+                     f"sample {growth['sample']:.2f} ({summary['device']}).")
+    else:
+        lines.append(f"One size ({summary['device']}).")
     return "\n".join(lines)
+
+
+def summarize(results: list[dict]) -> dict:
+    """The results file: every size, the peak growth from the smallest to the largest size, and the
+    goals. Throughput is judged at the largest size (issue 28: a corpus of 1,000,000 records; the
+    smaller sizes are there for the memory growth, and their runs are mostly fixed start-up)."""
+    smallest, largest = results[0], results[-1]
+    at = f"at {largest['records']:,} records"
+    goals = {f"build_vs_baseline >= 0.5 {at}": largest["build_vs_baseline"] >= 0.5,
+             f"build_streaming_vs_baseline >= 0.5 {at}": largest["build_streaming_vs_baseline"] >= 0.5}
+    if len(results) > 1:
+        goals.update({f"{step} peak at the largest within 10% of the smallest":
+                      largest[step]["peak_mb"] <= 1.1 * smallest[step]["peak_mb"] for step in ("build", "check")})
+    return {"device": f"CPU {platform.machine()} ({os.cpu_count()} cores)", "sizes": results,
+            "peak_growth": {step: round(largest[step]["peak_mb"] / smallest[step]["peak_mb"], 3)
+                            for step in ("build", "check", "sample")},
+            "goals": goals}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -231,16 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         head.stop()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
-    smallest, largest = results[0], results[-1]
-    summary = {
-        "device": f"CPU {platform.machine()} ({os.cpu_count()} cores)", "sizes": results,
-        "peak_growth": {step: round(largest[step]["peak_mb"] / smallest[step]["peak_mb"], 3)
-                        for step in ("build", "check", "sample")},
-        "goals": {"build_vs_baseline >= 0.5": all(r["build_vs_baseline"] >= 0.5 for r in results),
-                  "build_streaming_vs_baseline >= 0.5": all(r["build_streaming_vs_baseline"] >= 0.5 for r in results),
-                  **{f"{step} peak at the largest within 10% of the smallest":
-                     largest[step]["peak_mb"] <= 1.1 * smallest[step]["peak_mb"] for step in ("build", "check")}},
-    }
+    summary = summarize(results)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(summary, indent=2) + "\n")
     print(table(summary))
