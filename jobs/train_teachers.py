@@ -161,13 +161,22 @@ def main(argv=None) -> int:
     if args.longer and not args.table:
         parser.error("--longer goes with --table (it renders into the same document)")
     if args.table:
-        records = [read_teacher_record(args.output / name) for name in args.models]
-        replace_block(args.table, TABLE_START, TABLE_END, teacher_table(records))
-        print(teacher_table(records))
+        # Everything read and checked before the document is touched: it is written whole or not at all.
+        text = args.table.read_text() if args.table.is_file() else ""
+        markers = [TABLE_START, TABLE_END] + ([LONGER_START, LONGER_END] if args.longer else [])
+        if not all(marker in text for marker in markers):
+            parser.error(f"--table {args.table}: needs a document holding the markers {' '.join(markers)}")
+        blocks = [(TABLE_START, TABLE_END, teacher_table([read_teacher_record(args.output / name)
+                                                         for name in args.models]))]
         if args.longer:
-            longer = json.loads(args.longer.read_text())
-            block = longer_block(read_teacher_record(args.output / longer["model"]), longer)
-            replace_block(args.table, LONGER_START, LONGER_END, block)
+            try:
+                longer = json.loads(args.longer.read_text())
+                family = longer["model"]
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                parser.error(f"--longer {args.longer}: not a teacher.json record ({type(err).__name__}: {err})")
+            blocks.append((LONGER_START, LONGER_END, longer_block(read_teacher_record(args.output / family), longer)))
+        for start, end, block in blocks:
+            replace_block(args.table, start, end, block)
             print(block)
         return 0
     try:

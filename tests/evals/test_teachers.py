@@ -154,3 +154,26 @@ def test_a_teacher_trained_elsewhere_comes_back_on_the_cpu():
                                  curve=lambda m: seen.append(next(m.parameters()).device) or {})
     assert seen == [torch.device("cpu")] * 2 and [p["step"] for p in curve] == [2, 4]
     assert {p.device for p in model.parameters()} == {torch.device("cpu")} and not model.training
+
+
+def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path):
+    """`--table DOC [--longer RECORD]`: a document without the markers, or a record that is not a
+    teacher.json, is refused naming the flag, and the document is left as it was."""
+    import subprocess
+    import sys
+
+    doc = tmp_path / "results.md"
+    doc.write_text((ROOT / "docs" / "results.md").read_text())
+    bare = tmp_path / "bare.md"
+    bare.write_text("no markers here\n")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[1]")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    for args, said in ((["--table", str(bare)], "needs a document holding the markers"),
+                       (["--table", str(doc), "--longer", str(bad)], "not a teacher.json record"),
+                       (["--table", str(doc), "--longer", str(tmp_path / "none.json")], "not a teacher.json record"),
+                       (["--longer", str(bad)], "--longer goes with --table")):
+        run = subprocess.run([sys.executable, "-m", "jobs.train_teachers", *args], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-500:])
+    assert doc.read_text() == (ROOT / "docs" / "results.md").read_text() and bare.read_text() == "no markers here\n"
