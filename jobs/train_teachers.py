@@ -38,6 +38,7 @@ from pipeline.evals.common import FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, spoken_quality, train_teacher
 from wand.models import CausalLMSpec, get_spec
+from wand.models.presets import BUILDERS, widen
 
 FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 SIZE = "mini"
@@ -50,6 +51,27 @@ UPSTREAM_DROPOUT = {"indextts": "upstream IndexTTS trains its GPT-2 with GPT2Con
                                 "as upstream inference does",
                     "cosyvoice2": "Qwen2 backbone: attention dropout 0 upstream and here",
                     "sparktts": "Qwen2 backbone: attention dropout 0 upstream and here"}
+
+
+MINI_BACKBONE = {"width": 96, "layers": 3, "heads": 4}  # wand.models.presets.widen's defaults: the committed teachers
+
+
+def teacher_spec(name: str, backbone: dict | None = None):
+    """The family's ``mini`` spec, on another backbone when ``backbone`` (a teacher.json record's
+    ``backbone``: width, layers, heads) differs from the preset's (a capacity experiment)."""
+    if not backbone or backbone == MINI_BACKBONE:
+        return get_spec(name, SIZE)
+    return widen(BUILDERS[name]("tiny"), **backbone)
+
+
+def backbone_label(record: dict) -> str:
+    """The teacher table's backbone column: the transformers model type, and the dimensions when
+    they are not the mini preset's."""
+    backbone = record.get("backbone") or MINI_BACKBONE
+    label = get_spec(record["model"], record["size"]).backbone_config().model_type  # from the spec, not a list
+    if backbone != MINI_BACKBONE:
+        label += f", {backbone['width']} wide, {backbone['layers']} layers"
+    return label
 
 
 def phase(text: str) -> Phase:
@@ -82,8 +104,7 @@ def teacher_table(records: list[dict]) -> str:
     for r in records:
         q, t = r["heldout"], r["train"]
         parts = " / ".join(f"{q[k]:.3f}" if k in q else "n/a" for k in ("substitutions", "deletions", "insertions"))
-        backbone = get_spec(r["model"], r["size"]).backbone_config().model_type  # from the spec, not a list
-        lines.append(f"| {FAMILY_NAMES[r['model']]} ({backbone}) | {r['parameters']:,} | {t['steps']:,} | {q['accuracy']:.1%} | "
+        lines.append(f"| {FAMILY_NAMES[r['model']]} ({backbone_label(r)}) | {r['parameters']:,} | {t['steps']:,} | {q['accuracy']:.1%} | "
                      f"{q['accuracy_inside_phonemes']:.1%} | **{q['accuracy_phoneme_starts']:.1%}** | "
                      f"{q['per']:.3f} ({q['spoken_rows']} rows) | {parts} | {q['speaker_accuracy']:.3f} | "
                      f"{q['stopped']:.2f} | {q.get('length_ratio_median', float('nan')):.2f} | "
@@ -140,6 +161,12 @@ def main(argv=None) -> int:
                              "phase after phase (default: " + " ".join(f"{p.steps}:{p.min_text}:{p.max_text}:{p.batch_size}"
                                                                         for p in CURRICULUM) + ")")
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--width", type=int, default=MINI_BACKBONE["width"],
+                        help="backbone width (default: the mini preset's 96; another value is a capacity "
+                             "experiment, recorded in teacher.json's backbone)")
+    parser.add_argument("--layers", type=int, default=MINI_BACKBONE["layers"], help="backbone layers (default 3)")
+    parser.add_argument("--heads", type=int, default=MINI_BACKBONE["heads"],
+                        help="attention heads (default 4; even for the Qwen2 families)")
     parser.add_argument("--rows", type=int, default=4096, help="training utterances per phase (seed 0)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out utterances (seed 1) for the stated quality")
     parser.add_argument("--seed", type=int, default=0, help="weight init and batch order")
@@ -158,6 +185,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1 or args.heldout < 1 or args.curve_every < 1:
         parser.error("--rows, --heldout and --curve-every must be >= 1")
+    backbone = {"width": args.width, "layers": args.layers, "heads": args.heads}
+    for name in args.models:  # every family's backbone checked before anything trains
+        try:
+            teacher_spec(name, backbone)
+        except ValueError as err:
+            parser.error(f"--width/--layers/--heads for {name}: {err}")
     if args.longer and not args.table:
         parser.error("--longer goes with --table (it renders into the same document)")
     if args.table:
@@ -187,11 +220,14 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
     task = SyntheticTask()
     for name in args.models:
-        spec = get_spec(name, SIZE)
         directory = args.output / name
-        held = synthetic_rows(spec, args.heldout, task, seed=HELDOUT_SEED, split="heldout", alignment=True)
-        if args.rescore:  # measure the teacher already there again; its recipe stays as recorded
+        if args.rescore:  # measure the teacher already there again; its recipe (and backbone) stay as recorded
             record = read_teacher_record(directory)
+            spec = teacher_spec(name, record.get("backbone"))
+        else:
+            spec = teacher_spec(name, backbone)
+        held = synthetic_rows(spec, args.heldout, task, seed=HELDOUT_SEED, split="heldout", alignment=True)
+        if args.rescore:
             model = spec.load(str(directory))
         else:
             phases = [(synthetic_rows(spec, args.rows, task, seed=TRAIN_SEED, min_text=p.min_text, max_text=p.max_text),
@@ -206,7 +242,8 @@ def main(argv=None) -> int:
             directory.mkdir(parents=True, exist_ok=True)
             files = save_teacher(spec, model, directory)
             record = {
-                "model": name, "size": SIZE, "parameters": sum(p.numel() for p in model.parameters()),
+                "model": name, "size": SIZE, "backbone": backbone,
+                "parameters": sum(p.numel() for p in model.parameters()),
                 "task": dataclasses.asdict(task),
                 "train": {"rows_per_phase": args.rows, "seed": TRAIN_SEED,
                           "phases": [dataclasses.asdict(p) for p in args.phases],

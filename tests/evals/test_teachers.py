@@ -177,3 +177,38 @@ def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path)
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-500:])
     assert doc.read_text() == (ROOT / "docs" / "results.md").read_text() and bare.read_text() == "no markers here\n"
+
+
+def test_a_teacher_on_another_backbone_is_recorded_rescored_and_labelled_as_such(tmp_path):
+    """`--width/--layers/--heads` (teacher capacity experiments): the teacher is built on that
+    backbone, teacher.json records it, `--rescore` loads it on the same backbone and measures the same
+    quality, the table names the dimensions; a backbone that cannot be built is refused before
+    anything trains or is written (subprocesses in a clean environment, as a user runs them)."""
+    import json
+    import subprocess
+    import sys
+
+    from jobs.train_teachers import backbone_label, teacher_table
+    from wand.models.presets import BUILDERS, widen
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    out = tmp_path / "teachers"
+
+    def job(*args):
+        return subprocess.run([sys.executable, "-m", "jobs.train_teachers", "--models", "sparktts", "--output", str(out),
+                               "--heldout", "3", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    run = job("--width", "50", "--heads", "4")
+    assert run.returncode == 2 and "--width/--layers/--heads for sparktts" in run.stderr and not out.exists(), run.stderr
+    run = job("--width", "48", "--layers", "2", "--heads", "2", "--phases", "6:4:8:2", "--rows", "8", "--curve-every", "3")
+    assert run.returncode == 0, run.stderr[-2000:]
+    record = json.loads((out / "sparktts" / "teacher.json").read_text())
+    assert record["backbone"] == {"width": 48, "layers": 2, "heads": 2}
+    built = widen(BUILDERS["sparktts"]("tiny"), width=48, layers=2, heads=2).build()  # counted independently
+    assert record["parameters"] == sum(p.numel() for p in built.parameters())
+    assert record["parameters"] != sum(p.numel() for p in get_spec("sparktts", "mini").build().parameters())
+    trained = record["heldout"]
+    assert job("--rescore").returncode == 0
+    assert json.loads((out / "sparktts" / "teacher.json").read_text())["heldout"] == trained
+    assert backbone_label(record) == "qwen2, 48 wide, 2 layers"
+    assert "SparkTTS (qwen2) |" in teacher_table([read_teacher_record(ROOT / "teachers" / "sparktts")])

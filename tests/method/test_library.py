@@ -86,3 +86,52 @@ def test_the_core_package_depends_on_torch_and_transformers_only():
     extra = {re.split(r"[<>=\[ ]", d)[0] for d in project["optional-dependencies"]["pipeline"]}
     assert {"ray", "deepspeed", "mlflow", "s3fs"} <= extra
     assert ".[pipeline,test,docs]" in (ROOT / "Makefile").read_text()
+
+
+LAZY_NAMES = """
+import importlib, inspect, sys
+import wand, wand.models
+
+report = {}
+for package in (wand, wand.models):
+    for name in package.__all__:
+        value = getattr(package, name)  # AttributeError fails the test, naming the name
+        home = getattr(value, "__module__", None)
+        report[f"{package.__name__}.{name}"] = home
+        assert name in dir(package), name
+for package, name in ((wand, "no_such_name"), (wand.models, "NoSuchModel")):
+    try:
+        getattr(package, name)
+    except AttributeError:
+        pass
+    else:
+        raise SystemExit(f"{package.__name__}.{name} resolved")
+# The old homes of the family modules hand out the very classes; `wand.generate` stays the function
+# once the module that defines it is imported.
+from wand.models.cosyvoice2 import CosyVoice2LM
+from wand.models.indextts import IndexTTSGPT
+assert CosyVoice2LM is wand.models.CosyVoice2LM and IndexTTSGPT is wand.models.IndexTTSGPT
+importlib.import_module("wand.generation")
+assert inspect.isfunction(wand.generate), wand.generate
+print(report)
+"""
+
+
+def test_every_public_name_of_wand_and_wand_models_resolves_where_it_is_defined():
+    """`wand`'s and `wand.models`' names load on first use (their `_HOME` / `_MODULES` tables): each
+    name in `__all__` resolves, to an object defined in the module the table names (functions and
+    classes), in a fresh interpreter; an unknown name is an AttributeError."""
+    import ast
+
+    import wand
+    import wand.models
+
+    run = subprocess.run([sys.executable, "-c", LAZY_NAMES], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    homes = ast.literal_eval(run.stdout.strip().splitlines()[-1])
+    assert set(homes) == {f"wand.{n}" for n in wand.__all__} | {f"wand.models.{n}" for n in wand.models.__all__}
+    for name, module in wand._HOME.items():
+        assert homes[f"wand.{name}"] == f"wand.{module}", name
+    for name, module in wand.models._MODULES.items():
+        assert homes[f"wand.models.{name}"] == f"wand.models.{module}", name
+    assert set(wand._HOME) == set(wand.__all__)  # no public name without a home, no home unlisted

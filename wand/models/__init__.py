@@ -35,6 +35,10 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'wand.models' has no attribute {name!r}")
 
 
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
+
 SIZES = ("real", "small", "mini", "tiny")
 
 

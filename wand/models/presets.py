@@ -154,11 +154,15 @@ def shrink(spec):
     return _on_backbone(spec, "small", width=256, layers=4, heads=8)
 
 
-def widen(spec):
+def widen(spec, width: int = 96, layers: int = 3, heads: int = 4):
     """The tiny spec (small vocabularies, same token layout) on a 3-layer, 96-wide backbone: big
     enough to learn the synthetic corpus (pipeline/synthetic/law.py), small enough to train on a CPU in
-    minutes. The embedded default's teachers (teachers/) are this size."""
-    return _on_backbone(spec, "mini", width=96, layers=3, heads=4)
+    minutes. The embedded default's teachers (teachers/) are this size. Other ``width`` / ``layers``
+    / ``heads``: the same vocabularies on another backbone (teacher capacity experiments)."""
+    if width < 1 or layers < 1 or heads < 1 or width % heads or (heads % 2 and "n_embd" not in spec.config):
+        raise ValueError(f"backbone {width} wide, {layers} layers, {heads} heads: need width divisible by heads "
+                         "(and an even number of heads for the Qwen2 / Llama backbones, which have 2 KV heads)")
+    return _on_backbone(spec, "mini", width=width, layers=layers, heads=heads)
 
 
 BUILDERS = {
