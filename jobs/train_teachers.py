@@ -3,6 +3,7 @@
     python -m jobs.train_teachers                                  # all three, into teachers/
     python -m jobs.train_teachers --models cosyvoice2 --phases 200:4:12:16 --output /tmp/teachers
     python -m jobs.train_teachers --table docs/results.md --longer benchmarks/results/teacher_longer_sparktts.json
+    python -m jobs.train_teachers --models sparktts --width 128 --layers 4 --output runs/teachers-wide
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
 trained from seeded random weights with cross-entropy on the generated tokens of synthetic rows
@@ -14,7 +15,9 @@ it, ``teacher.json`` records the recipe and the measured held-out quality that t
 Deterministic for the seeds on one machine (CPU float32). With a GPU present (``--device auto``,
 the default) the loop trains there, for example with a longer last phase (``--phases``); the teacher
 is then moved to the CPU, saved and scored there, so what is committed loads and passes on a CPU
-(teacher.json records the training device). One process trains the families one after
+(teacher.json records the training device). ``--width/--layers/--heads`` train the same vocabularies
+on another backbone (a capacity experiment; teacher.json records it as ``backbone`` and ``--rescore``
+rebuilds it). One process trains the families one after
 the other; `make teachers` runs the three side by side (30-41 minutes each on 2 cores, measured) and
 renders docs/results.md's teacher table from their teacher.json (--table).
 """
@@ -115,18 +118,38 @@ def teacher_table(records: list[dict]) -> str:
 LONGER_START, LONGER_END = "<!-- teacher-longer:start -->", "<!-- teacher-longer:end -->"
 
 
+def curve_line(label: str, record: dict) -> str:
+    """One teacher's last phase and that phase's learning curve at phoneme starts (the curve rows)."""
+    train = record["train"]
+    last = len(train["phases"]) - 1
+    curve = ", ".join(f"{p['step']:,}: {p['accuracy_phoneme_starts']:.1%}"
+                      for p in record["curve"]["points"] if p["phase"] == last)
+    return (f"- {label}: last phase {train['phases'][last]['steps']:,} steps, {train['rows_per_phase']:,} "
+            f"rows per phase; phoneme starts on the {record['curve']['rows']} curve rows: {curve}")
+
+
 def longer_block(committed: dict, longer: dict) -> str:
     """A committed teacher beside one trained longer (another teacher.json record of the same
     family): their table rows, each recipe's last phase, and that phase's learning curve at phoneme
     starts (the curve rows), so the docs say what more training bought and whether it still rises."""
-    lines = [teacher_table([committed, longer]), ""]
-    for label, record in (("committed", committed), ("longer", longer)):
-        train = record["train"]
-        last = len(train["phases"]) - 1
-        curve = ", ".join(f"{p['step']:,}: {p['accuracy_phoneme_starts']:.1%}"
-                          for p in record["curve"]["points"] if p["phase"] == last)
-        lines.append(f"- {label}: last phase {train['phases'][last]['steps']:,} steps, {train['rows_per_phase']:,} "
-                     f"rows per phase; phoneme starts on the {record['curve']['rows']} curve rows: {curve}")
+    return "\n".join([teacher_table([committed, longer]), "",
+                      curve_line("committed", committed), curve_line("longer", longer)])
+
+
+WIDER_START, WIDER_END = "<!-- teacher-wider:start -->", "<!-- teacher-wider:end -->"
+
+
+def wider_block(pairs: list[tuple[dict, dict]]) -> str:
+    """Committed teachers each beside the same family trained on another backbone (``(committed,
+    experiment)`` teacher.json records): the table rows, then each one's last-phase curve at phoneme
+    starts, labelled by family and backbone, so the docs say what capacity bought."""
+    lines = [teacher_table([r for pair in pairs for r in pair]), ""]
+    for pair in pairs:
+        for record in pair:
+            backbone = record.get("backbone") or MINI_BACKBONE
+            label = (f"{FAMILY_NAMES[record['model']]}, {backbone['width']} wide, {backbone['layers']} layers, "
+                     f"{record['parameters']:,} parameters")
+            lines.append(curve_line(label, record))
     return "\n".join(lines)
 
 
@@ -182,6 +205,9 @@ def main(argv=None) -> int:
     parser.add_argument("--longer", type=Path, metavar="RECORD",
                         help="with --table: also render a longer-trained teacher's teacher.json beside the "
                              "committed one of its family (between DOC's teacher-longer markers)")
+    parser.add_argument("--wider", type=Path, nargs="+", metavar="RECORD",
+                        help="with --table: also render teachers trained on another backbone (their teacher.json) "
+                             "beside the committed ones of their families (between DOC's teacher-wider markers)")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.heldout < 1 or args.curve_every < 1:
         parser.error("--rows, --heldout and --curve-every must be >= 1")
@@ -191,23 +217,31 @@ def main(argv=None) -> int:
             teacher_spec(name, backbone)
         except ValueError as err:
             parser.error(f"--width/--layers/--heads for {name}: {err}")
-    if args.longer and not args.table:
-        parser.error("--longer goes with --table (it renders into the same document)")
+    for flag, value in (("--longer", args.longer), ("--wider", args.wider)):
+        if value and not args.table:
+            parser.error(f"{flag} goes with --table (it renders into the same document)")
     if args.table:
         # Everything read and checked before the document is touched: it is written whole or not at all.
         text = args.table.read_text() if args.table.is_file() else ""
-        markers = [TABLE_START, TABLE_END] + ([LONGER_START, LONGER_END] if args.longer else [])
+        markers = ([TABLE_START, TABLE_END] + ([LONGER_START, LONGER_END] if args.longer else [])
+                   + ([WIDER_START, WIDER_END] if args.wider else []))
         if not all(marker in text for marker in markers):
             parser.error(f"--table {args.table}: needs a document holding the markers {' '.join(markers)}")
         blocks = [(TABLE_START, TABLE_END, teacher_table([read_teacher_record(args.output / name)
                                                          for name in args.models]))]
-        if args.longer:
+        def experiment(flag: str, path: Path) -> tuple[dict, dict]:
+            """(the committed teacher of its family, the experiment's record)."""
             try:
-                longer = json.loads(args.longer.read_text())
-                family = longer["model"]
+                record = json.loads(path.read_text())
+                family = record["model"]
+                return read_teacher_record(args.output / family), record
             except (OSError, ValueError, KeyError, TypeError) as err:
-                parser.error(f"--longer {args.longer}: not a teacher.json record ({type(err).__name__}: {err})")
-            blocks.append((LONGER_START, LONGER_END, longer_block(read_teacher_record(args.output / family), longer)))
+                parser.error(f"{flag} {path}: not a teacher.json record ({type(err).__name__}: {err})")
+
+        if args.longer:
+            blocks.append((LONGER_START, LONGER_END, longer_block(*experiment("--longer", args.longer))))
+        if args.wider:
+            blocks.append((WIDER_START, WIDER_END, wider_block([experiment("--wider", p) for p in args.wider])))
         for start, end, block in blocks:
             replace_block(args.table, start, end, block)
             print(block)

@@ -101,3 +101,26 @@ def test_the_longer_teacher_block_is_rendered_from_the_two_records():
     committed = read_teacher_record(ROOT / "teachers" / longer["model"])
     assert longer["train"]["steps"] > committed["train"]["steps"]  # what the block is about
     assert read_block(ROOT / "docs/results.md", LONGER_START, LONGER_END) == longer_block(committed, longer)
+
+
+def test_the_wider_teacher_block_is_rendered_from_the_records():
+    """docs/results.md's "what capacity bought" block is what `python -m jobs.train_teachers --table
+    docs/results.md --wider benchmarks/results/teacher_wider_*.json` renders: each committed teacher
+    beside the same recipe on a wider, deeper backbone (the recipe otherwise the same)."""
+    import json
+
+    from jobs.train_teachers import MINI_BACKBONE, WIDER_END, WIDER_START, wider_block
+    from pipeline.docblocks import read_block
+    from pipeline.synthetic.teachers import read_teacher_record
+
+    pairs = []
+    for path in sorted((ROOT / "benchmarks/results").glob("teacher_wider_*.json")):
+        wider = json.loads(path.read_text())
+        committed = read_teacher_record(ROOT / "teachers" / wider["model"])
+        assert path.name == f"teacher_wider_{wider['model']}.json"
+        assert wider["backbone"] != MINI_BACKBONE and wider["parameters"] > committed["parameters"]
+        assert wider["train"]["phases"] == committed["train"]["phases"]  # only the backbone differs
+        assert wider["train"]["rows_per_phase"] == committed["train"]["rows_per_phase"]
+        pairs.append((committed, wider))
+    assert pairs, "no benchmarks/results/teacher_wider_*.json"
+    assert read_block(ROOT / "docs/results.md", WIDER_START, WIDER_END) == wider_block(pairs)

@@ -157,7 +157,7 @@ def test_a_teacher_trained_elsewhere_comes_back_on_the_cpu():
 
 
 def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path):
-    """`--table DOC [--longer RECORD]`: a document without the markers, or a record that is not a
+    """`--table DOC [--longer RECORD] [--wider RECORD ...]`: a document without the markers, or a record that is not a
     teacher.json, is refused naming the flag, and the document is left as it was."""
     import subprocess
     import sys
@@ -172,6 +172,9 @@ def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path)
     for args, said in ((["--table", str(bare)], "needs a document holding the markers"),
                        (["--table", str(doc), "--longer", str(bad)], "not a teacher.json record"),
                        (["--table", str(doc), "--longer", str(tmp_path / "none.json")], "not a teacher.json record"),
+                       (["--table", str(doc), "--wider", str(tmp_path / "none.json")], "--wider"),
+                       (["--table", str(doc), "--wider", str(bad)], "not a teacher.json record"),
+                       (["--wider", str(bad)], "--wider goes with --table"),
                        (["--longer", str(bad)], "--longer goes with --table")):
         run = subprocess.run([sys.executable, "-m", "jobs.train_teachers", *args], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
