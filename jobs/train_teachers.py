@@ -128,12 +128,17 @@ def curve_line(label: str, record: dict) -> str:
             f"rows per phase; phoneme starts on the {record['curve']['rows']} curve rows: {curve}")
 
 
-def longer_block(committed: dict, longer: dict) -> str:
-    """A committed teacher beside one trained longer (another teacher.json record of the same
-    family): their table rows, each recipe's last phase, and that phase's learning curve at phoneme
-    starts (the curve rows), so the docs say what more training bought and whether it still rises."""
-    return "\n".join([teacher_table([committed, longer]), "",
-                      curve_line("committed", committed), curve_line("longer", longer)])
+def longer_block(committed: dict, *longer: dict) -> str:
+    """A committed teacher beside runs trained longer (other teacher.json records of the same
+    family, on its backbone or another): their table rows, each recipe's last phase, and that phase's
+    learning curve at phoneme starts (the curve rows), so the docs say what more training bought and
+    whether it still rises."""
+    lines = [teacher_table([committed, *longer]), "", curve_line("committed", committed)]
+    for record in longer:
+        backbone = record.get("backbone") or MINI_BACKBONE
+        on = "" if backbone == MINI_BACKBONE else f", {backbone['width']} wide, {backbone['layers']} layers"
+        lines.append(curve_line("longer" + on, record))
+    return "\n".join(lines)
 
 
 WIDER_START, WIDER_END = "<!-- teacher-wider:start -->", "<!-- teacher-wider:end -->"
@@ -202,9 +207,9 @@ def main(argv=None) -> int:
     parser.add_argument("--table", type=Path, metavar="DOC",
                         help="only render the teachers' table from --output's teacher.json files into DOC "
                              "(between its teacher-table markers), no training")
-    parser.add_argument("--longer", type=Path, metavar="RECORD",
-                        help="with --table: also render a longer-trained teacher's teacher.json beside the "
-                             "committed one of its family (between DOC's teacher-longer markers)")
+    parser.add_argument("--longer", type=Path, nargs="+", metavar="RECORD",
+                        help="with --table: also render longer-trained teachers' teacher.json (one family) beside "
+                             "the committed one of that family (between DOC's teacher-longer markers)")
     parser.add_argument("--wider", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers trained on another backbone (their teacher.json) "
                              "beside the committed ones of their families (between DOC's teacher-wider markers)")
@@ -239,7 +244,10 @@ def main(argv=None) -> int:
                 parser.error(f"{flag} {path}: not a teacher.json record ({type(err).__name__}: {err})")
 
         if args.longer:
-            blocks.append((LONGER_START, LONGER_END, longer_block(*experiment("--longer", args.longer))))
+            pairs = [experiment("--longer", p) for p in args.longer]
+            if len({committed["model"] for committed, _ in pairs}) > 1:
+                parser.error("--longer: records of one family (the block sets them beside its committed teacher)")
+            blocks.append((LONGER_START, LONGER_END, longer_block(pairs[0][0], *(r for _, r in pairs))))
         if args.wider:
             blocks.append((WIDER_START, WIDER_END, wider_block([experiment("--wider", p) for p in args.wider])))
         for start, end, block in blocks:
