@@ -25,6 +25,7 @@ renders docs/results.md's teacher table from their teacher.json (--table).
 from __future__ import annotations
 
 import argparse
+import inspect
 import dataclasses
 import json
 import logging
@@ -56,7 +57,8 @@ UPSTREAM_DROPOUT = {"indextts": "upstream IndexTTS trains its GPT-2 with GPT2Con
                     "sparktts": "Qwen2 backbone: attention dropout 0 upstream and here"}
 
 
-MINI_BACKBONE = {"width": 96, "layers": 3, "heads": 4}  # wand.models.presets.widen's defaults: the committed teachers
+# The committed teachers' backbone: wand.models.presets.widen's defaults (read, not restated).
+MINI_BACKBONE = {k: p.default for k, p in inspect.signature(widen).parameters.items() if k != "spec"}
 
 
 def teacher_spec(name: str, backbone: dict | None = None):
@@ -67,13 +69,18 @@ def teacher_spec(name: str, backbone: dict | None = None):
     return widen(BUILDERS[name]("tiny"), **backbone)
 
 
+def dimensions(record: dict) -> str:
+    """A teacher.json record's backbone in words ("128 wide, 4 layers"; the mini preset's when unrecorded)."""
+    backbone = record.get("backbone") or MINI_BACKBONE
+    return f"{backbone['width']} wide, {backbone['layers']} layers"
+
+
 def backbone_label(record: dict) -> str:
     """The teacher table's backbone column: the transformers model type, and the dimensions when
     they are not the mini preset's."""
-    backbone = record.get("backbone") or MINI_BACKBONE
     label = get_spec(record["model"], record["size"]).backbone_config().model_type  # from the spec, not a list
-    if backbone != MINI_BACKBONE:
-        label += f", {backbone['width']} wide, {backbone['layers']} layers"
+    if (record.get("backbone") or MINI_BACKBONE) != MINI_BACKBONE:
+        label += f", {dimensions(record)}"
     return label
 
 
@@ -135,8 +142,7 @@ def longer_block(committed: dict, *longer: dict) -> str:
     whether it still rises."""
     lines = [teacher_table([committed, *longer]), "", curve_line("committed", committed)]
     for record in longer:
-        backbone = record.get("backbone") or MINI_BACKBONE
-        on = "" if backbone == MINI_BACKBONE else f", {backbone['width']} wide, {backbone['layers']} layers"
+        on = "" if (record.get("backbone") or MINI_BACKBONE) == MINI_BACKBONE else f", {dimensions(record)}"
         lines.append(curve_line("longer" + on, record))
     return "\n".join(lines)
 
@@ -151,10 +157,8 @@ def wider_block(pairs: list[tuple[dict, dict]]) -> str:
     lines = [teacher_table([r for pair in pairs for r in pair]), ""]
     for pair in pairs:
         for record in pair:
-            backbone = record.get("backbone") or MINI_BACKBONE
-            label = (f"{FAMILY_NAMES[record['model']]}, {backbone['width']} wide, {backbone['layers']} layers, "
-                     f"{record['parameters']:,} parameters")
-            lines.append(curve_line(label, record))
+            lines.append(curve_line(f"{FAMILY_NAMES[record['model']]}, {dimensions(record)}, "
+                                    f"{record['parameters']:,} parameters", record))
     return "\n".join(lines)
 
 
