@@ -122,6 +122,23 @@ def teacher_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def position_line(label: str, record: dict) -> str:
+    """One teacher's held-out accuracy at phoneme starts by generated position (where along an
+    utterance it loses its place in the text), from its record."""
+    spans = record["heldout"].get("phoneme_starts_by_position")
+    if not spans:
+        return f"- {label}: phoneme starts by generated position: not in this record (scored before it was measured)"
+    parts = ", ".join(f"{span}: {v['accuracy']:.1%} ({v['phoneme_starts']:,})" for span, v in spans.items())
+    return f"- {label}: at phoneme starts by generated position (how many): {parts}"
+
+
+def committed_block(records: list[dict]) -> str:
+    """The docs' block of the committed teachers: their table, then each one's accuracy at phoneme
+    starts by generated position."""
+    return "\n".join([teacher_table(records), "",
+                      *(position_line(FAMILY_NAMES[r["model"]], r) for r in records)])
+
+
 LONGER_START, LONGER_END = "<!-- teacher-longer:start -->", "<!-- teacher-longer:end -->"
 
 
@@ -144,6 +161,9 @@ def longer_block(committed: dict, *longer: dict) -> str:
     for record in longer:
         on = "" if (record.get("backbone") or MINI_BACKBONE) == MINI_BACKBONE else f", {dimensions(record)}"
         lines.append(curve_line("longer" + on, record))
+    lines += [position_line(label, record) for label, record in
+              zip(["committed", *(f"longer, {r['train']['steps']:,} steps, {dimensions(r)}" for r in longer)],
+                  [committed, *longer])]
     return "\n".join(lines)
 
 
@@ -159,6 +179,8 @@ def wider_block(pairs: list[tuple[dict, dict]]) -> str:
         for record in pair:
             lines.append(curve_line(f"{FAMILY_NAMES[record['model']]}, {dimensions(record)}, "
                                     f"{record['parameters']:,} parameters", record))
+    lines += [position_line(f"{FAMILY_NAMES[record['model']]}, {dimensions(record)}", record)
+              for pair in pairs for record in pair]
     return "\n".join(lines)
 
 
@@ -236,8 +258,8 @@ def main(argv=None) -> int:
                    + ([WIDER_START, WIDER_END] if args.wider else []))
         if not all(marker in text for marker in markers):
             parser.error(f"--table {args.table}: needs a document holding the markers {' '.join(markers)}")
-        blocks = [(TABLE_START, TABLE_END, teacher_table([read_teacher_record(args.output / name)
-                                                         for name in args.models]))]
+        blocks = [(TABLE_START, TABLE_END, committed_block([read_teacher_record(args.output / name)
+                                                           for name in args.models]))]
         def experiment(flag: str, path: Path) -> tuple[dict, dict]:
             """(the committed teacher of its family, the experiment's record)."""
             try:

@@ -26,7 +26,7 @@ from wand.distill import distill_loss
 
 from pipeline.synthetic.law import TEXT_LENGTHS
 
-__all__ = ["Phase", "CURRICULUM", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
+__all__ = ["Phase", "CURRICULUM", "POSITION_EDGES", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
            "file_sha256", "read_teacher_record"]
 
 log = logging.getLogger("wand.teachers")
@@ -123,18 +123,32 @@ def teacher_forced_accuracy(spec, model, rows: list[dict], window: int | None = 
             "correct": correct_t.numpy(), "distance": distance_t.numpy()}
 
 
+# Generated positions (distance from the prefix) at which phoneme-start accuracy is reported apart:
+# where along an utterance a teacher loses its place in the text (IndexTTS's mel positions are
+# learned, and the long ones are trained only in the last phase of the length curriculum).
+POSITION_EDGES = (0, 64, 128, 192, 256, 384)
+
+
 def heldout_quality(spec, model, rows: list[dict]) -> dict:
     """The stated quality of a teacher on held-out rows made with ``alignment=True``: teacher-forced
     top-1 accuracy against the corpus tokens, overall, at phoneme starts (where the next phoneme
-    must be read from the prefix) and inside phonemes (locally predictable)."""
+    must be read from the prefix) and inside phonemes (locally predictable); and at phoneme starts
+    by generated position (``POSITION_EDGES``; a bucket without phoneme starts is left out)."""
     from pipeline.synthetic.law import phoneme_starts
 
     scored = teacher_forced_accuracy(spec, model, rows)
     starts = np.concatenate([phoneme_starts(r) for r in rows])
-    correct = scored["correct"]
+    correct, distance = scored["correct"], scored["distance"]
+    by_position = {}
+    for low, high in zip(POSITION_EDGES, (*POSITION_EDGES[1:], None)):
+        at = starts & (distance >= low) & (distance < high if high is not None else True)
+        if at.any():
+            by_position[f"{low}-{high - 1}" if high is not None else f"{low}+"] = {
+                "phoneme_starts": int(at.sum()), "accuracy": round(float(correct[at].mean()), 4)}
     return {"rows": len(rows), "positions": scored["positions"], "accuracy": round(scored["accuracy"], 4),
             "accuracy_phoneme_starts": round(float(correct[starts].mean()), 4),
-            "accuracy_inside_phonemes": round(float(correct[~starts].mean()), 4)}
+            "accuracy_inside_phonemes": round(float(correct[~starts].mean()), 4),
+            "phoneme_starts_by_position": by_position}
 
 
 def spoken_quality(spec, model, rows: list[dict], task) -> dict:

@@ -98,6 +98,37 @@ def test_indextts_small_presets_have_no_dropout():
         assert get_spec(name, "mini").build().config.attention_dropout == 0.0, name
 
 
+def test_phoneme_starts_by_position_match_a_row_by_row_count():
+    """heldout_quality's accuracy at phoneme starts per generated-position bucket equals a count made
+    row by row: one unpadded forward per row, argmax over the target ids, buckets by hand."""
+    from pipeline.synthetic.law import phoneme_starts
+    from pipeline.synthetic.teachers import POSITION_EDGES
+
+    spec = get_spec("sparktts", "mini")
+    teacher = wand.enable_wand(spec.load(str(ROOT / "teachers" / "sparktts")), None)
+    held = synthetic_rows(spec, 6, seed=1, split="heldout", alignment=True, min_text=60, max_text=120)
+    measured = heldout_quality(spec, teacher, held)["phoneme_starts_by_position"]
+    targets = spec.target_ids()
+    hits, counts = {}, {}
+    with torch.no_grad():
+        for row in held:
+            ids = torch.tensor([row["input_ids"]])
+            p = row["prefix_length"]
+            logits = teacher(input_ids=ids, prefix_lengths=torch.tensor([p]), window=None).logits[0]
+            right = (targets[logits[p - 1 : -1][:, targets].argmax(-1)] == ids[0, p:]).tolist()
+            for position, (start, ok) in enumerate(zip(phoneme_starts(row), right)):
+                if start:
+                    low = max(e for e in POSITION_EDGES if e <= position)
+                    hits[low] = hits.get(low, 0) + ok
+                    counts[low] = counts.get(low, 0) + 1
+    assert len(counts) >= 3  # rows long enough to reach several buckets
+    assert [int(span.split("-")[0].rstrip("+")) for span in measured] == sorted(counts)
+    for span, value in measured.items():
+        low = int(span.split("-")[0].rstrip("+"))
+        assert value["phoneme_starts"] == counts[low]
+        assert value["accuracy"] == pytest.approx(hits[low] / counts[low], abs=1e-4)
+
+
 @pytest.mark.parametrize("name", sorted(STATED))
 def test_committed_teachers_stop_at_the_stop_id(name):
     """The synthetic rows end with the stop id (upstream's target layout), so the teachers learned to
