@@ -226,6 +226,10 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="weight init and batch order")
     parser.add_argument("--curve-every", type=int, default=500, help="steps between learning-curve points")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: run families side by side)")
+    parser.add_argument("--length-groups", type=int, default=1,
+                        help="run each batch in this many parts of neighbouring lengths (the same gradient up to "
+                             "rounding, less padding: about 1.3x faster per step on a CPU; default 1, the single "
+                             "padded batch the committed teachers were trained with)")
     parser.add_argument("--device", default="auto", help="where to train: auto (cuda when a GPU is present, else cpu), "
                                                           "cpu, cuda or cuda:N; the teachers are saved and scored on the CPU")
     parser.add_argument("--output", type=Path, default=Path("teachers"))
@@ -240,8 +244,8 @@ def main(argv=None) -> int:
                         help="with --table: also render teachers trained on another backbone (their teacher.json) "
                              "beside the committed ones of their families (between DOC's teacher-wider markers)")
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.heldout < 1 or args.curve_every < 1:
-        parser.error("--rows, --heldout and --curve-every must be >= 1")
+    if args.rows < 1 or args.heldout < 1 or args.curve_every < 1 or args.length_groups < 1:
+        parser.error("--rows, --heldout, --curve-every and --length-groups must be >= 1")
     backbone = {"width": args.width, "layers": args.layers, "heads": args.heads}
     for name in args.models:  # every family's backbone checked before anything trains
         try:
@@ -304,6 +308,7 @@ def main(argv=None) -> int:
             curve_rows = held[:CURVE_ROWS]
             model, curve = train_teacher(
                 spec, phases, args.lr, args.seed, curve_every=args.curve_every, device=device,
+                length_groups=args.length_groups,
                 curve=lambda m: {k: v for k, v in heldout_quality(spec, m, curve_rows).items()
                                  if k.startswith("accuracy")})
             seconds = time.perf_counter() - start
@@ -316,6 +321,7 @@ def main(argv=None) -> int:
                 "train": {"rows_per_phase": args.rows, "seed": TRAIN_SEED,
                           "phases": [dataclasses.asdict(p) for p in args.phases],
                           "steps": sum(p.steps for p in args.phases), "lr": args.lr, "init_seed": args.seed,
+                          "length_groups": args.length_groups,
                           "seconds": round(seconds, 1), "threads": args.threads, "torch": torch.__version__,
                           "device": device_name(device)},
                 "dropout": UPSTREAM_DROPOUT[name],

@@ -28,6 +28,24 @@ def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
         assert rows[2]["full_kv_per_stream"] > rows[0]["full_kv_per_stream"] > rows[0]["wand_kv_per_stream"]
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_length_groups_benchmark_times_both_settings_and_the_students_agree(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.length_groups", "--models", "indextts", "--steps", "2",
+                          "--repeats", "1", "--output", str(tmp_path / "groups.json")],
+                         capture_output=True, text=True, timeout=280)
+    assert out.returncode == 0, out.stderr[-3000:]
+    (result,) = json.loads((tmp_path / "groups.json").read_text())["results"]
+    for key in ("student_seconds_per_step", "teacher_loop_seconds_per_step"):
+        assert set(result[key]) == {"1", "2"} and all(v > 0 for v in result[key].values())
+    assert result["student_speedup"] == round(result["student_seconds_per_step"]["1"]
+                                              / result["student_seconds_per_step"]["2"], 2)
+    assert result["student_weights_max_abs_difference"] < 1e-3  # the same training, up to rounding
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.length_groups", "--steps", "0",
+                          "--output", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--steps" in bad.stderr and not (tmp_path / "bad.json").exists()
+
+
 def test_gpu_check_names_every_cuda_test_file_and_benchmark():
     script = (ROOT / "benchmarks/gpu_check.sh").read_text()
     cuda_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")

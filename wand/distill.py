@@ -14,7 +14,7 @@ import torch
 from .batch import Batch
 from .losses import LossOutput, wand_loss
 
-__all__ = ["SparseTeacher", "distill_loss"]
+__all__ = ["SparseTeacher", "distill_loss", "length_groups", "backward_in_parts"]
 
 
 @dataclass
@@ -61,3 +61,42 @@ def distill_loss(spec, model: torch.nn.Module, batch: Batch, window: int | None,
                          temperature=temperature, skew_alpha=skew_alpha, chunk_size=chunk_size)
     return wand_loss(hidden, head, targets, teacher.values, teacher.ids, teacher.rest, kind=kind,
                      kd_weight=kd_weight, temperature=temperature, skew_alpha=skew_alpha, chunk_size=chunk_size)
+
+
+def length_groups(rows: list, groups: int, length=lambda row: len(row["input_ids"])) -> list[list]:
+    """``rows`` in ``groups`` parts of neighbouring lengths (sorted by ``length``, contiguous, sizes
+    differing by at most one): each part is padded only to its own longest row, which on a CPU saves
+    about a quarter of the work of a batch of 8 random utterances (backward_in_parts). ``groups`` 1:
+    the rows as given, unsorted (exactly the single-batch step)."""
+    if groups < 1:
+        raise ValueError(f"groups must be >= 1, got {groups}")
+    if groups == 1:
+        return [list(rows)]
+    ordered = sorted(rows, key=length)
+    size, extra = divmod(len(ordered), groups)
+    parts, start = [], 0
+    for g in range(groups):
+        end = start + size + (g < extra)
+        if end > start:
+            parts.append(ordered[start:end])
+        start = end
+    return parts
+
+
+def backward_in_parts(spec, model: torch.nn.Module, parts: list[tuple[Batch, SparseTeacher | None]],
+                      window: int | None, tau: float | None = None, **loss_kwargs) -> LossOutput:
+    """``distill_loss`` over the parts' rows as one batch, run part by part: each part's loss is
+    weighted by its share of the target positions and back-propagated at once (only one part's
+    activations are held), so the accumulated gradient is that of the whole batch's token mean (up to
+    float rounding). Returns the whole batch's LossOutput, its loss detached. Zero the gradients
+    before, step after."""
+    total = sum(int(batch.targets.numel()) for batch, _ in parts)
+    if total == 0:
+        raise ValueError("backward_in_parts: no target positions in any part")
+    loss = ce = kd = 0.0
+    for batch, teacher in parts:
+        out = distill_loss(spec, model, batch, window, tau, teacher, **loss_kwargs)
+        share = out.positions / total
+        (out.loss * share).backward()
+        loss, ce, kd = loss + out.loss.detach() * share, ce + out.ce * share, kd + out.kd * share
+    return LossOutput(loss, ce, kd, total)

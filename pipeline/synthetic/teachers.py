@@ -22,7 +22,7 @@ import torch
 
 import wand
 from wand.batch import Batch, collate
-from wand.distill import distill_loss
+from wand.distill import backward_in_parts, length_groups as by_length
 
 from pipeline.synthetic.law import TEXT_LENGTHS
 
@@ -63,14 +63,19 @@ CURRICULUM = (Phase(3000, 4, 12, 32), Phase(2000, 12, 40, 16), Phase(2500, *TEXT
 
 def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float = 3e-3, seed: int = 0,
                   log_every: int = 100, curve: Callable[[torch.nn.Module], dict] | None = None,
-                  curve_every: int = 500, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, list[dict]]:
+                  curve_every: int = 500, device: str | torch.device = "cpu",
+                  length_groups: int = 1) -> tuple[torch.nn.Module, list[dict]]:
     """A model of ``spec`` trained from seeded random weights with full attention, on each phase's
     ``(rows, steps, batch_size)`` in turn (a length curriculum); one learning-rate schedule over all
     of them (warm-up, then cosine down to a tenth). Returns the model, on the CPU (where the
     teachers are saved, scored and loaded), and its learning curve: ``curve(model)`` (in eval mode,
     no grad, on ``device``) every ``curve_every`` steps and at the end of each phase, each entry with
     its ``step`` and ``phase`` (empty without ``curve``). ``device``: where it trains ("cuda" on a GPU;
-    the weights start the same for a seed, from the CPU's generator)."""
+    the weights start the same for a seed, from the CPU's generator). ``length_groups``: each batch
+    run in that many parts of neighbouring lengths (``wand.distill.backward_in_parts``: the same
+    gradient up to rounding, less padding); 1, the committed teachers' single padded batch."""
+    if length_groups < 1:
+        raise ValueError(f"length_groups must be >= 1, got {length_groups}")
     torch.manual_seed(seed)
     model = wand.enable_wand(spec.build(), None).to(device)
     model.train()
@@ -83,11 +88,12 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
     start, step, points = time.perf_counter(), 0, []
     for phase, (rows, steps, batch_size) in enumerate(phases):
         for _ in range(steps):
-            batch = collate(spec, [rows[i] for i in rng.integers(0, len(rows), batch_size)], device)
-            # CE only, over the target ids (the speech codes and stop ids): the distillation step without a teacher.
-            loss = distill_loss(spec, model, batch, window=None, ce_over=spec.target_ids()).loss
+            picked = [rows[i] for i in rng.integers(0, len(rows), batch_size)]
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            # CE only, over the target ids (the speech codes and stop ids): the distillation step without a teacher.
+            loss = backward_in_parts(spec, model, [(collate(spec, group, device), None) for group in
+                                                   by_length(picked, min(length_groups, batch_size))],
+                                     None, ce_over=spec.target_ids()).loss
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             schedule.step()

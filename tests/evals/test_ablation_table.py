@@ -102,3 +102,24 @@ def test_make_ablation_runs_every_variant_and_the_sweep_the_chooser_reads():
     names = re.search(r"^ABLATION_VARIANTS \?= (.+)$", makefile, re.M).group(1).split()
     assert {v.name for v in VARIANTS} | set(SWEEP) <= set(names)
     assert all(variant_named(name).name == name for name in names)
+
+
+def test_length_groups_are_checked_before_a_run_and_named_in_the_table_header():
+    import subprocess
+    import sys
+
+    from benchmarks.ablation_table import markdown
+    from pipeline.evals.ablation import AblationConfig
+
+    for bad in (0, 9):  # at least one part, at most one row per part
+        with pytest.raises(ValueError, match="length_groups must be in"):
+            AblationConfig(batch_size=8, length_groups=bad)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ablation_table", "--length-groups", "0", "--no-readme"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "length_groups" in out.stderr
+    import json
+    from pathlib import Path
+
+    rows = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/ablation_table.json").read_text())["results"]
+    header = lambda groups: markdown(rows, AblationConfig(length_groups=groups), "cpu").splitlines()[0]  # noqa: E731
+    assert "2 parts of neighbouring lengths" in header(2) and "parts" not in header(1)

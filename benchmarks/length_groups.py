@@ -1,0 +1,100 @@
+"""What running each batch in parts of neighbouring lengths saves on a CPU (``--length-groups``).
+
+    python -m benchmarks.length_groups                  # the three committed teachers, about 5 minutes on 2 cores
+    python -m benchmarks.length_groups --steps 10 --models sparktts --output /tmp/groups.json
+
+For each family, the results table's student (``pipeline.evals.ablation.train_student``, the ``wand``
+variant: soft-mask curriculum, CE + KD from the committed teacher's top-16) and the teacher trainer
+(``pipeline.synthetic.teachers.train_teacher`` on the corpus's lengths, the last phase of its
+curriculum) each run ``--steps`` steps with the batch as one padded batch (1) and in two parts of
+neighbouring lengths (2), alternately, one thread: seconds per step, their ratio, and how far apart
+the two students' weights end (the gradient is the same up to rounding, so they should stay close).
+Writes benchmarks/results/length_groups.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import wand
+from pipeline.evals.ablation import AblationConfig, teacher_targets, train_student, variant_named
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask
+from pipeline.synthetic.teachers import CURRICULUM, read_teacher_record, train_teacher
+from wand.models import get_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+FAMILIES = ("cosyvoice2", "indextts", "sparktts")
+GROUPS = (1, 2)
+
+
+def flat(model: torch.nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
+def measure(name: str, steps: int, repeats: int) -> dict:
+    """Seconds per step of a student and of the teacher loop for each entry of GROUPS (the best of
+    ``repeats`` alternating runs, so a busy neighbour slows both alike), and the students' distance."""
+    directory = ROOT / "teachers" / name
+    record = read_teacher_record(directory)
+    spec = get_spec(name, record["size"])
+    task = SyntheticTask(**record["task"])
+    teacher = wand.enable_wand(spec.load(str(directory)), AblationConfig.window).eval()  # as run_ablation does
+    rows = teacher_targets(spec, teacher, synthetic_rows(spec, 256, task, seed=2, split="finetune"), AblationConfig.k)
+    last = CURRICULUM[-1]
+    teacher_rows = synthetic_rows(spec, 256, task, seed=0, min_text=last.min_text, max_text=last.max_text)
+    student = {g: [] for g in GROUPS}
+    loop = {g: [] for g in GROUPS}
+    weights = {}
+    for _ in range(repeats):
+        for groups in GROUPS:
+            config = AblationConfig(steps=steps, length_groups=groups)
+            start = time.perf_counter()
+            weights[groups] = flat(train_student(spec, teacher, rows, variant_named("wand"), config))
+            student[groups].append((time.perf_counter() - start) / steps)
+            start = time.perf_counter()
+            train_teacher(spec, [(teacher_rows, steps, last.batch_size)], log_every=0, length_groups=groups)
+            loop[groups].append((time.perf_counter() - start) / steps)
+    best = lambda times: round(min(times), 4)  # noqa: E731
+    return {"model": name, "steps": steps, "repeats": repeats,
+            "student_seconds_per_step": {str(g): best(student[g]) for g in GROUPS},
+            "teacher_loop_seconds_per_step": {str(g): best(loop[g]) for g in GROUPS},
+            "student_speedup": round(best(student[1]) / best(student[2]), 2),
+            "teacher_loop_speedup": round(best(loop[1]) / best(loop[2]), 2),
+            "student_weights_max_abs_difference": float((weights[1] - weights[2]).abs().max()),
+            "config": dataclasses.asdict(AblationConfig(steps=steps))}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", choices=FAMILIES, default=list(FAMILIES))
+    parser.add_argument("--steps", type=int, default=30, help="steps per timed run")
+    parser.add_argument("--repeats", type=int, default=2, help="alternating runs per setting (the best is kept)")
+    parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/length_groups.json")
+    args = parser.parse_args(argv)
+    if args.steps < 1 or args.repeats < 1:
+        parser.error("--steps and --repeats must be >= 1")
+    torch.set_num_threads(1)
+    results = []
+    for name in args.models:
+        results.append(measure(name, args.steps, args.repeats))
+        r = results[-1]
+        print(f"{name}: student {r['student_seconds_per_step']} s/step ({r['student_speedup']}x), teacher loop "
+              f"{r['teacher_loop_seconds_per_step']} s/step ({r['teacher_loop_speedup']}x), students' weights "
+              f"within {r['student_weights_max_abs_difference']:.1e}", flush=True)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    args.output.write_text(json.dumps({"device": f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}",
+                                       "results": results}, indent=2) + "\n")
+    print(f"wrote {args.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
