@@ -152,19 +152,23 @@ def curve_line(label: str, record: dict) -> str:
             f"rows per phase; phoneme starts on the {record['curve']['rows']} curve rows: {curve}")
 
 
-def longer_block(committed: dict, *longer: dict) -> str:
-    """A committed teacher beside runs trained longer (other teacher.json records of the same
-    family, on its backbone or another): their table rows, each recipe's last phase, and that phase's
-    learning curve at phoneme starts (the curve rows), so the docs say what more training bought and
-    whether it still rises."""
-    lines = [teacher_table([committed, *longer]), "", curve_line("committed", committed)]
-    for record in longer:
-        on = "" if (record.get("backbone") or MINI_BACKBONE) == MINI_BACKBONE else f", {dimensions(record)}"
-        lines.append(curve_line("longer" + on, record))
-    lines += [position_line(label, record) for label, record in
-              zip(["committed", *(f"longer, {r['train']['steps']:,} steps, {dimensions(r)}" for r in longer)],
-                  [committed, *longer])]
-    return "\n".join(lines)
+def longer_block(pairs: list[tuple[dict, dict]]) -> str:
+    """Committed teachers beside runs trained longer (``(committed, experiment)`` teacher.json records,
+    on the family's backbone or another), family by family in the order given: their table rows, each
+    recipe's last phase and that phase's learning curve at phoneme starts (the curve rows), then each
+    one's phoneme starts by generated position, so the docs say what more training bought and whether
+    it still rises."""
+    families: dict[str, tuple[dict, list[dict]]] = {}
+    for committed, record in pairs:
+        families.setdefault(committed["model"], (committed, []))[1].append(record)
+    labelled = []
+    for committed, longer in families.values():
+        family = FAMILY_NAMES[committed["model"]]
+        labelled.append((f"{family}, committed", committed))
+        labelled += [(f"{family}, longer, {r['train']['steps']:,} steps, {dimensions(r)}", r) for r in longer]
+    return "\n".join([teacher_table([record for _, record in labelled]), "",
+                      *(curve_line(label, record) for label, record in labelled),
+                      *(position_line(label, record) for label, record in labelled)])
 
 
 WIDER_START, WIDER_END = "<!-- teacher-wider:start -->", "<!-- teacher-wider:end -->"
@@ -238,8 +242,8 @@ def main(argv=None) -> int:
                         help="only render the teachers' table from --output's teacher.json files into DOC "
                              "(between its teacher-table markers), no training")
     parser.add_argument("--longer", type=Path, nargs="+", metavar="RECORD",
-                        help="with --table: also render longer-trained teachers' teacher.json (one family) beside "
-                             "the committed one of that family (between DOC's teacher-longer markers)")
+                        help="with --table: also render longer-trained teachers' teacher.json beside the committed "
+                             "ones of their families (between DOC's teacher-longer markers)")
     parser.add_argument("--wider", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers trained on another backbone (their teacher.json) "
                              "beside the committed ones of their families (between DOC's teacher-wider markers)")
@@ -274,10 +278,7 @@ def main(argv=None) -> int:
                 parser.error(f"{flag} {path}: not a teacher.json record ({type(err).__name__}: {err})")
 
         if args.longer:
-            pairs = [experiment("--longer", p) for p in args.longer]
-            if len({committed["model"] for committed, _ in pairs}) > 1:
-                parser.error("--longer: records of one family (the block sets them beside its committed teacher)")
-            blocks.append((LONGER_START, LONGER_END, longer_block(pairs[0][0], *(r for _, r in pairs))))
+            blocks.append((LONGER_START, LONGER_END, longer_block([experiment("--longer", p) for p in args.longer])))
         if args.wider:
             blocks.append((WIDER_START, WIDER_END, wider_block([experiment("--wider", p) for p in args.wider])))
         for start, end, block in blocks:

@@ -98,11 +98,15 @@ def test_the_longer_teacher_block_is_rendered_from_the_records():
     from pipeline.docblocks import read_block
     from pipeline.synthetic.teachers import read_teacher_record
 
-    longer = [json.loads(p.read_text()) for p in sorted((ROOT / "benchmarks/results").glob("teacher_longer_*.json"))]
-    assert longer and len({r["model"] for r in longer}) == 1
-    committed = read_teacher_record(ROOT / "teachers" / longer[0]["model"])
-    assert all(r["train"]["steps"] > committed["train"]["steps"] for r in longer)  # what the block is about
-    assert read_block(ROOT / "docs/results.md", LONGER_START, LONGER_END) == longer_block(committed, *longer)
+    pairs = []
+    for path in sorted((ROOT / "benchmarks/results").glob("teacher_longer_*.json")):
+        longer = json.loads(path.read_text())
+        committed = read_teacher_record(ROOT / "teachers" / longer["model"])
+        assert longer["train"]["steps"] > committed["train"]["steps"]  # what the block is about
+        assert path.name.endswith(f"_{longer['model']}.json")
+        pairs.append((committed, longer))
+    assert pairs, "no benchmarks/results/teacher_longer_*.json"
+    assert read_block(ROOT / "docs/results.md", LONGER_START, LONGER_END) == longer_block(pairs)
 
 
 def test_the_wider_teacher_block_is_rendered_from_the_records():
