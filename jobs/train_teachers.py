@@ -2,7 +2,8 @@
 
     python -m jobs.train_teachers                                  # all three, into teachers/
     python -m jobs.train_teachers --models cosyvoice2 --phases 200:4:12:16 --output /tmp/teachers
-    python -m jobs.train_teachers --table docs/results.md --longer benchmarks/results/teacher_longer_sparktts.json
+    python -m jobs.train_teachers --table docs/results.md --longer benchmarks/results/teacher_longer_*.json \
+        --wider benchmarks/results/teacher_wider_*.json --curriculum benchmarks/results/teacher_curriculum_*.json
     python -m jobs.train_teachers --models sparktts --width 128 --layers 4 --output runs/teachers-wide
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
@@ -152,23 +153,41 @@ def curve_line(label: str, record: dict) -> str:
             f"rows per phase; phoneme starts on the {record['curve']['rows']} curve rows: {curve}")
 
 
-def longer_block(pairs: list[tuple[dict, dict]]) -> str:
-    """Committed teachers beside runs trained longer (``(committed, experiment)`` teacher.json records,
-    on the family's backbone or another), family by family in the order given: their table rows, each
-    recipe's last phase and that phase's learning curve at phoneme starts (the curve rows), then each
-    one's phoneme starts by generated position, so the docs say what more training bought and whether
-    it still rises."""
+def phases_text(record: dict) -> str:
+    """A teacher.json record's length curriculum as ``--phases`` takes it."""
+    return " ".join(f"{p['steps']}:{p['min_text']}:{p['max_text']}:{p['batch_size']}" for p in record["train"]["phases"])
+
+
+def beside_block(pairs: list[tuple[dict, dict]], label) -> str:
+    """Committed teachers beside experiments (``(committed, experiment)`` teacher.json records), family
+    by family in the order given: their table rows, each recipe's last phase and that phase's learning
+    curve at phoneme starts (the curve rows), then each one's phoneme starts by generated position.
+    ``label(record)`` names an experiment after the family's name."""
     families: dict[str, tuple[dict, list[dict]]] = {}
     for committed, record in pairs:
         families.setdefault(committed["model"], (committed, []))[1].append(record)
     labelled = []
-    for committed, longer in families.values():
+    for committed, runs in families.values():
         family = FAMILY_NAMES[committed["model"]]
         labelled.append((f"{family}, committed", committed))
-        labelled += [(f"{family}, longer, {r['train']['steps']:,} steps, {dimensions(r)}", r) for r in longer]
+        labelled += [(f"{family}, {label(r)}", r) for r in runs]
     return "\n".join([teacher_table([record for _, record in labelled]), "",
-                      *(curve_line(label, record) for label, record in labelled),
-                      *(position_line(label, record) for label, record in labelled)])
+                      *(curve_line(name, record) for name, record in labelled),
+                      *(position_line(name, record) for name, record in labelled)])
+
+
+def longer_block(pairs: list[tuple[dict, dict]]) -> str:
+    """Committed teachers beside runs trained longer (on the family's backbone or another): what more
+    training bought and whether the curve still rises."""
+    return beside_block(pairs, lambda r: f"longer, {r['train']['steps']:,} steps, {dimensions(r)}")
+
+
+CURRICULUM_START, CURRICULUM_END = "<!-- teacher-curriculum:start -->", "<!-- teacher-curriculum:end -->"
+
+
+def curriculum_block(pairs: list[tuple[dict, dict]]) -> str:
+    """Committed teachers beside runs of another length curriculum (the phases named)."""
+    return beside_block(pairs, lambda r: f"phases {phases_text(r)}, {dimensions(r)}")
 
 
 WIDER_START, WIDER_END = "<!-- teacher-wider:start -->", "<!-- teacher-wider:end -->"
@@ -247,6 +266,9 @@ def main(argv=None) -> int:
     parser.add_argument("--wider", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers trained on another backbone (their teacher.json) "
                              "beside the committed ones of their families (between DOC's teacher-wider markers)")
+    parser.add_argument("--curriculum", type=Path, nargs="+", metavar="RECORD",
+                        help="with --table: also render teachers trained on another length curriculum (their "
+                             "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
     args = parser.parse_args(argv)
     if args.rows < 1 or args.heldout < 1 or args.curve_every < 1 or args.length_groups < 1:
         parser.error("--rows, --heldout, --curve-every and --length-groups must be >= 1")
@@ -256,14 +278,15 @@ def main(argv=None) -> int:
             teacher_spec(name, backbone)
         except ValueError as err:
             parser.error(f"--width/--layers/--heads for {name}: {err}")
-    for flag, value in (("--longer", args.longer), ("--wider", args.wider)):
+    for flag, value in (("--longer", args.longer), ("--wider", args.wider), ("--curriculum", args.curriculum)):
         if value and not args.table:
             parser.error(f"{flag} goes with --table (it renders into the same document)")
     if args.table:
         # Everything read and checked before the document is touched: it is written whole or not at all.
         text = args.table.read_text() if args.table.is_file() else ""
         markers = ([TABLE_START, TABLE_END] + ([LONGER_START, LONGER_END] if args.longer else [])
-                   + ([WIDER_START, WIDER_END] if args.wider else []))
+                   + ([WIDER_START, WIDER_END] if args.wider else [])
+                   + ([CURRICULUM_START, CURRICULUM_END] if args.curriculum else []))
         if not all(marker in text for marker in markers):
             parser.error(f"--table {args.table}: needs a document holding the markers {' '.join(markers)}")
         blocks = [(TABLE_START, TABLE_END, committed_block([read_teacher_record(args.output / name)
@@ -281,6 +304,9 @@ def main(argv=None) -> int:
             blocks.append((LONGER_START, LONGER_END, longer_block([experiment("--longer", p) for p in args.longer])))
         if args.wider:
             blocks.append((WIDER_START, WIDER_END, wider_block([experiment("--wider", p) for p in args.wider])))
+        if args.curriculum:
+            blocks.append((CURRICULUM_START, CURRICULUM_END,
+                           curriculum_block([experiment("--curriculum", p) for p in args.curriculum])))
         for start, end, block in blocks:
             replace_block(args.table, start, end, block)
             print(block)

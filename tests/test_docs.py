@@ -130,3 +130,26 @@ def test_the_wider_teacher_block_is_rendered_from_the_records():
         pairs.append((committed, wider))
     assert pairs, "no benchmarks/results/teacher_wider_*.json"
     assert read_block(ROOT / "docs/results.md", WIDER_START, WIDER_END) == wider_block(pairs)
+
+
+def test_the_curriculum_teacher_block_is_rendered_from_the_records():
+    """docs/results.md's length-curriculum experiment block is what `python -m jobs.train_teachers --table
+    docs/results.md --curriculum benchmarks/results/teacher_curriculum_*.json` renders: each committed
+    teacher beside the same backbone and steps on other phases (only the curriculum differs)."""
+    import json
+
+    from jobs.train_teachers import CURRICULUM_END, CURRICULUM_START, curriculum_block, MINI_BACKBONE
+    from pipeline.docblocks import read_block
+    from pipeline.synthetic.teachers import read_teacher_record
+
+    pairs = []
+    for path in sorted((ROOT / "benchmarks/results").glob("teacher_curriculum_*.json")):
+        record = json.loads(path.read_text())
+        committed = read_teacher_record(ROOT / "teachers" / record["model"])
+        assert path.name == f"teacher_curriculum_{record['model']}.json"
+        assert (record.get("backbone") or MINI_BACKBONE) == (committed.get("backbone") or MINI_BACKBONE)
+        assert record["train"]["steps"] == committed["train"]["steps"]
+        assert record["train"]["phases"] != committed["train"]["phases"]  # what the block is about
+        pairs.append((committed, record))
+    assert pairs, "no benchmarks/results/teacher_curriculum_*.json"
+    assert read_block(ROOT / "docs/results.md", CURRICULUM_START, CURRICULUM_END) == curriculum_block(pairs)

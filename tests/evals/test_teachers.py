@@ -223,6 +223,8 @@ def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path)
                        (["--table", str(doc), "--wider", str(tmp_path / "none.json")], "--wider"),
                        (["--table", str(doc), "--wider", str(bad)], "not a teacher.json record"),
                        (["--wider", str(bad)], "--wider goes with --table"),
+                       (["--curriculum", str(bad)], "--curriculum goes with --table"),
+                       (["--table", str(doc), "--curriculum", str(bad)], "not a teacher.json record"),
                        (["--longer", str(bad)], "--longer goes with --table")):
         run = subprocess.run([sys.executable, "-m", "jobs.train_teachers", *args], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
@@ -251,10 +253,13 @@ def test_a_teacher_on_another_backbone_is_recorded_rescored_and_labelled_as_such
 
     run = job("--width", "50", "--heads", "4")
     assert run.returncode == 2 and "--width/--layers/--heads for sparktts" in run.stderr and not out.exists(), run.stderr
-    run = job("--width", "48", "--layers", "2", "--heads", "2", "--phases", "6:4:8:2", "--rows", "8", "--curve-every", "3")
+    run = job("--length-groups", "0")
+    assert run.returncode == 2 and "--length-groups" in run.stderr and not out.exists(), run.stderr
+    run = job("--width", "48", "--layers", "2", "--heads", "2", "--phases", "6:4:8:2", "--rows", "8", "--curve-every", "3",
+              "--length-groups", "2")
     assert run.returncode == 0, run.stderr[-2000:]
     record = json.loads((out / "sparktts" / "teacher.json").read_text())
-    assert record["backbone"] == {"width": 48, "layers": 2, "heads": 2}
+    assert record["backbone"] == {"width": 48, "layers": 2, "heads": 2} and record["train"]["length_groups"] == 2
     built = widen(BUILDERS["sparktts"]("tiny"), width=48, layers=2, heads=2).build()  # counted independently
     assert record["parameters"] == sum(p.numel() for p in built.parameters())
     assert record["parameters"] != sum(p.numel() for p in get_spec("sparktts", "mini").build().parameters())
