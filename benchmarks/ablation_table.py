@@ -262,7 +262,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float, default=AblationConfig.lr)
     parser.add_argument("--length-groups", type=int, default=AblationConfig.length_groups,
                         help="run each batch in this many parts of neighbouring lengths (the same gradient up to "
-                             "rounding, less padding: 2 is 1.0-1.3x faster per step on a CPU; default 1, the "
+                             "rounding, less padding: 2 is 1.0-1.25x faster per step on a CPU; default 1, the "
                              "single padded batch the committed table was measured with)")
     parser.add_argument("--train-rows", type=int, default=2048,
                         help=f"fine-tuning utterances (seed {FRESH_SEED}: fresh, not the teachers' own)")

@@ -1,7 +1,7 @@
 """What running each batch in parts of neighbouring lengths saves on a CPU (``--length-groups``).
 
     python -m benchmarks.length_groups                  # the three committed teachers, about 5 minutes on 2 cores
-    python -m benchmarks.length_groups --steps 10 --models sparktts --output /tmp/groups.json
+    python -m benchmarks.length_groups --steps 10 --models sparktts --output /tmp/groups.json --no-docs
 
 For each family, the results table's student (``pipeline.evals.ablation.train_student``, the ``wand``
 variant: soft-mask curriculum, CE + KD from the committed teacher's top-16) and the teacher trainer
@@ -9,7 +9,7 @@ variant: soft-mask curriculum, CE + KD from the committed teacher's top-16) and 
 curriculum) each run ``--steps`` steps with the batch as one padded batch (1) and in two parts of
 neighbouring lengths (2), alternately, one thread: seconds per step, their ratio, and how far apart
 the two students' weights end (the gradient is the same up to rounding, so they should stay close).
-Writes benchmarks/results/length_groups.json.
+Writes benchmarks/results/length_groups.json and its table into docs/benchmarks.md (``--no-docs``: not).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 import wand
+from pipeline.docblocks import replace_block
 from pipeline.evals.ablation import AblationConfig, teacher_targets, train_student, variant_named
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import CURRICULUM, read_teacher_record, train_teacher
@@ -33,6 +34,7 @@ from wand.models import get_spec
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 GROUPS = (1, 2)
+START, END = "<!-- length-groups:start -->", "<!-- length-groups:end -->"
 
 
 def flat(model: torch.nn.Module) -> torch.Tensor:
@@ -69,7 +71,21 @@ def measure(name: str, steps: int, repeats: int) -> dict:
             "student_speedup": round(best(student[1]) / best(student[2]), 2),
             "teacher_loop_speedup": round(best(loop[1]) / best(loop[2]), 2),
             "student_weights_max_abs_difference": float((weights[1] - weights[2]).abs().max()),
-            "config": dataclasses.asdict(AblationConfig(steps=steps))}
+            "config": {k: v for k, v in dataclasses.asdict(AblationConfig(steps=steps)).items() if k != "length_groups"}}
+
+
+def table(saved: dict) -> str:
+    """The docs' table of a length_groups.json."""
+    lines = [f"Measured on {saved['device']}, {saved['results'][0]['steps']} steps per run, the best of "
+             f"{saved['results'][0]['repeats']} alternating runs.", "",
+             "| family | student s/step: 1 part / 2 parts | speed-up | teacher loop s/step: 1 / 2 | speed-up | "
+             "students' weights apart (max abs) |", "|---|---|---|---|---|---|"]
+    for r in saved["results"]:
+        s, t = r["student_seconds_per_step"], r["teacher_loop_seconds_per_step"]
+        lines.append(f"| {r['model']} | {s['1']:.3f} / {s['2']:.3f} | {r['student_speedup']:.2f}x | "
+                     f"{t['1']:.3f} / {t['2']:.3f} | {r['teacher_loop_speedup']:.2f}x | "
+                     f"{r['student_weights_max_abs_difference']:.1e} |")
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -78,9 +94,13 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=30, help="steps per timed run")
     parser.add_argument("--repeats", type=int, default=2, help="alternating runs per setting (the best is kept)")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/length_groups.json")
+    parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--no-docs", action="store_true", help="write the JSON only, leave the docs alone")
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
+    if not args.no_docs and not all(m in (args.docs.read_text() if args.docs.is_file() else "") for m in (START, END)):
+        parser.error(f"--docs {args.docs}: needs the markers {START} {END} (or --no-docs)")
     torch.set_num_threads(1)
     results = []
     for name in args.models:
@@ -89,10 +109,13 @@ def main(argv=None) -> int:
         print(f"{name}: student {r['student_seconds_per_step']} s/step ({r['student_speedup']}x), teacher loop "
               f"{r['teacher_loop_seconds_per_step']} s/step ({r['teacher_loop_speedup']}x), students' weights "
               f"within {r['student_weights_max_abs_difference']:.1e}", flush=True)
+    saved = {"device": f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}", "results": results}
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"device": f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}",
-                                       "results": results}, indent=2) + "\n")
-    print(f"wrote {args.output}")
+    args.output.write_text(json.dumps(saved, indent=2) + "\n")
+    print(table(saved))
+    if not args.no_docs:
+        replace_block(args.docs, START, END, table(saved))
+    print(f"wrote {args.output}" + ("" if args.no_docs else f" and its table in {args.docs}"))
     return 0
 
 

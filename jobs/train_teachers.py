@@ -251,7 +251,7 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: run families side by side)")
     parser.add_argument("--length-groups", type=int, default=1,
                         help="run each batch in this many parts of neighbouring lengths (the same gradient up to "
-                             "rounding, less padding: 1.0-1.3x faster per step on a CPU, most where lengths vary "
+                             "rounding, less padding: 1.0-1.25x faster per step on a CPU, most where lengths vary "
                              "most; default 1, the single padded batch the committed teachers were trained with)")
     parser.add_argument("--device", default="auto", help="where to train: auto (cuda when a GPU is present, else cpu), "
                                                           "cpu, cuda or cuda:N; the teachers are saved and scored on the CPU")

@@ -32,7 +32,7 @@ def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
 @pytest.mark.timeout(300)
 def test_length_groups_benchmark_times_both_settings_and_the_students_agree(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.length_groups", "--models", "indextts", "--steps", "2",
-                          "--repeats", "1", "--output", str(tmp_path / "groups.json")],
+                          "--repeats", "1", "--output", str(tmp_path / "groups.json"), "--no-docs"],
                          capture_output=True, text=True, timeout=280)
     assert out.returncode == 0, out.stderr[-3000:]
     (result,) = json.loads((tmp_path / "groups.json").read_text())["results"]
@@ -41,9 +41,10 @@ def test_length_groups_benchmark_times_both_settings_and_the_students_agree(tmp_
     assert result["student_speedup"] == round(result["student_seconds_per_step"]["1"]
                                               / result["student_seconds_per_step"]["2"], 2)
     assert result["student_weights_max_abs_difference"] < 1e-3  # the same training, up to rounding
-    bad = subprocess.run([sys.executable, "-m", "benchmarks.length_groups", "--steps", "0",
-                          "--output", str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "--steps" in bad.stderr and not (tmp_path / "bad.json").exists()
+    for args, said in ((["--steps", "0"], "--steps"), (["--docs", str(tmp_path / "none.md")], "needs the markers")):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.length_groups", *args, "--output",
+                              str(tmp_path / "bad.json")], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and said in bad.stderr and not (tmp_path / "bad.json").exists(), bad.stderr
 
 
 def test_gpu_check_names_every_cuda_test_file_and_benchmark():
@@ -85,3 +86,12 @@ def test_the_corpus_scale_table_in_the_docs_is_rendered_from_its_results_file():
         assert abs(r["build_vs_baseline"] - r["build"]["records_per_s"] / r["baseline"]["records_per_s"]) < 1e-3
     first, last = summary["sizes"][0], summary["sizes"][-1]
     assert summary["peak_growth"]["build"] == round(last["build"]["peak_mb"] / first["build"]["peak_mb"], 3)
+
+
+def test_the_length_groups_table_in_the_docs_is_rendered_from_its_results_file():
+    from benchmarks.length_groups import END, START, table
+    from pipeline.docblocks import read_block
+
+    saved = json.loads((ROOT / "benchmarks/results/length_groups.json").read_text())
+    assert {r["model"] for r in saved["results"]} == {"cosyvoice2", "indextts", "sparktts"}
+    assert read_block(ROOT / "docs/benchmarks.md", START, END) == table(saved)

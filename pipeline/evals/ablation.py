@@ -72,7 +72,7 @@ class AblationConfig:
     kd_kind: str = "skew_fkl"
     seed: int = 0
     # Each batch run in parts of neighbouring lengths (wand.distill.backward_in_parts: the same rows and
-    # gradient up to rounding, less padding; 2 parts: 1.0-1.3x faster per step on this CPU, measured by
+    # gradient up to rounding, less padding; 2 parts: 1.0-1.25x faster per step on this CPU, measured by
     # benchmarks/length_groups.py). 1: the single padded batch the committed table was measured with.
     length_groups: int = 1
 
