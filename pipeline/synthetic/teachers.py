@@ -131,7 +131,7 @@ def teacher_forced_accuracy(spec, model, rows: list[dict], window: int | None = 
 
 # Generated positions (distance from the prefix) at which phoneme-start accuracy is reported apart:
 # where along an utterance a teacher loses its place in the text (IndexTTS's mel positions are
-# learned, and the long ones are trained only in the last phase of the length curriculum).
+# learned, and the long ones are trained almost only in the last phase of the length curriculum).
 POSITION_EDGES = (0, 64, 128, 192, 256, 384)
 
 
