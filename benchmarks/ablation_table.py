@@ -38,13 +38,12 @@ import torch
 from pipeline.evals.ablation import AblationConfig, run_ablation, variant_named, VARIANTS
 from pipeline.docblocks import replace_block
 from pipeline.evals.claims import claims, reading, THRESHOLDS
-from pipeline.evals.common import FAMILY_NAMES
+from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
 from pipeline.synthetic.teachers import read_teacher_record
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 FRESH_SEED = 2  # the students' fine-tuning rows: neither the teachers' training rows (0) nor held out (1)
 START, END = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
 

@@ -26,13 +26,13 @@ import torch
 
 import wand
 from pipeline.docblocks import replace_block
+from pipeline.evals.common import FAMILIES
 from pipeline.evals.ablation import AblationConfig, teacher_targets, train_student, variant_named
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import CURRICULUM, read_teacher_record, train_teacher
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 GROUPS = (1, 2)
 START, END = "<!-- length-groups:start -->", "<!-- length-groups:end -->"
 

@@ -36,12 +36,12 @@ ROOT = Path(__file__).resolve().parents[1]
 from pipeline.synthetic.law import synthetic_rows
 from pipeline.config import PrecomputeConfig
 from pipeline.data.precompute import run_precompute
+from pipeline.evals.common import FAMILIES
 from wand.models.weights import teacher_weights
 from pipeline.synthetic.teachers import read_teacher_record
 from wand.batch import collate
 from wand.models import get_spec
 
-FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 
 
 @torch.no_grad()

@@ -24,14 +24,13 @@ import torch
 from pipeline.docblocks import replace_block
 from pipeline.evals.ablation import AblationConfig, variant_named
 from pipeline.evals.claims import claims
-from pipeline.evals.common import FAMILY_NAMES
+from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.window_choice import DEFAULT_WINDOWS, MIN_AGREEMENT, choose_window
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import read_teacher_record
 from wand.models import get_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 SWEEP = ("wand_w8", "wand", "wand_w64", "wand_w128")  # one recipe (curriculum 4W -> W), four W
 START, END = "<!-- chooser-table:start -->", "<!-- chooser-table:end -->"
 SWEEP_WINDOWS = tuple(sorted(variant_named(v).target(AblationConfig())[0] for v in SWEEP))  # 8, 32, 64, 128

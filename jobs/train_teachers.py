@@ -39,13 +39,12 @@ from pathlib import Path
 import torch
 
 from pipeline.docblocks import replace_block
-from pipeline.evals.common import FAMILY_NAMES
+from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, spoken_quality, train_teacher
 from wand.models import CausalLMSpec, get_spec
 from wand.models.presets import BUILDERS, widen
 
-FAMILIES = ("cosyvoice2", "indextts", "sparktts")
 SIZE = "mini"
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 SPOKEN_ROWS = 64  # held-out rows decoded free-running for the PER (issue 26: at least 64)

@@ -11,6 +11,7 @@ import torch
 
 DISTANCE_BUCKETS = ("near", "mid", "far")  # generated index d < W, W <= d < 4W, d >= 4W
 FAMILY_NAMES = {"cosyvoice2": "CosyVoice 2", "indextts": "IndexTTS 1.5", "sparktts": "SparkTTS"}  # for tables
+FAMILIES = tuple(FAMILY_NAMES)  # the embedded default's families (a committed teacher each), in table order
 
 
 @dataclass
