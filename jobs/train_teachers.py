@@ -32,7 +32,6 @@ import json
 import logging
 import platform
 import sys
-import time
 from pathlib import Path
 
 
@@ -41,7 +40,8 @@ import torch
 from pipeline.docblocks import replace_block
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
-from pipeline.synthetic.teachers import CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, spoken_quality, train_teacher
+from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, Resume,
+                                         spoken_quality, train_teacher)
 from wand.models import CausalLMSpec, get_spec
 from wand.models.presets import BUILDERS, widen
 
@@ -247,6 +247,10 @@ def main(argv=None) -> int:
     parser.add_argument("--heldout", type=int, default=64, help="held-out utterances (seed 1) for the stated quality")
     parser.add_argument("--seed", type=int, default=0, help="weight init and batch order")
     parser.add_argument("--curve-every", type=int, default=500, help="steps between learning-curve points")
+    parser.add_argument("--checkpoint-every", type=int, default=250,
+                        help="steps between checkpoints (OUTPUT/MODEL/resume.pt, removed once teacher.json is "
+                             "written): a killed or crashed run continues from its last one when the same "
+                             "command runs again, to the same weights")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: run families side by side)")
     parser.add_argument("--length-groups", type=int, default=1,
                         help="run each batch in this many parts of neighbouring lengths (the same gradient up to "
@@ -269,8 +273,8 @@ def main(argv=None) -> int:
                         help="with --table: also render teachers trained on another length curriculum (their "
                              "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
     args = parser.parse_args(argv)
-    if args.rows < 1 or args.heldout < 1 or args.curve_every < 1 or args.length_groups < 1:
-        parser.error("--rows, --heldout, --curve-every and --length-groups must be >= 1")
+    if min(args.rows, args.heldout, args.curve_every, args.length_groups, args.checkpoint_every) < 1:
+        parser.error("--rows, --heldout, --curve-every, --length-groups and --checkpoint-every must be >= 1")
     backbone = {"width": args.width, "layers": args.layers, "heads": args.heads}
     for name in args.models:  # every family's backbone checked before anything trains
         try:
@@ -317,6 +321,19 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     task = SyntheticTask()
+    train = {"rows_per_phase": args.rows, "seed": TRAIN_SEED, "phases": [dataclasses.asdict(p) for p in args.phases],
+             "steps": sum(p.steps for p in args.phases), "lr": args.lr, "init_seed": args.seed,
+             "length_groups": args.length_groups}
+    # Everything a run's weights and curve depend on; each family's checkpoint (left by a killed run)
+    # is checked before anything trains: one of another recipe is refused, never continued.
+    resumes = {name: Resume(args.output / name / "resume.pt", every=args.checkpoint_every, recipe={
+        "model": name, "size": SIZE, "backbone": backbone, "task": dataclasses.asdict(task), "train": train,
+        "curve_every": args.curve_every, "curve_rows": min(CURVE_ROWS, args.heldout)}) for name in args.models}
+    for resume in ([] if args.rescore else resumes.values()):
+        try:
+            resume.saved_state()
+        except ValueError as err:
+            parser.error(f"--output {args.output}: {err}")
     for name in args.models:
         directory = args.output / name
         if args.rescore:  # measure the teacher already there again; its recipe (and backbone) stay as recorded
@@ -330,26 +347,22 @@ def main(argv=None) -> int:
         else:
             phases = [(synthetic_rows(spec, args.rows, task, seed=TRAIN_SEED, min_text=p.min_text, max_text=p.max_text),
                        p.steps, p.batch_size) for p in args.phases]
-            start = time.perf_counter()
             curve_rows = held[:CURVE_ROWS]
+            resume = resumes[name]
+            directory.mkdir(parents=True, exist_ok=True)
             model, curve = train_teacher(
                 spec, phases, args.lr, args.seed, curve_every=args.curve_every, device=device,
-                length_groups=args.length_groups,
+                length_groups=args.length_groups, resume=resume,
                 curve=lambda m: {k: v for k, v in heldout_quality(spec, m, curve_rows).items()
                                  if k.startswith("accuracy")})
-            seconds = time.perf_counter() - start
-            directory.mkdir(parents=True, exist_ok=True)
             files = save_teacher(spec, model, directory)
             record = {
                 "model": name, "size": SIZE, "backbone": backbone,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "task": dataclasses.asdict(task),
-                "train": {"rows_per_phase": args.rows, "seed": TRAIN_SEED,
-                          "phases": [dataclasses.asdict(p) for p in args.phases],
-                          "steps": sum(p.steps for p in args.phases), "lr": args.lr, "init_seed": args.seed,
-                          "length_groups": args.length_groups,
-                          "seconds": round(seconds, 1), "threads": args.threads, "torch": torch.__version__,
-                          "device": device_name(device)},
+                "train": {**resume.recipe["train"], "seconds": round(resume.seconds, 1), "threads": args.threads, "torch": torch.__version__,
+                          "device": device_name(device),
+                          **({"resumed_at": resume.resumed_at} if resume.resumed_at else {})},
                 "dropout": UPSTREAM_DROPOUT[name],
                 # Teacher-forced accuracy on the first CURVE_ROWS held-out rows along the training:
                 # where the curve still rises, more steps of the last phase would help.
@@ -361,6 +374,8 @@ def main(argv=None) -> int:
         record["heldout"] = {"seed": HELDOUT_SEED, **heldout_quality(spec, model, held),
                              **spoken_quality(spec, model, held[:SPOKEN_ROWS], task)}
         (directory / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")
+        if not args.rescore:
+            resumes[name].path.unlink(missing_ok=True)  # the run is whole: nothing left to continue
         q = record["heldout"]
         print(f"{name}: held-out teacher-forced accuracy {q['accuracy']:.3f} (phoneme starts "
               f"{q['accuracy_phoneme_starts']:.3f}, inside {q['accuracy_inside_phonemes']:.3f}) over "

@@ -12,8 +12,9 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -26,7 +27,7 @@ from wand.distill import backward_in_parts, length_groups as by_length
 
 from pipeline.synthetic.law import TEXT_LENGTHS
 
-__all__ = ["Phase", "CURRICULUM", "POSITION_EDGES", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
+__all__ = ["Phase", "CURRICULUM", "POSITION_EDGES", "Resume", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
            "file_sha256", "read_teacher_record"]
 
 log = logging.getLogger("wand.teachers")
@@ -61,10 +62,68 @@ class Phase:
 CURRICULUM = (Phase(3000, 4, 12, 32), Phase(2000, 12, 40, 16), Phase(2500, *TEXT_LENGTHS, 8))
 
 
+@dataclass
+class Resume:
+    """Where ``train_teacher`` checkpoints its state (weights, optimizer, schedule, both generators,
+    the curve so far) every ``every`` steps and at the end, so that a run killed or crashed after an
+    hour continues from its last checkpoint when it is started again with the same ``recipe`` (a
+    JSON-able description of everything the run depends on; a checkpoint of another recipe is refused,
+    never silently continued). The resumed run lands on the same weights as an uninterrupted one.
+    ``train_teacher`` fills in ``resumed_at`` (the steps it continued from) and ``seconds`` (training
+    seconds over all the runs)."""
+
+    path: Path
+    recipe: dict
+    every: int = 250
+    resumed_at: list[int] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def saved_state(self) -> dict | None:
+        """The checkpoint at ``path`` (None without one); ValueError naming the file if another recipe wrote it."""
+        if not self.path.exists():
+            return None
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        # The recipe as JSON both sides: what was saved went through torch.save, tuples and lists alike.
+        recipe, saved = json.loads(json.dumps(self.recipe)), json.loads(json.dumps(state["recipe"]))
+        if saved != recipe:
+            differ = sorted(k for k in {*recipe, *saved} if recipe.get(k) != saved.get(k))
+            raise ValueError(f"{self.path} was written by another recipe (differs in {', '.join(differ)}): run the "
+                             "command that wrote it again to continue it, or delete it to start over")
+        return state
+
+
+def _restore(resume: Resume, model, optimizer, schedule, rng, device) -> tuple[int, list[dict], float]:
+    """(step, curve points, seconds) of ``resume.path`` with the states put back; (0, [], 0.0) without one."""
+    state = resume.saved_state()
+    if state is None:
+        return 0, [], 0.0
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    rng.bit_generator.state = state["numpy_rng"]
+    torch.set_rng_state(state["torch_rng"])
+    if "cuda_rng" in state and torch.device(device).type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
+    resume.resumed_at.append(int(state["step"]))
+    return int(state["step"]), list(state["points"]), float(state["seconds"])
+
+
+def _checkpoint(resume: Resume, step: int, points, seconds: float, model, optimizer, schedule, rng, device) -> None:
+    state = {"recipe": resume.recipe, "step": step, "points": points, "seconds": seconds,
+             "model": model.state_dict(), "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+             "numpy_rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state()}
+    if torch.device(device).type == "cuda":
+        state["cuda_rng"] = torch.cuda.get_rng_state(device)
+    # Written beside and renamed over: a kill while writing leaves the previous checkpoint whole.
+    partial = resume.path.with_name(resume.path.name + ".partial")
+    torch.save(state, partial)
+    os.replace(partial, resume.path)
+
+
 def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float = 3e-3, seed: int = 0,
                   log_every: int = 100, curve: Callable[[torch.nn.Module], dict] | None = None,
                   curve_every: int = 500, device: str | torch.device = "cpu",
-                  length_groups: int = 1) -> tuple[torch.nn.Module, list[dict]]:
+                  length_groups: int = 1, resume: Resume | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """A model of ``spec`` trained from seeded random weights with full attention, on each phase's
     ``(rows, steps, batch_size)`` in turn (a length curriculum); one learning-rate schedule over all
     of them (warm-up, then cosine down to a tenth). Returns the model, on the CPU (where the
@@ -73,40 +132,52 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
     its ``step`` and ``phase`` (empty without ``curve``). ``device``: where it trains ("cuda" on a GPU;
     the weights start the same for a seed, from the CPU's generator). ``length_groups``: each batch
     run in that many parts of neighbouring lengths (``wand.distill.backward_in_parts``: the same
-    gradient up to rounding, less padding); 1, the committed teachers' single padded batch."""
+    gradient up to rounding, less padding); 1, the committed teachers' single padded batch.
+    ``resume``: checkpoint there and continue from it (see ``Resume``)."""
     if length_groups < 1:
         raise ValueError(f"length_groups must be >= 1, got {length_groups}")
+    if resume is not None and resume.every < 1:
+        raise ValueError(f"Resume.every must be >= 1, got {resume.every}")
     torch.manual_seed(seed)
     model = wand.enable_wand(spec.build(), None).to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    total = sum(steps for _, steps, _ in phases)
+    ends = np.cumsum([steps for _, steps, _ in phases])  # the step at which each phase ends
+    total = int(ends[-1]) if len(ends) else 0
     warmup = max(1, min(200, total // 20))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * max(0.1, 0.5 * (1 + math.cos(math.pi * min(s, total) / total))))
     rng = np.random.default_rng(seed)
-    start, step, points = time.perf_counter(), 0, []
-    for phase, (rows, steps, batch_size) in enumerate(phases):
-        for _ in range(steps):
-            picked = [rows[i] for i in rng.integers(0, len(rows), batch_size)]
-            optimizer.zero_grad(set_to_none=True)
-            # CE only, over the target ids (the speech codes and stop ids): the distillation step without a teacher.
-            loss = backward_in_parts(spec, model, [(collate(spec, group, device), None) for group in
-                                                   by_length(picked, min(length_groups, batch_size))],
-                                     None, ce_over=spec.target_ids()).loss
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            if log_every and (step % log_every == 0 or step == total - 1):
-                log.info("%s teacher phase %d step %d/%d loss %.4f (%.0f s)", spec.name, phase, step, total,
-                         loss.item(), time.perf_counter() - start)
-            step += 1
-            if curve is not None and (step % curve_every == 0 or step == sum(p[1] for p in phases[: phase + 1])):
-                model.eval()
-                with torch.no_grad():
-                    points.append({"step": step, "phase": phase, **curve(model)})
-                log.info("%s teacher step %d: %s", spec.name, step, points[-1])
-                model.train()
+    step, points, before = (0, [], 0.0) if resume is None else _restore(resume, model, optimizer, schedule, rng, device)
+    if step:
+        log.info("%s teacher: continuing at step %d/%d from %s", spec.name, step, total, resume.path)
+    start = time.perf_counter()
+    while step < total:
+        phase = int(np.searchsorted(ends, step, side="right"))  # phases of 0 steps are passed over
+        rows, _, batch_size = phases[phase]
+        picked = [rows[i] for i in rng.integers(0, len(rows), batch_size)]
+        optimizer.zero_grad(set_to_none=True)
+        # CE only, over the target ids (the speech codes and stop ids): the distillation step without a teacher.
+        loss = backward_in_parts(spec, model, [(collate(spec, group, device), None) for group in
+                                               by_length(picked, min(length_groups, batch_size))],
+                                 None, ce_over=spec.target_ids()).loss
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if log_every and (step % log_every == 0 or step == total - 1):
+            log.info("%s teacher phase %d step %d/%d loss %.4f (%.0f s)", spec.name, phase, step, total,
+                     loss.item(), before + time.perf_counter() - start)
+        step += 1
+        if curve is not None and (step % curve_every == 0 or step == ends[phase]):
+            model.eval()
+            with torch.no_grad():
+                points.append({"step": step, "phase": phase, **curve(model)})
+            log.info("%s teacher step %d: %s", spec.name, step, points[-1])
+            model.train()
+        if resume is not None and (step % resume.every == 0 or step == total):
+            _checkpoint(resume, step, points, before + time.perf_counter() - start, model, optimizer, schedule, rng, device)
+    if resume is not None:
+        resume.seconds = before + time.perf_counter() - start
     return model.cpu().eval(), points
 
 
