@@ -19,6 +19,9 @@ benchmarks/results/ablation_table.json (every row's figures), the table between 
 ablation-table markers and the headline into the README. On 2 CPU cores with the families side by
 side, a 300-step student takes about 2.5 minutes (IndexTTS 1.1) and scoring a variant 0.2-0.5: the
 default variants (3 seeds) take about 60 minutes, with `make ablation`'s window sweep about 80.
+Each finished result is kept in a journal (``<output>.partial/<model>.jsonl``) until the table is
+written: killed, the same command continues where it stopped (``make ablation`` too), to the figures an
+uninterrupted run writes; the JSON's ``resumed`` counts the results taken from a journal.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import platform
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 
@@ -39,9 +43,9 @@ from pipeline.evals.ablation import AblationConfig, run_ablation, variant_named,
 from pipeline.docblocks import replace_block
 from pipeline.evals.claims import claims, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
+from pipeline.evals.journal import Journal
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
-from pipeline.synthetic.teachers import read_teacher_record
-from wand.models import get_spec
+from pipeline.synthetic.teachers import read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FRESH_SEED = 2  # the students' fine-tuning rows: neither the teachers' training rows (0) nor held out (1)
@@ -238,10 +242,17 @@ def merged(saved: list[dict]) -> dict:
         for k, v in s["minutes"].items():
             minutes[k] = round(minutes.get(k, 0) + v, 1)
     results.sort(key=lambda r: (FAMILIES.index(r["model"]), variant_order(r["variant"])))  # stable: seeds stay in order
+    resumed = {k: v for s in saved for k, v in s.get("resumed", {}).items()}
     return {"device": saved[0]["device"], "minutes": {k: minutes[k] for k in FAMILIES if k in minutes},
             "teachers": {k: v for s in saved for k, v in s["teachers"].items()},
             "long_form_notes": {k: v for s in saved for k, v in s.get("long_form_notes", {}).items()},
+            **({"resumed": resumed} if resumed else {}),
             "results": results}
+
+
+def journal_folder(output: Path) -> Path:
+    """Where a run writing ``output`` keeps its families' journals (pipeline.evals.journal) until it is done."""
+    return output.with_name(output.name + ".partial")
 
 
 def write_tables(docs: Path, readme: Path, table: str, results: list[dict]) -> None:
@@ -308,17 +319,34 @@ def main(argv=None) -> int:
                           key=lambda v: variant_order(v.name))
     except ValueError as e:
         parser.error(f"--variants: {e}")
+    records = {name: read_teacher_record(args.teachers / name) for name in args.models}
+    # Each finished result is kept in a journal beside --output until the table is written: the same
+    # command after a kill continues from there. One of another run (teacher, settings) is refused here,
+    # before anything trains.
+    journals = {}
+    for name, record in records.items():
+        context = {"model": name, "teacher_files": record["files"], "config": asdict(config),
+                   "train_rows": args.train_rows, "heldout": args.heldout, "free_rows": args.free_rows,
+                   "long_rows": args.long_rows, "threads": torch.get_num_threads(), "torch": torch.__version__}
+        try:
+            journals[name] = Journal(journal_folder(args.output) / f"{name}.jsonl", context)
+        except ValueError as e:
+            parser.error(f"--output {args.output}: {e}")
+    resumed = {name: len(journal.results) for name, journal in journals.items() if journal.results}
+    earlier = {name: sum(r["train_seconds"] + r["score_seconds"] for r in journal.results.values())
+               for name, journal in journals.items()}  # what the results taken from a journal took when measured
     start = time.perf_counter()
     for name in args.models:
         directory = args.teachers / name
-        record = read_teacher_record(directory)
-        spec = get_spec(name, record["size"])
+        record = records[name]
+        spec = record_spec(record)
         task = SyntheticTask(**record["task"])
         teacher = spec.load(str(directory))
         train_rows = synthetic_rows(spec, args.train_rows, task, seed=FRESH_SEED, split="finetune")
         heldout = synthetic_rows(spec, args.heldout, task, seed=record["heldout"]["seed"], split="heldout",
                                  alignment=True)  # with their text and speaker, for the transcriber
-        teachers[name] = {"size": record["size"], "heldout_accuracy": record["heldout"]["accuracy"]}
+        teachers[name] = {"size": record["size"], **({"backbone": record["backbone"]} if record.get("backbone") else {}),
+                          "heldout_accuracy": record["heldout"]["accuracy"]}
         long_form = None
         if args.long_rows:
             long_form, note = long_form_rows(spec, task, args.long_rows, record["heldout"]["seed"])
@@ -326,13 +354,20 @@ def main(argv=None) -> int:
                 notes[name] = note
         family_start = time.perf_counter()
         results += run_ablation(spec, teacher, train_rows, heldout, config, variants=variants,
-                                free_rows=args.free_rows, task=task, seeds=tuple(args.seeds), long_form=long_form)
-        minutes[name] = round((time.perf_counter() - family_start) / 60, 1)
+                                free_rows=args.free_rows, task=task, seeds=tuple(args.seeds), long_form=long_form,
+                                journal=journals[name])
+        minutes[name] = round((time.perf_counter() - family_start + earlier[name]) / 60, 1)
         print(f"{name}: done in {minutes[name]} min ({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
     table = markdown(results, config, device, notes)
     args.output.parent.mkdir(parents=True, exist_ok=True)
+    # minutes: this process's, plus the seconds results taken from a journal took; "resumed" says how many were.
     args.output.write_text(json.dumps({"device": device, "minutes": minutes, "teachers": teachers,
-                                       "long_form_notes": notes, "results": results}, indent=2) + "\n")
+                                       "long_form_notes": notes, **({"resumed": resumed} if resumed else {}),
+                                       "results": results}, indent=2) + "\n")
+    for journal in journals.values():
+        journal.remove()
+    if journal_folder(args.output).is_dir() and not any(journal_folder(args.output).iterdir()):
+        journal_folder(args.output).rmdir()
     print(table)
     if not args.no_readme:
         write_tables(args.docs, args.readme, table, results)

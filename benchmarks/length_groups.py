@@ -29,8 +29,7 @@ from pipeline.docblocks import replace_block
 from pipeline.evals.common import FAMILIES
 from pipeline.evals.ablation import AblationConfig, teacher_targets, train_student, variant_named
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
-from pipeline.synthetic.teachers import CURRICULUM, read_teacher_record, train_teacher
-from wand.models import get_spec
+from pipeline.synthetic.teachers import CURRICULUM, read_teacher_record, record_spec, train_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = (1, 2)
@@ -46,7 +45,7 @@ def measure(name: str, steps: int, repeats: int) -> dict:
     ``repeats`` alternating runs, so a busy neighbour slows both alike), and the students' distance."""
     directory = ROOT / "teachers" / name
     record = read_teacher_record(directory)
-    spec = get_spec(name, record["size"])
+    spec = record_spec(record)
     task = SyntheticTask(**record["task"])
     teacher = wand.enable_wand(spec.load(str(directory)), AblationConfig.window).eval()  # as run_ablation does
     rows = teacher_targets(spec, teacher, synthetic_rows(spec, 256, task, seed=2, split="finetune"), AblationConfig.k)

@@ -27,8 +27,7 @@ from pipeline.evals.claims import claims
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.window_choice import DEFAULT_WINDOWS, MIN_AGREEMENT, choose_window
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
-from pipeline.synthetic.teachers import read_teacher_record
-from wand.models import get_spec
+from pipeline.synthetic.teachers import read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ("wand_w8", "wand", "wand_w64", "wand_w128")  # one recipe (curriculum 4W -> W), four W
@@ -91,7 +90,7 @@ def run_chooser(teachers: Path, rows: int, windows: list[int]) -> dict:
     out = {}
     for name in FAMILIES:
         record = read_teacher_record(teachers / name)
-        spec = get_spec(name, record["size"])
+        spec = record_spec(record)
         teacher = spec.load(str(teachers / name))
         sample = synthetic_rows(spec, rows, SyntheticTask(**record["task"]), seed=0, split="train")
         choice = choose_window(spec, teacher, sample, windows, torch.device("cpu"))

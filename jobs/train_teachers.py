@@ -26,7 +26,6 @@ renders docs/results.md's teacher table from their teacher.json (--table).
 from __future__ import annotations
 
 import argparse
-import inspect
 import dataclasses
 import json
 import logging
@@ -40,12 +39,11 @@ import torch
 from pipeline.docblocks import replace_block
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
-from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, Phase, read_teacher_record, Resume,
+from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, MINI_BACKBONE, Phase, read_teacher_record,
+                                         Resume, SIZE, teacher_spec,
                                          spoken_quality, train_teacher)
 from wand.models import CausalLMSpec, get_spec
-from wand.models.presets import BUILDERS, widen
 
-SIZE = "mini"
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 SPOKEN_ROWS = 64  # held-out rows decoded free-running for the PER (issue 26: at least 64)
 CURVE_ROWS = 32  # held-out rows scored teacher-forced for the learning curve
@@ -55,18 +53,6 @@ UPSTREAM_DROPOUT = {"indextts": "upstream IndexTTS trains its GPT-2 with GPT2Con
                                 "as upstream inference does",
                     "cosyvoice2": "Qwen2 backbone: attention dropout 0 upstream and here",
                     "sparktts": "Qwen2 backbone: attention dropout 0 upstream and here"}
-
-
-# The committed teachers' backbone: wand.models.presets.widen's defaults (read, not restated).
-MINI_BACKBONE = {k: p.default for k, p in inspect.signature(widen).parameters.items() if k != "spec"}
-
-
-def teacher_spec(name: str, backbone: dict | None = None):
-    """The family's ``mini`` spec, on another backbone when ``backbone`` (a teacher.json record's
-    ``backbone``: width, layers, heads) differs from the preset's (a capacity experiment)."""
-    if not backbone or backbone == MINI_BACKBONE:
-        return get_spec(name, SIZE)
-    return widen(BUILDERS[name]("tiny"), **backbone)
 
 
 def dimensions(record: dict) -> str:

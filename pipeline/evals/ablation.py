@@ -48,6 +48,7 @@ from pipeline.data.precompute import topk_of_rows
 from pipeline.data.shards import build_shard_table, shard_topk
 from pipeline.evals.common import DISTANCE_BUCKETS, speech_ids
 from pipeline.evals.decode import free_run, free_run_batch
+from pipeline.evals.journal import Journal
 from pipeline.evals.quality import distance_bucket, position_scores
 from pipeline.synthetic.law import SyntheticTask
 from pipeline.synthetic.transcribe import score, speech_codes_of
@@ -284,16 +285,26 @@ def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig
 
 def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], config: AblationConfig,
                  variants=VARIANTS, free_rows: int = 8, task: SyntheticTask = SyntheticTask(),
-                 seeds: tuple[int, ...] | None = None, long_form: list[dict] | None = None) -> list[dict]:
+                 seeds: tuple[int, ...] | None = None, long_form: list[dict] | None = None,
+                 journal: Journal | None = None) -> list[dict]:
     """Table rows in ``variants`` order: one per training-free variant, one per seed of each trained
     variant (``seeds``, default ``(config.seed,)``: the student's batches and any randomness of its
-    training). ``long_form``: held-out rows past the training lengths, scored as well."""
+    training). ``long_form``: held-out rows past the training lengths, scored as well. ``journal``:
+    each result is added to it as it is finished, and one already there is taken from it, not measured
+    again (a killed run continues; every student depends only on its seed, so it lands on the same figures)."""
     wand.enable_wand(teacher, config.window)
     teacher.eval()
-    shard_rows = teacher_targets(spec, teacher, train_rows, config.k) if any(v.train for v in variants) else []
+    shard_rows = None  # the teacher's top-k of the training rows, computed once a student needs them
     results = []
     for variant in variants:
         for seed in (seeds or (config.seed,)) if variant.train else (None,):
+            key = f"{variant.name} seed {seed}"
+            if journal is not None and key in journal:
+                log.info("%s %s seed %s: taken from %s", spec.name, variant.name, seed, journal.path)
+                results.append(journal[key])
+                continue
+            if variant.train and shard_rows is None:
+                shard_rows = teacher_targets(spec, teacher, train_rows, config.k)
             run_config = config if seed is None else replace(config, seed=seed)
             start = time.perf_counter()
             model = train_student(spec, teacher, shard_rows, variant, run_config) if variant.train else teacher
@@ -304,5 +315,7 @@ def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], con
                           window=attention(variant, run_config, 0)[0], config=asdict(run_config))
             log.info("%s %s seed %s: %s", spec.name, variant.name, seed,
                      {k: v for k, v in result.items() if k != "config"})
+            if journal is not None:
+                journal.add(key, result)
             results.append(result)
     return results

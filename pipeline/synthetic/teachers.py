@@ -9,6 +9,7 @@ jobs/train_teachers.py runs it for the three families at the ``mini`` size and w
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -24,13 +25,35 @@ import torch
 import wand
 from wand.batch import Batch, collate
 from wand.distill import backward_in_parts, length_groups as by_length
+from wand.models import get_spec
+from wand.models.presets import BUILDERS, widen
 
 from pipeline.synthetic.law import TEXT_LENGTHS
 
-__all__ = ["Phase", "CURRICULUM", "POSITION_EDGES", "Resume", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
+__all__ = ["SIZE", "MINI_BACKBONE", "teacher_spec", "record_spec", "Phase", "CURRICULUM", "POSITION_EDGES", "Resume",
+           "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
            "file_sha256", "read_teacher_record"]
 
 log = logging.getLogger("wand.teachers")
+
+SIZE = "mini"  # the embedded default's teachers: the tiny token layouts on a 3-layer, 96-wide backbone
+# The committed teachers' backbone: wand.models.presets.widen's defaults (read, not restated).
+MINI_BACKBONE = {k: p.default for k, p in inspect.signature(widen).parameters.items() if k != "spec"}
+
+
+def teacher_spec(name: str, backbone: dict | None = None):
+    """The family's ``mini`` spec, on another backbone when ``backbone`` (a teacher.json record's
+    ``backbone``: width, layers, heads) differs from the preset's (a capacity experiment)."""
+    if not backbone or backbone == MINI_BACKBONE:
+        return get_spec(name, SIZE)
+    return widen(BUILDERS[name]("tiny"), **backbone)
+
+
+def record_spec(record: dict):
+    """The spec a teacher.json record's weights load into: its size's preset, or the backbone it records."""
+    if (record.get("backbone") or MINI_BACKBONE) == MINI_BACKBONE:
+        return get_spec(record["model"], record["size"])
+    return teacher_spec(record["model"], record["backbone"])
 
 
 def _generated_logits(spec, model, batch: Batch, window: int | None) -> tuple[torch.Tensor, torch.Tensor]:
