@@ -95,3 +95,40 @@ def test_the_length_groups_table_in_the_docs_is_rendered_from_its_results_file()
     saved = json.loads((ROOT / "benchmarks/results/length_groups.json").read_text())
     assert {r["model"] for r in saved["results"]} == {"cosyvoice2", "indextts", "sparktts"}
     assert read_block(ROOT / "docs/benchmarks.md", START, END) == table(saved)
+
+
+def test_teacher_slips_benchmark_counts_every_phoneme_start_and_checks_its_inputs_first(tmp_path):
+    """As a user runs it (a subprocess, clean environment): the kinds of one committed teacher add up
+    to its phoneme starts (the stop excluded), recomputed here; a folder without teacher.json and a
+    document without markers are refused (exit 2, naming them) before anything is measured."""
+    import numpy as np
+
+    from pipeline.synthetic.law import phoneme_starts, synthetic_rows, SyntheticTask
+    from pipeline.synthetic.teachers import read_teacher_record, record_spec
+
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+    out = tmp_path / "slips.json"
+    run = subprocess.run([sys.executable, "-m", "benchmarks.teacher_slips", "teachers/sparktts", "--rows", "4",
+                          "--output", str(out), "--no-docs"], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    (result,) = json.loads(out.read_text())["results"]
+    record = read_teacher_record(ROOT / "teachers" / "sparktts")
+    rows = synthetic_rows(record_spec(record), 4, SyntheticTask(**record["task"]), seed=record["heldout"]["seed"],
+                          split="heldout", alignment=True)
+    assert sum(result["all"].values()) == sum(int(np.sum(phoneme_starts(r)[:-1])) for r in rows)
+    assert result["teacher"] == "teachers/sparktts" and result["files"] == record["files"]
+    for args, said in ((["teachers"], "teacher folder teachers: "),
+                       (["teachers/sparktts", "--docs", str(tmp_path / "none.md")], "needs the markers")):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.teacher_slips", *args, "--output", str(tmp_path / "bad.json")],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and said in bad.stderr and not (tmp_path / "bad.json").exists(), bad.stderr
+
+
+def test_the_teacher_slips_table_in_the_docs_is_rendered_from_its_results_file():
+    from benchmarks.teacher_slips import END, START, table
+    from pipeline.docblocks import read_block
+
+    saved = json.loads((ROOT / "benchmarks/results/teacher_slips.json").read_text())
+    assert {r["teacher"] for r in saved["results"]} >= {f"teachers/{m}" for m in ("cosyvoice2", "indextts", "sparktts")}
+    assert read_block(ROOT / "docs/results.md", START, END) == table(saved)

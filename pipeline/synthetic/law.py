@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 
-__all__ = ["SyntheticTask", "synthetic_rows", "phoneme_starts", "speech_codes", "TEXT_LENGTHS"]
+__all__ = ["SyntheticTask", "text_limit", "synthetic_rows", "phoneme_starts", "speech_codes", "TEXT_LENGTHS"]
 
 TEXT_LENGTHS = (40, 120)  # phonemes per training utterance (min, max): about 140-420 generated tokens
 
@@ -65,10 +65,14 @@ class SyntheticTask:
         base, voice = self._tables(codes)
         return int((base[phoneme] + voice[speaker] + 7 * frame + previous % 3) % codes)
 
+    def rest_code(self, codes: int, speaker: int) -> int:
+        """The code an utterance of ``speaker`` starts from (the "previous" code of its first frame)."""
+        return int(self._tables(codes)[1][speaker])
+
     def speech(self, codes: int, text: list[int], speaker: int) -> tuple[list[int], list[int]]:
         """(codes of the utterance, index into ``text`` of the phoneme each frame speaks)."""
         out, align = [], []
-        previous = int(self._tables(codes)[1][speaker])  # the utterance starts from the speaker's rest code
+        previous = self.rest_code(codes, speaker)
         for position, phoneme in enumerate(text):
             for frame in range(self.duration(phoneme, speaker)):
                 previous = self.next_code(codes, phoneme, speaker, frame, previous)
@@ -89,6 +93,17 @@ def speech_codes(spec) -> np.ndarray:
     return np.array([i for i in range(lo, hi) if i not in spec.stop_token_ids])
 
 
+def text_limit(spec, task: SyntheticTask) -> int | None:
+    """The longest text (phonemes) the spec's positions hold, None without a limit: its text positions
+    and its generated ones (prompt + the longest speech of that text + stop; IndexTTS's learned positions)."""
+    limits = []
+    if spec.max_text_tokens is not None:
+        limits.append(spec.max_text_tokens - 2)
+    if spec.max_generated_tokens is not None:
+        limits.append((spec.max_generated_tokens - 1 - task.prompt_tokens - 2) // task.max_duration)
+    return min(limits) if limits else None
+
+
 def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: int = 0,
                    min_text: int = TEXT_LENGTHS[0], max_text: int = TEXT_LENGTHS[1], split: str = "train",
                    alignment: bool = False) -> list[dict]:
@@ -99,10 +114,9 @@ def synthetic_rows(spec, n: int, task: SyntheticTask = SyntheticTask(), seed: in
     of the phoneme it speaks), ``text`` (the phoneme ids) and ``speaker`` for analysis; they are not
     corpus columns."""
     codes = speech_codes(spec)
-    if spec.max_text_tokens is not None:
-        max_text = min(max_text, spec.max_text_tokens - 2)
-    if spec.max_generated_tokens is not None:  # the model's positions: prompt + generated + stop
-        max_text = min(max_text, (spec.max_generated_tokens - 1 - task.prompt_tokens - 2) // task.max_duration)
+    limit = text_limit(spec, task)
+    if limit is not None:
+        max_text = min(max_text, limit)
     min_text = min(min_text, max_text)
     rng = np.random.default_rng([seed, task.seed, 7])
     rows = []
