@@ -92,14 +92,17 @@ test-fast: install
 # window sweep (WAND at W = 64 and 128 beside the table's 8 and 32): one process per family side by side
 # (logs in runs/ablation/), the three files rendered as one table, then the window chooser set against
 # the sweep. About 80 minutes on 2 cores (docs/results.md says what each part takes).
+# TEACHERS: a folder of teachers/<model> (default the committed ones; `make ablation TEACHERS=runs/...`
+# for teachers trained with `jobs.train_teachers --width ...`). Killed, it continues when run again.
 ABLATION_VARIANTS ?= teacher control wand wand_hold window_only kd_no_curriculum sinks streaming_llm mask_only wand_w8 wand_w64 wand_w128
+TEACHERS ?= teachers
 ablation: install
 	mkdir -p runs/ablation
-	pids=""; for m in $(MODELS); do $(PY) -m benchmarks.ablation_table --models $$m --threads 1 --no-readme \
+	pids=""; for m in $(MODELS); do $(PY) -m benchmarks.ablation_table --models $$m --threads 1 --no-readme --teachers $(TEACHERS) \
 	  --variants $(ABLATION_VARIANTS) --output runs/ablation/$$m.json > runs/ablation/$$m.log 2>&1 & pids="$$pids $$!"; done; \
 	for p in $$pids; do wait $$p || { echo "a family failed: see runs/ablation/*.log"; exit 1; }; done
 	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation/$(m).json)
-	$(PY) -m benchmarks.window_chooser
+	$(PY) -m benchmarks.window_chooser --teachers $(TEACHERS)
 
 bench: install
 	$(PY) -m benchmarks.decode_latency

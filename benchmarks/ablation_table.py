@@ -45,7 +45,7 @@ from pipeline.evals.claims import claims, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.journal import Journal
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
-from pipeline.synthetic.teachers import read_teacher_record, record_spec
+from pipeline.synthetic.teachers import MINI_BACKBONE, read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FRESH_SEED = 2  # the students' fine-tuning rows: neither the teachers' training rows (0) nor held out (1)
@@ -79,11 +79,22 @@ def cell(runs: list[dict], key: str, digits: int = 2, spread: bool = False) -> s
     return f"{mean:.{digits}f}"
 
 
-def markdown(results: list[dict], config: AblationConfig, device: str, notes: dict | None = None) -> str:
+def teachers_text(teachers: dict | None) -> str:
+    """The header's word on the teachers when any is not the committed mini one (``teachers``: the
+    JSON's ``teachers``, per model its size and any backbone); empty otherwise."""
+    other = {m: t["backbone"] for m, t in (teachers or {}).items() if t.get("backbone") not in (None, MINI_BACKBONE)}
+    if not other:
+        return ""
+    return "Teachers of another backbone: " + ", ".join(
+        f"{FAMILY_NAMES.get(m, m)} {b['width']} wide x {b['layers']} layers" for m, b in other.items()) + ". "
+
+
+def markdown(results: list[dict], config: AblationConfig, device: str, notes: dict | None = None,
+             teachers: dict | None = None) -> str:
     seeds = sorted({r["seed"] for r in results if r.get("seed") is not None})
     free = results[0]["free_rows"]
     lines = [
-        f"Measured on {device}; W = {config.window} (curriculum {config.window_start} -> {config.window}) unless the "
+        teachers_text(teachers) + f"Measured on {device}; W = {config.window} (curriculum {config.window_start} -> {config.window}) unless the "
         f"variant says otherwise, {config.steps} steps x {config.batch_size} rows per trained student"
         + (f" (each batch in {config.length_groups} parts of neighbouring lengths)" if config.length_groups > 1 else "")
         + f", {config.sinks} sinks; "
@@ -296,7 +307,7 @@ def main(argv=None) -> int:
     if args.from_json:
         saved = merged([json.loads(path.read_text()) for path in args.from_json])
         table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"],
-                         saved.get("long_form_notes"))
+                         saved.get("long_form_notes"), saved.get("teachers"))
         print(table)
         if len(args.from_json) > 1:  # the families' files as one
             args.output.write_text(json.dumps(saved, indent=2) + "\n")
@@ -358,7 +369,7 @@ def main(argv=None) -> int:
                                 journal=journals[name])
         minutes[name] = round((time.perf_counter() - family_start + earlier[name]) / 60, 1)
         print(f"{name}: done in {minutes[name]} min ({(time.perf_counter() - start) / 60:.1f} min so far)", flush=True)
-    table = markdown(results, config, device, notes)
+    table = markdown(results, config, device, notes, teachers)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     # minutes: this process's, plus the seconds results taken from a journal took; "resumed" says how many were.
     args.output.write_text(json.dumps({"device": device, "minutes": minutes, "teachers": teachers,

@@ -123,3 +123,10 @@ def test_length_groups_are_checked_before_a_run_and_named_in_the_table_header():
     rows = json.loads((Path(__file__).resolve().parents[2] / "benchmarks/results/ablation_table.json").read_text())["results"]
     header = lambda groups: markdown(rows, AblationConfig(length_groups=groups), "cpu").splitlines()[0]  # noqa: E731
     assert "2 parts of neighbouring lengths" in header(2) and "parts" not in header(1)
+    from benchmarks.ablation_table import teachers_text
+    from pipeline.synthetic.teachers import MINI_BACKBONE
+
+    assert teachers_text({"cosyvoice2": {"size": "mini"}, "sparktts": {"size": "mini", "backbone": MINI_BACKBONE}}) == ""
+    wide = {"width": 128, "layers": 4, "heads": 4}
+    assert teachers_text({"indextts": {"size": "mini", "backbone": wide}}) == \
+        "Teachers of another backbone: IndexTTS 1.5 128 wide x 4 layers. "

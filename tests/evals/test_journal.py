@@ -121,3 +121,4 @@ def test_the_table_command_killed_midway_continues_when_run_again(tmp_path):
     assert saved["resumed"] == {"sparktts": kept} and again.stderr.count("taken from") == kept
     assert [timeless(r) for r in saved["results"]] == [timeless(r) for r in reference["results"]]
     assert not journal.parent.exists()
+    assert "Teachers of another backbone: SparkTTS 48 wide x 2 layers. Measured on" in again.stdout  # the header says whose
