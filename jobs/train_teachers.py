@@ -40,8 +40,7 @@ from pipeline.docblocks import replace_block
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, MINI_BACKBONE, Phase, read_teacher_record,
-                                         Resume, SIZE, teacher_spec,
-                                         spoken_quality, train_teacher)
+                                         Resume, SIZE, spoken_quality, teacher_spec, train_teacher)
 from wand.models import CausalLMSpec, get_spec
 
 TRAIN_SEED, HELDOUT_SEED = 0, 1
