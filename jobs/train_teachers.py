@@ -163,7 +163,7 @@ def beside_block(pairs: list[tuple[dict, dict]], label) -> str:
 def longer_block(pairs: list[tuple[dict, dict]]) -> str:
     """Committed teachers beside runs trained longer (on the family's backbone or another): what more
     training bought and whether the curve still rises."""
-    return beside_block(pairs, lambda r: f"longer, {r['train']['steps']:,} steps, {dimensions(r)}")
+    return beside_block(pairs, lambda r: f"longer, {r['train']['steps']:,} steps, {dimensions(r)}, phases {phases_text(r)}")
 
 
 CURRICULUM_START, CURRICULUM_END = "<!-- teacher-curriculum:start -->", "<!-- teacher-curriculum:end -->"
