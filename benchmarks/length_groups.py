@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import platform
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 import wand
-from pipeline.docblocks import replace_block
+from pipeline.docblocks import has_block, write_result
 from pipeline.evals.common import FAMILIES
 from pipeline.evals.ablation import AblationConfig, teacher_targets, train_student, variant_named
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
@@ -98,7 +97,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.steps < 1 or args.repeats < 1:
         parser.error("--steps and --repeats must be >= 1")
-    if not args.no_docs and not all(m in (args.docs.read_text() if args.docs.is_file() else "") for m in (START, END)):
+    if not args.no_docs and not has_block(args.docs, START, END):
         parser.error(f"--docs {args.docs}: needs the markers {START} {END} (or --no-docs)")
     torch.set_num_threads(1)
     results = []
@@ -109,12 +108,7 @@ def main(argv=None) -> int:
               f"{r['teacher_loop_seconds_per_step']} s/step ({r['teacher_loop_speedup']}x), students' weights "
               f"within {r['student_weights_max_abs_difference']:.1e}", flush=True)
     saved = {"device": f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}", "results": results}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(saved, indent=2) + "\n")
-    print(table(saved))
-    if not args.no_docs:
-        replace_block(args.docs, START, END, table(saved))
-    print(f"wrote {args.output}" + ("" if args.no_docs else f" and its table in {args.docs}"))
+    write_result(args.output, saved, table(saved), None if args.no_docs else args.docs, START, END)
     return 0
 
 

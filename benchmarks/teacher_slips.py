@@ -13,7 +13,6 @@ benchmarks/results/teacher_slips.json and its table into docs/results.md (``--no
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import sys
@@ -22,7 +21,7 @@ from pathlib import Path
 import torch
 
 import wand
-from pipeline.docblocks import replace_block
+from pipeline.docblocks import has_block, write_result
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, text_limit
 from pipeline.synthetic.slips import KINDS, phoneme_start_slips
@@ -84,7 +83,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.rows < 1:
         parser.error("--rows must be >= 1")
-    if not args.no_docs and not all(m in (args.docs.read_text() if args.docs.is_file() else "") for m in (START, END)):
+    if not args.no_docs and not has_block(args.docs, START, END):
         parser.error(f"--docs {args.docs}: needs the markers {START} {END} (or --no-docs)")
     for directory in args.teachers:  # every folder checked before anything is measured
         try:
@@ -97,12 +96,7 @@ def main(argv=None) -> int:
         results.append(measure(directory, args.rows))
         print(f"{results[-1]['label']}: {results[-1]['all']}", flush=True)
     saved = {"device": f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}", "results": results}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(saved, indent=2) + "\n")
-    print(table(saved))
-    if not args.no_docs:
-        replace_block(args.docs, START, END, table(saved))
-    print(f"wrote {args.output}" + ("" if args.no_docs else f" and its table in {args.docs}"))
+    write_result(args.output, saved, table(saved), None if args.no_docs else args.docs, START, END)
     return 0
 
 
