@@ -4,6 +4,8 @@
     python -m benchmarks.ablation_table                      # all three in one process, writes docs/results.md and the README
     python -m benchmarks.ablation_table --models cosyvoice2 --variants teacher control wand --seeds 0 --no-readme   # a quick look
     python -m benchmarks.ablation_table --from-json runs/ablation/cosyvoice2.json runs/ablation/indextts.json runs/ablation/sparktts.json
+    python -m benchmarks.ablation_table --teachers runs/teachers-best --variants teacher control wand wand_hold \
+        --long-rows 0 --output benchmarks/results/ablation_table_strong.json --block ablation-strong  # other teachers
 
 For each family: load the teacher from teachers/<model> (jobs/train_teachers.py), fine-tune the
 students (pipeline/evals/ablation.py: the full-attention control, WAND, window only, KD without
@@ -19,9 +21,8 @@ benchmarks/results/ablation_table.json (every row's figures), the table between 
 ablation-table markers and the headline into the README. On 2 CPU cores with the families side by
 side, a 300-step student takes about 2.5 minutes (IndexTTS 1.1) and scoring a variant 0.2-0.5: the
 default variants (3 seeds) take about 60 minutes, with `make ablation`'s window sweep about 80.
-Each finished result is kept in a journal (``<output>.partial/<model>.jsonl``) until the table is
-written: killed, the same command continues where it stopped (``make ablation`` too), to the figures an
-uninterrupted run writes; the JSON's ``resumed`` counts the results taken from a journal.
+Finished results are kept in a journal (``<output>.partial/<model>.jsonl``) until the table is written:
+killed, the same command continues where it stopped, to the figures an uninterrupted run writes.
 """
 
 from __future__ import annotations
@@ -36,11 +37,10 @@ import time
 from dataclasses import asdict
 from pathlib import Path
 
-
 import torch
 
 from pipeline.evals.ablation import AblationConfig, run_ablation, variant_named, VARIANTS
-from pipeline.docblocks import replace_block
+from pipeline.docblocks import has_block, replace_block
 from pipeline.evals.claims import claims, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.journal import Journal
@@ -205,8 +205,6 @@ def long_form_rows(spec, task: SyntheticTask, n: int, seed: int) -> tuple[list[d
 
 
 HEADLINE_START, HEADLINE_END = "<!-- headline-table:start -->", "<!-- headline-table:end -->"
-
-
 HEADLINE_RECIPES = {"wand": "paper's schedule", "wand_hold": "schedule + hold"}
 
 
@@ -266,10 +264,16 @@ def journal_folder(output: Path) -> Path:
     return output.with_name(output.name + ".partial")
 
 
-def write_tables(docs: Path, readme: Path, table: str, results: list[dict]) -> None:
-    """The full table into the results page, its headline (teacher vs WAND) into the README."""
-    replace_block(docs, START, END, table)
-    replace_block(readme, HEADLINE_START, HEADLINE_END, headline(results))
+def blocks(docs: Path, readme: Path, block: str | None) -> list[tuple[Path, str, str]]:
+    """Where the tables go: the full one into the results page, its headline into the README; with ``block``
+    (a second table, on other teachers, say) the full one alone into that block of the results page."""
+    return [(docs, f"<!-- {block}:start -->", f"<!-- {block}:end -->")] if block else \
+        [(docs, START, END), (readme, HEADLINE_START, HEADLINE_END)]
+
+
+def write_tables(docs: Path, readme: Path, table: str, results: list[dict], block: str | None = None) -> None:
+    for path, start, end in blocks(docs, readme, block):
+        replace_block(path, start, end, table if start != HEADLINE_START else headline(results))
 
 
 def main(argv=None) -> int:
@@ -301,9 +305,14 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave the README and docs alone")
+    parser.add_argument("--block", help="the table into --docs' <!-- BLOCK:start/end --> instead, README left alone")
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="render earlier --output files again (one per family, say), no training")
     args = parser.parse_args(argv)
+    if not args.no_readme:  # checked before a run of an hour, not after
+        for path, start, end in blocks(args.docs, args.readme, args.block):
+            if not has_block(path, start, end):
+                parser.error(f"{path} has no {start} ... {end} block to write the table into (or pass --no-readme)")
     if args.from_json:
         saved = merged([json.loads(path.read_text()) for path in args.from_json])
         table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"],
@@ -312,7 +321,7 @@ def main(argv=None) -> int:
         if len(args.from_json) > 1:  # the families' files as one
             args.output.write_text(json.dumps(saved, indent=2) + "\n")
         if not args.no_readme:
-            write_tables(args.docs, args.readme, table, saved["results"])
+            write_tables(args.docs, args.readme, table, saved["results"], args.block)
         return 0
     if min(args.train_rows, args.heldout, args.free_rows) < 1 or args.long_rows < 0:
         parser.error("--train-rows, --heldout and --free-rows must be >= 1, --long-rows >= 0")
@@ -381,8 +390,8 @@ def main(argv=None) -> int:
         journal_folder(args.output).rmdir()
     print(table)
     if not args.no_readme:
-        write_tables(args.docs, args.readme, table, results)
-        print(f"wrote {args.output}, the table in {args.docs} and its headline in {args.readme}")
+        write_tables(args.docs, args.readme, table, results, args.block)
+        print(f"wrote {args.output} and the table in {args.docs}" + ("" if args.block else f", its headline in {args.readme}"))
     return 0
 
 

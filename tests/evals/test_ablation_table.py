@@ -130,3 +130,29 @@ def test_length_groups_are_checked_before_a_run_and_named_in_the_table_header():
     wide = {"width": 128, "layers": 4, "heads": 4}
     assert teachers_text({"indextts": {"size": "mini", "backbone": wide}}) == \
         "Teachers of another backbone: IndexTTS 1.5 128 wide x 4 layers. "
+
+
+def test_a_second_table_goes_into_its_own_block_and_a_missing_block_is_refused_before_a_run(tmp_path):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.docblocks import read_block
+
+    saved = Path(__file__).resolve().parents[2] / "benchmarks/results/ablation_table.json"
+    docs, readme = tmp_path / "results.md", tmp_path / "README.md"
+    docs.write_text("# results\n<!-- ablation-table:start -->\nmain\n<!-- ablation-table:end -->\n")
+    readme.write_text("<!-- headline-table:start -->\nheadline\n<!-- headline-table:end -->\n")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "benchmarks.ablation_table", "--docs", str(docs),  # noqa: E731
+                                        "--readme", str(readme), *args], capture_output=True, text=True, timeout=300)
+    out = run("--block", "ablation-strong", "--models", "sparktts", "--teachers", str(tmp_path / "none"))
+    assert out.returncode == 2 and "no <!-- ablation-strong:start --> ... <!-- ablation-strong:end --> block" in out.stderr
+    docs.write_text(docs.read_text() + "<!-- ablation-strong:start -->\n<!-- ablation-strong:end -->\n")
+    out = run("--block", "ablation-strong", "--from-json", str(saved))
+    assert out.returncode == 0, out.stderr
+    table = read_block(docs, "<!-- ablation-strong:start -->", "<!-- ablation-strong:end -->")
+    assert table.startswith("Measured on") and "| sparktts | wand |" in table and "**Claims**" in table
+    assert read_block(docs, "<!-- ablation-table:start -->", "<!-- ablation-table:end -->") == "main"
+    assert readme.read_text() == "<!-- headline-table:start -->\nheadline\n<!-- headline-table:end -->\n"
+    assert json.loads(saved.read_text())["results"]  # the committed file is only read
