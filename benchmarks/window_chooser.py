@@ -3,6 +3,8 @@ smallest W whose fine-tuned WAND student passes the claims' thresholds?
 
     python -m benchmarks.window_chooser                    # the chooser on the three committed teachers (about 1 min)
     python -m benchmarks.window_chooser --from-json benchmarks/results/window_chooser.json   # render again
+    python -m benchmarks.window_chooser --teachers runs/teachers-best --table benchmarks/results/ablation_table_strong.json \
+        --output benchmarks/results/window_chooser_strong.json --block chooser-strong   # other teachers, their own table
 
 For each family: ``pipeline.evals.window_choice.choose_window`` on its committed teacher (teachers/<model>)
 and 32 of the teacher's training utterances (seed 0, as ``jobs/choose_window.py`` samples a corpus),
@@ -21,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.docblocks import replace_block
+from pipeline.docblocks import has_block, replace_block
 from pipeline.evals.ablation import AblationConfig, variant_named
 from pipeline.evals.claims import claims
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
@@ -118,9 +120,15 @@ def main(argv=None) -> int:
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/results.md")
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave the README and docs alone")
+    parser.add_argument("--block", help="the table into --docs' <!-- BLOCK:start/end --> instead, README left alone")
     args = parser.parse_args(argv)
     if args.rows < 1:
         parser.error("--rows must be >= 1")
+    places = [(args.docs, f"<!-- {args.block}:start -->", f"<!-- {args.block}:end -->")] if args.block else \
+        [(args.docs, START, END), (args.readme, START, END)]
+    for path, start, end in [] if args.no_readme else places:  # checked before the chooser runs
+        if not has_block(path, start, end):
+            parser.error(f"{path} has no {start} ... {end} block to write the table into (or pass --no-readme)")
     if args.from_json:
         chooser = json.loads(args.from_json.read_text())
     else:
@@ -129,9 +137,8 @@ def main(argv=None) -> int:
         args.output.write_text(json.dumps(chooser, indent=2) + "\n")
     table = side_by_side(chooser, table_verdicts(json.loads(args.table.read_text())["results"]))
     print(table)
-    if not args.no_readme:
-        replace_block(args.docs, START, END, table)
-        replace_block(args.readme, START, END, table)
+    for path, start, end in [] if args.no_readme else places:
+        replace_block(path, start, end, table)
     return 0
 
 

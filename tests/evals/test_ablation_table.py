@@ -156,3 +156,28 @@ def test_a_second_table_goes_into_its_own_block_and_a_missing_block_is_refused_b
     assert read_block(docs, "<!-- ablation-table:start -->", "<!-- ablation-table:end -->") == "main"
     assert readme.read_text() == "<!-- headline-table:start -->\nheadline\n<!-- headline-table:end -->\n"
     assert json.loads(saved.read_text())["results"]  # the committed file is only read
+
+
+def test_the_chooser_beside_a_second_table_goes_into_its_own_block(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from pipeline.docblocks import read_block
+
+    root = Path(__file__).resolve().parents[2]
+    docs, readme = tmp_path / "results.md", tmp_path / "README.md"
+    docs.write_text("<!-- chooser-table:start -->\nmain\n<!-- chooser-table:end -->\n")
+    readme.write_text("<!-- chooser-table:start -->\nmain\n<!-- chooser-table:end -->\n")
+    run = lambda: subprocess.run([sys.executable, "-m", "benchmarks.window_chooser", "--docs", str(docs),  # noqa: E731
+                                  "--readme", str(readme), "--block", "chooser-strong", "--from-json",
+                                  str(root / "benchmarks/results/window_chooser.json")],
+                                 capture_output=True, text=True, timeout=300)
+    out = run()
+    assert out.returncode == 2 and "no <!-- chooser-strong:start -->" in out.stderr
+    docs.write_text(docs.read_text() + "<!-- chooser-strong:start -->\n<!-- chooser-strong:end -->\n")
+    out = run()
+    assert out.returncode == 0, out.stderr
+    assert read_block(docs, "<!-- chooser-strong:start -->", "<!-- chooser-strong:end -->").startswith("| family | chooser")
+    assert read_block(docs, "<!-- chooser-table:start -->", "<!-- chooser-table:end -->") == "main"
+    assert readme.read_text() == "<!-- chooser-table:start -->\nmain\n<!-- chooser-table:end -->\n"
