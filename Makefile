@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: docs screenshots install browser precompute-bench demo stop demo-generate teachers ablation test test-fast bench gpu-check gpu-wheels clean
+.PHONY: docs screenshots install browser precompute-bench demo stop demo-generate teachers ablation teachers-strong ablation-strong test test-fast bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -103,6 +103,29 @@ ablation: install
 	for p in $$pids; do wait $$p || { echo "a family failed: see runs/ablation/*.log"; exit 1; }; done
 	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation/$(m).json)
 	$(PY) -m benchmarks.window_chooser --teachers $(TEACHERS)
+
+# The stronger teachers (128 wide, 4 layers, the longer recipes of docs/results.md; not committed: 47-72
+# minutes each on one thread, the three side by side) and the headline table on them: teacher, the
+# full-attention control and WAND with both schedules at W = 32, 3 seeds, into the results page's
+# ablation-strong block, then the chooser against it. Killed, each continues when run again.
+STRONG ?= runs/teachers-strong
+STRONG_RECIPE_cosyvoice2 = --phases 3000:4:12:32 2000:12:40:16 6000:40:120:8 --length-groups 2
+STRONG_RECIPE_indextts = --phases 3000:4:12:32 2000:12:58:16 4000:40:58:8 --length-groups 2
+STRONG_RECIPE_sparktts = --phases 3000:4:12:32 2000:12:40:16 4000:40:120:8
+STRONG_VARIANTS ?= teacher control wand wand_hold
+teachers-strong: install
+	mkdir -p $(STRONG)
+	pids=""; $(foreach m,$(MODELS),$(PY) -m jobs.train_teachers --models $(m) --threads 1 --width 128 --layers 4 \
+	  $(STRONG_RECIPE_$(m)) --output $(STRONG) > $(STRONG)/$(m).log 2>&1 & pids="$$pids $$!";) \
+	for p in $$pids; do wait $$p || { echo "a family failed: see $(STRONG)/*.log"; exit 1; }; done
+ablation-strong: install
+	mkdir -p runs/ablation-strong
+	pids=""; for m in $(MODELS); do $(PY) -m benchmarks.ablation_table --models $$m --threads 1 --no-readme --teachers $(STRONG) \
+	  --variants $(STRONG_VARIANTS) --long-rows 0 --length-groups 2 --output runs/ablation-strong/$$m.json \
+	  > runs/ablation-strong/$$m.log 2>&1 & pids="$$pids $$!"; done; \
+	for p in $$pids; do wait $$p || { echo "a family failed: see runs/ablation-strong/*.log"; exit 1; }; done
+	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation-strong/$(m).json) \
+	  --output benchmarks/results/ablation_table_strong.json --block ablation-strong
 
 bench: install
 	$(PY) -m benchmarks.decode_latency

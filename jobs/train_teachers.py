@@ -33,15 +33,17 @@ import platform
 import sys
 from pathlib import Path
 
-
 import torch
 
 from pipeline.docblocks import replace_block
-from pipeline.evals.common import FAMILIES, FAMILY_NAMES
+from pipeline.evals.common import FAMILIES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, MINI_BACKBONE, Phase, read_teacher_record,
                                          Resume, SIZE, spoken_quality, teacher_spec, train_teacher)
-from wand.models import CausalLMSpec, get_spec
+from pipeline.synthetic.teacher_tables import (committed_block, CURRICULUM_END, CURRICULUM_START, curriculum_block,
+                                               LONGER_END, LONGER_START, longer_block, TABLE_END, TABLE_START,
+                                               WIDER_END, WIDER_START, wider_block)
+from wand.models import CausalLMSpec
 
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 SPOKEN_ROWS = 64  # held-out rows decoded free-running for the PER (issue 26: at least 64)
@@ -52,21 +54,6 @@ UPSTREAM_DROPOUT = {"indextts": "upstream IndexTTS trains its GPT-2 with GPT2Con
                                 "as upstream inference does",
                     "cosyvoice2": "Qwen2 backbone: attention dropout 0 upstream and here",
                     "sparktts": "Qwen2 backbone: attention dropout 0 upstream and here"}
-
-
-def dimensions(record: dict) -> str:
-    """A teacher.json record's backbone in words ("128 wide, 4 layers"; the mini preset's when unrecorded)."""
-    backbone = record.get("backbone") or MINI_BACKBONE
-    return f"{backbone['width']} wide, {backbone['layers']} layers"
-
-
-def backbone_label(record: dict) -> str:
-    """The teacher table's backbone column: the transformers model type, and the dimensions when
-    they are not the mini preset's."""
-    label = get_spec(record["model"], record["size"]).backbone_config().model_type  # from the spec, not a list
-    if (record.get("backbone") or MINI_BACKBONE) != MINI_BACKBONE:
-        label += f", {dimensions(record)}"
-    return label
 
 
 def phase(text: str) -> Phase:
@@ -86,109 +73,6 @@ def save_teacher(spec, model, directory: Path) -> list[Path]:
         spec.save(model, directory)
         return sorted(p for p in directory.iterdir() if p.suffix in (".json", ".safetensors") and p.name != "teacher.json")
     return [spec.save_state_dict(model, directory)]  # CosyVoice 2 llm.pt, IndexTTS gpt.pth
-
-
-TABLE_START, TABLE_END = "<!-- teacher-table:start -->", "<!-- teacher-table:end -->"
-
-
-def teacher_table(records: list[dict]) -> str:
-    """The docs' table of the committed teachers, from their teacher.json records."""
-    lines = ["| teacher (mini) | parameters | steps | held-out accuracy | inside phonemes | at phoneme starts | "
-             "PER (free-running) | sub / del / ins | speaker | stops | length | training |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in records:
-        q, t = r["heldout"], r["train"]
-        parts = " / ".join(f"{q[k]:.3f}" if k in q else "n/a" for k in ("substitutions", "deletions", "insertions"))
-        lines.append(f"| {FAMILY_NAMES[r['model']]} ({backbone_label(r)}) | {r['parameters']:,} | {t['steps']:,} | {q['accuracy']:.1%} | "
-                     f"{q['accuracy_inside_phonemes']:.1%} | **{q['accuracy_phoneme_starts']:.1%}** | "
-                     f"{q['per']:.3f} ({q['spoken_rows']} rows) | {parts} | {q['speaker_accuracy']:.3f} | "
-                     f"{q['stopped']:.2f} | {q.get('length_ratio_median', float('nan')):.2f} | "
-                     f"{t['seconds'] / 60:.0f} min, {t['threads']} thread(s), {t['device']} |")
-    return "\n".join(lines)
-
-
-def position_line(label: str, record: dict) -> str:
-    """One teacher's held-out accuracy at phoneme starts by generated position (where along an
-    utterance it loses its place in the text), from its record."""
-    spans = record["heldout"].get("phoneme_starts_by_position")
-    if not spans:
-        return f"- {label}: phoneme starts by generated position: not in this record (scored before it was measured)"
-    parts = ", ".join(f"{span}: {v['accuracy']:.1%} ({v['phoneme_starts']:,})" for span, v in spans.items())
-    return f"- {label}: at phoneme starts by generated position (how many): {parts}"
-
-
-def committed_block(records: list[dict]) -> str:
-    """The docs' block of the committed teachers: their table, then each one's accuracy at phoneme
-    starts by generated position."""
-    return "\n".join([teacher_table(records), "",
-                      *(position_line(FAMILY_NAMES[r["model"]], r) for r in records)])
-
-
-LONGER_START, LONGER_END = "<!-- teacher-longer:start -->", "<!-- teacher-longer:end -->"
-
-
-def curve_line(label: str, record: dict) -> str:
-    """One teacher's last phase and that phase's learning curve at phoneme starts (the curve rows)."""
-    train = record["train"]
-    last = len(train["phases"]) - 1
-    curve = ", ".join(f"{p['step']:,}: {p['accuracy_phoneme_starts']:.1%}"
-                      for p in record["curve"]["points"] if p["phase"] == last)
-    return (f"- {label}: last phase {train['phases'][last]['steps']:,} steps, {train['rows_per_phase']:,} "
-            f"rows per phase; phoneme starts on the {record['curve']['rows']} curve rows: {curve}")
-
-
-def phases_text(record: dict) -> str:
-    """A teacher.json record's length curriculum as ``--phases`` takes it."""
-    return " ".join(f"{p['steps']}:{p['min_text']}:{p['max_text']}:{p['batch_size']}" for p in record["train"]["phases"])
-
-
-def beside_block(pairs: list[tuple[dict, dict]], label) -> str:
-    """Committed teachers beside experiments (``(committed, experiment)`` teacher.json records), family
-    by family in the order given: their table rows, each recipe's last phase and that phase's learning
-    curve at phoneme starts (the curve rows), then each one's phoneme starts by generated position.
-    ``label(record)`` names an experiment after the family's name."""
-    families: dict[str, tuple[dict, list[dict]]] = {}
-    for committed, record in pairs:
-        families.setdefault(committed["model"], (committed, []))[1].append(record)
-    labelled = []
-    for committed, runs in families.values():
-        family = FAMILY_NAMES[committed["model"]]
-        labelled.append((f"{family}, committed", committed))
-        labelled += [(f"{family}, {label(r)}", r) for r in runs]
-    return "\n".join([teacher_table([record for _, record in labelled]), "",
-                      *(curve_line(name, record) for name, record in labelled),
-                      *(position_line(name, record) for name, record in labelled)])
-
-
-def longer_block(pairs: list[tuple[dict, dict]]) -> str:
-    """Committed teachers beside runs trained longer (on the family's backbone or another): what more
-    training bought and whether the curve still rises."""
-    return beside_block(pairs, lambda r: f"longer, {r['train']['steps']:,} steps, {dimensions(r)}, phases {phases_text(r)}")
-
-
-CURRICULUM_START, CURRICULUM_END = "<!-- teacher-curriculum:start -->", "<!-- teacher-curriculum:end -->"
-
-
-def curriculum_block(pairs: list[tuple[dict, dict]]) -> str:
-    """Committed teachers beside runs of another length curriculum (the phases named)."""
-    return beside_block(pairs, lambda r: f"phases {phases_text(r)}, {dimensions(r)}")
-
-
-WIDER_START, WIDER_END = "<!-- teacher-wider:start -->", "<!-- teacher-wider:end -->"
-
-
-def wider_block(pairs: list[tuple[dict, dict]]) -> str:
-    """Committed teachers each beside the same family trained on another backbone (``(committed,
-    experiment)`` teacher.json records): the table rows, then each one's last-phase curve at phoneme
-    starts, labelled by family and backbone, so the docs say what capacity bought."""
-    lines = [teacher_table([r for pair in pairs for r in pair]), ""]
-    for pair in pairs:
-        for record in pair:
-            lines.append(curve_line(f"{FAMILY_NAMES[record['model']]}, {dimensions(record)}, "
-                                    f"{record['parameters']:,} parameters", record))
-    lines += [position_line(f"{FAMILY_NAMES[record['model']]}, {dimensions(record)}", record)
-              for pair in pairs for record in pair]
-    return "\n".join(lines)
 
 
 def training_device(name: str) -> torch.device:

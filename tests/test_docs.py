@@ -79,7 +79,8 @@ def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
 def test_the_teachers_table_is_rendered_from_their_records():
     """docs/results.md's teacher table is what `python -m jobs.train_teachers --table docs/results.md`
     renders from the committed teacher.json files (which test_teachers checks against the weights)."""
-    from jobs.train_teachers import committed_block, FAMILIES, TABLE_END, TABLE_START
+    from pipeline.evals.common import FAMILIES
+    from pipeline.synthetic.teacher_tables import committed_block, TABLE_END, TABLE_START
     from pipeline.docblocks import read_block
     from pipeline.synthetic.teachers import read_teacher_record
 
@@ -94,7 +95,7 @@ def test_the_longer_teacher_block_is_rendered_from_the_records():
     teacher's record beside the longer runs', never figures typed by hand."""
     import json
 
-    from jobs.train_teachers import LONGER_END, LONGER_START, longer_block
+    from pipeline.synthetic.teacher_tables import LONGER_END, LONGER_START, longer_block
     from pipeline.docblocks import read_block
     from pipeline.synthetic.teachers import read_teacher_record
 
@@ -115,7 +116,8 @@ def test_the_wider_teacher_block_is_rendered_from_the_records():
     beside the same recipe on a wider, deeper backbone (the recipe otherwise the same)."""
     import json
 
-    from jobs.train_teachers import MINI_BACKBONE, WIDER_END, WIDER_START, wider_block
+    from pipeline.synthetic.teacher_tables import WIDER_END, WIDER_START, wider_block
+    from pipeline.synthetic.teachers import MINI_BACKBONE
     from pipeline.docblocks import read_block
     from pipeline.synthetic.teachers import read_teacher_record
 
@@ -138,7 +140,8 @@ def test_the_curriculum_teacher_block_is_rendered_from_the_records():
     teacher beside the same backbone and steps on other phases (only the curriculum differs)."""
     import json
 
-    from jobs.train_teachers import CURRICULUM_END, CURRICULUM_START, curriculum_block, MINI_BACKBONE
+    from pipeline.synthetic.teacher_tables import CURRICULUM_END, CURRICULUM_START, curriculum_block
+    from pipeline.synthetic.teachers import MINI_BACKBONE
     from pipeline.docblocks import read_block
     from pipeline.synthetic.teachers import read_teacher_record
 

@@ -241,7 +241,7 @@ def test_a_teacher_on_another_backbone_is_recorded_rescored_and_labelled_as_such
     import subprocess
     import sys
 
-    from jobs.train_teachers import backbone_label, teacher_table
+    from pipeline.synthetic.teacher_tables import backbone_label, teacher_table
     from wand.models.presets import BUILDERS, widen
 
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
