@@ -109,15 +109,14 @@ ablation: install
 # full-attention control and WAND with both schedules at W = 32, 3 seeds, into the results page's
 # ablation-strong block, then the chooser against it. Killed, each continues when run again.
 STRONG ?= runs/teachers-strong
-STRONG_RECIPE_cosyvoice2 = --phases 3000:4:12:32 2000:12:40:16 6000:40:120:8 --length-groups 2
-STRONG_RECIPE_indextts = --phases 3000:4:12:32 2000:12:58:16 4000:40:58:8 --length-groups 2
-STRONG_RECIPE_sparktts = --phases 3000:4:12:32 2000:12:40:16 4000:40:120:8
+STRONG_RECORDS ?= $(addprefix benchmarks/results/teacher_longer_,wider_11k_cosyvoice2.json wider_positions_indextts.json wider_sparktts.json)
 STRONG_VARIANTS ?= teacher control wand wand_hold
 teachers-strong: install
 	mkdir -p $(STRONG)
-	pids=""; $(foreach m,$(MODELS),$(PY) -m jobs.train_teachers --models $(m) --threads 1 --width 128 --layers 4 \
-	  $(STRONG_RECIPE_$(m)) --output $(STRONG) > $(STRONG)/$(m).log 2>&1 & pids="$$pids $$!";) \
+	pids=""; for r in $(STRONG_RECORDS); do $(PY) -m jobs.train_teachers --recipe $$r --threads 1 --output $(STRONG) \
+	  > $(STRONG)/$$(basename $$r .json).log 2>&1 & pids="$$pids $$!"; done; \
 	for p in $$pids; do wait $$p || { echo "a family failed: see $(STRONG)/*.log"; exit 1; }; done
+	grep -h "weights are" $(STRONG)/*.log
 ablation-strong: install
 	mkdir -p runs/ablation-strong
 	pids=""; for m in $(MODELS); do $(PY) -m benchmarks.ablation_table --models $$m --threads 1 --no-readme --teachers $(STRONG) \

@@ -5,6 +5,7 @@
     python -m jobs.train_teachers --table docs/results.md --longer benchmarks/results/teacher_longer_*.json \
         --wider benchmarks/results/teacher_wider_*.json --curriculum benchmarks/results/teacher_curriculum_*.json
     python -m jobs.train_teachers --models sparktts --width 128 --layers 4 --output runs/teachers-wide
+    python -m jobs.train_teachers --recipe benchmarks/results/teacher_longer_wider_sparktts.json --output runs/teachers-strong
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
 trained from seeded random weights with cross-entropy on the generated tokens of synthetic rows
@@ -65,6 +66,29 @@ def phase(text: str) -> Phase:
     if min(steps, low, batch) < 1 or high < low:
         raise argparse.ArgumentTypeError(f"{text!r}: need STEPS, MIN, BATCH >= 1 and MAX >= MIN")
     return Phase(steps, low, high, batch)
+
+
+# What --recipe takes from a teacher.json record: flag -> (argparse dest, value from the record).
+RECIPE_FLAGS = {
+    "--models": ("models", lambda r: [r["model"]]),
+    "--phases": ("phases", lambda r: [Phase(**p) for p in r["train"]["phases"]]),
+    "--lr": ("lr", lambda r: r["train"]["lr"]),
+    "--rows": ("rows", lambda r: r["train"]["rows_per_phase"]),
+    "--seed": ("seed", lambda r: r["train"]["init_seed"]),
+    "--length-groups": ("length_groups", lambda r: r["train"].get("length_groups", 1)),
+    **{f"--{k}": (k, lambda r, k=k: (r.get("backbone") or MINI_BACKBONE)[k]) for k in ("width", "layers", "heads")},
+}
+
+
+def recipe_of(record: dict) -> dict:
+    """The training flags (argparse dests) of the run a teacher.json record describes; ValueError where
+    the record is of another corpus or preset than this job trains."""
+    if record.get("size") != SIZE or record.get("task") != dataclasses.asdict(SyntheticTask()):
+        raise ValueError(f"it was trained on another preset or corpus (size {record.get('size')!r}, task "
+                         f"{record.get('task')}) than this job's ({SIZE!r}, {dataclasses.asdict(SyntheticTask())})")
+    if record.get("model") not in FAMILIES:
+        raise ValueError(f"model {record.get('model')!r} is none of {', '.join(FAMILIES)}")
+    return {dest: value(record) for dest, value in RECIPE_FLAGS.values()}
 
 
 def save_teacher(spec, model, directory: Path) -> list[Path]:
@@ -141,7 +165,22 @@ def main(argv=None) -> int:
     parser.add_argument("--curriculum", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers trained on another length curriculum (their "
                              "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
+    parser.add_argument("--recipe", type=Path, metavar="RECORD",
+                        help="train the teacher a teacher.json record describes (its family, backbone, phases, lr, "
+                             "rows, seed, length groups; not with those flags) and say whether the weights are the "
+                             "record's to the bit (sha256)")
     args = parser.parse_args(argv)
+    reproduce = None
+    if args.recipe:
+        try:
+            reproduce = json.loads(args.recipe.read_text())
+            recipe = recipe_of(reproduce)
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            parser.error(f"--recipe {args.recipe}: not a teacher.json record this job can train ({type(err).__name__}: {err})")
+        given = [flag for flag, (dest, _) in RECIPE_FLAGS.items() if getattr(args, dest) != parser.get_default(dest)]
+        if given or args.rescore or args.table:
+            parser.error(f"--recipe {args.recipe} sets the recipe: leave out {', '.join(given or ['--rescore/--table'])}")
+        vars(args).update(recipe)
     if min(args.rows, args.heldout, args.curve_every, args.length_groups, args.checkpoint_every) < 1:
         parser.error("--rows, --heldout, --curve-every, --length-groups and --checkpoint-every must be >= 1")
     backbone = {"width": args.width, "layers": args.layers, "heads": args.heads}
@@ -238,6 +277,10 @@ def main(argv=None) -> int:
                 "curve": {"rows": min(CURVE_ROWS, len(held)), "points": curve},
                 "files": {p.name: file_sha256(p) for p in files},
             }
+            if reproduce is not None:  # the same weights to the bit, or not (another torch, CPU or device)
+                record["reproduces"] = {"record": str(args.recipe), "same_weights": record["files"] == reproduce.get("files")}
+                print(f"{name}: the weights are {'' if record['reproduces']['same_weights'] else 'NOT '}those of "
+                      f"{args.recipe} (sha256 of {', '.join(record['files'])})", flush=True)
         # The stated quality: teacher-forced top-1 accuracy against the corpus tokens on held-out rows,
         # and what the teacher says free-running (PER against the text, pipeline/synthetic/transcribe.py).
         record["heldout"] = {"seed": HELDOUT_SEED, **heldout_quality(spec, model, held),

@@ -1,0 +1,53 @@
+"""`python -m jobs.train_teachers --recipe RECORD` trains the teacher a teacher.json record describes and
+says whether its weights are the record's to the bit (how `make teachers-strong` rebuilds the stronger
+teachers the second results table was measured on)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_record_trains_again_to_the_same_weights_and_other_flags_or_records_are_refused(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}  # as a user runs it
+
+    def job(*flags):
+        return subprocess.run([sys.executable, "-m", "jobs.train_teachers", "--heldout", "3", *flags], cwd=ROOT,
+                              env=env, capture_output=True, text=True, timeout=300)
+
+    first = job("--models", "indextts", "--width", "48", "--layers", "2", "--heads", "2", "--phases", "12:4:8:2",
+                "20:6:10:3", "--rows", "8", "--lr", "0.002", "--seed", "3", "--length-groups", "2",
+                "--output", str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr[-2000:]
+    record_path = tmp_path / "a" / "indextts" / "teacher.json"
+    record = json.loads(record_path.read_text())
+    again = job("--recipe", str(record_path), "--output", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"indextts: the weights are those of {record_path}" in again.stdout
+    rebuilt = json.loads((tmp_path / "b" / "indextts" / "teacher.json").read_text())
+    assert rebuilt["files"] == record["files"] and rebuilt["backbone"] == record["backbone"]
+    assert rebuilt["train"]["phases"] == record["train"]["phases"] and rebuilt["heldout"] == record["heldout"]
+    assert rebuilt["reproduces"] == {"record": str(record_path), "same_weights": True}
+
+    # A record whose weights this run does not reproduce is said so, loudly.
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**record, "files": {name: "0" * 64 for name in record["files"]}}))
+    differs = job("--recipe", str(other), "--output", str(tmp_path / "c"))
+    assert differs.returncode == 0 and "the weights are NOT those of" in differs.stdout
+
+    for flags, said in ((["--recipe", str(record_path), "--lr", "0.01"], "leave out --lr"),
+                        (["--recipe", str(record_path), "--models", "sparktts"], "leave out --models"),
+                        (["--recipe", str(tmp_path / "missing.json")], "not a teacher.json record"),
+                        (["--recipe", str(_with(tmp_path, record, task={**record["task"], "speakers": 3}))],
+                         "another preset or corpus")):
+        refused = job(*flags, "--output", str(tmp_path / "d"))
+        assert refused.returncode == 2 and said in refused.stderr, (flags, refused.stderr[-500:])
+    assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def _with(tmp_path: Path, record: dict, **changed) -> Path:
+    path = tmp_path / "changed.json"
+    path.write_text(json.dumps({**record, **changed}))
+    return path
