@@ -266,14 +266,14 @@ def journal_folder(output: Path) -> Path:
 
 def blocks(docs: Path, readme: Path, block: str | None) -> list[tuple[Path, str, str]]:
     """Where the tables go: the full one into the results page, its headline into the README; with ``block``
-    (a second table, on other teachers, say) the full one alone into that block of the results page."""
-    return [(docs, f"<!-- {block}:start -->", f"<!-- {block}:end -->")] if block else \
-        [(docs, START, END), (readme, HEADLINE_START, HEADLINE_END)]
+    (a second table, on other teachers, say) into the blocks ``block`` and ``block-headline`` instead."""
+    return [(docs, f"<!-- {block}:start -->", f"<!-- {block}:end -->"), (readme, f"<!-- {block}-headline:start -->",
+             f"<!-- {block}-headline:end -->")] if block else [(docs, START, END), (readme, HEADLINE_START, HEADLINE_END)]
 
 
 def write_tables(docs: Path, readme: Path, table: str, results: list[dict], block: str | None = None) -> None:
-    for path, start, end in blocks(docs, readme, block):
-        replace_block(path, start, end, table if start != HEADLINE_START else headline(results))
+    for (path, start, end), text in zip(blocks(docs, readme, block), (table, headline(results))):
+        replace_block(path, start, end, text)
 
 
 def main(argv=None) -> int:
@@ -305,7 +305,8 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", type=Path, default=ROOT / "README.md")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--no-readme", action="store_true", help="print the table, leave the README and docs alone")
-    parser.add_argument("--block", help="the table into --docs' <!-- BLOCK:start/end --> instead, README left alone")
+    parser.add_argument("--block", help="the table into --docs' <!-- BLOCK:start/end --> and its headline into "
+                                        "--readme's <!-- BLOCK-headline:start/end --> instead")
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="render earlier --output files again (one per family, say), no training")
     args = parser.parse_args(argv)
@@ -391,7 +392,7 @@ def main(argv=None) -> int:
     print(table)
     if not args.no_readme:
         write_tables(args.docs, args.readme, table, results, args.block)
-        print(f"wrote {args.output} and the table in {args.docs}" + ("" if args.block else f", its headline in {args.readme}"))
+        print(f"wrote {args.output}, the table in {args.docs} and its headline in {args.readme}")
     return 0
 
 

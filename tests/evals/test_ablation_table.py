@@ -150,11 +150,16 @@ def test_a_second_table_goes_into_its_own_block_and_a_missing_block_is_refused_b
     assert out.returncode == 2 and "no <!-- ablation-strong:start --> ... <!-- ablation-strong:end --> block" in out.stderr
     docs.write_text(docs.read_text() + "<!-- ablation-strong:start -->\n<!-- ablation-strong:end -->\n")
     out = run("--block", "ablation-strong", "--from-json", str(saved))
+    assert out.returncode == 2 and "no <!-- ablation-strong-headline:start -->" in out.stderr  # the README's too
+    readme.write_text(readme.read_text() + "<!-- ablation-strong-headline:start -->\n<!-- ablation-strong-headline:end -->\n")
+    out = run("--block", "ablation-strong", "--from-json", str(saved))
     assert out.returncode == 0, out.stderr
     table = read_block(docs, "<!-- ablation-strong:start -->", "<!-- ablation-strong:end -->")
     assert table.startswith("Measured on") and "| sparktts | wand |" in table and "**Claims**" in table
+    short = read_block(readme, "<!-- ablation-strong-headline:start -->", "<!-- ablation-strong-headline:end -->")
+    assert short.startswith("| family | WAND recipe |") and "| SparkTTS (W = 32) | paper's schedule |" in short
     assert read_block(docs, "<!-- ablation-table:start -->", "<!-- ablation-table:end -->") == "main"
-    assert readme.read_text() == "<!-- headline-table:start -->\nheadline\n<!-- headline-table:end -->\n"
+    assert read_block(readme, "<!-- headline-table:start -->", "<!-- headline-table:end -->") == "headline"
     assert json.loads(saved.read_text())["results"]  # the committed file is only read
 
 
