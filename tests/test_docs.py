@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,21 +44,23 @@ def test_the_readme_is_a_front_page_whose_links_lead_somewhere():
         assert (ROOT / link).exists(), link
 
 
-def test_the_results_tables_are_rendered_from_the_saved_results():
-    """The docs' results table and the README's headline are what the harness renders from its own
-    output file (re-render: python -m benchmarks.ablation_table --from-json <file>), not hand-kept."""
+@pytest.mark.parametrize("saved_file, block", [("ablation_table.json", None),  # on the committed teachers
+                                               ("ablation_table_strong.json", "ablation-strong")])  # the stronger
+def test_the_results_tables_are_rendered_from_the_saved_results(saved_file, block):
+    """The docs' results tables and the README's headlines are what the harness renders from its own
+    output file (re-render: python -m benchmarks.ablation_table --from-json <file> [--block ...]), not hand-kept."""
     import json
 
     from pipeline.docblocks import read_block
-    from benchmarks.ablation_table import END, HEADLINE_END, HEADLINE_START, START, headline, markdown
+    from benchmarks.ablation_table import blocks, headline, markdown
     from pipeline.evals.ablation import AblationConfig
 
-    saved = json.loads((ROOT / "benchmarks/results/ablation_table.json").read_text())
+    saved = json.loads((ROOT / "benchmarks/results" / saved_file).read_text())
     table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"],
-                     saved.get("long_form_notes"))
-
-    assert read_block(ROOT / "docs/results.md", START, END) == table
-    assert read_block(ROOT / "README.md", HEADLINE_START, HEADLINE_END) == headline(saved["results"])
+                     saved.get("long_form_notes"), saved.get("teachers"))
+    (docs, *full), (readme, *short) = blocks(ROOT / "docs/results.md", ROOT / "README.md", block)
+    assert read_block(docs, *full) == table
+    assert read_block(readme, *short) == headline(saved["results"])
 
 
 def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
