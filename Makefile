@@ -106,11 +106,16 @@ ablation: install
 
 # The stronger teachers (128 wide, 4 layers, the longer recipes of docs/results.md; not committed: 47-72
 # minutes each on one thread, the three side by side) and the headline table on them: teacher, the
-# full-attention control and WAND with both schedules at W = 32, 3 seeds, into the results page's
-# ablation-strong block, then the chooser against it. Killed, each continues when run again.
+# full-attention control and WAND with both schedules at W = 32, 3 seeds, into the ablation-strong
+# blocks of the results page and the README. Killed, each continues when run again. STRONG_STEPS=1200
+# (with STRONG_VARIANTS="teacher control wand_hold"): the longer fine-tune, into its own files and the
+# results page's ablation-strong-1200 blocks.
 STRONG ?= runs/teachers-strong
 STRONG_RECORDS ?= $(addprefix benchmarks/results/teacher_longer_,wider_11k_cosyvoice2.json wider_positions_indextts.json wider_sparktts.json)
 STRONG_VARIANTS ?= teacher control wand wand_hold
+STRONG_STEPS ?= 300
+STRONG_SEEDS ?= 0 1 2
+STRONG_TAG = $(if $(filter 300,$(STRONG_STEPS)),,-$(STRONG_STEPS))
 teachers-strong: install
 	mkdir -p $(STRONG)
 	pids=""; for r in $(STRONG_RECORDS); do $(PY) -m jobs.train_teachers --recipe $$r --threads 1 --output $(STRONG) \
@@ -118,13 +123,14 @@ teachers-strong: install
 	for p in $$pids; do wait $$p || { echo "a family failed: see $(STRONG)/*.log"; exit 1; }; done
 	grep -h "weights are" $(STRONG)/*.log
 ablation-strong: install
-	mkdir -p runs/ablation-strong
+	mkdir -p runs/ablation-strong$(STRONG_TAG)
 	pids=""; for m in $(MODELS); do $(PY) -m benchmarks.ablation_table --models $$m --threads 1 --no-readme --teachers $(STRONG) \
-	  --variants $(STRONG_VARIANTS) --long-rows 0 --length-groups 2 --output runs/ablation-strong/$$m.json \
-	  > runs/ablation-strong/$$m.log 2>&1 & pids="$$pids $$!"; done; \
-	for p in $$pids; do wait $$p || { echo "a family failed: see runs/ablation-strong/*.log"; exit 1; }; done
-	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation-strong/$(m).json) \
-	  --output benchmarks/results/ablation_table_strong.json --block ablation-strong
+	  --variants $(STRONG_VARIANTS) --steps $(STRONG_STEPS) --seeds $(STRONG_SEEDS) --long-rows 0 --length-groups 2 \
+	  --output runs/ablation-strong$(STRONG_TAG)/$$m.json > runs/ablation-strong$(STRONG_TAG)/$$m.log 2>&1 & pids="$$pids $$!"; done; \
+	for p in $$pids; do wait $$p || { echo "a family failed: see runs/ablation-strong$(STRONG_TAG)/*.log"; exit 1; }; done
+	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation-strong$(STRONG_TAG)/$(m).json) \
+	  --output benchmarks/results/ablation_table_strong$(subst -,_,$(STRONG_TAG)).json --block ablation-strong$(STRONG_TAG) \
+	  --readme $(if $(STRONG_TAG),docs/results.md,README.md)
 
 bench: install
 	$(PY) -m benchmarks.decode_latency
