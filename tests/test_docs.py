@@ -79,6 +79,11 @@ def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
     assert table.count("\n") >= 4  # a row per family
     assert read_block(ROOT / "docs/results.md", START, END) == table
     assert read_block(ROOT / "README.md", START, END) == table
+    # On the stronger teachers, beside their own table (docs/results.md only: --block chooser-strong).
+    chooser = json.loads((ROOT / "benchmarks/results/window_chooser_strong.json").read_text())
+    results = json.loads((ROOT / "benchmarks/results/ablation_table_strong.json").read_text())["results"]
+    assert read_block(ROOT / "docs/results.md", "<!-- chooser-strong:start -->", "<!-- chooser-strong:end -->") == \
+        side_by_side(chooser, table_verdicts(results))
 
 
 def test_the_teachers_table_is_rendered_from_their_records():
