@@ -107,7 +107,7 @@ ablation: install
 # The stronger teachers (128 wide, 4 layers, the longer recipes of docs/results.md; not committed: 47-72
 # minutes each on one thread, the three side by side) and the headline table on them: teacher, the
 # full-attention control and WAND with both schedules at W = 32, 3 seeds, into the ablation-strong
-# blocks of the results page and the README. Killed, each continues when run again. STRONG_STEPS=1200
+# blocks of the results page and the README, then the chooser against it. Killed, each continues when run again. STRONG_STEPS=1200
 # (with STRONG_VARIANTS="teacher control wand_hold"): the longer fine-tune, into its own files and the
 # results page's ablation-strong-1200 blocks.
 STRONG ?= runs/teachers-strong
@@ -131,6 +131,8 @@ ablation-strong: install
 	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation-strong$(STRONG_TAG)/$(m).json) \
 	  --output benchmarks/results/ablation_table_strong$(subst -,_,$(STRONG_TAG)).json --block ablation-strong$(STRONG_TAG) \
 	  --readme $(if $(STRONG_TAG),docs/results.md,README.md)
+	$(if $(STRONG_TAG),,$(PY) -m benchmarks.window_chooser --teachers $(STRONG) --table benchmarks/results/ablation_table_strong.json \
+	  --output benchmarks/results/window_chooser_strong.json --block chooser-strong)
 
 bench: install
 	$(PY) -m benchmarks.decode_latency
