@@ -107,9 +107,9 @@ ablation: install
 # The stronger teachers (128 wide, 4 layers, the longer recipes of docs/results.md; not committed: 47-72
 # minutes each on one thread, the three side by side) and the headline table on them: teacher, the
 # full-attention control and WAND with both schedules at W = 32, 3 seeds, into the ablation-strong
-# blocks of the results page and the README, then the chooser against it. Killed, each continues when run again. STRONG_STEPS=1200
-# (with STRONG_VARIANTS="teacher control wand_hold"): the longer fine-tune, into its own files and the
-# results page's ablation-strong-1200 blocks.
+# blocks of the results page and the README, then the chooser against it. Killed, each continues when
+# run again. STRONG_STEPS=1200 (with STRONG_VARIANTS="teacher control wand_hold"): the longer
+# fine-tune, into its own files and the results page's ablation-strong-1200 blocks.
 STRONG ?= runs/teachers-strong
 STRONG_RECORDS ?= $(addprefix benchmarks/results/teacher_longer_,wider_11k_cosyvoice2.json wider_positions_indextts.json wider_sparktts.json)
 STRONG_VARIANTS ?= teacher control wand wand_hold

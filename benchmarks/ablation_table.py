@@ -4,7 +4,7 @@
     python -m benchmarks.ablation_table                      # all three in one process, writes docs/results.md and the README
     python -m benchmarks.ablation_table --models cosyvoice2 --variants teacher control wand --seeds 0 --no-readme   # a quick look
     python -m benchmarks.ablation_table --from-json runs/ablation/cosyvoice2.json runs/ablation/indextts.json runs/ablation/sparktts.json
-    python -m benchmarks.ablation_table --teachers runs/teachers-best --variants teacher control wand wand_hold \
+    python -m benchmarks.ablation_table --teachers runs/teachers-strong --variants teacher control wand wand_hold \
         --long-rows 0 --output benchmarks/results/ablation_table_strong.json --block ablation-strong  # other teachers
 
 For each family: load the teacher from teachers/<model> (jobs/train_teachers.py), fine-tune the

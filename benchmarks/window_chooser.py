@@ -3,7 +3,7 @@ smallest W whose fine-tuned WAND student passes the claims' thresholds?
 
     python -m benchmarks.window_chooser                    # the chooser on the three committed teachers (about 1 min)
     python -m benchmarks.window_chooser --from-json benchmarks/results/window_chooser.json   # render again
-    python -m benchmarks.window_chooser --teachers runs/teachers-best --table benchmarks/results/ablation_table_strong.json \
+    python -m benchmarks.window_chooser --teachers runs/teachers-strong --table benchmarks/results/ablation_table_strong.json \
         --output benchmarks/results/window_chooser_strong.json --block chooser-strong   # other teachers, their own table
 
 For each family: ``pipeline.evals.window_choice.choose_window`` on its committed teacher (teachers/<model>)
