@@ -155,15 +155,15 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
 
 
 def wand_variants(results: list[dict]) -> list[str]:
-    """The WAND students in ``results``, in table order: ``wand`` (the headline), ``wand_hold``, ``wand_w<N>`` by W."""
+    """The WAND students in ``results``, in table order: ``wand`` (the headline), ``wand_hold``, the sweep by W."""
     names = {r["variant"] for r in results if r["variant"] == "wand" or r["variant"].startswith("wand_")}
     return sorted(names, key=variant_order)
 
 
-def variant_order(name: str) -> tuple[int, int]:
-    """Table order: ``VARIANTS``' order, then the window sweep's ``wand_w<N>`` by W."""
-    names = [v.name for v in VARIANTS]
-    return (names.index(name), 0) if name in names else (len(names), variant_named(name).window)
+def variant_order(name: str) -> tuple[int, bool, int]:
+    """Table order: ``VARIANTS``' order, then the window sweep by schedule (``wand_w<N>``, ``wand_hold_w<N>``), W."""
+    names, variant = [v.name for v in VARIANTS], variant_named(name)
+    return (names.index(name), False, 0) if name in names else (len(names), variant.hold > 0, variant.window)
 
 
 def claims_markdown(results: list[dict]) -> str:

@@ -10,7 +10,8 @@ For each family: ``pipeline.evals.window_choice.choose_window`` on its committed
 and 32 of the teacher's training utterances (seed 0, as ``jobs/choose_window.py`` samples a corpus),
 candidate W those of the sweep and 256; then, from benchmarks/results/ablation_table.json, the claims
 (``pipeline.evals.claims``) of every WAND student of the window sweep (the paper's schedule, curriculum
-4W -> W: ``wand_w8``, ``wand`` at 32, ``wand_w64``, ``wand_w128``). Writes
+4W -> W: ``wand_w8``, ``wand`` at 32, ``wand_w64``, ``wand_w128``; ``--schedule hold``: ``wand_hold_w8``,
+``wand_hold``, ``wand_hold_w64``, ``wand_hold_w128``, the schedule that reaches W halfway and holds it). Writes
 benchmarks/results/window_chooser.json and the side-by-side table into docs/results.md and the README.
 """
 
@@ -33,15 +34,16 @@ from pipeline.synthetic.teachers import read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ("wand_w8", "wand", "wand_w64", "wand_w128")  # one recipe (curriculum 4W -> W), four W
+SWEEPS = {"paper": SWEEP, "hold": ("wand_hold_w8", "wand_hold", "wand_hold_w64", "wand_hold_w128")}  # by schedule
 START, END = "<!-- chooser-table:start -->", "<!-- chooser-table:end -->"
 SWEEP_WINDOWS = tuple(sorted(variant_named(v).target(AblationConfig())[0] for v in SWEEP))  # 8, 32, 64, 128
 
 
-def table_verdicts(results: list[dict]) -> dict[str, dict[int, dict]]:
+def table_verdicts(results: list[dict], sweep: tuple[str, ...] = SWEEP) -> dict[str, dict[int, dict]]:
     """Per model, per W of the sweep the table ran: passed, the checks it missed, and whether it
     passes all but those its teacher misses too (a student is not asked to beat its teacher)."""
     out: dict[str, dict[int, dict]] = {}
-    for variant in SWEEP:
+    for variant in sweep:
         for model, claim in claims(results, variant=variant).items():
             missed = [name for name, ok in claim["checks"].items() if not ok]
             out.setdefault(model, {})[claim["window"]] = {
@@ -65,10 +67,11 @@ def verdict_cell(verdict: dict | None) -> str:
     return "fail (" + ", ".join(verdict["missed"]) + ")"
 
 
-def side_by_side(chooser: dict, verdicts: dict) -> str:
+def side_by_side(chooser: dict, verdicts: dict, schedule: str = "paper") -> str:
     at = " / ".join(map(str, SWEEP_WINDOWS))
+    student = "WAND student" if schedule == "paper" else f"WAND student ({schedule} schedule)"
     lines = [f"| family | chooser: W (bare-mask agreement >= {MIN_AGREEMENT}), KV saved | bare-mask agreement at "
-             f"{at} | table: WAND student at W = {at} | table: smallest W that passes | agree |",
+             f"{at} | table: {student} at W = {at} | table: smallest W that passes | agree |",
              "|---|---|---|---|---|---|"]
     for model in [m for m in FAMILIES if m in chooser and m in verdicts]:
         c, by_w = chooser[model], verdicts[model]
@@ -115,6 +118,8 @@ def main(argv=None) -> int:
                              f"grid is finer: {', '.join(map(str, DEFAULT_WINDOWS))})")
     parser.add_argument("--table", type=Path, default=ROOT / "benchmarks/results/ablation_table.json",
                         help="the results table's file (benchmarks/ablation_table.py)")
+    parser.add_argument("--schedule", choices=sorted(SWEEPS), default="paper",
+                        help="the table's sweep to judge by: the paper's schedule or the one that holds W")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/window_chooser.json")
     parser.add_argument("--from-json", type=Path, help="render an earlier --output again, no chooser run")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs/results.md")
@@ -135,7 +140,8 @@ def main(argv=None) -> int:
         torch.set_num_threads(2)
         chooser = run_chooser(args.teachers, args.rows, args.windows)
         args.output.write_text(json.dumps(chooser, indent=2) + "\n")
-    table = side_by_side(chooser, table_verdicts(json.loads(args.table.read_text())["results"]))
+    verdicts = table_verdicts(json.loads(args.table.read_text())["results"], SWEEPS[args.schedule])
+    table = side_by_side(chooser, verdicts, args.schedule)
     print(table)
     for path, start, end in [] if args.no_readme else places:
         replace_block(path, start, end, table)

@@ -26,7 +26,7 @@ and lr; W is the config's target window unless the variant sets its own):
 - ``mask_only``: the teacher under the WAND mask (prefix + W) without fine-tuning.
 - ``wand_w8``: WAND at W = 8 (curriculum 32 -> 8), a stress row: about two phonemes of history.
 - ``wand_w<N>`` (any N, by name: ``variant_named``): WAND at W = N (curriculum 4N -> N), for the
-  window sweep the chooser is checked against.
+  window sweep the chooser is checked against; ``wand_hold_w<N>``: the same with ``wand_hold``'s hold.
 """
 
 from __future__ import annotations
@@ -118,23 +118,28 @@ VARIANTS = (
 )
 
 
-def wand_at(window: int) -> Variant:
-    """WAND at its own W (curriculum 4W -> W, the headline's ratio): a row of the window sweep."""
+def wand_at(window: int, hold: bool = False) -> Variant:
+    """WAND at its own W (curriculum 4W -> W, the headline's ratio): a row of the window sweep; with
+    ``hold``, ``wand_hold``'s schedule (the curriculum over the first steps, then W held)."""
     if window < 1:
         raise ValueError(f"window must be >= 1, got {window}")
-    return Variant(f"wand_w{window}", f"WAND at W = {window} (curriculum {4 * window} -> {window})", train=True,
-                   window=window, window_start=4 * window)
+    fraction = next(v.hold for v in VARIANTS if v.name == "wand_hold") if hold else 0.0
+    return Variant(f"wand_hold_w{window}" if hold else f"wand_w{window}",
+                   f"WAND at W = {window} (curriculum {4 * window} -> {window}{', then held' if hold else ''})",
+                   train=True, window=window, window_start=4 * window, hold=fraction)
 
 
 def variant_named(name: str) -> Variant:
-    """A variant of ``VARIANTS`` by name, or ``wand_w<N>``: WAND at W = N (``wand_at``)."""
+    """A variant of ``VARIANTS`` by name, or ``wand_w<N>`` / ``wand_hold_w<N>``: WAND at W = N (``wand_at``)."""
     for variant in VARIANTS:
         if variant.name == name:
             return variant
-    window = name.removeprefix("wand_w")
-    if name.startswith("wand_w") and window.isdigit() and int(window) >= 1:
-        return wand_at(int(window))
-    raise ValueError(f"unknown variant {name!r}: one of {', '.join(v.name for v in VARIANTS)}, or wand_w<N> (WAND at W = N)")
+    for prefix, hold in (("wand_w", False), ("wand_hold_w", True)):
+        window = name.removeprefix(prefix)
+        if name.startswith(prefix) and window.isdigit() and int(window) >= 1:
+            return wand_at(int(window), hold)
+    raise ValueError(f"unknown variant {name!r}: one of {', '.join(v.name for v in VARIANTS)}, wand_w<N> "
+                     "(WAND at W = N) or wand_hold_w<N> (the same, W held)")
 
 
 def teacher_targets(spec, teacher, rows: list[dict], k: int, value_dtype: str = "float16") -> list[dict]:

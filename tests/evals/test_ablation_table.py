@@ -22,7 +22,11 @@ def test_variants_by_name_include_wand_at_any_window():
         "wand_w64", 64, 256, True, "prefix", 1.0)
     listed = variant_named("wand_w8")  # the stress row keeps its own entry, the same schedule as wand_at(8)
     assert (listed.window, listed.window_start) == (wand_at(8).window, wand_at(8).window_start)
-    for bad in ("wand_w", "wand_w0", "wand_wx", "nope"):
+    held, hold = variant_named("wand_hold_w64"), variant_named("wand_hold")  # the sweep with wand_hold's schedule
+    assert (held.name, held.window, held.window_start, held.hold, held.train) == ("wand_hold_w64", 64, 256, hold.hold, True)
+    assert hold.hold > 0 and w64.hold == 0
+    assert variant_order("wand_hold_w8") > variant_order("wand_w128") > variant_order("wand_w64")
+    for bad in ("wand_w", "wand_w0", "wand_wx", "wand_hold_w", "wand_hold_w0", "nope"):
         with pytest.raises(ValueError, match="unknown variant"):
             variant_named(bad)
 
@@ -57,7 +61,7 @@ def claimed(model, variant, window, per, seeds=(0, 1), stopped=1.0, rows=8):
 
 
 def test_the_chooser_is_judged_by_the_smallest_w_whose_student_passes():
-    from benchmarks.window_chooser import side_by_side, smallest_passing, table_verdicts
+    from benchmarks.window_chooser import SWEEPS, side_by_side, smallest_passing, table_verdicts
 
     base = [0.1 * (i % 3) for i in range(8)]
     results = (claimed("cosyvoice2", "teacher", None, base, seeds=(None,)) + claimed("cosyvoice2", "control", None, base)
@@ -90,6 +94,12 @@ def test_the_chooser_is_judged_by_the_smallest_w_whose_student_passes():
     assert verdicts["cosyvoice2"][32] == {"passed": False, "missed": ["stops"], "passed_but_teacher": True}
     assert smallest_passing(verdicts["cosyvoice2"]) == 32
     assert "pass* (stops: teacher too)" in side_by_side(chooser, verdicts)
+    # The hold schedule's sweep is judged on its own students only.
+    held = [dict(r, variant="wand_hold" if r["variant"] == "wand" else r["variant"].replace("wand_w", "wand_hold_w"))
+            for r in results if r["variant"].startswith("wand")]
+    assert table_verdicts(results[:3] + held, SWEEPS["hold"]) == table_verdicts(results)
+    assert table_verdicts(results[:3] + held) == {}
+    assert "WAND student (hold schedule) at W" in side_by_side(chooser, verdicts, "hold")
 
 
 def test_make_ablation_runs_every_variant_and_the_sweep_the_chooser_reads():
