@@ -108,8 +108,9 @@ ablation: install
 # minutes each on one thread, the three side by side) and the headline table on them: teacher, the
 # full-attention control and WAND with both schedules at W = 32, 3 seeds, into the ablation-strong
 # blocks of the results page and the README, then the chooser against it. Killed, each continues when
-# run again. STRONG_STEPS=1200 (with STRONG_VARIANTS="teacher control wand_hold"): the longer
-# fine-tune, into its own files and the results page's ablation-strong-1200 blocks.
+# run again. STRONG_STEPS=1200 (with STRONG_VARIANTS="teacher control wand_hold wand_hold_w8 wand_hold_w64
+# wand_hold_w128"): the longer fine-tune, into its own files and the results page's ablation-strong-1200
+# blocks, the chooser against its window sweep (the hold schedule) in chooser-strong-1200.
 STRONG ?= runs/teachers-strong
 STRONG_RECORDS ?= $(addprefix benchmarks/results/teacher_longer_,wider_11k_cosyvoice2.json wider_positions_indextts.json wider_sparktts.json)
 STRONG_VARIANTS ?= teacher control wand wand_hold
@@ -131,8 +132,8 @@ ablation-strong: install
 	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation-strong$(STRONG_TAG)/$(m).json) \
 	  --output benchmarks/results/ablation_table_strong$(subst -,_,$(STRONG_TAG)).json --block ablation-strong$(STRONG_TAG) \
 	  --readme $(if $(STRONG_TAG),docs/results.md,README.md)
-	$(if $(STRONG_TAG),,$(PY) -m benchmarks.window_chooser --teachers $(STRONG) --table benchmarks/results/ablation_table_strong.json \
-	  --output benchmarks/results/window_chooser_strong.json --block chooser-strong)
+	$(PY) -m benchmarks.window_chooser --teachers $(STRONG) --table benchmarks/results/ablation_table_strong$(subst -,_,$(STRONG_TAG)).json \
+	  --output benchmarks/results/window_chooser_strong.json --block chooser-strong$(STRONG_TAG) --schedule $(if $(STRONG_TAG),hold,paper)
 
 bench: install
 	$(PY) -m benchmarks.decode_latency

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evals.ablation import AblationConfig, run_ablation, variant_named, VARIANTS
+from pipeline.evals.ablation import AblationConfig, LONG_TEXT, long_form_rows, run_ablation, variant_named, VARIANTS
 from pipeline.docblocks import has_block, replace_block
 from pipeline.evals.claims import claims, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
@@ -89,16 +89,26 @@ def teachers_text(teachers: dict | None) -> str:
         f"{FAMILY_NAMES.get(m, m)} {b['width']} wide x {b['layers']} layers" for m, b in other.items()) + ". "
 
 
+def seeds_text(results: list[dict]) -> str:
+    """The header's word on seeds: the most any trained student has, and each student with fewer."""
+    by_run: dict[tuple, set] = {}
+    for r in (r for r in results if r.get("seed") is not None):
+        by_run.setdefault((r["model"], r["variant"]), set()).add(r["seed"])
+    seeds = sorted(set().union(*by_run.values()))
+    fewer = [f"{m} {v}: {len(s)}" for (m, v), s in by_run.items() if len(s) < len(seeds)]
+    return (f"each trained student with {len(seeds)} seed(s) ({', '.join(map(str, seeds))})"
+            + (f", fewer where named ({', '.join(fewer)})" if fewer else ""))
+
+
 def markdown(results: list[dict], config: AblationConfig, device: str, notes: dict | None = None,
              teachers: dict | None = None) -> str:
-    seeds = sorted({r["seed"] for r in results if r.get("seed") is not None})
     free = results[0]["free_rows"]
     lines = [
         teachers_text(teachers) + f"Measured on {device}; W = {config.window} (curriculum {config.window_start} -> {config.window}) unless the "
         f"variant says otherwise, {config.steps} steps x {config.batch_size} rows per trained student"
         + (f" (each batch in {config.length_groups} parts of neighbouring lengths)" if config.length_groups > 1 else "")
         + f", {config.sinks} sinks; "
-        f"each trained student with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): the figures are their "
+        f"{seeds_text(results)}: the figures are their "
         "mean, ± their standard deviation where shown (training-free rows have one run). "
         "Agreement / KL: teacher-forced, against the teacher, by distance from the prefix "
         f"(near < {config.window} <= mid < {4 * config.window} <= far). Accuracy: against the corpus tokens "
@@ -185,23 +195,6 @@ def claims_markdown(results: list[dict]) -> str:
                          f"{c['length_ratio_median']:.2f} | {'yes' if c['passed'] else 'no: ' + ', '.join(k for k, ok in c['checks'].items() if not ok)} |")
             readings.append(f"- {reading(f'{model} ({variant})', c)}")
     return "\n".join(lines + [""] + readings)
-
-
-# Long form: texts 1.5-2x the longest training text, where a teacher trained to the corpus's lengths
-# can still be competent (issue 26: no long-form claim where the teacher fails; at 3-4x they did).
-LONG_TEXT = (3 * TEXT_LENGTHS[1] // 2, 2 * TEXT_LENGTHS[1])
-
-
-def long_form_rows(spec, task: SyntheticTask, n: int, seed: int) -> tuple[list[dict] | None, str | None]:
-    """Held-out rows with texts 1.5-2x the longest training text, or (None, why not) where the model
-    has no positions for them (IndexTTS's learned mel positions)."""
-    rows = synthetic_rows(spec, n, task, seed=seed + 1000, min_text=LONG_TEXT[0], max_text=LONG_TEXT[1],
-                          split="longform", alignment=True)
-    longest_text = max(len(r["text"]) for r in rows)
-    if longest_text < LONG_TEXT[0]:
-        return None, (f"{spec.name} has {spec.max_generated_tokens} generated positions (learned), room for "
-                      f"{longest_text}-phoneme texts at most")
-    return rows, None
 
 
 HEADLINE_START, HEADLINE_END = "<!-- headline-table:start -->", "<!-- headline-table:end -->"

@@ -68,10 +68,10 @@ def test_the_results_tables_are_rendered_from_the_saved_results(saved_file, bloc
 
 def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
     """The chooser's W beside the table's verdicts (python -m benchmarks.window_chooser --from-json ...), in
-    docs/results.md and the README, derived from the two saved files, not hand-kept."""
+    docs/results.md and the README, derived from the saved files, not hand-kept."""
     import json
 
-    from benchmarks.window_chooser import END, START, side_by_side, table_verdicts
+    from benchmarks.window_chooser import END, START, SWEEPS, side_by_side, table_verdicts
     from pipeline.docblocks import read_block
 
     chooser = json.loads((ROOT / "benchmarks/results/window_chooser.json").read_text())
@@ -85,6 +85,10 @@ def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
     results = json.loads((ROOT / "benchmarks/results/ablation_table_strong.json").read_text())["results"]
     assert read_block(ROOT / "docs/results.md", "<!-- chooser-strong:start -->", "<!-- chooser-strong:end -->") == \
         side_by_side(chooser, table_verdicts(results))
+    # And beside the longer fine-tune's window sweep, the hold schedule (--schedule hold --block chooser-strong-1200).
+    results = json.loads((ROOT / "benchmarks/results/ablation_table_strong_1200.json").read_text())["results"]
+    assert read_block(ROOT / "docs/results.md", "<!-- chooser-strong-1200:start -->", "<!-- chooser-strong-1200:end -->") \
+        == side_by_side(chooser, table_verdicts(results, SWEEPS["hold"]), "hold")
 
 
 def test_the_teachers_table_is_rendered_from_their_records():

@@ -3,7 +3,7 @@ window-sweep variants by name."""
 
 import pytest
 
-from benchmarks.ablation_table import merged, variant_order, wand_variants
+from benchmarks.ablation_table import merged, seeds_text, variant_order, wand_variants
 from pipeline.evals.ablation import VARIANTS, variant_named, wand_at
 
 
@@ -44,6 +44,13 @@ def test_files_of_one_family_run_apart_merge_in_table_order():
     assert out["minutes"] == {"cosyvoice2": 15.5, "sparktts": 3.0}
     assert wand_variants(out["results"]) == ["wand", "wand_w8", "wand_w64"]
     assert variant_order("wand_w128") > variant_order("wand_w64") > variant_order("wand_w8")
+
+
+def test_the_header_names_the_students_with_fewer_seeds():
+    runs = [result("cosyvoice2", "teacher"), result("cosyvoice2", "wand", 0), result("cosyvoice2", "wand", 1),
+            result("cosyvoice2", "wand", 2), result("sparktts", "wand_hold_w64", 2, 64)]
+    assert seeds_text(runs) == "each trained student with 3 seed(s) (0, 1, 2), fewer where named (sparktts wand_hold_w64: 1)"
+    assert seeds_text(runs[:4]) == "each trained student with 3 seed(s) (0, 1, 2)"
 
 
 def test_a_run_in_two_files_is_refused():
