@@ -92,8 +92,9 @@ def teachers_text(teachers: dict | None) -> str:
 def seeds_text(results: list[dict]) -> str:
     """The header's word on seeds: the most any trained student has, and each student with fewer."""
     by_run: dict[tuple, set] = {}
-    for r in (r for r in results if r.get("seed") is not None):
-        by_run.setdefault((r["model"], r["variant"]), set()).add(r["seed"])
+    for r in results:
+        if r.get("seed") is not None:
+            by_run.setdefault((r["model"], r["variant"]), set()).add(r["seed"])
     seeds = sorted(set().union(*by_run.values()))
     fewer = [f"{m} {v}: {len(s)}" for (m, v), s in by_run.items() if len(s) < len(seeds)]
     return (f"each trained student with {len(seeds)} seed(s) ({', '.join(map(str, seeds))})"

@@ -34,7 +34,8 @@ from pipeline.synthetic.teachers import read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ("wand_w8", "wand", "wand_w64", "wand_w128")  # one recipe (curriculum 4W -> W), four W
-SWEEPS = {"paper": SWEEP, "hold": ("wand_hold_w8", "wand_hold", "wand_hold_w64", "wand_hold_w128")}  # by schedule
+# The same W with wand_hold's schedule: wand_hold at the headline's 32, wand_hold_w<N> elsewhere.
+SWEEPS = {"paper": SWEEP, "hold": tuple("wand_hold" if v == "wand" else v.replace("wand_w", "wand_hold_w") for v in SWEEP)}
 START, END = "<!-- chooser-table:start -->", "<!-- chooser-table:end -->"
 SWEEP_WINDOWS = tuple(sorted(variant_named(v).target(AblationConfig())[0] for v in SWEEP))  # 8, 32, 64, 128
 
