@@ -6,6 +6,8 @@
         --wider benchmarks/results/teacher_wider_*.json --curriculum benchmarks/results/teacher_curriculum_*.json
     python -m jobs.train_teachers --models sparktts --width 128 --layers 4 --output runs/teachers-wide
     python -m jobs.train_teachers --recipe benchmarks/results/teacher_longer_wider_sparktts.json --output runs/teachers-strong
+    python -m jobs.train_teachers --models sparktts --init-from runs/teachers-strong --phases 1200:100:240:8 \
+        --lr 1e-3 --output runs/teachers-long        # continue a trained teacher on longer texts
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
 trained from seeded random weights with cross-entropy on the generated tokens of synthetic rows
@@ -19,7 +21,10 @@ the default) the loop trains there, for example with a longer last phase (``--ph
 is then moved to the CPU, saved and scored there, so what is committed loads and passes on a CPU
 (teacher.json records the training device). ``--width/--layers/--heads`` train the same vocabularies
 on another backbone (a capacity experiment; teacher.json records it as ``backbone`` and ``--rescore``
-rebuilds it). One process trains the families one after
+rebuilds it). ``--init-from FOLDER`` continues the teachers in FOLDER/<model> (their weights and backbone)
+on ``--phases`` instead of starting from random weights; teacher.json records the source's files and
+recipe under ``train.init_from``, and ``--recipe`` of such a record needs that source again (checked by
+sha256). One process trains the families one after
 the other; `make teachers` runs the three side by side (30-41 minutes each on 2 cores, measured) and
 renders docs/results.md's teacher table from their teacher.json (--table).
 """
@@ -77,6 +82,7 @@ RECIPE_FLAGS = {
     "--seed": ("seed", lambda r: r["train"]["init_seed"]),
     "--length-groups": ("length_groups", lambda r: r["train"].get("length_groups", 1)),
     **{f"--{k}": (k, lambda r, k=k: (r.get("backbone") or MINI_BACKBONE)[k]) for k in ("width", "layers", "heads")},
+    "--init-from": ("init_from", lambda r: Path(r["train"]["init_from"]["folder"]) if "init_from" in r["train"] else None),
 }
 
 
@@ -89,6 +95,25 @@ def recipe_of(record: dict) -> dict:
     if record.get("model") not in FAMILIES:
         raise ValueError(f"model {record.get('model')!r} is none of {', '.join(FAMILIES)}")
     return {dest: value(record) for dest, value in RECIPE_FLAGS.values()}
+
+
+def source_record(directory: Path, backbone: dict, reproduce: dict | None, parser) -> dict:
+    """The teacher.json of an --init-from source (its files checked): of this job's preset and corpus,
+    of the backbone the flags ask for where they ask for another than the mini one, and, with --recipe,
+    the very teacher the record started from."""
+    try:
+        source = read_teacher_record(directory)
+        recipe_of(source)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        parser.error(f"--init-from: {directory} holds no teacher this job can continue ({type(err).__name__}: {err})")
+    if backbone != MINI_BACKBONE and backbone != (source.get("backbone") or MINI_BACKBONE):
+        parser.error(f"--init-from: {directory} is a {source.get('backbone') or MINI_BACKBONE} teacher; "
+                     f"leave out --width/--layers/--heads (a continuation keeps its source's backbone)")
+    started = (reproduce or {}).get("train", {}).get("init_from")
+    if started and started.get("files") != source["files"]:
+        parser.error(f"--recipe: {directory} holds other weights than the teacher the record started from "
+                     f"(sha256 of {', '.join(source['files'])}); put that teacher there")
+    return source
 
 
 def save_teacher(spec, model, directory: Path) -> list[Path]:
@@ -165,6 +190,9 @@ def main(argv=None) -> int:
     parser.add_argument("--curriculum", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers trained on another length curriculum (their "
                              "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
+    parser.add_argument("--init-from", type=Path, metavar="FOLDER",
+                        help="continue the teachers in FOLDER/<model> (their weights and backbone) on --phases "
+                             "instead of training from random weights, e.g. a last phase of longer texts")
     parser.add_argument("--recipe", type=Path, metavar="RECORD",
                         help="train the teacher a teacher.json record describes (its family, backbone, phases, lr, "
                              "rows, seed, length groups; not with those flags) and say whether the weights are the "
@@ -184,9 +212,17 @@ def main(argv=None) -> int:
     if min(args.rows, args.heldout, args.curve_every, args.length_groups, args.checkpoint_every) < 1:
         parser.error("--rows, --heldout, --curve-every, --length-groups and --checkpoint-every must be >= 1")
     backbone = {"width": args.width, "layers": args.layers, "heads": args.heads}
+    sources = {}  # --init-from: each family's source teacher record, read and checked before anything trains
+    if args.init_from:
+        if args.rescore:
+            parser.error("--init-from trains; --rescore only scores the teachers already in --output")
+        for name in args.models:
+            sources[name] = source_record(args.init_from / name, backbone, reproduce, parser)
+    backbones = {name: (sources[name].get("backbone") or MINI_BACKBONE) if name in sources else backbone
+                 for name in args.models}
     for name in args.models:  # every family's backbone checked before anything trains
         try:
-            teacher_spec(name, backbone)
+            teacher_spec(name, backbones[name])
         except ValueError as err:
             parser.error(f"--width/--layers/--heads for {name}: {err}")
     for flag, value in (("--longer", args.longer), ("--wider", args.wider), ("--curriculum", args.curriculum)):
@@ -232,10 +268,13 @@ def main(argv=None) -> int:
     train = {"rows_per_phase": args.rows, "seed": TRAIN_SEED, "phases": [dataclasses.asdict(p) for p in args.phases],
              "steps": sum(p.steps for p in args.phases), "lr": args.lr, "init_seed": args.seed,
              "length_groups": args.length_groups}
-    # Everything a run's weights and curve depend on; each family's checkpoint (left by a killed run)
-    # is checked before anything trains: one of another recipe is refused, never continued.
+    # Everything a run's weights and curve depend on (a continuation's source by its files' sha256);
+    # each family's checkpoint (left by a killed run) is checked before anything trains: one of
+    # another recipe is refused, never continued.
     resumes = {name: Resume(args.output / name / "resume.pt", every=args.checkpoint_every, recipe={
-        "model": name, "size": SIZE, "backbone": backbone, "task": dataclasses.asdict(task), "train": train,
+        "model": name, "size": SIZE, "backbone": backbones[name], "task": dataclasses.asdict(task),
+        "train": {**train, **({"init_from": {"folder": str(args.init_from), "files": sources[name]["files"],
+                                             "train": sources[name]["train"]}} if name in sources else {})},
         "curve_every": args.curve_every, "curve_rows": min(CURVE_ROWS, args.heldout)}) for name in args.models}
     for resume in ([] if args.rescore else resumes.values()):
         try:
@@ -248,7 +287,7 @@ def main(argv=None) -> int:
             record = read_teacher_record(directory)
             spec = teacher_spec(name, record.get("backbone"))
         else:
-            spec = teacher_spec(name, backbone)
+            spec = teacher_spec(name, backbones[name])
         held = synthetic_rows(spec, args.heldout, task, seed=HELDOUT_SEED, split="heldout", alignment=True)
         if args.rescore:
             model = spec.load(str(directory))
@@ -261,11 +300,12 @@ def main(argv=None) -> int:
             model, curve = train_teacher(
                 spec, phases, args.lr, args.seed, curve_every=args.curve_every, device=device,
                 length_groups=args.length_groups, resume=resume,
+                start=spec.load(str(args.init_from / name)).state_dict() if name in sources else None,
                 curve=lambda m: {k: v for k, v in heldout_quality(spec, m, curve_rows).items()
                                  if k.startswith("accuracy")})
             files = save_teacher(spec, model, directory)
             record = {
-                "model": name, "size": SIZE, "backbone": backbone,
+                "model": name, "size": SIZE, "backbone": backbones[name],
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "task": dataclasses.asdict(task),
                 "train": {**resume.recipe["train"], "seconds": round(resume.seconds, 1), "threads": args.threads, "torch": torch.__version__,

@@ -146,7 +146,8 @@ def _checkpoint(resume: Resume, step: int, points, seconds: float, model, optimi
 def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float = 3e-3, seed: int = 0,
                   log_every: int = 100, curve: Callable[[torch.nn.Module], dict] | None = None,
                   curve_every: int = 500, device: str | torch.device = "cpu",
-                  length_groups: int = 1, resume: Resume | None = None) -> tuple[torch.nn.Module, list[dict]]:
+                  length_groups: int = 1, resume: Resume | None = None,
+                  start: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[dict]]:
     """A model of ``spec`` trained from seeded random weights with full attention, on each phase's
     ``(rows, steps, batch_size)`` in turn (a length curriculum); one learning-rate schedule over all
     of them (warm-up, then cosine down to a tenth). Returns the model, on the CPU (where the
@@ -156,13 +157,18 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
     the weights start the same for a seed, from the CPU's generator). ``length_groups``: each batch
     run in that many parts of neighbouring lengths (``wand.distill.backward_in_parts``: the same
     gradient up to rounding, less padding); 1, the committed teachers' single padded batch.
-    ``resume``: checkpoint there and continue from it (see ``Resume``)."""
+    ``resume``: checkpoint there and continue from it (see ``Resume``). ``start``: a state dict of
+    ``spec``'s model (a trained teacher's) to begin from instead of the random weights: a continuation,
+    with its own schedule over ``phases`` (the batch order still comes from ``seed``)."""
     if length_groups < 1:
         raise ValueError(f"length_groups must be >= 1, got {length_groups}")
     if resume is not None and resume.every < 1:
         raise ValueError(f"Resume.every must be >= 1, got {resume.every}")
     torch.manual_seed(seed)
-    model = wand.enable_wand(spec.build(), None).to(device)
+    model = wand.enable_wand(spec.build(), None)
+    if start is not None:
+        model.load_state_dict(start)  # strict: a teacher of another backbone or family is refused here
+    model = model.to(device)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     ends = np.cumsum([steps for _, steps, _ in phases])  # the step at which each phase ends

@@ -7,6 +7,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -51,3 +54,50 @@ def _with(tmp_path: Path, record: dict, **changed) -> Path:
     path = tmp_path / "changed.json"
     path.write_text(json.dumps({**record, **changed}))
     return path
+
+
+def test_a_teacher_continued_on_longer_texts_records_its_source_and_trains_again_only_from_it(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
+
+    def job(*flags):
+        return subprocess.run([sys.executable, "-m", "jobs.train_teachers", "--heldout", "3", *flags],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+    source = job("--rows", "8", "--models", "sparktts", "--width", "48", "--layers", "2", "--heads", "2", "--phases", "15:4:8:2",
+                 "--output", str(tmp_path / "a"))
+    assert source.returncode == 0, source.stderr[-2000:]
+    source_record = json.loads((tmp_path / "a" / "sparktts" / "teacher.json").read_text())
+    continued = job("--rows", "8", "--models", "sparktts", "--init-from", str(tmp_path / "a"), "--phases", "6:10:16:2", "--lr", "0.001",
+                    "--output", str(tmp_path / "b"))
+    assert continued.returncode == 0, continued.stderr[-2000:]
+    record_path = tmp_path / "b" / "sparktts" / "teacher.json"
+    record = json.loads(record_path.read_text())
+    # The source's backbone without the flags, its files and recipe kept; new weights.
+    assert record["backbone"] == source_record["backbone"] == {"width": 48, "layers": 2, "heads": 2}
+    assert record["train"]["init_from"] == {"folder": str(tmp_path / "a"), "files": source_record["files"],
+                                            "train": source_record["train"]}
+    assert record["train"]["phases"] == [{"steps": 6, "min_text": 10, "max_text": 16, "batch_size": 2}]
+    assert record["files"] != source_record["files"]
+    # Started from the source, not from random weights: at a vanishing lr the weights stay the source's.
+    still = job("--rows", "8", "--models", "sparktts", "--init-from", str(tmp_path / "a"), "--phases", "2:10:16:2", "--lr", "1e-12",
+                "--output", str(tmp_path / "still"))
+    assert still.returncode == 0, still.stderr[-2000:]
+    kept, start = (load_file(tmp_path / d / "sparktts" / "model.safetensors") for d in ("still", "a"))
+    assert kept.keys() == start.keys() and all(torch.allclose(kept[k], start[k], atol=1e-6) for k in kept)
+
+    again = job("--recipe", str(record_path), "--output", str(tmp_path / "c"))
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert f"sparktts: the weights are those of {record_path}" in again.stdout
+
+    # --recipe needs the very source the record started from: other weights there are refused.
+    (tmp_path / "a").rename(tmp_path / "a-kept")
+    (tmp_path / "still").rename(tmp_path / "a")  # a sha256 of its own, the weights all but the same
+    for flags, said in ((["--recipe", str(record_path)], "holds other weights than the teacher the record started from"),
+                        (["--models", "sparktts", "--init-from", str(tmp_path / "none"), "--phases", "2:4:8:2"],
+                         "holds no teacher this job can continue"),
+                        (["--models", "sparktts", "--init-from", str(tmp_path / "a-kept"), "--width", "64",
+                          "--phases", "2:4:8:2"], "leave out --width/--layers/--heads"),
+                        (["--models", "sparktts", "--init-from", str(tmp_path / "a-kept"), "--rescore"], "--rescore")):
+        refused = job(*flags, "--output", str(tmp_path / "d"))
+        assert refused.returncode == 2 and said in refused.stderr, (flags, refused.stderr[-500:])
+    assert not (tmp_path / "d").exists()  # refused before anything was written
