@@ -31,7 +31,6 @@ import argparse
 import json
 import logging
 import platform
-import statistics
 import sys
 import time
 from dataclasses import asdict
@@ -39,44 +38,19 @@ from pathlib import Path
 
 import torch
 
-from pipeline.evals.ablation import AblationConfig, LONG_TEXT, long_form_rows, run_ablation, variant_named, VARIANTS
 from pipeline.docblocks import has_block, replace_block
+from pipeline.evals.ablation import AblationConfig, long_form_rows, run_ablation, variant_named, VARIANTS
+from pipeline.evals.cells import cell, grouped, kib
 from pipeline.evals.claims import claims, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.journal import Journal
-from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
+from pipeline.evals.long_form import long_form_markdown
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import MINI_BACKBONE, read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 FRESH_SEED = 2  # the students' fine-tuning rows: neither the teachers' training rows (0) nor held out (1)
 START, END = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
-
-
-def fmt(value, digits: int = 2) -> str:
-    return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def kib(n: int) -> str:
-    return f"{n / 1024:.0f} KiB" if n >= 10 * 1024 else f"{n / 1024:.1f} KiB"
-
-
-def grouped(results: list[dict]) -> list[list[dict]]:
-    """The results of one (model, variant), all its seeds together, in table order."""
-    groups: dict = {}
-    for r in results:
-        groups.setdefault((r["model"], r["variant"]), []).append(r)
-    return list(groups.values())
-
-
-def cell(runs: list[dict], key: str, digits: int = 2, spread: bool = False) -> str:
-    """Mean over the seeds; with ``spread`` and several seeds, +- their standard deviation."""
-    values = [r.get(key) for r in runs]
-    if any(v is None for v in values):
-        return "n/a"
-    mean = statistics.fmean(values)
-    if spread and len(values) > 1:
-        return f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-    return f"{mean:.{digits}f}"
 
 
 def teachers_text(teachers: dict | None) -> str:
@@ -139,29 +113,7 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
     ran = [variant_named(name) for name in dict.fromkeys(r["variant"] for r in results)]
     lines.append("Variants: " + "; ".join(f"`{v.name}`: {v.description}" for v in ran) + ".")
     lines += ["", claims_markdown(results)]
-    long_runs = [runs for runs in grouped(results) if "long_per" in runs[0]]
-    if long_runs or notes:
-        lines += [
-            "",
-            f"**Long form**: held-out texts {LONG_TEXT[0]}-{LONG_TEXT[1]} phonemes ({LONG_TEXT[0] / TEXT_LENGTHS[1]:.1f}-"
-            f"{LONG_TEXT[1] / TEXT_LENGTHS[1]:.1f}x the longest training text); teacher-forced figures against the "
-            f"teacher, free-running ones against the text. A family whose teacher's PER there is above "
-            f"{THRESHOLDS.teacher_per} has no long-form claim: the teacher itself does not say the text.",
-            "",
-            "| model | variant | generated tokens | agree far | KL far | PER | speaker | stops | claim |",
-            "|---|---|---|---|---|---|---|---|---|",
-        ]
-        teacher_long = {runs[0]["model"]: runs[0]["long_per"] for runs in long_runs if runs[0]["variant"] == "teacher"}
-        for runs in long_runs:
-            r = runs[0]
-            judged = teacher_long.get(r["model"], 1.0) <= THRESHOLDS.teacher_per
-            lines.append(
-                f"| {r['model']} | {r['variant']} | {r['long_generated_tokens']} | "
-                f"{cell(runs, 'long_agreement_far', spread=True)} | {cell(runs, 'long_kl_far', 3, spread=True)} | "
-                f"{cell(runs, 'long_per', spread=True)} | {cell(runs, 'long_speaker_accuracy_tokens')} | "
-                f"{cell(runs, 'long_stopped')} | {'judged' if judged else 'none: teacher fails'} |")
-        for model, note in (notes or {}).items():
-            lines.append(f"| {model} | (all) | n/a: {note} | | | | | | |")
+    lines += long_form_markdown(results, notes)
     return "\n".join(lines)
 
 

@@ -287,13 +287,13 @@ def forced(spec, teacher, model, variant: Variant, config: AblationConfig, rows:
 def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig, heldout: list[dict],
                   free_rows: int, task: SyntheticTask = SyntheticTask(), long_form: list[dict] | None = None) -> dict:
     """The table's columns for one variant on held-out rows; with ``long_form`` (held-out rows far
-    longer than any training row), the same content and distance columns there, prefixed ``long_``."""
+    longer than any training row), the same content and distance columns there and the KV bytes after
+    the longest of them, prefixed ``long_``."""
     result = {"variant": variant.name, "description": variant.description,
               **forced(spec, teacher, model, variant, config, heldout),
               **said(spec, model, variant, config, heldout[:free_rows], task)}
     # The longest held-out row, decoded to its length: KV bytes and the latency ratio.
-    longest = max(heldout, key=lambda r: len(r["input_ids"]) - r["prefix_length"])
-    long_run = free_run(spec, model, longest, *attention(variant, config, longest["prefix_length"]))
+    longest, long_run = _longest_run(spec, model, variant, config, heldout)
     result.update(kv_bytes_longest=long_run["cache_bytes"],
                   longest_tokens=len(longest["input_ids"]), longest_prefix=longest["prefix_length"],
                   latency_late_over_early=latency_ratio(long_run["step_seconds"]))
@@ -302,7 +302,14 @@ def score_variant(spec, teacher, model, variant: Variant, config: AblationConfig
                   **said(spec, model, variant, config, long_form, task)}
         result.update({f"long_{key}": value for key, value in scores.items()})
         result["long_generated_tokens"] = int(np.mean([len(r["input_ids"]) - r["prefix_length"] for r in long_form]))
+        result["long_kv_bytes_longest"] = _longest_run(spec, model, variant, config, long_form)[1]["cache_bytes"]
     return result
+
+
+def _longest_run(spec, model, variant: Variant, config: AblationConfig, rows: list[dict]) -> tuple[dict, dict]:
+    """The row of ``rows`` with the most generated tokens and its decode to that length (free_run)."""
+    longest = max(rows, key=lambda r: len(r["input_ids"]) - r["prefix_length"])
+    return longest, free_run(spec, model, longest, *attention(variant, config, longest["prefix_length"]))
 
 
 def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], config: AblationConfig,

@@ -46,39 +46,43 @@ def bootstrap_ci(values, level: float = 0.95, resamples: int = 10_000, seed: int
     return {"mean": float(values.mean()), "low": float(low), "high": float(high), "rows": int(len(values))}
 
 
-def per_row(results: list[dict], model: str, variant: str, key: str = "per") -> dict[str, float]:
-    """Row id -> ``key`` of that row, averaged over the variant's seeds (runs must share their rows)."""
+def per_row(results: list[dict], model: str, variant: str, key: str = "per", rows: str = "per_row") -> dict[str, float]:
+    """Row id -> ``key`` of that row, averaged over the variant's seeds (runs must share their rows).
+    ``rows``: which rows ("per_row", the held-out ones; "long_per_row", the long-form ones)."""
     runs = [r for r in results if r["model"] == model and r["variant"] == variant]
     if not runs:
         raise KeyError(f"no results for {model} {variant}")
-    ids = [entry["id"] for entry in runs[0]["per_row"]]
+    ids = [entry["id"] for entry in runs[0][rows]]
     for run in runs[1:]:
-        if [entry["id"] for entry in run["per_row"]] != ids:
+        if [entry["id"] for entry in run[rows]] != ids:
             raise ValueError(f"{model} {variant}: seed {run.get('seed')} was scored on other rows")
-    return {i: float(np.mean([run["per_row"][k][key] for run in runs])) for k, i in enumerate(ids)}
+    return {i: float(np.mean([run[rows][k][key] for run in runs])) for k, i in enumerate(ids)}
 
 
-def _paired(results: list[dict], model: str, a: str, b: str, thresholds: Thresholds) -> dict:
-    first, second = per_row(results, model, a), per_row(results, model, b)
+def _paired(results: list[dict], model: str, a: str, b: str, thresholds: Thresholds, prefix: str = "") -> dict:
+    first, second = (per_row(results, model, v, rows=prefix + "per_row") for v in (a, b))
     if first.keys() != second.keys():
         raise ValueError(f"{model}: {a} and {b} were scored on different rows; a paired comparison needs the same")
     return bootstrap_ci([first[i] - second[i] for i in first], thresholds.level, thresholds.resamples)
 
 
-def claims(results: list[dict], thresholds: Thresholds = THRESHOLDS, variant: str = "wand") -> dict[str, dict]:
+def claims(results: list[dict], thresholds: Thresholds = THRESHOLDS, variant: str = "wand",
+           prefix: str = "") -> dict[str, dict]:
     """Per model with ``variant``, control and teacher results: the paired PER differences with their
     intervals, PER's parts, the token-weighted speaker accuracy, stops and length ratio (means over
-    seeds), each threshold's check and whether all pass."""
+    seeds), each threshold's check and whether all pass. ``prefix="long_"``: the same on the long-form
+    rows (where all three were scored there); ``teacher_per`` then says whether the teacher itself
+    says the text there (``judged``: at most ``thresholds.teacher_per``), without which there is no claim."""
     out = {}
     for model in dict.fromkeys(r["model"] for r in results):
-        have = {r["variant"] for r in results if r["model"] == model}
+        have = {r["variant"] for r in results if r["model"] == model and prefix + "per_row" in r}
         if not {variant, "control", "teacher"} <= have:
             continue
         runs = [r for r in results if r["model"] == model and r["variant"] == variant]
-        mean = lambda key: float(np.mean([r[key] for r in runs]))  # noqa: E731
+        mean = lambda key: float(np.mean([r[prefix + key] for r in runs]))  # noqa: E731
         claim = {"variant": variant, "window": runs[0]["window"],
-                 "minus_control": _paired(results, model, variant, "control", thresholds),
-                 "minus_teacher": _paired(results, model, variant, "teacher", thresholds),
+                 "minus_control": _paired(results, model, variant, "control", thresholds, prefix),
+                 "minus_teacher": _paired(results, model, variant, "teacher", thresholds, prefix),
                  **{key: mean(key) for key in ("per", "substitutions", "deletions", "insertions",
                                                "speaker_accuracy_tokens", "stopped", "length_ratio_median")}}
         claim["checks"] = {"control_gap_per": claim["minus_control"]["high"] <= thresholds.control_gap_per,
@@ -86,7 +90,10 @@ def claims(results: list[dict], thresholds: Thresholds = THRESHOLDS, variant: st
         claim["passed"] = all(claim["checks"].values())
         # The checks the teacher itself misses: no student of it can be expected to pass them.
         teacher = next(r for r in results if r["model"] == model and r["variant"] == "teacher")
+        teacher = {key[len(prefix):]: value for key, value in teacher.items() if key.startswith(prefix)}
         claim["teacher_misses"] = [name for name, ok in _output_checks(teacher, thresholds).items() if not ok]
+        claim["teacher_per"] = teacher["per"]
+        claim["judged"] = bool(teacher["per"] <= thresholds.teacher_per)
         claim["thresholds"] = asdict(thresholds)
         out[model] = claim
     return out

@@ -164,6 +164,10 @@ def test_students_of_several_seeds_and_long_form_rows_get_their_own_figures():
     assert results[0]["long_generated_tokens"] == len(long_form[0]["input_ids"]) - long_form[0]["prefix_length"]
     assert results[0]["long_kl_far"] == pytest.approx(0.0, abs=1e-6)
     assert 0 <= results[1]["long_per"] and 0 <= results[1]["long_speaker_accuracy"] <= 1
+    # KV after the longest long-form row: every token for the teacher, the prefix + W for WAND.
+    per_token = spec.kv_bytes_per_token(torch.float32)
+    assert results[0]["long_kv_bytes_longest"] == (len(long_form[0]["input_ids"]) - 1) * per_token
+    assert results[1]["long_kv_bytes_longest"] == (long_form[0]["prefix_length"] + CONFIG.window) * per_token
 
 
 @pytest.mark.parametrize("name", ["sparktts", "indextts"])

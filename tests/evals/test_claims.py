@@ -80,3 +80,40 @@ def test_runs_scored_on_other_rows_are_refused():
     results[2]["per_row"][1]["id"] = "other"
     with pytest.raises(ValueError, match="different rows"):
         claims(results)
+
+
+def long_run(model, variant, seed, pers, kv=1000, **kw):
+    """A result whose long-form rows carry ``pers`` (its held-out rows something else)."""
+    base = run(model, variant, seed, [0.5, 0.5], **kw)
+    return {**base, **{f"long_{k}": v for k, v in run(model, variant, seed, pers, **kw).items()
+                       if k not in ("model", "variant", "seed", "window")}, "long_kv_bytes_longest": kv,
+            "long_generated_tokens": 800, "long_agreement_far": 1.0, "long_kl_far": 0.0}
+
+
+def test_long_form_claims_pair_the_long_rows_and_are_made_only_where_the_teacher_says_the_text():
+    from pipeline.evals.long_form import long_form_markdown
+
+    rng = np.random.default_rng(4)
+    teacher = rng.uniform(0, 0.06, 48)
+    control = [rng.uniform(0, 0.1, 48) for _ in range(2)]
+    wand = [c + rng.normal(0.03, 0.01, 48) for c in control]
+    results = ([long_run("m", "teacher", None, teacher, kv=900_000, window=None)]
+               + [long_run("m", "control", s, control[s], kv=900_000, window=None) for s in range(2)]
+               + [long_run("m", "wand_hold_w128", s, wand[s], kv=400_000, window=128) for s in range(2)])
+    claim = claims(results, variant="wand_hold_w128", prefix="long_")["m"]
+    direct = np.mean(wand, axis=0) - np.mean(control, axis=0)  # per long row, seeds averaged
+    assert claim["minus_control"]["mean"] == pytest.approx(direct.mean()) and claim["minus_control"]["rows"] == 48
+    assert claim["minus_teacher"]["mean"] == pytest.approx((np.mean(wand, axis=0) - teacher).mean())
+    assert teacher.mean() <= THRESHOLDS.teacher_per and claim["judged"] is True
+    assert claim["passed"] is False and claim["checks"]["control_gap_per"] is False  # a +0.03 cost
+    # The held-out rows' claim is another: all rows 0.5 in every variant.
+    assert claims(results, variant="wand_hold_w128")["m"]["minus_control"]["mean"] == pytest.approx(0.0)
+    text = "\n".join(long_form_markdown(results))
+    assert "Long-form claims" in text and "879 KiB -> 391 KiB" in text
+    assert "| m | wand_hold_w128 | 128 | " + f"{direct.mean():+.3f}" in text
+
+    # A teacher that does not say the long text: its students get no long-form claim.
+    lost = [long_run("m", "teacher", None, teacher + 0.5, kv=900_000, window=None)] + results[1:]
+    assert claims(lost, variant="wand_hold_w128", prefix="long_")["m"]["judged"] is False
+    text = "\n".join(long_form_markdown(lost))
+    assert "Long-form claims" not in text and "none: teacher fails" in text
