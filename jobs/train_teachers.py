@@ -195,7 +195,8 @@ def main(argv=None) -> int:
                              "instead of training from random weights, e.g. a last phase of longer texts")
     parser.add_argument("--recipe", type=Path, metavar="RECORD",
                         help="train the teacher a teacher.json record describes (its family, backbone, phases, lr, "
-                             "rows, seed, length groups; not with those flags) and say whether the weights are the "
+                             "rows, seed, length groups, the teacher it continued; not with those flags, but "
+                             "--init-from may say where that teacher lies now) and say whether the weights are the "
                              "record's to the bit (sha256)")
     args = parser.parse_args(argv)
     reproduce = None
@@ -205,10 +206,15 @@ def main(argv=None) -> int:
             recipe = recipe_of(reproduce)
         except (OSError, ValueError, KeyError, TypeError) as err:
             parser.error(f"--recipe {args.recipe}: not a teacher.json record this job can train ({type(err).__name__}: {err})")
-        given = [flag for flag, (dest, _) in RECIPE_FLAGS.items() if getattr(args, dest) != parser.get_default(dest)]
+        # The source of a continuation may lie elsewhere than the record says (--init-from): it is
+        # checked by its files' sha256, not by its folder.
+        given = [flag for flag, (dest, _) in RECIPE_FLAGS.items()
+                 if getattr(args, dest) != parser.get_default(dest) and flag != "--init-from"]
         if given or args.rescore or args.table:
             parser.error(f"--recipe {args.recipe} sets the recipe: leave out {', '.join(given or ['--rescore/--table'])}")
-        vars(args).update(recipe)
+        vars(args).update({**recipe, **({"init_from": args.init_from} if args.init_from else {})})
+        if args.init_from and "init_from" not in reproduce["train"]:
+            parser.error(f"--init-from: {args.recipe} was trained from random weights, not continued")
     if min(args.rows, args.heldout, args.curve_every, args.length_groups, args.checkpoint_every) < 1:
         parser.error("--rows, --heldout, --curve-every, --length-groups and --checkpoint-every must be >= 1")
     backbone = {"width": args.width, "layers": args.layers, "heads": args.heads}

@@ -92,7 +92,12 @@ def test_a_teacher_continued_on_longer_texts_records_its_source_and_trains_again
     # --recipe needs the very source the record started from: other weights there are refused.
     (tmp_path / "a").rename(tmp_path / "a-kept")
     (tmp_path / "still").rename(tmp_path / "a")  # a sha256 of its own, the weights all but the same
+    moved = job("--recipe", str(record_path), "--init-from", str(tmp_path / "a-kept"), "--output", str(tmp_path / "e"))
+    assert moved.returncode == 0, moved.stderr[-2000:]  # the source found where it lies now, by its sha256
+    assert f"sparktts: the weights are those of {record_path}" in moved.stdout
     for flags, said in ((["--recipe", str(record_path)], "holds other weights than the teacher the record started from"),
+                        (["--recipe", str(tmp_path / "a-kept" / "sparktts" / "teacher.json"), "--init-from",
+                          str(tmp_path / "a-kept")], "was trained from random weights, not continued"),
                         (["--models", "sparktts", "--init-from", str(tmp_path / "none"), "--phases", "2:4:8:2"],
                          "holds no teacher this job can continue"),
                         (["--models", "sparktts", "--init-from", str(tmp_path / "a-kept"), "--width", "64",
