@@ -20,7 +20,7 @@ def long_form_markdown(results: list[dict], notes: dict | None = None) -> list[s
     lines = [
         "",
         f"**Long form**: held-out texts {LONG_TEXT[0]}-{LONG_TEXT[1]} phonemes ({LONG_TEXT[0] / TEXT_LENGTHS[1]:.1f}-"
-        f"{LONG_TEXT[1] / TEXT_LENGTHS[1]:.1f}x the longest training text); teacher-forced figures against the "
+        f"{LONG_TEXT[1] / TEXT_LENGTHS[1]:.1f}x the longest fine-tuning text); teacher-forced figures against the "
         f"teacher, free-running ones against the text. A family whose teacher's PER there is above "
         f"{THRESHOLDS.teacher_per} has no long-form claim: the teacher itself does not say the text.",
         "",
