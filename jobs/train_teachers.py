@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 
 from pipeline.docblocks import replace_block
+from pipeline.evals.ablation import long_form_rows
 from pipeline.evals.common import FAMILIES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, MINI_BACKBONE, Phase, read_teacher_record,
@@ -163,6 +164,10 @@ def main(argv=None) -> int:
                         help="attention heads (default 4; even for the Qwen2 families)")
     parser.add_argument("--rows", type=int, default=4096, help="training utterances per phase (seed 0)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out utterances (seed 1) for the stated quality")
+    parser.add_argument("--long-rows", type=int, default=0,
+                        help="long-form held-out utterances (the results table's, texts 1.5-2x the longest "
+                             "fine-tuning text) decoded free-running at every learning-curve point and at the end: "
+                             "teacher.json's long_form and the curve's long_per (default 0: none)")
     parser.add_argument("--seed", type=int, default=0, help="weight init and batch order")
     parser.add_argument("--curve-every", type=int, default=500, help="steps between learning-curve points")
     parser.add_argument("--checkpoint-every", type=int, default=250,
@@ -217,6 +222,8 @@ def main(argv=None) -> int:
             parser.error(f"--init-from: {args.recipe} was trained from random weights, not continued")
     if min(args.rows, args.heldout, args.curve_every, args.length_groups, args.checkpoint_every) < 1:
         parser.error("--rows, --heldout, --curve-every, --length-groups and --checkpoint-every must be >= 1")
+    if args.long_rows < 0:
+        parser.error("--long-rows must be >= 0")
     backbone = {"width": args.width, "layers": args.layers, "heads": args.heads}
     sources = {}  # --init-from: each family's source teacher record, read and checked before anything trains
     if args.init_from:
@@ -281,7 +288,8 @@ def main(argv=None) -> int:
         "model": name, "size": SIZE, "backbone": backbones[name], "task": dataclasses.asdict(task),
         "train": {**train, **({"init_from": {"folder": str(args.init_from), "files": sources[name]["files"],
                                              "train": sources[name]["train"]}} if name in sources else {})},
-        "curve_every": args.curve_every, "curve_rows": min(CURVE_ROWS, args.heldout)}) for name in args.models}
+        "curve_every": args.curve_every, "curve_rows": min(CURVE_ROWS, args.heldout),
+        **({"curve_long_rows": args.long_rows} if args.long_rows else {})}) for name in args.models}
     for resume in ([] if args.rescore else resumes.values()):
         try:
             resume.saved_state()
@@ -295,6 +303,7 @@ def main(argv=None) -> int:
         else:
             spec = teacher_spec(name, backbones[name])
         held = synthetic_rows(spec, args.heldout, task, seed=HELDOUT_SEED, split="heldout", alignment=True)
+        long_rows, no_long = long_form_rows(spec, task, args.long_rows, HELDOUT_SEED) if args.long_rows else (None, None)
         if args.rescore:
             model = spec.load(str(directory))
         else:
@@ -307,8 +316,8 @@ def main(argv=None) -> int:
                 spec, phases, args.lr, args.seed, curve_every=args.curve_every, device=device,
                 length_groups=args.length_groups, resume=resume,
                 start=spec.load(str(args.init_from / name)).state_dict() if name in sources else None,
-                curve=lambda m: {k: v for k, v in heldout_quality(spec, m, curve_rows).items()
-                                 if k.startswith("accuracy")})
+                curve=lambda m: {**{k: v for k, v in heldout_quality(spec, m, curve_rows).items() if k.startswith("accuracy")},
+                                 **({"long_per": spoken_quality(spec, m, long_rows, task)["per"]} if long_rows else {})})
             files = save_teacher(spec, model, directory)
             record = {
                 "model": name, "size": SIZE, "backbone": backbones[name],
@@ -318,8 +327,9 @@ def main(argv=None) -> int:
                           "device": device_name(device),
                           **({"resumed_at": resume.resumed_at} if resume.resumed_at else {})},
                 "dropout": UPSTREAM_DROPOUT[name],
-                # Teacher-forced accuracy on the first CURVE_ROWS held-out rows along the training:
-                # where the curve still rises, more steps of the last phase would help.
+                # Teacher-forced accuracy on the first CURVE_ROWS held-out rows along the training (and
+                # the free-running PER on the long-form rows with --long-rows): where the curve still
+                # moves, more steps of the last phase would help.
                 "curve": {"rows": min(CURVE_ROWS, len(held)), "points": curve},
                 "files": {p.name: file_sha256(p) for p in files},
             }
@@ -331,6 +341,9 @@ def main(argv=None) -> int:
         # and what the teacher says free-running (PER against the text, pipeline/synthetic/transcribe.py).
         record["heldout"] = {"seed": HELDOUT_SEED, **heldout_quality(spec, model, held),
                              **spoken_quality(spec, model, held[:SPOKEN_ROWS], task)}
+        if args.long_rows:  # what it says on the results table's long-form rows (or why it has none)
+            record["long_form"] = ({"seed": HELDOUT_SEED, **spoken_quality(spec, model, long_rows, task)} if long_rows
+                                   else {"none": no_long})
         (directory / "teacher.json").write_text(json.dumps(record, indent=2) + "\n")
         if not args.rescore:
             resumes[name].path.unlink(missing_ok=True)  # the run is whole: nothing left to continue

@@ -10,6 +10,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from pipeline.evals.ablation import long_form_rows
+from pipeline.synthetic.law import SyntheticTask
+from pipeline.synthetic.teachers import spoken_quality, teacher_spec
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -68,7 +72,7 @@ def test_a_teacher_continued_on_longer_texts_records_its_source_and_trains_again
     assert source.returncode == 0, source.stderr[-2000:]
     source_record = json.loads((tmp_path / "a" / "sparktts" / "teacher.json").read_text())
     continued = job("--rows", "8", "--models", "sparktts", "--init-from", str(tmp_path / "a"), "--phases", "6:10:16:2", "--lr", "0.001",
-                    "--output", str(tmp_path / "b"))
+                    "--long-rows", "2", "--output", str(tmp_path / "b"))
     assert continued.returncode == 0, continued.stderr[-2000:]
     record_path = tmp_path / "b" / "sparktts" / "teacher.json"
     record = json.loads(record_path.read_text())
@@ -78,6 +82,14 @@ def test_a_teacher_continued_on_longer_texts_records_its_source_and_trains_again
                                             "train": source_record["train"]}
     assert record["train"]["phases"] == [{"steps": 6, "min_text": 10, "max_text": 16, "batch_size": 2}]
     assert record["files"] != source_record["files"]
+    # --long-rows: what it says on the results table's long-form rows, at the end and along the curve.
+    long_form, _ = long_form_rows(teacher_spec("sparktts", record["backbone"]), SyntheticTask(), 2, 1)
+    spec = teacher_spec("sparktts", record["backbone"])
+    saved = spoken_quality(spec, spec.load(str(tmp_path / "b" / "sparktts")), long_form, SyntheticTask())
+    assert record["long_form"] == {"seed": 1, **saved}  # the saved weights on those very rows
+    assert [r["id"] for r in long_form] == ["syn-longform-1001-00000", "syn-longform-1001-00001"]
+    assert record["curve"]["points"][-1]["step"] == 6 and "long_per" in record["curve"]["points"][-1]
+    assert "long_form" not in source_record and "long_per" not in source_record["curve"]["points"][-1]
     # Started from the source, not from random weights: at a vanishing lr the weights stay the source's.
     still = job("--rows", "8", "--models", "sparktts", "--init-from", str(tmp_path / "a"), "--phases", "2:10:16:2", "--lr", "1e-12",
                 "--output", str(tmp_path / "still"))
