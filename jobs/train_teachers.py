@@ -48,7 +48,8 @@ from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, MINI_BACKBONE, Phase, read_teacher_record,
                                          Resume, SIZE, spoken_quality, teacher_spec, train_teacher)
 from pipeline.synthetic.teacher_tables import (committed_block, CURRICULUM_END, CURRICULUM_START, curriculum_block,
-                                               LONGER_END, LONGER_START, longer_block, TABLE_END, TABLE_START,
+                                               LONG_END, LONG_START, long_block, LONGER_END, LONGER_START, longer_block,
+                                               TABLE_END, TABLE_START,
                                                WIDER_END, WIDER_START, wider_block)
 from wand.models import CausalLMSpec
 
@@ -195,6 +196,9 @@ def main(argv=None) -> int:
     parser.add_argument("--curriculum", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers trained on another length curriculum (their "
                              "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
+    parser.add_argument("--continued", type=Path, nargs="+", metavar="RECORD",
+                        help="with --table: also render teachers continued on longer texts and their sources "
+                             "(teacher.json records, in order) between DOC's teacher-long markers")
     parser.add_argument("--init-from", type=Path, metavar="FOLDER",
                         help="continue the teachers in FOLDER/<model> (their weights and backbone) on --phases "
                              "instead of training from random weights, e.g. a last phase of longer texts")
@@ -238,7 +242,8 @@ def main(argv=None) -> int:
             teacher_spec(name, backbones[name])
         except ValueError as err:
             parser.error(f"--width/--layers/--heads for {name}: {err}")
-    for flag, value in (("--longer", args.longer), ("--wider", args.wider), ("--curriculum", args.curriculum)):
+    for flag, value in (("--longer", args.longer), ("--wider", args.wider), ("--curriculum", args.curriculum),
+                        ("--continued", args.continued)):
         if value and not args.table:
             parser.error(f"{flag} goes with --table (it renders into the same document)")
     if args.table:
@@ -246,7 +251,8 @@ def main(argv=None) -> int:
         text = args.table.read_text() if args.table.is_file() else ""
         markers = ([TABLE_START, TABLE_END] + ([LONGER_START, LONGER_END] if args.longer else [])
                    + ([WIDER_START, WIDER_END] if args.wider else [])
-                   + ([CURRICULUM_START, CURRICULUM_END] if args.curriculum else []))
+                   + ([CURRICULUM_START, CURRICULUM_END] if args.curriculum else [])
+                   + ([LONG_START, LONG_END] if args.continued else []))
         if not all(marker in text for marker in markers):
             parser.error(f"--table {args.table}: needs a document holding the markers {' '.join(markers)}")
         blocks = [(TABLE_START, TABLE_END, committed_block([read_teacher_record(args.output / name)
@@ -267,6 +273,8 @@ def main(argv=None) -> int:
         if args.curriculum:
             blocks.append((CURRICULUM_START, CURRICULUM_END,
                            curriculum_block([experiment("--curriculum", p) for p in args.curriculum])))
+        if args.continued:
+            blocks.append((LONG_START, LONG_END, long_block([experiment("--continued", p)[1] for p in args.continued])))
         for start, end, block in blocks:
             replace_block(args.table, start, end, block)
             print(block)
@@ -330,7 +338,8 @@ def main(argv=None) -> int:
                 # Teacher-forced accuracy on the first CURVE_ROWS held-out rows along the training (and
                 # the free-running PER on the long-form rows with --long-rows): where the curve still
                 # moves, more steps of the last phase would help.
-                "curve": {"rows": min(CURVE_ROWS, len(held)), "points": curve},
+                "curve": {"rows": min(CURVE_ROWS, len(held)), **({"long_rows": len(long_rows)} if long_rows else {}),
+                          "points": curve},
                 "files": {p.name: file_sha256(p) for p in files},
             }
             if reproduce is not None:  # the same weights to the bit, or not (another torch, CPU or device)

@@ -1,5 +1,5 @@
 """The docs' blocks of teachers (docs/results.md): the committed teachers' table, and experiments
-(longer, wider, another length curriculum) beside them, each rendered from teacher.json records
+(longer, wider, another length curriculum) beside them, and teachers continued on longer texts, each rendered from teacher.json records
 (``python -m jobs.train_teachers --table ...``)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from wand.models import get_spec
 
 __all__ = ["TABLE_START", "TABLE_END", "LONGER_START", "LONGER_END", "WIDER_START", "WIDER_END", "CURRICULUM_START",
            "CURRICULUM_END", "dimensions", "backbone_label", "teacher_table", "committed_block", "phases_text",
-           "longer_block", "curriculum_block", "wider_block"]
+           "longer_block", "curriculum_block", "wider_block", "LONG_START", "LONG_END", "long_block"]
 
 
 def dimensions(record: dict) -> str:
@@ -129,3 +129,35 @@ def wider_block(pairs: list[tuple[dict, dict]]) -> str:
     lines += [position_line(f"{FAMILY_NAMES[record['model']]}, {dimensions(record)}", record)
               for pair in pairs for record in pair]
     return "\n".join(lines)
+
+
+LONG_START, LONG_END = "<!-- teacher-long:start -->", "<!-- teacher-long:end -->"
+
+
+def long_block(records: list[dict]) -> str:
+    """Teachers continued on longer texts (``jobs.train_teachers --init-from``), in the order given: what
+    each run trained, what it says at the held-out lengths and on the results table's long-form rows
+    (its ``long_form``, from ``--long-rows``), which run it continued (matched by the source's sha256
+    among the records), and the long-form PER along each continuation's curve."""
+    lines = ["| run | continues | phases | lr | PER held-out (rows) | at phoneme starts | PER long form (rows) | "
+             "long form: stops / length | training |", "|---|---|---|---|---|---|---|---|---|"]
+    for n, r in enumerate(records, 1):
+        q, t, long = r["heldout"], r["train"], r.get("long_form", {})
+        source = t.get("init_from")
+        continues = "random weights" if source is None else next(
+            (f"run {k}" for k, other in enumerate(records, 1) if other["files"] == source["files"]),
+            f"a teacher not listed ({source['folder']})")
+        said = (f"{long['per']:.3f} ({long['spoken_rows']})" if "per" in long else "n/a")
+        ends = (f"{long['stopped']:.2f} / {long['length_ratio_median']:.2f}" if "per" in long else "n/a")
+        lines.append(f"| {n}: {FAMILY_NAMES[r['model']]}, {dimensions(r)} | {continues} | {phases_text(r)} | {t['lr']:g} | "
+                     f"{q['per']:.3f} ({q['spoken_rows']}) | {q['accuracy_phoneme_starts']:.1%} | {said} | {ends} | "
+                     f"{t['seconds'] / 60:.0f} min, {t['threads']} thread(s), {t['device']} |")
+    lines.append("")
+    for n, r in enumerate(records, 1):
+        points = [p for p in r["curve"]["points"] if "long_per" in p]
+        if points:
+            rows = f"{r['curve']['long_rows']} " if r["curve"].get("long_rows") else "the curve's "
+            lines.append(f"- run {n}: along its training, PER on {rows}long-form rows / "
+                         f"phoneme starts on the {r['curve']['rows']} curve rows: "
+                         + ", ".join(f"{p['step']:,}: {p['long_per']:.3f} / {p['accuracy_phoneme_starts']:.1%}" for p in points))
+    return "\n".join(lines).rstrip()
