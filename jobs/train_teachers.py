@@ -6,8 +6,8 @@
         --wider benchmarks/results/teacher_wider_*.json --curriculum benchmarks/results/teacher_curriculum_*.json
     python -m jobs.train_teachers --models sparktts --width 128 --layers 4 --output runs/teachers-wide
     python -m jobs.train_teachers --recipe benchmarks/results/teacher_longer_wider_sparktts.json --output runs/teachers-strong
-    python -m jobs.train_teachers --models sparktts --init-from runs/teachers-strong --phases 1200:100:240:8 \
-        --lr 1e-3 --output runs/teachers-long        # continue a trained teacher on longer texts
+    python -m jobs.train_teachers --models sparktts --init-from runs/teachers-strong --phases 1200:40:240:8 \
+        --lr 1e-3 --long-rows 16 --output runs/teachers-long   # continue a trained teacher on longer texts
 
 Each teacher is the family's ``mini`` preset (the tiny token layout on a 3-layer, 96-wide backbone)
 trained from seeded random weights with cross-entropy on the generated tokens of synthetic rows

@@ -104,6 +104,23 @@ def test_the_teachers_table_is_rendered_from_their_records():
     assert read_block(ROOT / "docs/results.md", TABLE_START, TABLE_END) == committed_block(records)
 
 
+def test_the_continued_teachers_block_is_rendered_from_a_chain_of_records():
+    """docs/results.md's teacher-long block is what `make teachers-long` renders (`--continued` over the
+    stronger SparkTTS teacher and its two continuations on longer texts): each continuation started
+    from the record before it (its source's sha256), and each was scored on the long-form rows."""
+    import json
+
+    from pipeline.docblocks import read_block
+    from pipeline.synthetic.teacher_tables import LONG_END, LONG_START, long_block
+
+    names = ("teacher_longer_wider_sparktts.json", "teacher_long_sparktts.json", "teacher_long2_sparktts.json")
+    records = [json.loads((ROOT / "benchmarks/results" / name).read_text()) for name in names]
+    for source, run in zip(records, records[1:]):
+        assert run["train"]["init_from"]["files"] == source["files"]
+    assert all(r["long_form"]["spoken_rows"] == 64 for r in records)
+    assert read_block(ROOT / "docs/results.md", LONG_START, LONG_END) == long_block(records)
+
+
 def test_the_longer_teacher_block_is_rendered_from_the_records():
     """docs/results.md's "what longer training bought" block is what `python -m jobs.train_teachers
     --table docs/results.md --longer benchmarks/results/teacher_longer_*.json` renders: the committed
