@@ -41,7 +41,7 @@ import torch
 from pipeline.docblocks import has_block, replace_block
 from pipeline.evals.ablation import AblationConfig, long_form_rows, run_ablation, variant_named, VARIANTS
 from pipeline.evals.cells import cell, grouped, kib
-from pipeline.evals.claims import claims, reading, THRESHOLDS
+from pipeline.evals.claims import claim_cells, claims, interval, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.journal import Journal
 from pipeline.evals.long_form import long_form_markdown
@@ -142,10 +142,7 @@ def claims_markdown(results: list[dict]) -> str:
     readings = []
     for variant in wand_variants(results):
         for model, c in claims(results, variant=variant).items():
-            interval = lambda ci: f"{ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]"  # noqa: E731
-            lines.append(f"| {model} | {variant} | {c['window']} | {interval(c['minus_control'])} | "
-                         f"{interval(c['minus_teacher'])} | {c['speaker_accuracy_tokens']:.3f} | {c['stopped']:.2f} | "
-                         f"{c['length_ratio_median']:.2f} | {'yes' if c['passed'] else 'no: ' + ', '.join(k for k, ok in c['checks'].items() if not ok)} |")
+            lines.append(f"| {model} | {variant} | {c['window']} | {claim_cells(c)} |")
             readings.append(f"- {reading(f'{model} ({variant})', c)}")
     return "\n".join(lines + [""] + readings)
 
@@ -173,7 +170,7 @@ def headline(results: list[dict]) -> str:
             lines.append(f"| {FAMILY_NAMES.get(model, model)} (W = {c['window']}) | {recipe} | "
                          f"{kib(teacher[0]['kv_bytes_longest'])} -> {kib(student[0]['kv_bytes_longest'])} | "
                          f"{cell(teacher, 'per')} / {cell(control, 'per')} / {cell(student, 'per')} | "
-                         f"{gap['mean']:+.3f} [{gap['low']:+.3f}, {gap['high']:+.3f}] | "
+                         f"{interval(gap)} | "
                          f"{c['speaker_accuracy_tokens']:.3f} | {c['stopped']:.2f} | "
                          f"{cell(student, 'latency_late_over_early')} | {'yes' if c['passed'] else 'no'} |")
             readings.append(f"- {reading(FAMILY_NAMES.get(model, model) + ' (' + recipe + ')', c)}")

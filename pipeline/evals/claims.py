@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-__all__ = ["Thresholds", "THRESHOLDS", "bootstrap_ci", "per_row", "claims", "reading"]
+__all__ = ["Thresholds", "THRESHOLDS", "bootstrap_ci", "per_row", "claims", "interval", "claim_cells", "reading"]
 
 
 @dataclass(frozen=True)
@@ -107,8 +107,18 @@ def _output_checks(figures: dict, thresholds: Thresholds) -> dict[str, bool]:
             "length_ratio": low <= figures["length_ratio_median"] <= high}
 
 
-def _interval(ci: dict, digits: int = 3) -> str:
+def interval(ci: dict, digits: int = 3) -> str:
+    """A bootstrap interval as the tables print it: mean [low, high]."""
     return f"{ci['mean']:+.{digits}f} [{ci['low']:+.{digits}f}, {ci['high']:+.{digits}f}]"
+
+
+def claim_cells(claim: dict) -> str:
+    """A claims table's cells after model, variant and W: both paired differences, speaker, stops,
+    length and the verdict (the checks missed)."""
+    missed = ", ".join(name for name, ok in claim["checks"].items() if not ok)
+    return (f"{interval(claim['minus_control'])} | {interval(claim['minus_teacher'])} | "
+            f"{claim['speaker_accuracy_tokens']:.3f} | {claim['stopped']:.2f} | {claim['length_ratio_median']:.2f} | "
+            f"{'yes' if claim['passed'] else 'no: ' + missed}")
 
 
 def reading(model: str, claim: dict) -> str:
@@ -120,11 +130,11 @@ def reading(model: str, claim: dict) -> str:
         window = (f"the window costs at most {gap['high']:.3f} PER against the full-attention control "
                   f"({level}% upper bound, within the {mark} mark)")
     elif gap["low"] > 0:
-        window = (f"the window costs PER against the full-attention control: {_interval(gap, digits)}, "
+        window = (f"the window costs PER against the full-attention control: {interval(gap, digits)}, "
                   f"the whole interval above 0, beyond the {mark} mark")
     else:
         window = (f"a window cost above the {mark} mark cannot be ruled out: PER against the control "
-                  f"{_interval(gap, digits)} ({level}% interval over {gap['rows']} rows)")
+                  f"{interval(gap, digits)} ({level}% interval over {gap['rows']} rows)")
     failed = [name for name, ok in claim["checks"].items() if not ok]
     verdict = "passes every threshold" if not failed else "misses " + ", ".join(
         name + (" (so does the teacher)" if name in claim.get("teacher_misses", ()) else "") for name in failed)
