@@ -27,7 +27,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from pipeline.services import MLflowServer, RayHead, ray_auth_env, stop_group, wait_http, write_token
+from pipeline.services import MLflowServer, RayHead, forget_cluster, ray_auth_env, stop_group, wait_http, write_token
 
 DEFAULT_STATE_DIR = REPO / "runs" / "local"
 TOKEN_NAME = "ray_auth_token"
@@ -145,6 +145,8 @@ def down(args, quiet: bool = False) -> int:
             stop_group(state[key], timeout=30)
             if not quiet:
                 print(f"stopped {key.split('_')[0]} (process group {state[key]})")
+    if state.get("ray_address"):  # as `ray stop` does: else Ray's tools keep looking for the dead cluster
+        forget_cluster(int(state["ray_address"].rsplit(":", 1)[1]))
     _state_file(args).unlink(missing_ok=True)
     (args.state_dir / TOKEN_NAME).unlink(missing_ok=True)  # the token dies with its cluster
     return 0

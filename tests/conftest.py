@@ -19,6 +19,12 @@ def pytest_configure(config):
 
     from pipeline.services import LOOPBACK_ENV, ray_auth_env, write_token
 
+    # One ninja for every DeepSpeed JIT build of its shm comm op: the venv's (1.13) and the system's
+    # (1.11) keep incompatible build logs, so each switch between a test's subprocess (the venv's bin
+    # first, as an activated venv has it) and this process's PATH rebuilt the op: 40-70 s each.
+    import sys
+
+    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
     folder = Path(tempfile.mkdtemp(prefix="wand-test-ray-"))
     config._wand_ray_token = write_token(folder / "ray_auth_token")
     os.environ.pop("RAY_AUTH_TOKEN", None)
@@ -108,7 +114,12 @@ def ray_local(s3_server):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parents[1] / ".cache" / "torch_extensions"))
     # address="local": always a fresh in-process cluster, never one that `ray start` left on this
     # machine (the job-submission tests start and stop their own).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from pipeline.services import own_state_api
+
+    # own_state_api: else every trainer.fit() ends 10-12 s late once a test's `ray start` head has
+    # left its pointer behind (no dashboard here: the state API then refuses at once).
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             **own_state_api())
     yield ray
     ray.shutdown()
 

@@ -45,6 +45,10 @@ def demo(tmp_path_factory):
     finally:
         local_cluster(state_dir, "down")
     assert not (state_dir / "ray_auth_token").exists()  # `down` deletes the dead cluster's token
+    from ray._common.utils import get_ray_address_file
+
+    pointer = Path(get_ray_address_file(None))  # and, as `ray stop` does, Ray's pointer to it
+    assert not (pointer.exists() and pointer.read_text().strip() == state["ray_address"]), pointer.read_text()
 
 
 def bare_env(home: Path) -> dict:
