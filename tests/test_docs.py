@@ -63,7 +63,10 @@ def test_the_results_tables_are_rendered_from_the_saved_results(saved_file, bloc
                      saved.get("long_form_notes"), saved.get("teachers"))
     (docs, *full), (readme, *short) = blocks(ROOT / "docs/results.md", ROOT / readme, block)
     assert read_block(docs, *full) == table
-    assert read_block(readme, *short) == headline(saved["results"])
+    if headline(saved["results"]):
+        assert read_block(readme, *short) == headline(saved["results"])
+    else:  # no headline recipe ran: no headline block either
+        assert short[0] not in (ROOT / readme).read_text()
 
 
 def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
@@ -113,7 +116,8 @@ def test_the_continued_teachers_block_is_rendered_from_a_chain_of_records():
     from pipeline.docblocks import read_block
     from pipeline.synthetic.teacher_tables import LONG_END, LONG_START, long_block
 
-    names = ("teacher_longer_wider_sparktts.json", "teacher_long_sparktts.json", "teacher_long2_sparktts.json")
+    names = ("teacher_longer_wider_sparktts.json", "teacher_long_sparktts.json", "teacher_long2_sparktts.json",
+             "teacher_long3_sparktts.json")
     records = [json.loads((ROOT / "benchmarks/results" / name).read_text()) for name in names]
     for source, run in zip(records, records[1:]):
         assert run["train"]["init_from"]["files"] == source["files"]

@@ -138,9 +138,10 @@ def long_block(records: list[dict]) -> str:
     """Teachers continued on longer texts (``jobs.train_teachers --init-from``), in the order given: what
     each run trained, what it says at the held-out lengths and on the results table's long-form rows
     (its ``long_form``, from ``--long-rows``), which run it continued (matched by the source's sha256
-    among the records), and the long-form PER along each continuation's curve."""
-    lines = ["| run | continues | phases | lr | PER held-out (rows) | at phoneme starts | PER long form (rows) | "
-             "long form: stops / length | training |", "|---|---|---|---|---|---|---|---|---|"]
+    among the records), its rows and batch order (``--rows``, ``--seed``), and the long-form PER along
+    each continuation's curve."""
+    lines = ["| run | continues | phases | rows per phase / batch-order seed | lr | PER held-out (rows) | at phoneme starts | "
+             "PER long form (rows) | long form: stops / length | training |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in enumerate(records, 1):
         q, t, long = r["heldout"], r["train"], r.get("long_form", {})
         source = t.get("init_from")
@@ -149,7 +150,8 @@ def long_block(records: list[dict]) -> str:
             f"a teacher not listed ({source['folder']})")
         said = (f"{long['per']:.3f} ({long['spoken_rows']})" if "per" in long else "n/a")
         ends = (f"{long['stopped']:.2f} / {long['length_ratio_median']:.2f}" if "per" in long else "n/a")
-        lines.append(f"| {n}: {FAMILY_NAMES[r['model']]}, {dimensions(r)} | {continues} | {phases_text(r)} | {t['lr']:g} | "
+        lines.append(f"| {n}: {FAMILY_NAMES[r['model']]}, {dimensions(r)} | {continues} | {phases_text(r)} | "
+                     f"{t['rows_per_phase']:,} / {t['init_seed']} | {t['lr']:g} | "
                      f"{q['per']:.3f} ({q['spoken_rows']}) | {q['accuracy_phoneme_starts']:.1%} | {said} | {ends} | "
                      f"{t['seconds'] / 60:.0f} min, {t['threads']} thread(s), {t['device']} |")
     lines.append("")

@@ -275,10 +275,10 @@ def test_a_teacher_on_another_backbone_is_recorded_rescored_and_labelled_as_such
 def test_the_continued_teachers_block_links_each_run_to_its_source_by_sha256():
     from pipeline.synthetic.teacher_tables import long_block
 
-    def record(files, phases, long_per=None, source=None, points=()):
+    def record(files, phases, long_per=None, source=None, points=(), rows=4096, order=0):
         heldout = {"per": 0.02, "spoken_rows": 64, "accuracy_phoneme_starts": 0.986}
         train = {"phases": [dict(zip(("steps", "min_text", "max_text", "batch_size"), p)) for p in phases],
-                 "lr": 1e-3, "seconds": 600.0, "threads": 1, "device": "CPU (x86_64)",
+                 "rows_per_phase": rows, "init_seed": order, "lr": 1e-3, "seconds": 600.0, "threads": 1, "device": "CPU (x86_64)",
                  **({"init_from": {"folder": "runs/x", "files": source}} if source else {})}
         return {"model": "sparktts", "backbone": {"width": 128, "layers": 4, "heads": 4}, "files": files,
                 "heldout": heldout, "train": train, "curve": {"rows": 32, "long_rows": 16, "points": list(points)},
@@ -287,11 +287,13 @@ def test_the_continued_teachers_block_links_each_run_to_its_source_by_sha256():
 
     a, b, c = {"m": "a" * 64}, {"m": "b" * 64}, {"m": "c" * 64}
     runs = [record(a, [(9000, 40, 120, 8)], 1.69), record(b, [(1200, 40, 240, 8)], 0.122, source=a),
-            record(c, [(1500, 40, 240, 8)], source=b, points=[{"step": 250, "long_per": 0.1, "accuracy_phoneme_starts": 0.97}]),
+            record(c, [(1500, 40, 240, 8)], source=b, points=[{"step": 250, "long_per": 0.1, "accuracy_phoneme_starts": 0.97}],
+                   rows=8192, order=1),
             record({"m": "d" * 64}, [(10, 4, 8, 2)], source={"m": "e" * 64})]
     rows = long_block(runs).splitlines()
-    assert rows[2].startswith("| 1: SparkTTS, 128 wide, 4 layers | random weights | 9000:40:120:8 | 0.001 | 0.020 (64) | 98.6% | 1.690 (64) |")
+    assert rows[2].startswith("| 1: SparkTTS, 128 wide, 4 layers | random weights | 9000:40:120:8 | 4,096 / 0 | 0.001 | 0.020 (64) | "
+                              "98.6% | 1.690 (64) |")
     assert rows[3].startswith("| 2: SparkTTS, 128 wide, 4 layers | run 1 | 1200:40:240:8 |") and "| 0.122 (64) |" in rows[3]
-    assert rows[4].startswith("| 3: SparkTTS, 128 wide, 4 layers | run 2 |") and "| n/a | n/a |" in rows[4]
+    assert rows[4].startswith("| 3: SparkTTS, 128 wide, 4 layers | run 2 | 1500:40:240:8 | 8,192 / 1 |") and "| n/a | n/a |" in rows[4]
     assert "| a teacher not listed (runs/x) |" in rows[5]
     assert rows[-1] == "- run 3: along its training, PER on 16 long-form rows / phoneme starts on the 32 curve rows: 250: 0.100 / 97.0%"
