@@ -256,12 +256,14 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", type=Path, nargs="+",
                         help="render earlier --output files again (one per family, say), no training")
     args = parser.parse_args(argv)
+    saved = merged([json.loads(path.read_text()) for path in args.from_json]) if args.from_json else None
+    # A headline only where a headline recipe runs (or ran: --from-json); a sweep-only table has none.
+    with_headline = ({r["variant"] for r in saved["results"]} if saved else set(args.variants)) & set(HEADLINE_RECIPES)
     if not args.no_readme:  # checked before a run of an hour, not after
-        for path, start, end in blocks(args.docs, args.readme, args.block):
+        for path, start, end in blocks(args.docs, args.readme, args.block)[:2 if with_headline else 1]:
             if not has_block(path, start, end):
                 parser.error(f"{path} has no {start} ... {end} block to write the table into (or pass --no-readme)")
-    if args.from_json:
-        saved = merged([json.loads(path.read_text()) for path in args.from_json])
+    if saved:
         table = markdown(saved["results"], AblationConfig(**saved["results"][0]["config"]), saved["device"],
                          saved.get("long_form_notes"), saved.get("teachers"))
         print(table)

@@ -74,6 +74,20 @@ def test_a_bound_a_hair_past_the_mark_is_printed_past_it():
     assert "[-0.045, +0.031]" in reading("m", claim)
 
 
+def test_the_reading_says_where_the_interval_lies_against_0_and_the_mark_and_no_more():
+    claim = {"minus_control": {"mean": 0.05, "low": 0.03, "high": 0.07, "rows": 64}, "window": 32,
+             "thresholds": {"control_gap_per": 0.02, "level": 0.95}, "checks": {"control_gap_per": False}}
+    assert "[+0.030, +0.070], the whole interval beyond the 0.02 mark;" in reading("m", claim)
+    claim["minus_control"].update(mean=0.014, low=0.003, high=0.024)  # a cost, but not shown past the mark
+    said = reading("m", claim)
+    assert "[+0.003, +0.024], the whole interval above 0, its upper bound past the 0.02 mark;" in said
+    assert "beyond" not in said
+    claim["minus_control"].update(mean=0.01, low=-0.01, high=0.03)
+    assert "a window cost above the 0.02 mark cannot be ruled out" in reading("m", claim)
+    claim["minus_control"].update(mean=0.0, low=-0.01, high=0.015)
+    assert "costs at most 0.015 PER" in reading("m", claim)
+
+
 def test_runs_scored_on_other_rows_are_refused():
     results = [run("m", "teacher", None, [0.1, 0.2]), run("m", "control", 0, [0.1, 0.2]),
                run("m", "wand", 0, [0.1, 0.2])]
