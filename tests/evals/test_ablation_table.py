@@ -178,6 +178,13 @@ def test_a_second_table_goes_into_its_own_block_and_a_missing_block_is_refused_b
     assert read_block(docs, "<!-- ablation-table:start -->", "<!-- ablation-table:end -->") == "main"
     assert read_block(readme, "<!-- headline-table:start -->", "<!-- headline-table:end -->") == "headline"
     assert json.loads(saved.read_text())["results"]  # the committed file is only read
+    # A table without a headline recipe (control and a window-sweep student only) needs no headline block.
+    long_saved = saved.with_name("ablation_table_long_sparktts.json")
+    docs.write_text(docs.read_text() + "<!-- ablation-long:start -->\n<!-- ablation-long:end -->\n")
+    out = run("--block", "ablation-long", "--from-json", str(long_saved))
+    assert out.returncode == 0, out.stderr
+    assert "| sparktts | wand_hold_w128 |" in read_block(docs, "<!-- ablation-long:start -->", "<!-- ablation-long:end -->")
+    assert "ablation-long-headline" not in readme.read_text()
 
 
 def test_the_chooser_beside_a_second_table_goes_into_its_own_block(tmp_path):
