@@ -64,13 +64,14 @@ def init_ray() -> bool:
     import ray
     import ray._private.ray_constants as ray_constants
 
-    own = {}
-    if not address:
+    if address:
+        ray.init(address=address, ignore_reinit_error=True, log_to_driver=True)
+    else:
         ray_constants.ENABLE_RAY_CLUSTER = False  # the loopback switch, in case ray was imported before
         from pipeline.services import own_state_api
 
-        own = own_state_api()  # not whatever cluster /tmp/ray/ray_current_cluster names
-    ray.init(address=address or "local", ignore_reinit_error=True, log_to_driver=True, **own)
+        with own_state_api() as own:  # not whatever cluster /tmp/ray/ray_current_cluster names
+            ray.init(address="local", ignore_reinit_error=True, log_to_driver=True, **own)
     return not address or address == "local"
 
 

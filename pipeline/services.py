@@ -8,6 +8,7 @@ group so stopping it leaves no orphans.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -31,18 +32,28 @@ __all__ = ["free_port", "MLflowServer", "RayHead", "wait_http", "stop_group", "k
 LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 
 
-def own_state_api() -> dict:
-    """``ray.init`` arguments for an in-process local cluster whose state API is its own.
+@contextlib.contextmanager
+def own_state_api():
+    """``ray.init`` arguments (within this block) for an in-process local cluster whose state API is its own.
 
     Ray's state API (``ray.util.state``; Ray Train's placement-group cleaner asks it, at the end of
     every ``fit()``, whether the controller still lives) finds its cluster through the pointer that
     the last ``ray start`` left in /tmp/ray/ray_current_cluster, never the in-process one. When that
     cluster is gone (stopped without ``ray stop``), each query waits 40 s for a dead GCS and every
-    fit ended 10-12 s late with "Failed to stop PlacementGroupCleaner gracefully" (measured). Set
-    before ``ray.init`` so the raylet, and every worker it starts, inherits it."""
+    fit ended 10-12 s late with "Failed to stop PlacementGroupCleaner gracefully" (measured). The
+    address is in the environment only while ``ray.init`` starts the raylet, which every worker
+    inherits it from; not after: it overrides the ``--address`` of any later ``ray job submit`` or
+    JobSubmissionClient of this process and its children."""
     port = free_port()
-    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    return {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+    key, before = "RAY_API_SERVER_ADDRESS", os.environ.get("RAY_API_SERVER_ADDRESS")
+    os.environ[key] = f"http://127.0.0.1:{port}"
+    try:
+        yield {"dashboard_host": "127.0.0.1", "dashboard_port": port}
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 def write_token(path: str | Path) -> Path:

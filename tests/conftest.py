@@ -118,8 +118,9 @@ def ray_local(s3_server):
 
     # own_state_api: else every trainer.fit() ends 10-12 s late once a test's `ray start` head has
     # left its pointer behind (no dashboard here: the state API then refuses at once).
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-             **own_state_api())
+    with own_state_api() as own:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 **own)
     yield ray
     ray.shutdown()
 
