@@ -142,9 +142,9 @@ ablation-strong: install
 # recipes of benchmarks/results/teacher_long_sparktts.json, teacher_long2_ and teacher_long3_; 33-57
 # minutes each), each then scored on 64 long-form rows; the results page's teacher-long block renders
 # the four records. The third continuation passes the long-form gate (PER 0.047 <= 0.05): `make
-# ablation-long` fine-tunes the control and WAND at W = 128 from it (1,200 steps, two seeds side by
-# side) and scores them on the held-out and the 64 long-form rows, into the results page's
-# ablation-long block.
+# ablation-long` fine-tunes the control and WAND at W = 128 from it (1,200 steps on texts of
+# LONG_FINETUNE phonemes, two seeds side by side) and scores them on the held-out and the 64 long-form
+# rows, into the results page's ablation-long-ft40-240 block.
 LONG ?= runs/teachers-long
 teachers-long: install
 	$(PY) -m jobs.train_teachers --recipe benchmarks/results/teacher_long_sparktts.json --init-from $(STRONG) --output $(LONG)
@@ -159,15 +159,21 @@ teachers-long: install
 	  benchmarks/results/teacher_long_sparktts.json benchmarks/results/teacher_long2_sparktts.json \
 	  benchmarks/results/teacher_long3_sparktts.json
 LONG_SEEDS ?= 0 1
+# The fine-tune's text lengths (phonemes): the long-form rows' 180-240 included, as the teacher's last
+# continuation (the first table, 2026-12-02, fine-tuned on the corpus's 40-120: LONG_FINETUNE="40 120").
+LONG_FINETUNE ?= 40 240
+LONG_TAG = $(if $(filter-out 40 120,$(LONG_FINETUNE)),_ft$(firstword $(LONG_FINETUNE))-$(lastword $(LONG_FINETUNE)))
 ablation-long: install
-	mkdir -p runs/ablation-long
+	mkdir -p runs/ablation-long$(LONG_TAG)
 	pids=""; for s in $(LONG_SEEDS); do $(PY) -m benchmarks.ablation_table --models sparktts --threads 1 --no-readme \
-	  --teachers $(LONG)-3 --long-rows 64 --steps 1200 --length-groups 2 --seeds $$s \
+	  --teachers $(LONG)-3 --long-rows 64 --steps 1200 --length-groups 2 --seeds $$s --finetune-text $(LONG_FINETUNE) \
 	  --variants $$([ $$s = $(firstword $(LONG_SEEDS)) ] && echo teacher) control wand_hold_w128 \
-	  --output runs/ablation-long/sparktts-s$$s.json > runs/ablation-long/sparktts-s$$s.log 2>&1 & pids="$$pids $$!"; done; \
-	for p in $$pids; do wait $$p || { echo "a seed failed: see runs/ablation-long/*.log"; exit 1; }; done
-	$(PY) -m benchmarks.ablation_table --from-json $(foreach s,$(LONG_SEEDS),runs/ablation-long/sparktts-s$(s).json) \
-	  --output benchmarks/results/ablation_table_long_sparktts.json --block ablation-long --readme docs/results.md
+	  --output runs/ablation-long$(LONG_TAG)/sparktts-s$$s.json > runs/ablation-long$(LONG_TAG)/sparktts-s$$s.log 2>&1 & \
+	  pids="$$pids $$!"; done; \
+	for p in $$pids; do wait $$p || { echo "a seed failed: see runs/ablation-long$(LONG_TAG)/*.log"; exit 1; }; done
+	$(PY) -m benchmarks.ablation_table --from-json $(foreach s,$(LONG_SEEDS),runs/ablation-long$(LONG_TAG)/sparktts-s$(s).json) \
+	  --output benchmarks/results/ablation_table_long$(LONG_TAG)_sparktts.json --block ablation-long$(subst _,-,$(LONG_TAG)) \
+	  --readme docs/results.md
 
 bench: install
 	$(PY) -m benchmarks.decode_latency

@@ -39,13 +39,13 @@ from pathlib import Path
 import torch
 
 from pipeline.docblocks import has_block, replace_block
-from pipeline.evals.ablation import AblationConfig, long_form_rows, run_ablation, variant_named, VARIANTS
+from pipeline.evals.ablation import AblationConfig, finetune_rows, long_form_rows, run_ablation, variant_named, VARIANTS
 from pipeline.evals.cells import cell, grouped, kib
 from pipeline.evals.claims import claim_cells, claims, interval, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.journal import Journal
 from pipeline.evals.long_form import long_form_markdown
-from pipeline.synthetic.law import synthetic_rows, SyntheticTask
+from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
 from pipeline.synthetic.teachers import MINI_BACKBONE, read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,6 +81,8 @@ def markdown(results: list[dict], config: AblationConfig, device: str, notes: di
     lines = [
         teachers_text(teachers) + f"Measured on {device}; W = {config.window} (curriculum {config.window_start} -> {config.window}) unless the "
         f"variant says otherwise, {config.steps} steps x {config.batch_size} rows per trained student"
+        + (f" on texts of {config.finetune_text[0]}-{config.finetune_text[1]} phonemes"
+           if config.finetune_text != TEXT_LENGTHS else "")
         + (f" (each batch in {config.length_groups} parts of neighbouring lengths)" if config.length_groups > 1 else "")
         + f", {config.sinks} sinks; "
         f"{seeds_text(results)}: the figures are their "
@@ -187,6 +189,11 @@ def merged(saved: list[dict]) -> dict:
     if len({s["device"] for s in saved}) > 1:
         raise SystemExit("the files were measured on different devices: " + ", ".join(s["device"] for s in saved))
     results = [r for s in saved for r in s["results"]]
+    configs = [r.get("config", {}) for r in results]  # one header describes them all: other recipes, other tables
+    differ = sorted({k for c in configs for k in {*c, *configs[0]} if k != "seed" and c.get(k) != configs[0].get(k)})
+    if differ:
+        raise SystemExit(f"the files' students were trained with different settings ({', '.join(differ)}): "
+                         "render them as separate tables")
     seen = [(r["model"], r["variant"], r["seed"]) for r in results]
     twice = sorted({key for key in seen if seen.count(key) > 1}, key=str)
     if twice:
@@ -235,6 +242,10 @@ def main(argv=None) -> int:
                         help="run each batch in this many parts of neighbouring lengths (the same gradient up to "
                              "rounding, less padding: 2 is 1.0-1.25x faster per step on a CPU; default 1, the "
                              "single padded batch the committed table was measured with)")
+    parser.add_argument("--finetune-text", type=int, nargs=2, metavar=("MIN", "MAX"),
+                        default=AblationConfig.finetune_text,
+                        help="the fine-tuning texts' lengths in phonemes (default: the corpus's, %(default)s); "
+                             "a long-form table fine-tunes on the lengths its teacher was trained to")
     parser.add_argument("--train-rows", type=int, default=2048,
                         help=f"fine-tuning utterances (seed {FRESH_SEED}: fresh, not the teachers' own)")
     parser.add_argument("--heldout", type=int, default=64, help="held-out utterances (seed 1) scored teacher-forced")
@@ -276,7 +287,8 @@ def main(argv=None) -> int:
         parser.error("--train-rows, --heldout and --free-rows must be >= 1, --long-rows >= 0")
     try:
         config = AblationConfig(window=args.window, window_start=args.window_start, steps=args.steps,
-                                batch_size=args.batch_size, lr=args.lr, length_groups=args.length_groups)
+                                batch_size=args.batch_size, lr=args.lr, length_groups=args.length_groups,
+                                finetune_text=tuple(args.finetune_text))
     except ValueError as e:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -311,7 +323,7 @@ def main(argv=None) -> int:
         spec = record_spec(record)
         task = SyntheticTask(**record["task"])
         teacher = spec.load(str(directory))
-        train_rows = synthetic_rows(spec, args.train_rows, task, seed=FRESH_SEED, split="finetune")
+        train_rows = finetune_rows(spec, args.train_rows, task, config, seed=FRESH_SEED)
         heldout = synthetic_rows(spec, args.heldout, task, seed=record["heldout"]["seed"], split="heldout",
                                  alignment=True)  # with their text and speaker, for the transcriber
         teachers[name] = {"size": record["size"], **({"backbone": record["backbone"]} if record.get("backbone") else {}),

@@ -54,7 +54,7 @@ from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
 from pipeline.synthetic.transcribe import score, speech_codes_of
 
 __all__ = ["AblationConfig", "Variant", "VARIANTS", "wand_at", "variant_named", "LONG_TEXT", "long_form_rows",
-           "teacher_targets", "train_student", "free_run", "said", "forced", "score_variant", "run_ablation"]
+           "finetune_rows", "teacher_targets", "train_student", "free_run", "said", "forced", "score_variant", "run_ablation"]
 
 log = logging.getLogger("wand.ablation")
 
@@ -76,8 +76,14 @@ class AblationConfig:
     # gradient up to rounding, less padding; 2 parts: 1.0-1.25x faster per step on this CPU, measured by
     # benchmarks/length_groups.py). 1: the single padded batch the committed table was measured with.
     length_groups: int = 1
+    # The fine-tuning rows' text lengths in phonemes (min, max): the corpus's by default; a long-form
+    # table fine-tunes on the lengths its teacher was trained to, so the control keeps them too.
+    finetune_text: tuple[int, int] = TEXT_LENGTHS
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "finetune_text", tuple(self.finetune_text))  # a list when read from JSON
+        if len(self.finetune_text) != 2 or not 1 <= self.finetune_text[0] <= self.finetune_text[1]:
+            raise ValueError(f"finetune_text must be (min, max) phonemes with 1 <= min <= max, got {self.finetune_text}")
         if not 1 <= self.window <= self.window_start:
             raise ValueError(f"need 1 <= window <= window_start, got {self.window}, {self.window_start}")
         if self.sinks < 1 or self.steps < 1 or self.batch_size < 1 or self.k < 1:
@@ -157,6 +163,12 @@ def long_form_rows(spec, task: SyntheticTask, n: int, seed: int) -> tuple[list[d
         return None, (f"{spec.name} has {spec.max_generated_tokens} generated positions (learned), room for "
                       f"{longest_text}-phoneme texts at most")
     return rows, None
+
+
+def finetune_rows(spec, n: int, task: SyntheticTask, config: AblationConfig, seed: int) -> list[dict]:
+    """The students' ``n`` fine-tuning rows, their texts of ``config.finetune_text``'s lengths."""
+    return synthetic_rows(spec, n, task, seed=seed, split="finetune", min_text=config.finetune_text[0],
+                          max_text=config.finetune_text[1])
 
 
 def teacher_targets(spec, teacher, rows: list[dict], k: int, value_dtype: str = "float16") -> list[dict]:
@@ -341,7 +353,7 @@ def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], con
             result = score_variant(spec, teacher, model, variant, run_config, heldout, free_rows, task, long_form)
             result.update(model=spec.name, seed=seed, train_seconds=round(trained, 1),
                           score_seconds=round(time.perf_counter() - start - trained, 1),
-                          window=attention(variant, run_config, 0)[0], config=asdict(run_config))
+                          window=attention(variant, run_config, 0)[0], config={**asdict(run_config), "finetune_text": list(run_config.finetune_text)})  # as JSON reads back
             log.info("%s %s seed %s: %s", spec.name, variant.name, seed,
                      {k: v for k, v in result.items() if k != "config"})
             if journal is not None:

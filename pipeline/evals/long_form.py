@@ -1,4 +1,5 @@
-"""The results table's long-form section: every variant on texts past the training lengths, and where
+"""The results table's long-form section: every variant on texts 1.5-2x the corpus's longest (past the
+fine-tune's lengths unless it was fine-tuned on them: ``AblationConfig.finetune_text``), and where
 the teacher itself says the text there, the paired claims of WAND against the full-attention control
 with the KV cache after the longest of those utterances (pipeline/evals/claims.py, prefix ``long_``)."""
 
@@ -17,10 +18,14 @@ def long_form_markdown(results: list[dict], notes: dict | None = None) -> list[s
     long_runs = [runs for runs in grouped(results) if "long_per" in runs[0]]
     if not long_runs and not notes:
         return []
+    shortest, longest = (results[0].get("config") or {}).get("finetune_text", TEXT_LENGTHS) if results else TEXT_LENGTHS
+    where = (f"{LONG_TEXT[0] / longest:.1f}-{LONG_TEXT[1] / longest:.1f}x the longest fine-tuning text"
+             if LONG_TEXT[0] > longest else
+             f"{LONG_TEXT[0] / TEXT_LENGTHS[1]:.1f}-{LONG_TEXT[1] / TEXT_LENGTHS[1]:.1f}x the corpus's longest text, "
+             f"within the lengths the students were fine-tuned on, {shortest}-{longest}")
     lines = [
         "",
-        f"**Long form**: held-out texts {LONG_TEXT[0]}-{LONG_TEXT[1]} phonemes ({LONG_TEXT[0] / TEXT_LENGTHS[1]:.1f}-"
-        f"{LONG_TEXT[1] / TEXT_LENGTHS[1]:.1f}x the longest fine-tuning text); teacher-forced figures against the "
+        f"**Long form**: held-out texts {LONG_TEXT[0]}-{LONG_TEXT[1]} phonemes ({where}); teacher-forced figures against the "
         f"teacher, free-running ones against the text. A family whose teacher's PER there is above "
         f"{THRESHOLDS.teacher_per} has no long-form claim: the teacher itself does not say the text.",
         "",

@@ -210,3 +210,49 @@ def test_the_chooser_beside_a_second_table_goes_into_its_own_block(tmp_path):
     assert read_block(docs, "<!-- chooser-strong:start -->", "<!-- chooser-strong:end -->").startswith("| family | chooser")
     assert read_block(docs, "<!-- chooser-table:start -->", "<!-- chooser-table:end -->") == "main"
     assert readme.read_text() == "<!-- chooser-table:start -->\nmain\n<!-- chooser-table:end -->\n"
+
+
+def test_a_fine_tune_on_longer_texts_is_checked_trained_on_named_and_kept_apart():
+    """--finetune-text: the students' rows of those lengths, the headers say so (the long-form one then
+    says its rows lie within them), and students of another recipe are not merged into one table."""
+    import json
+    import subprocess
+    import sys
+    from dataclasses import asdict
+    from pathlib import Path
+
+    from benchmarks.ablation_table import markdown
+    from pipeline.evals.ablation import AblationConfig, finetune_rows
+    from pipeline.evals.long_form import long_form_markdown
+    from pipeline.synthetic.law import SyntheticTask, TEXT_LENGTHS
+    from wand.models import get_spec
+
+    assert AblationConfig(finetune_text=[40, 240]).finetune_text == (40, 240)  # as read back from JSON
+    for bad in ((0, 10), (50, 40), (40,)):
+        with pytest.raises(ValueError, match="finetune_text"):
+            AblationConfig(finetune_text=bad)
+    out = subprocess.run([sys.executable, "-m", "benchmarks.ablation_table", "--finetune-text", "50", "40",
+                          "--no-readme"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "finetune_text" in out.stderr
+
+    spec, task = get_spec("sparktts", "mini"), SyntheticTask()
+    generated = lambda config: [len(r["input_ids"]) - r["prefix_length"]  # noqa: E731  (grows with the text)
+                                for r in finetune_rows(spec, 32, task, config, seed=2)]
+    longer = AblationConfig(finetune_text=(2 * TEXT_LENGTHS[1], 3 * TEXT_LENGTHS[1]))
+    assert min(generated(longer)) > max(generated(AblationConfig()))  # longer than any of the corpus's lengths
+
+    root = Path(__file__).resolve().parents[2]
+    results = json.loads((root / "benchmarks/results/ablation_table_long_sparktts.json").read_text())["results"]
+    assert "on texts of" not in markdown(results, AblationConfig(), "cpu")
+    assert "on texts of 40-240 phonemes" in markdown(results, AblationConfig(finetune_text=(40, 240)), "cpu")
+    assert "1.5-2.0x the longest fine-tuning text" in "\n".join(long_form_markdown(results))
+    within = [{**r, "config": {**r["config"], "finetune_text": [40, 240]}} for r in results]
+    text = "\n".join(long_form_markdown(within))
+    assert "within the lengths the students were fine-tuned on, 40-240" in text and "longest fine-tuning" not in text
+
+    from benchmarks.ablation_table import merged
+
+    other = [{**r, "seed": None if r["seed"] is None else r["seed"] + 10} for r in within]
+    with pytest.raises(SystemExit, match=r"different settings \(finetune_text\)"):
+        merged([saved({"sparktts": 1.0}, *results), saved({"sparktts": 1.0}, *other)])
+    assert asdict(longer)["finetune_text"] == longer.finetune_text  # what the journal and the results record
