@@ -19,10 +19,12 @@ def long_form_markdown(results: list[dict], notes: dict | None = None) -> list[s
     if not long_runs and not notes:
         return []
     shortest, longest = (results[0].get("config") or {}).get("finetune_text", TEXT_LENGTHS) if results else TEXT_LENGTHS
-    where = (f"{LONG_TEXT[0] / longest:.1f}-{LONG_TEXT[1] / longest:.1f}x the longest fine-tuning text"
-             if LONG_TEXT[0] > longest else
-             f"{LONG_TEXT[0] / TEXT_LENGTHS[1]:.1f}-{LONG_TEXT[1] / TEXT_LENGTHS[1]:.1f}x the corpus's longest text, "
-             f"within the lengths the students were fine-tuned on, {shortest}-{longest}")
+    if LONG_TEXT[0] > longest:
+        where = f"{LONG_TEXT[0] / longest:.1f}-{LONG_TEXT[1] / longest:.1f}x the longest fine-tuning text"
+    else:
+        where = (f"{LONG_TEXT[0] / TEXT_LENGTHS[1]:.1f}-{LONG_TEXT[1] / TEXT_LENGTHS[1]:.1f}x the corpus's longest text, "
+                 + ("within" if LONG_TEXT[1] <= longest else "partly past")
+                 + f" the lengths the students were fine-tuned on, {shortest}-{longest}")
     lines = [
         "",
         f"**Long form**: held-out texts {LONG_TEXT[0]}-{LONG_TEXT[1]} phonemes ({where}); teacher-forced figures against the "

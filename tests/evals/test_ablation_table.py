@@ -249,6 +249,8 @@ def test_a_fine_tune_on_longer_texts_is_checked_trained_on_named_and_kept_apart(
     within = [{**r, "config": {**r["config"], "finetune_text": [40, 240]}} for r in results]
     text = "\n".join(long_form_markdown(within))
     assert "within the lengths the students were fine-tuned on, 40-240" in text and "longest fine-tuning" not in text
+    partly = [{**r, "config": {**r["config"], "finetune_text": [40, 200]}} for r in results]
+    assert "partly past the lengths the students were fine-tuned on, 40-200" in "\n".join(long_form_markdown(partly))
 
     from benchmarks.ablation_table import merged
 
