@@ -54,7 +54,8 @@ from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
 from pipeline.synthetic.transcribe import score, speech_codes_of
 
 __all__ = ["AblationConfig", "Variant", "VARIANTS", "wand_at", "variant_named", "LONG_TEXT", "long_form_rows",
-           "finetune_rows", "teacher_targets", "train_student", "free_run", "said", "forced", "score_variant", "run_ablation"]
+           "finetune_rows", "teacher_targets", "train_student", "free_run", "said", "forced", "score_variant",
+           "run_ablation"]
 
 log = logging.getLogger("wand.ablation")
 
@@ -83,7 +84,7 @@ class AblationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "finetune_text", tuple(self.finetune_text))  # a list when read from JSON
         if len(self.finetune_text) != 2 or not 1 <= self.finetune_text[0] <= self.finetune_text[1]:
-            raise ValueError(f"finetune_text must be (min, max) phonemes with 1 <= min <= max, got {self.finetune_text}")
+            raise ValueError(f"finetune_text must be (min, max) phonemes, 1 <= min <= max, got {self.finetune_text}")
         if not 1 <= self.window <= self.window_start:
             raise ValueError(f"need 1 <= window <= window_start, got {self.window}, {self.window_start}")
         if self.sinks < 1 or self.steps < 1 or self.batch_size < 1 or self.k < 1:
