@@ -355,7 +355,7 @@ def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], con
             result.update(model=spec.name, seed=seed, train_seconds=round(trained, 1),
                           score_seconds=round(time.perf_counter() - start - trained, 1),
                           window=attention(variant, run_config, 0)[0],
-                          config={**asdict(run_config), "finetune_text": list(run_config.finetune_text)})  # as read back
+                          config={**asdict(run_config), "finetune_text": list(run_config.finetune_text)})  # as JSON has it
             log.info("%s %s seed %s: %s", spec.name, variant.name, seed,
                      {k: v for k, v in result.items() if k != "config"})
             if journal is not None:
