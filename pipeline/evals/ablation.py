@@ -354,8 +354,8 @@ def run_ablation(spec, teacher, train_rows: list[dict], heldout: list[dict], con
             result = score_variant(spec, teacher, model, variant, run_config, heldout, free_rows, task, long_form)
             result.update(model=spec.name, seed=seed, train_seconds=round(trained, 1),
                           score_seconds=round(time.perf_counter() - start - trained, 1),
-                          window=attention(variant, run_config, 0)[0],
-                          config={**asdict(run_config), "finetune_text": list(run_config.finetune_text)})  # as JSON has it
+                          window=attention(variant, run_config, 0)[0],  # config: as JSON reads it back
+                          config={**asdict(run_config), "finetune_text": list(run_config.finetune_text)})
             log.info("%s %s seed %s: %s", spec.name, variant.name, seed,
                      {k: v for k, v in result.items() if k != "config"})
             if journal is not None:
