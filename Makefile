@@ -104,14 +104,17 @@ ablation: install
 	$(PY) -m benchmarks.ablation_table --from-json $(foreach m,$(MODELS),runs/ablation/$(m).json)
 	$(PY) -m benchmarks.window_chooser --teachers $(TEACHERS)
 
-# The stronger teachers (128 wide, 4 layers, the longer recipes of docs/results.md; not committed: 47-72
-# minutes each on one thread, the three side by side) and the headline table on them: teacher, the
+# The stronger teachers (128 wide, 4 layers, the longer recipes of docs/results.md; 47-72 minutes each
+# on one thread, the three side by side; committed under STRONG, benchmarks/teachers/strong, as each is
+# rebuilt, so what starts from them need not retrain them; rebuilt on another CPU than the records', they
+# are not the records' weights to the bit, and the tables below were measured on those) and the
+# headline table on them: teacher, the
 # full-attention control and WAND with both schedules at W = 32, 3 seeds, into the ablation-strong
 # blocks of the results page and the README, then the chooser against it. Killed, each continues when
 # run again. STRONG_STEPS=1200 (with STRONG_VARIANTS="teacher control wand_hold wand_hold_w8 wand_hold_w64
 # wand_hold_w128"): the longer fine-tune, into its own files and the results page's ablation-strong-1200
 # blocks, the chooser against its window sweep (the hold schedule) in chooser-strong-1200.
-STRONG ?= runs/teachers-strong
+STRONG ?= benchmarks/teachers/strong
 STRONG_RECORDS ?= $(addprefix benchmarks/results/teacher_longer_,wider_11k_cosyvoice2.json wider_positions_indextts.json wider_sparktts.json)
 STRONG_VARIANTS ?= teacher control wand wand_hold
 STRONG_STEPS ?= 300

@@ -297,3 +297,28 @@ def test_the_continued_teachers_block_links_each_run_to_its_source_by_sha256():
     assert rows[4].startswith("| 3: SparkTTS, 128 wide, 4 layers | run 2 | 1500:40:240:8 | 8,192 / 1 |") and "| n/a | n/a |" in rows[4]
     assert "| a teacher not listed (runs/x) |" in rows[5]
     assert rows[-1] == "- run 3: along its training, PER on 16 long-form rows / phoneme starts on the 32 curve rows: 250: 0.100 / 97.0%"
+
+
+def test_the_committed_stronger_teachers_are_trained_by_their_records_recipes():
+    """benchmarks/teachers/<set>/<model>: teachers rebuilt from a results record's recipe (about an hour
+    each on one core), committed so later experiments start from them instead of retraining. Each
+    verifies (every file against the sha256 in its teacher.json), loads, was trained by the recipe of the
+    record it names, and says truly whether its weights are that record's to the bit."""
+    import json
+    import re
+
+    from jobs.train_teachers import recipe_of
+    from pipeline.synthetic.teachers import record_spec
+
+    folders = sorted(path.parent for path in (ROOT / "benchmarks/teachers").glob("*/*/teacher.json"))
+    assert folders, "no committed teacher under benchmarks/teachers"
+    for folder in folders:
+        record = read_teacher_record(folder)  # every file against the sha256 in its teacher.json
+        source = json.loads((ROOT / record["reproduces"]["record"]).read_text())
+        assert folder.name == record["model"] == source["model"], folder
+        assert recipe_of(record) == recipe_of(source), folder
+        assert record["reproduces"]["same_weights"] == (record["files"] == source["files"]), folder
+        model = record_spec(record).load(str(folder))
+        assert sum(p.numel() for p in model.parameters()) == record["parameters"] == source["parameters"], folder
+    strong = re.search(r"^STRONG \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M).group(1)
+    assert (ROOT / strong) in {folder.parent for folder in folders}
