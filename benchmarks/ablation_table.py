@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import platform
 import sys
 import time
 from dataclasses import asdict
@@ -47,6 +46,7 @@ from pipeline.evals.journal import Journal
 from pipeline.evals.long_form import long_form_markdown
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, TEXT_LENGTHS
 from pipeline.synthetic.teachers import MINI_BACKBONE, read_teacher_record, record_spec
+from wand.profiling import cpu_device
 
 ROOT = Path(__file__).resolve().parents[1]
 FRESH_SEED = 2  # the students' fine-tuning rows: neither the teachers' training rows (0) nor held out (1)
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
         parser.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
-    device = f"CPU ({platform.machine()}, {torch.get_num_threads()} threads), torch {torch.__version__}"
+    device = f"{cpu_device(torch.get_num_threads())}, torch {torch.__version__}"
     results, teachers, notes, minutes = [], {}, {}, {}
     try:
         variants = sorted({name: variant_named(name) for name in args.variants}.values(),

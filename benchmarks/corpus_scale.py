@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import shutil
 import subprocess
@@ -37,6 +36,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from wand.profiling import cpu_device
 
 ROOT = Path(__file__).resolve().parents[1]
 CODES = 6561  # CosyVoice 2's speech_tokenizer_v2 codes (the real preset)
@@ -216,7 +217,7 @@ def summarize(results: list[dict]) -> dict:
     if len(results) > 1:
         goals.update({f"{step} peak at the largest within 10% of the smallest":
                       largest[step]["peak_mb"] <= 1.1 * smallest[step]["peak_mb"] for step in ("build", "check")})
-    return {"device": f"CPU {platform.machine()} ({os.cpu_count()} cores)", "sizes": results,
+    return {"device": cpu_device(cores=True), "sizes": results,
             "peak_growth": {step: round(largest[step]["peak_mb"] / smallest[step]["peak_mb"], 3)
                             for step in ("build", "check", "sample")},
             "goals": goals}

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import platform
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 import wand
+from wand.profiling import cpu_device
 from pipeline.docblocks import has_block, write_result
 from pipeline.evals.common import FAMILIES
 from pipeline.evals.ablation import AblationConfig, teacher_targets, train_student, variant_named
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         print(f"{name}: student {r['student_seconds_per_step']} s/step ({r['student_speedup']}x), teacher loop "
               f"{r['teacher_loop_seconds_per_step']} s/step ({r['teacher_loop_speedup']}x), students' weights "
               f"within {r['student_weights_max_abs_difference']:.1e}", flush=True)
-    saved = {"device": f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}", "results": results}
+    saved = {"device": f"{cpu_device(1)}, torch {torch.__version__}", "results": results}
     write_result(args.output, saved, table(saved), None if args.no_docs else args.docs, START, END)
     return 0
 

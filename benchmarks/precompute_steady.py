@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,6 +40,7 @@ from wand.models.weights import teacher_weights
 from pipeline.synthetic.teachers import read_teacher_record
 from wand.batch import collate
 from wand.models import get_spec
+from wand.profiling import cpu_device
 
 
 
@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(work, ignore_errors=True)
         ray.shutdown()
-    device = f"CPU ({platform.machine()}, 2 cores), torch {torch.__version__}"
+    device = f"{cpu_device(cores=True)}, torch {torch.__version__}"
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps({"device": device, "results": results}, indent=2) + "\n")
     print(f"wrote {args.output}")

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -37,7 +36,7 @@ import torch
 import wand
 from wand.generation import cache_kwarg_name
 from wand.models import get_spec
-from wand.profiling import cache_nbytes, timing_conditions
+from wand.profiling import cache_nbytes, cpu_device, timing_conditions
 from wand.static import StaticDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -133,7 +132,7 @@ def main() -> None:
     seconds_grid = [float(s) for s in args.seconds.split(",")]
     full_compile = "reduce-overhead" if cuda else "default"
     wand_mode = "graph" if cuda else "compile"
-    name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    name = torch.cuda.get_device_name() if cuda else cpu_device(torch.get_num_threads())
     torch.set_float32_matmul_precision("high")
     results = {"device": name, "dtype": str(dtype), "size": size, "steps": args.steps,
                "full": f"StaticCache + torch.compile({full_compile})", "wand": f"StaticDecoder ({wand_mode})",

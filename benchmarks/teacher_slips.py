@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
 import wand
+from wand.profiling import cpu_device
 from pipeline.docblocks import has_block, write_result
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, text_limit
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
     for directory in args.teachers:
         results.append(measure(directory, args.rows))
         print(f"{results[-1]['label']}: {results[-1]['all']}", flush=True)
-    saved = {"device": f"CPU ({platform.machine()}, 1 thread), torch {torch.__version__}", "results": results}
+    saved = {"device": f"{cpu_device(1)}, torch {torch.__version__}", "results": results}
     write_result(args.output, saved, table(saved), None if args.no_docs else args.docs, START, END)
     return 0
 

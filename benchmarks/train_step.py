@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -28,7 +27,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import wand
 from wand.losses import wand_loss
-from wand.profiling import timing_conditions
+from wand.profiling import cpu_device, timing_conditions
 from wand.topk import sparse_teacher_targets
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,7 +101,7 @@ def main() -> None:
     wand_model.load_state_dict(full_model.state_dict())
     rows = []
     with timing_conditions(device) as attention:
-        name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+        name = torch.cuda.get_device_name() if cuda else cpu_device(torch.get_num_threads())
         print(f"# {shape} shape, {dtype}, on {name}; full: model SDPA causal ({attention}); WAND: {backend}, "
               f"P={args.prefix}, W={args.window}; {tokens} tokens per step")
         print("| length | batch | full ms | WAND ms | WAND / full |")

@@ -35,7 +35,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import platform
 import sys
 from pathlib import Path
 
@@ -52,6 +51,7 @@ from pipeline.synthetic.teacher_tables import (committed_block, CURRICULUM_END, 
                                                TABLE_END, TABLE_START,
                                                WIDER_END, WIDER_START, wider_block)
 from wand.models import CausalLMSpec
+from wand.profiling import cpu_device
 
 TRAIN_SEED, HELDOUT_SEED = 0, 1
 SPOKEN_ROWS = 64  # held-out rows decoded free-running for the PER (issue 26: at least 64)
@@ -143,10 +143,10 @@ def training_device(name: str) -> torch.device:
 
 
 def device_name(device: torch.device) -> str:
-    """The training device as teacher.json records it: "CPU (x86_64)" or the GPU's name."""
+    """The training device as teacher.json records it: "CPU (x86_64, AMD EPYC)" or the GPU's name."""
     if device.type == "cuda":
         return f"CUDA ({torch.cuda.get_device_name(device)})"
-    return f"CPU ({platform.machine()})"
+    return cpu_device()
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,8 @@ from .cache import WandCache
 from .generation import cache_kwarg_name
 from .patch import enable_wand, is_enabled, original_forward
 
-__all__ = ["DecodeProfile", "profile_decode", "cache_nbytes", "bucket_stats", "timing_conditions"]
+__all__ = ["DecodeProfile", "profile_decode", "cache_nbytes", "bucket_stats", "timing_conditions", "cpu_model",
+           "cpu_device"]
 
 
 def cache_nbytes(cache) -> int:
@@ -159,8 +160,34 @@ def bucket_stats(step_seconds: list[float], bucket: int) -> list[tuple[int, floa
     return rows
 
 
+def cpu_model() -> str:
+    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), or its architecture where the system does not
+    say: records name it because two CPUs of one architecture train and time differently (the same recipe gave
+    other weights on another x86_64)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as info:
+            for line in info:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and value.strip():
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def cpu_device(threads: int | None = None, cores: bool = False) -> str:
+    """How records and tables name a CPU: "CPU (x86_64, AMD EPYC)", with ", 2 cores" and ", 1 thread" where
+    asked (the benchmarks that time say both)."""
+    parts = [platform.machine(), cpu_model()]
+    if cores:
+        parts.append(f"{os.cpu_count()} cores")
+    if threads is not None:
+        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
+    return f"CPU ({', '.join(dict.fromkeys(parts))})"
+
+
 def device_name(device: torch.device) -> str:
     """What a timing ran on, for tables and logs: the GPU's name, or the CPU with its cores and threads."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
+    return cpu_device(torch.get_num_threads(), cores=True)

@@ -180,6 +180,16 @@ def test_the_teacher_job_trains_on_the_cpu_here_and_names_a_missing_gpu(tmp_path
     from jobs.train_teachers import device_name, training_device
 
     assert training_device("auto") == torch.device("cpu") and device_name(torch.device("cpu")).startswith("CPU (")
+    # The record names the CPU's model, not only its architecture (the same recipe gave other weights on
+    # another x86_64): the first "model name" of /proc/cpuinfo, read here by a regular expression.
+    import platform
+    import re
+    from pathlib import Path as _Path
+
+    info = _Path("/proc/cpuinfo")
+    named = re.findall(r"^model name\s*:\s*(.+?)\s*$", info.read_text(), re.M) if info.exists() else []
+    model = named[0] if named else (platform.processor() or platform.machine())
+    assert device_name(torch.device("cpu")) == f"CPU ({platform.machine()}, {model})" or model == platform.machine()
     for bad, said in (("cuda", "use --device cpu"), ("cuda:3", "use --device cpu"), ("meta", "cpu or cuda"),
                       ("no such", "not a device")):
         with pytest.raises(ValueError, match=said):
