@@ -47,7 +47,7 @@ from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, MINI_BACKBONE, Phase, read_teacher_record,
                                          Resume, SIZE, spoken_quality, teacher_spec, train_teacher)
 from pipeline.synthetic.teacher_tables import (committed_block, CURRICULUM_END, CURRICULUM_START, curriculum_block,
-                                               LONG_END, LONG_START, long_block, LONGER_END, LONGER_START, longer_block,
+                                               long_block, long_markers, LONGER_END, LONGER_START, longer_block,
                                                TABLE_END, TABLE_START,
                                                WIDER_END, WIDER_START, wider_block)
 from wand.models import CausalLMSpec
@@ -198,7 +198,10 @@ def main(argv=None) -> int:
                              "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
     parser.add_argument("--continued", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers continued on longer texts and their sources "
-                             "(teacher.json records, in order) between DOC's teacher-long markers")
+                             "(teacher.json records, in order) between DOC's --long-block markers")
+    parser.add_argument("--long-block", default="teacher-long", metavar="NAME",
+                        help="the markers --continued renders between (default teacher-long; another chain of "
+                             "continuations gets a block of its own)")
     parser.add_argument("--init-from", type=Path, metavar="FOLDER",
                         help="continue the teachers in FOLDER/<model> (their weights and backbone) on --phases "
                              "instead of training from random weights, e.g. a last phase of longer texts")
@@ -246,13 +249,15 @@ def main(argv=None) -> int:
                         ("--continued", args.continued)):
         if value and not args.table:
             parser.error(f"{flag} goes with --table (it renders into the same document)")
+    if args.long_block != "teacher-long" and not args.continued:
+        parser.error("--long-block names the block --continued renders; give --continued RECORD ... too")
     if args.table:
         # Everything read and checked before the document is touched: it is written whole or not at all.
         text = args.table.read_text() if args.table.is_file() else ""
         markers = ([TABLE_START, TABLE_END] + ([LONGER_START, LONGER_END] if args.longer else [])
                    + ([WIDER_START, WIDER_END] if args.wider else [])
                    + ([CURRICULUM_START, CURRICULUM_END] if args.curriculum else [])
-                   + ([LONG_START, LONG_END] if args.continued else []))
+                   + (list(long_markers(args.long_block)) if args.continued else []))
         if not all(marker in text for marker in markers):
             parser.error(f"--table {args.table}: needs a document holding the markers {' '.join(markers)}")
         blocks = [(TABLE_START, TABLE_END, committed_block([read_teacher_record(args.output / name)
@@ -274,7 +279,8 @@ def main(argv=None) -> int:
             blocks.append((CURRICULUM_START, CURRICULUM_END,
                            curriculum_block([experiment("--curriculum", p) for p in args.curriculum])))
         if args.continued:
-            blocks.append((LONG_START, LONG_END, long_block([experiment("--continued", p)[1] for p in args.continued])))
+            blocks.append((*long_markers(args.long_block),
+                           long_block([experiment("--continued", p)[1] for p in args.continued])))
         for start, end, block in blocks:
             replace_block(args.table, start, end, block)
             print(block)

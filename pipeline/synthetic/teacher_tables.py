@@ -10,7 +10,7 @@ from wand.models import get_spec
 
 __all__ = ["TABLE_START", "TABLE_END", "LONGER_START", "LONGER_END", "WIDER_START", "WIDER_END", "CURRICULUM_START",
            "CURRICULUM_END", "dimensions", "backbone_label", "teacher_table", "committed_block", "phases_text",
-           "longer_block", "curriculum_block", "wider_block", "LONG_START", "LONG_END", "long_block"]
+           "longer_block", "curriculum_block", "wider_block", "LONG_START", "LONG_END", "long_block", "long_markers"]
 
 
 def dimensions(record: dict) -> str:
@@ -131,7 +131,13 @@ def wider_block(pairs: list[tuple[dict, dict]]) -> str:
     return "\n".join(lines)
 
 
-LONG_START, LONG_END = "<!-- teacher-long:start -->", "<!-- teacher-long:end -->"
+def long_markers(name: str = "teacher-long") -> tuple[str, str]:
+    """The markers of a block of continued teachers: one per chain (the records' chain, and a chain rebuilt
+    from another start, side by side)."""
+    return f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+
+
+LONG_START, LONG_END = long_markers()
 
 
 def long_block(records: list[dict]) -> str:
