@@ -109,8 +109,10 @@ def test_the_teachers_table_is_rendered_from_their_records():
 
 
 def test_the_continued_teachers_block_is_rendered_from_a_chain_of_records():
-    """docs/results.md's teacher-long block is what `make teachers-long` renders (`--continued` over the
-    stronger SparkTTS teacher and its two continuations on longer texts): each continuation started
+    """docs/results.md's teacher-long block is what `python -m jobs.train_teachers --table docs/results.md
+    --continued` renders over the records' first chain (the original stronger SparkTTS teacher and its
+    three continuations on longer texts; `make teachers-long` now renders the rebuilt chain's block, the
+    test below): each continuation started
     from the record before it (its source's sha256), and each was scored on the long-form rows."""
     import json
 
@@ -124,6 +126,29 @@ def test_the_continued_teachers_block_is_rendered_from_a_chain_of_records():
         assert run["train"]["init_from"]["files"] == source["files"]
     assert all(r["long_form"]["spoken_rows"] == 64 for r in records)
     assert read_block(ROOT / "docs/results.md", LONG_START, LONG_END) == long_block(records)
+
+
+def test_the_rebuilt_long_form_teacher_block_is_rendered_from_the_committed_start_and_its_record():
+    """docs/results.md's teacher-long-rebuilt block is what `make teachers-long` renders: the committed
+    stronger SparkTTS teacher (make's STRONG) and its continuation, whose record names that very start
+    (its sha256s) and was scored on the 64 long-form rows; the committed long-form teacher (make's
+    LONG_TEACHER, the one `make ablation-long` starts from) is that continuation."""
+    import json
+    import re
+
+    from pipeline.docblocks import read_block
+    from pipeline.synthetic.teacher_tables import long_block, long_markers
+
+    make = (ROOT / "Makefile").read_text()
+    strong = re.search(r"^STRONG \?= (\S+)", make, re.M).group(1)
+    committed = re.search(r"^LONG_TEACHER \?= (\S+)", make, re.M).group(1)
+    record_path = re.search(r"--recipe (\S+) --init-from \$\(STRONG\)", make).group(1)
+    start = json.loads((ROOT / strong / "sparktts" / "teacher.json").read_text())
+    record = json.loads((ROOT / record_path).read_text())
+    assert record["train"]["init_from"]["files"] == start["files"]
+    assert record["long_form"]["spoken_rows"] == 64 and record["long_form"]["per"] <= 0.05
+    assert json.loads((ROOT / committed / "sparktts" / "teacher.json").read_text()) == record
+    assert read_block(ROOT / "docs/results.md", *long_markers("teacher-long-rebuilt")) == long_block([start, record])
 
 
 def test_the_longer_teacher_block_is_rendered_from_the_records():

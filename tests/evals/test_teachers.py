@@ -215,8 +215,9 @@ def test_a_teacher_trained_elsewhere_comes_back_on_the_cpu():
 
 
 def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path):
-    """`--table DOC [--longer RECORD] [--wider RECORD ...]`: a document without the markers, or a record that is not a
-    teacher.json, is refused naming the flag, and the document is left as it was."""
+    """`--table DOC [--longer RECORD] [--wider RECORD ...]`: a document without the markers (also a
+    --long-block it lacks), or a record that is not a teacher.json, is refused naming the flag, and the
+    document is left as it was."""
     import subprocess
     import sys
 
@@ -237,7 +238,10 @@ def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path)
                        (["--table", str(doc), "--curriculum", str(bad)], "not a teacher.json record"),
                        (["--longer", str(bad)], "--longer goes with --table"),
                        (["--continued", str(bad)], "--continued goes with --table"),
-                       (["--table", str(doc), "--continued", str(bad)], "not a teacher.json record")):
+                       (["--table", str(doc), "--continued", str(bad)], "not a teacher.json record"),
+                       (["--table", str(doc), "--long-block", "teacher-long-rebuilt"], "give --continued"),
+                       (["--table", str(doc), "--long-block", "no-such-block", "--continued",
+                         str(ROOT / "benchmarks/results/teacher_long_rebuilt_sparktts.json")], "no-such-block:start")):
         run = subprocess.run([sys.executable, "-m", "jobs.train_teachers", *args], cwd=ROOT, env=env,
                              capture_output=True, text=True, timeout=120)
         assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-500:])
