@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from wand.profiling import cpu_device
+from wand.machine import cpu_device
 
 ROOT = Path(__file__).resolve().parents[1]
 CODES = 6561  # CosyVoice 2's speech_tokenizer_v2 codes (the real preset)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -14,6 +12,7 @@ import torch
 from transformers.cache_utils import DynamicCache
 
 from .cache import WandCache
+from .machine import cpu_device, cpu_model  # noqa: F401  (re-exported)
 from .generation import cache_kwarg_name
 from .patch import enable_wand, is_enabled, original_forward
 
@@ -158,32 +157,6 @@ def bucket_stats(step_seconds: list[float], bucket: int) -> list[tuple[int, floa
         if chunk:
             rows.append((start, chunk[len(chunk) // 2], chunk[min(len(chunk) - 1, int(0.9 * len(chunk)))]))
     return rows
-
-
-def cpu_model() -> str:
-    """The CPU's model name ("AMD EPYC", "Intel(R) Xeon(R) ..."), or its architecture where the system does not
-    say: records name it because two CPUs of one architecture train and time differently (the same recipe gave
-    other weights on another x86_64)."""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as info:
-            for line in info:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name" and value.strip():
-                    return value.strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
-def cpu_device(threads: int | None = None, cores: bool = False) -> str:
-    """How records and tables name a CPU: "CPU (x86_64, AMD EPYC)", with ", 2 cores" and ", 1 thread" where
-    asked (the benchmarks that time say both)."""
-    parts = [platform.machine(), cpu_model()]
-    if cores:
-        parts.append(f"{os.cpu_count()} cores")
-    if threads is not None:
-        parts.append(f"{threads} thread{'s' if threads != 1 else ''}")
-    return f"CPU ({', '.join(dict.fromkeys(parts))})"
 
 
 def device_name(device: torch.device) -> str:
