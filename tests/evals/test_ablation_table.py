@@ -5,6 +5,7 @@ import pytest
 
 from benchmarks.ablation_table import merged, seeds_text, variant_order, wand_variants
 from pipeline.evals.ablation import VARIANTS, variant_named, wand_at
+from pipeline.evals.common import FAMILIES
 
 
 def result(model, variant, seed=None, window=32):
@@ -109,16 +110,28 @@ def test_the_chooser_is_judged_by_the_smallest_w_whose_student_passes():
     assert "WAND student (hold schedule) at W" in side_by_side(chooser, verdicts, "hold")
 
 
-def test_make_ablation_runs_every_variant_and_the_sweep_the_chooser_reads():
+def test_make_ablation_and_its_sweep_run_every_variant_and_the_sweep_the_chooser_reads():
     import re
+    import subprocess
     from pathlib import Path
 
     from benchmarks.window_chooser import SWEEP
 
-    makefile = (Path(__file__).resolve().parents[2] / "Makefile").read_text()
-    names = re.search(r"^ABLATION_VARIANTS \?= (.+)$", makefile, re.M).group(1).split()
-    assert {v.name for v in VARIANTS} | set(SWEEP) <= set(names)
-    assert all(variant_named(name).name == name for name in names)
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
+    table = re.search(r"^ABLATION_VARIANTS \?= (.+)$", makefile, re.M).group(1).split()
+    sweep = re.search(r"^SWEEP_VARIANTS \?= (.+)$", makefile, re.M).group(1).split()
+    assert not set(table) & set(sweep)  # a (variant, seed) in both parts would be refused when they are merged
+    assert {v.name for v in VARIANTS} | set(SWEEP) <= set(table) | set(sweep)
+    assert all(variant_named(name).name == name for name in table + sweep)
+    # What make would run (-n): each part trains its own variants; the sweep renders both parts, then the chooser.
+    dry = {target: subprocess.run(["make", "-n", "-s", target], cwd=root, capture_output=True, text=True,
+                                  check=True).stdout for target in ("ablation", "ablation-sweep")}
+    assert f"--variants {' '.join(table)} --output runs/ablation/" in dry["ablation"]
+    assert f"--variants {' '.join(sweep)} --output runs/ablation-sweep/" in dry["ablation-sweep"]
+    parts = [f"runs/{part}/{m}.json" for part in ("ablation", "ablation-sweep") for m in FAMILIES]
+    assert f"--from-json {' '.join(parts)}" in dry["ablation-sweep"]
+    assert dry["ablation-sweep"].rstrip().splitlines()[-1].split()[1:3] == ["-m", "benchmarks.window_chooser"]
 
 
 def test_length_groups_are_checked_before_a_run_and_named_in_the_table_header():
