@@ -111,6 +111,7 @@ def test_the_chooser_is_judged_by_the_smallest_w_whose_student_passes():
 
 
 def test_make_ablation_and_its_sweep_run_every_variant_and_the_sweep_the_chooser_reads():
+    import os
     import re
     import subprocess
     from pathlib import Path
@@ -125,8 +126,10 @@ def test_make_ablation_and_its_sweep_run_every_variant_and_the_sweep_the_chooser
     assert {v.name for v in VARIANTS} | set(SWEEP) <= set(table) | set(sweep)
     assert all(variant_named(name).name == name for name in table + sweep)
     # What make would run (-n): each part trains its own variants; the sweep renders both parts, then the chooser.
-    dry = {target: subprocess.run(["make", "-n", "-s", target], cwd=root, capture_output=True, text=True,
-                                  check=True).stdout for target in ("ablation", "ablation-sweep")}
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # not a sub-make's
+    dry = {target: subprocess.run(["make", "-n", "-s", "--no-print-directory", target], cwd=root, env=env,
+                                  capture_output=True, text=True, check=True).stdout
+           for target in ("ablation", "ablation-sweep")}
     assert f"--variants {' '.join(table)} --output runs/ablation/" in dry["ablation"]
     assert f"--variants {' '.join(sweep)} --output runs/ablation-sweep/" in dry["ablation-sweep"]
     parts = [f"runs/{part}/{m}.json" for part in ("ablation", "ablation-sweep") for m in FAMILIES]
