@@ -27,6 +27,7 @@ class Thresholds:
     stops: float = 0.98  # fraction of rows that end with the stop id
     length_ratio: tuple[float, float] = (0.9, 1.1)  # median generated / reference length
     teacher_per: float = 0.05  # a teacher above it says too little of the text to judge a student by
+    teacher_phoneme_starts: float = 0.97  # issue 26's teacher gate: top-1 where only the text says what comes
     level: float = 0.95
     resamples: int = 10_000
 

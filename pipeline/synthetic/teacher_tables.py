@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 from pipeline.evals.common import FAMILY_NAMES
+from pipeline.synthetic.teacher_projection import projection_lines
 from pipeline.synthetic.teachers import MINI_BACKBONE
 from wand.models import get_spec
 
@@ -145,7 +146,8 @@ def long_block(records: list[dict]) -> str:
     each run trained, what it says at the held-out lengths and on the results table's long-form rows
     (its ``long_form``, from ``--long-rows``), which run it continued (matched by the source's sha256
     among the records), its rows and batch order (``--rows``, ``--seed``), and the long-form PER along
-    each continuation's curve."""
+    each continuation's curve; under a chain of two or more continuations of one recipe, where more of
+    it leads (``teacher_projection``)."""
     lines = ["| run | continues | phases | rows per phase / batch-order seed | lr | PER held-out (rows) | at phoneme starts | "
              "PER long form (rows) | long form: stops / length | training |", "|---|---|---|---|---|---|---|---|---|---|"]
     for n, r in enumerate(records, 1):
@@ -168,4 +170,5 @@ def long_block(records: list[dict]) -> str:
             lines.append(f"- run {n}: along its training, PER on {rows}long-form rows / "
                          f"phoneme starts on the {r['curve']['rows']} curve rows: "
                          + ", ".join(f"{p['step']:,}: {p['long_per']:.3f} / {p['accuracy_phoneme_starts']:.1%}" for p in points))
+    lines += projection_lines(records)  # where more of the last run's recipe leads (two or more of it in a row)
     return "\n".join(lines).rstrip()
