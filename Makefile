@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: docs screenshots install browser precompute-bench demo stop demo-generate teachers ablation ablation-sweep teachers-strong ablation-strong teachers-long ablation-long test test-fast bench gpu-check gpu-wheels clean
+.PHONY: docs screenshots install browser precompute-bench demo stop demo-generate teachers ablation ablation-sweep teachers-strong ablation-strong ablation-gate teachers-long ablation-long test test-fast bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -152,6 +152,23 @@ ablation-strong: install
 	  --readme $(if $(STRONG_TAG),docs/results.md,README.md)
 	$(PY) -m benchmarks.window_chooser --teachers $(STRONG) --table benchmarks/results/ablation_table_strong$(subst -,_,$(STRONG_TAG)).json \
 	  --output benchmarks/results/window_chooser_strong.json --block chooser-strong$(STRONG_TAG) --schedule $(if $(STRONG_TAG),hold,paper)
+
+# WAND against the control on the CosyVoice 2 teacher that meets the teacher gate (GATE_TEACHER,
+# benchmarks/teachers/continued3: the stronger teacher continued three times, PER 0.0496 and 97.4% at
+# phoneme starts; the results page's continuation chain): ablation-strong's recipe (teacher, control,
+# WAND with both schedules at W = 32, 300 steps, its seeds), one process per seed side by side (15 minutes on 2 cores; the
+# teacher in the first), into the results page's ablation-gate blocks. Killed, it continues when run again.
+GATE_TEACHER ?= benchmarks/teachers/continued3
+GATE_RUNS ?= runs/ablation-gate
+ablation-gate: install
+	mkdir -p $(GATE_RUNS)
+	pids=""; for s in $(STRONG_SEEDS); do $(PY) -m benchmarks.ablation_table --models cosyvoice2 --threads 1 --no-readme \
+	  --teachers $(GATE_TEACHER) --variants $$(test $$s = $(firstword $(STRONG_SEEDS)) && echo teacher) control wand wand_hold \
+	  --steps 300 --seeds $$s --long-rows 0 --length-groups 2 --output $(GATE_RUNS)/seed$$s.json \
+	  > $(GATE_RUNS)/seed$$s.log 2>&1 & pids="$$pids $$!"; done; \
+	for p in $$pids; do wait $$p || { echo "a seed failed: see $(GATE_RUNS)/*.log"; exit 1; }; done
+	$(PY) -m benchmarks.ablation_table --from-json $(foreach s,$(STRONG_SEEDS),$(GATE_RUNS)/seed$(s).json) \
+	  --output benchmarks/results/ablation_table_gate.json --block ablation-gate --readme docs/results.md
 
 # Long form within the teacher's competence (issue 26, item 5): the stronger SparkTTS teacher (STRONG)
 # continued on texts of 40-240 phonemes, the long-form rows' 180-240 included (`jobs.train_teachers

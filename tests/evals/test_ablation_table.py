@@ -137,6 +137,36 @@ def test_make_ablation_and_its_sweep_run_every_variant_and_the_sweep_the_chooser
     assert dry["ablation-sweep"].rstrip().splitlines()[-1].split()[1:3] == ["-m", "benchmarks.window_chooser"]
 
 
+def test_make_ablation_gate_trains_each_seed_in_its_own_process_and_the_teacher_once(tmp_path):
+    """`make ablation-gate` run for real with PY=echo (each process's command line lands in its log):
+    one process per seed with the control and both WAND schedules, the teacher in the first seed's
+    process only (a (model, variant, seed) twice would be refused by the merge), all from GATE_TEACHER,
+    then one render of the seeds' files into the results page's ablation-gate blocks."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    makefile = (root / "Makefile").read_text()
+    seeds = re.search(r"^STRONG_SEEDS \?= (.+)$", makefile, re.M).group(1).split()
+    teacher = re.search(r"^GATE_TEACHER \?= (\S+)$", makefile, re.M).group(1)
+    assert (root / teacher / "cosyvoice2" / "teacher.json").is_file()
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "-s", "--no-print-directory", "-o", "install", "ablation-gate", "PY=echo",
+                          f"GATE_RUNS={tmp_path}"], cwd=root, env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    for n, seed in enumerate(seeds):
+        line = (tmp_path / f"seed{seed}.log").read_text().split()
+        variants = line[line.index("--variants") + 1:line.index("--steps")]
+        assert variants == (["teacher"] if n == 0 else []) + ["control", "wand", "wand_hold"]
+        assert all(variant_named(v).name == v for v in variants)
+        assert line[line.index("--seeds") + 1] == seed and line[line.index("--teachers") + 1] == teacher
+    render = out.stdout.split()
+    assert render[render.index("--from-json") + 1:render.index("--output")] == [f"{tmp_path}/seed{s}.json" for s in seeds]
+    assert render[render.index("--block") + 1] == "ablation-gate"
+
+
 def test_length_groups_are_checked_before_a_run_and_named_in_the_table_header():
     import subprocess
     import sys
