@@ -117,15 +117,15 @@ def projection_lines(records: list[dict]) -> list[str]:
         head = (f"- projection of {label} over {span} (each {t['steps']:,}-step continuation at lr {t['lr']:g} "
                 f"gaining a constant fraction of the one before, fit to {len(values) - 1} gains): ")
         if p.ratio is None:
-            lines.append(head + "the gains do not shrink steadily: no limit from this curve")
-            continue
-        if p.reached_after == 0:
+            verdict = "the gains do not shrink steadily: no limit from this curve"
+        elif p.reached_after == 0:
             verdict = f"meets {fmt.format(goal)} already"
         elif p.reached_after is not None:
             verdict = f"reaches {fmt.format(goal)} after {p.reached_after} more"
         else:
             verdict = f"the limit misses {fmt.format(goal)}: more of this recipe does not reach it"
-        lines.append(head + f"ratio {p.ratio:.2f}; next {fmt.format(p.next)}, limit {fmt.format(p.limit)}; {verdict}")
+        fit = "" if p.ratio is None else f"ratio {p.ratio:.2f}; next {fmt.format(p.next)}, limit {fmt.format(p.limit)}; "
+        lines.append(head + fit + verdict)
         before = hindcast(values, goal, lower)
         if before is not None:
             said = "no limit" if before.next is None else f"next {fmt.format(before.next)}"

@@ -395,3 +395,7 @@ def test_a_projection_follows_the_last_runs_sources_of_one_recipe_and_leaves_bra
     assert "next 0.043, limit 0.040; meets 0.050 already" in lines[0]
     assert lines[1] == "  - made without run 5, the same projection said next 0.046; run 5 measured 0.046"
     assert "projection of phoneme starts" in lines[2] and "limit 96.0%; the limit misses 97.0%" in lines[2]
+    worse = record("d", 0.06, 0.959, "c")  # a gain of the other sign: no limit, but the hindcast still shown
+    lines = projection_lines([start, one, two, branch, three, worse])
+    assert lines[0].endswith("fit to 4 gains): the gains do not shrink steadily: no limit from this curve")
+    assert lines[1] == "  - made without run 6, the same projection said next 0.043; run 6 measured 0.060"
