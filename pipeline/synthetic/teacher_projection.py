@@ -72,22 +72,27 @@ def project(values: list[float], goal: float, lower_is_better: bool, key: str = 
     if len(values) < 3:
         raise ValueError(f"a projection needs the start and at least 2 continuations, got {len(values)} figures")
     gains = np.diff(np.asarray(values, dtype=float))
-    ratio = next_value = limit = reached = None
+    n = len(gains)
+    ratio = next_value = limit = reached = fitted = None
     if np.all(gains != 0) and (np.all(gains > 0) or np.all(gains < 0)):
-        slope, intercept = np.polyfit(np.arange(1, len(gains) + 1), np.log(np.abs(gains)), 1)
+        slope, intercept = np.polyfit(np.arange(1, n + 1), np.log(np.abs(gains)), 1)
         if slope < 0:  # shrinking gains: a geometric series with a limit
             ratio = math.exp(slope)
             sign = math.copysign(1.0, gains[0])
-            gain_at = lambda i: sign * math.exp(intercept + slope * i)  # noqa: E731
-            next_value = values[-1] + gain_at(len(gains) + 1)
-            limit = values[-1] + gain_at(len(gains) + 1) / (1 - ratio)
+
+            def gain_at(i: int) -> float:  # the fitted gain of continuation i (1: the first)
+                return sign * math.exp(intercept + slope * i)
+
+            fitted = gain_at
+            next_value = values[-1] + gain_at(n + 1)
+            limit = values[-1] + gain_at(n + 1) / (1 - ratio)
     projection = Projection(key, tuple(values), ratio, next_value, limit, goal, lower_is_better, None)
     if projection.meets(values[-1]):
         reached = 0
-    elif ratio is not None:
+    elif fitted is not None:
         value = values[-1]
         for k in range(1, MAX_STEPS_AHEAD + 1):
-            value += sign * math.exp(intercept + slope * (len(gains) + k))
+            value += fitted(n + k)
             if projection.meets(value):
                 reached = k
                 break
