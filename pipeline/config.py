@@ -215,6 +215,9 @@ class EvalConfig(BaseModel):
     windows: list[Annotated[int, Field(ge=1)]] = Field([4, 8, 16, 32, 64, 128], min_length=1,
                                                        description="W values for the window chooser")
     latency_buckets: int = Field(10, ge=1)
+    latency_repeats: int = Field(
+        3, ge=1, le=20, description="timed decodes per model; a step's time is its fastest of them (another "
+        "process on the machine only ever adds time, so one busy moment cannot tilt the late/early ratio)")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda|cuda:[0-9]{1,3})$",
                         description="auto (cuda if available) | cpu | cuda | cuda:N")
     num_gpus: float | Literal["auto"] = Field(

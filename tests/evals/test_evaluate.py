@@ -223,3 +223,19 @@ def test_the_training_corpus_is_refused_as_held_out_unless_allowed():
     DistillConfig(**base, evaluate={"allow_training_corpus": True})
     DistillConfig(**base, evaluate={"corpus": "runs/corpus/x-heldout"})
     DistillConfig(**base, evaluate={"enabled": False})
+
+
+def test_a_busy_spell_in_one_decode_does_not_tilt_the_latency_ratio():
+    from pipeline.evals.memory import fastest_steps
+    from wand.profiling import bucket_stats
+
+    flat = [0.004] * 100
+    busy = flat[:80] + [0.009] * 20  # another process took the CPU late in this decode
+    slow_start = [0.007] * 20 + flat[20:]
+    steps = fastest_steps([busy, slow_start, flat])
+    assert steps == [min(a, b, c) for a, b, c in zip(busy, slow_start, flat)]
+    stats = bucket_stats(steps, 10)
+    assert stats[-1][1] / stats[1][1] == 1.0
+    assert bucket_stats(busy, 10)[-1][1] / bucket_stats(busy, 10)[1][1] > 2  # one decode alone would miss the gate
+    with pytest.raises(ValueError):
+        fastest_steps([flat, flat[:50]])  # repeats of one greedy decode have one length
