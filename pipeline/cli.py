@@ -335,8 +335,9 @@ def load_experiments(model: type[T], parser: argparse.ArgumentParser, argv: list
     configs = []
     for entry in entries:
         values = _merge(entry, overrides)
-        if args.root is not None:
-            values = _rooted(values, args.root.resolve())
+        # Always rooted: Ray Train runs its workers in a folder of its own (the run's artifacts), where
+        # a relative path such as teachers/cosyvoice2 names nothing.
+        values = _rooted(values, (args.root or Path.cwd()).resolve())
         try:
             configs.append(model.model_validate(values))
         except (ValidationError, ValueError) as err:

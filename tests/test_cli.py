@@ -15,14 +15,22 @@ def load(*argv):
     return load_experiments(DistillConfig, argparse.ArgumentParser(), list(argv))[0]
 
 
-def test_the_embedded_default_holds_the_three_families():
-    configs = load("--config", str(ROOT / "jobs/configs/tiny.yaml"))
+def test_the_embedded_default_holds_the_three_families(monkeypatch, tmp_path):
+    monkeypatch.delenv("WAND_ROOT", raising=False)
+    monkeypatch.chdir(ROOT)
+    configs = load("--config", "jobs/configs/tiny.yaml")
     assert [c.model for c in configs] == ["cosyvoice2", "indextts", "sparktts"]
     assert all(c.model_size == "mini" and c.curriculum.stages == 2 for c in configs)
-    assert [c.teacher_source for c in configs] == [f"teachers/{c.model}" for c in configs]
-    assert all((ROOT / c.teacher_source / "teacher.json").exists() for c in configs)  # committed
-    assert configs[1].evaluate.corpus == "runs/corpus/syn-indextts-heldout"
+    # Without --root, relative paths are under the current directory, made absolute here: Ray Train's
+    # workers run in a folder of their own, where teachers/cosyvoice2 would name nothing.
+    assert [c.teacher_source for c in configs] == [str(ROOT / "teachers" / c.model) for c in configs]
+    assert all((Path(c.teacher_source) / "teacher.json").exists() for c in configs)  # committed
+    assert configs[1].evaluate.corpus == str(ROOT / "runs/corpus/syn-indextts-heldout")
     assert configs[1].evaluate.windows == [4, 8, 16, 32]  # defaults merged into the entry
+    monkeypatch.chdir(tmp_path)
+    (elsewhere,) = load("--config", str(ROOT / "jobs/configs/tiny.yaml"), "--only", "indextts")
+    assert elsewhere.corpus == str(tmp_path / "runs/corpus/syn-indextts")
+    assert elsewhere.teacher_source == "teachers/indextts"  # no such folder here: left as given (could be an HF id)
 
 
 def test_set_only_and_root(tmp_path):

@@ -34,9 +34,10 @@ def fresh_shell(home: Path, tmp: Path, **extra: str) -> dict[str, str]:
             "TORCH_EXTENSIONS_DIR": str(ROOT / ".cache" / "torch_extensions"), **extra}
 
 
-def run(job: str, args: list[str], env: dict, timeout: float = 900) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", f"jobs.{job}", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+def run(job: str, args: list[str], env: dict, cwd: Path, timeout: float = 900) -> subprocess.CompletedProcess:
+    """``python <repo>/jobs/<job>.py`` from the user's own folder ``cwd``."""
+    return subprocess.run([sys.executable, str(ROOT / "jobs" / f"{job}.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture
@@ -51,17 +52,18 @@ def shell():
 
 
 def experiment_args(tmp: Path, mlflow_uri: str | None = None) -> list[str]:
+    """Paths relative to ``tmp``, the folder the jobs run from (no --root: the current directory)."""
     spec = get_spec("sparktts", "tiny")
     for name, rows, seed in (("corpus", 12, 3), ("heldout", 4, 4)):
         (tmp / name).mkdir(exist_ok=True)
         pq.write_table(pa.Table.from_pylist(corpus_rows(spec, rows, seed=seed, min_gen=6, max_gen=12)),
                        tmp / name / "c.parquet")
-    sets = {"model_size": "tiny", "teacher_source": "null", "corpus": tmp / "corpus", "shards": tmp / "topk",
-            "storage": tmp / "checkpoints", "evaluate.corpus": tmp / "heldout", "precompute.k": 8,
+    sets = {"model_size": "tiny", "teacher_source": "null", "corpus": "corpus", "shards": "topk",
+            "storage": "checkpoints", "evaluate.corpus": "heldout", "precompute.k": 8,
             "curriculum.stages": 1, "curriculum.window_start": 8, "curriculum.window_target": 4,
             "train.num_workers": 1, "train.batch_size": 4, "evaluate.rows": 2, "evaluate.seconds": "[1]",
             "evaluate.windows": "[4]", "evaluate.latency_buckets": 2, "tracking.uri": mlflow_uri or "null"}
-    args = ["--config", "jobs/configs/tiny.yaml", "--only", "sparktts", "--root", str(ROOT)]
+    args = ["--config", str(ROOT / "jobs/configs/tiny.yaml"), "--only", "sparktts"]
     for key, value in sets.items():
         args += ["--set", f"{key}={value}"]
     return args
@@ -78,7 +80,7 @@ def test_every_job_that_starts_ray_runs_from_a_fresh_shell(shell, mlflow_server)
     (shell / "tmp" / "ray" / "ray_current_cluster").write_text(f"127.0.0.1:{free_port()}")
     outputs = []
     for job, extra in (("distill", []), ("precompute", []), ("train_stage", ["--stage", "1"]), ("evaluate", [])):
-        out = run(job, args + extra, env)
+        out = run(job, args + extra, env, shell)
         outputs += [out.stdout, out.stderr]
         assert out.returncode == 0, f"{job}: {out.stderr[-3000:]}"
         assert "Started a local Ray instance" in out.stderr, job  # its own, not one it found
@@ -108,7 +110,7 @@ def test_every_job_that_starts_ray_runs_from_a_fresh_shell(shell, mlflow_server)
                                                           "no node of this Ray cluster has these labels")])
 def test_a_request_no_node_can_hold_is_refused_before_anything_is_written(shell, setting, message):
     args = experiment_args(shell) + ["--set", setting]
-    out = run("precompute", args, fresh_shell(shell / "home", shell / "tmp"), timeout=300)
+    out = run("precompute", args, fresh_shell(shell / "home", shell / "tmp"), shell, timeout=300)
     assert out.returncode == 2, out.stderr[-2000:]
     assert message in out.stderr
     assert "Traceback" not in out.stderr and not (shell / "topk").exists()
@@ -118,7 +120,7 @@ def test_an_unreachable_ray_address_fails_in_bounded_time_naming_it(shell):
     port = free_port()  # nothing listens there
     env = fresh_shell(shell / "home", shell / "tmp", RAY_ADDRESS=f"127.0.0.1:{port}", WAND_RAY_CONNECT_S="2")
     start = time.monotonic()
-    out = run("precompute", experiment_args(shell), env, timeout=120)
+    out = run("precompute", experiment_args(shell), env, shell, timeout=120)
     assert out.returncode != 0 and time.monotonic() - start < 60
     assert f"RAY_ADDRESS=127.0.0.1:{port}: no Ray cluster answered at 127.0.0.1:{port} within 2 s" in out.stderr
     assert "Traceback" not in out.stderr and not (shell / "topk").exists()
