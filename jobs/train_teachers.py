@@ -88,6 +88,15 @@ RECIPE_FLAGS = {
 }
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def repo_relative(path: Path) -> str:
+    """A path inside this repository as the repository names it (records are read from any checkout)."""
+    absolute = path.resolve()
+    return str(absolute.relative_to(REPO)) if absolute.is_relative_to(REPO) else str(path)
+
+
 def recipe_of(record: dict) -> dict:
     """The training flags (argparse dests) of the run a teacher.json record describes; ValueError where
     the record is of another corpus or preset than this job trains."""
@@ -349,7 +358,8 @@ def main(argv=None) -> int:
                 "files": {p.name: file_sha256(p) for p in files},
             }
             if reproduce is not None:  # the same weights to the bit, or not (another torch, CPU or device)
-                record["reproduces"] = {"record": str(args.recipe), "same_weights": record["files"] == reproduce.get("files")}
+                record["reproduces"] = {"record": repo_relative(args.recipe),
+                                        "same_weights": record["files"] == reproduce.get("files")}
                 print(f"{name}: the weights are {'' if record['reproduces']['same_weights'] else 'NOT '}those of "
                       f"{args.recipe} (sha256 of {', '.join(record['files'])})", flush=True)
         # The stated quality: teacher-forced top-1 accuracy against the corpus tokens on held-out rows,

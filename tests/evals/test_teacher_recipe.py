@@ -118,3 +118,13 @@ def test_a_teacher_continued_on_longer_texts_records_its_source_and_trains_again
         refused = job(*flags, "--output", str(tmp_path / "d"))
         assert refused.returncode == 2 and said in refused.stderr, (flags, refused.stderr[-500:])
     assert not (tmp_path / "d").exists()  # refused before anything was written
+
+
+def test_a_rebuild_names_a_record_in_the_repository_as_the_repository_does(tmp_path, monkeypatch):
+    from jobs.train_teachers import repo_relative
+
+    monkeypatch.chdir(tmp_path)  # given absolute or from elsewhere, a record of this repository reads the same
+    inside = ROOT / "benchmarks/results/teacher_longer_wider_positions_indextts.json"
+    assert repo_relative(inside) == "benchmarks/results/teacher_longer_wider_positions_indextts.json"
+    assert (ROOT / repo_relative(inside)).is_file()
+    assert repo_relative(tmp_path / "teacher.json") == str(tmp_path / "teacher.json")  # elsewhere: as given

@@ -330,6 +330,7 @@ def test_the_committed_stronger_teachers_are_trained_by_their_records_recipes():
     for folder in folders:
         record = read_teacher_record(folder)  # every file against the sha256 in its teacher.json
         if "reproduces" in record:  # a record's recipe run again
+            assert not Path(record["reproduces"]["record"]).is_absolute(), folder  # read from any checkout
             source = json.loads((ROOT / record["reproduces"]["record"]).read_text())
             assert record["reproduces"]["same_weights"] == (record["files"] == source["files"]), folder
         else:  # a run of its own: its record is in benchmarks/results, the very same
