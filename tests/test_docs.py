@@ -129,9 +129,10 @@ def test_the_continued_teachers_block_is_rendered_from_a_chain_of_records():
     assert read_block(ROOT / "docs/results.md", LONG_START, LONG_END) == long_block(records)
 
 
-def test_the_cosyvoice2_continuation_chain_and_its_projection_are_rendered_from_the_records():
-    """docs/results.md's teacher-continued-cosyvoice2 block is what the command the page names renders
-    over the records it names, in that order: the committed stronger CosyVoice 2 teacher and its
+@pytest.mark.parametrize("name", ["cosyvoice2", "indextts"])
+def test_a_continuation_chain_and_its_projection_are_rendered_from_the_records(name):
+    """docs/results.md's teacher-continued-<name> block is what the command the page names renders
+    over the records it names, in that order: the committed stronger teacher of that family and its
     continuations, each from a run listed before it (its source's sha256), and under them the projection
     (pipeline/synthetic/teacher_projection.py) of where more of the recipe leads."""
     import json
@@ -141,12 +142,13 @@ def test_the_cosyvoice2_continuation_chain_and_its_projection_are_rendered_from_
     from pipeline.synthetic.teacher_tables import long_block, long_markers
 
     page = (ROOT / "docs/results.md").read_text()
-    command = re.search(r"--long-block teacher-continued-cosyvoice2 --continued\s+(.*?)`", page, re.S).group(1)
-    records = [json.loads((ROOT / name).read_text()) for name in command.split()]
-    assert len(records) >= 3
+    command = re.search(rf"--long-block teacher-continued-{name} --continued\s+(.*?)`", page, re.S).group(1)
+    records = [json.loads((ROOT / path).read_text()) for path in command.split()]
+    assert len(records) >= 3 and {r["model"] for r in records} == {name}
+    assert records[0] == json.loads((ROOT / f"benchmarks/teachers/strong/{name}/teacher.json").read_text())
     for n, run in enumerate(records[1:], 1):  # a continuation of a run listed before it (a branch may be)
         assert run["train"]["init_from"]["files"] in [r["files"] for r in records[:n]]
-    block = read_block(ROOT / "docs/results.md", *long_markers("teacher-continued-cosyvoice2"))
+    block = read_block(ROOT / "docs/results.md", *long_markers(f"teacher-continued-{name}"))
     assert block == long_block(records) and "- projection of PER over runs 1, 2, 3" in block
 
 
