@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 
 from pipeline.docblocks import has_block, replace_block
-from pipeline.evals.ablation import AblationConfig, finetune_rows, long_form_rows, run_ablation, variant_named, VARIANTS
+from pipeline.evals.ablation import AblationConfig, finetune_rows, FRESH_SEED, long_form_rows, run_ablation, variant_named, VARIANTS
 from pipeline.evals.cells import cell, grouped, kib
 from pipeline.evals.claims import claim_cells, claims, interval, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
@@ -49,7 +49,6 @@ from pipeline.synthetic.teachers import MINI_BACKBONE, read_teacher_record, reco
 from wand.profiling import cpu_device
 
 ROOT = Path(__file__).resolve().parents[1]
-FRESH_SEED = 2  # the students' fine-tuning rows: neither the teachers' training rows (0) nor held out (1)
 START, END = "<!-- ablation-table:start -->", "<!-- ablation-table:end -->"
 
 

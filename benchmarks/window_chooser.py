@@ -33,9 +33,8 @@ from pathlib import Path
 import torch
 
 import wand
-from benchmarks.ablation_table import FRESH_SEED
 from pipeline.docblocks import has_block, replace_block
-from pipeline.evals.ablation import AblationConfig, finetune_rows, variant_named
+from pipeline.evals.ablation import AblationConfig, finetune_rows, FRESH_SEED, variant_named
 from pipeline.evals.claims import claims
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.evals.window_choice import DEFAULT_WINDOWS, MIN_AGREEMENT, choose_window

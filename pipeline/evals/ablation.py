@@ -59,6 +59,7 @@ __all__ = ["AblationConfig", "Variant", "VARIANTS", "wand_at", "variant_named", 
 
 log = logging.getLogger("wand.ablation")
 
+FRESH_SEED = 2  # the students' fine-tuning rows: neither the teachers' training rows (0) nor held out (1)
 DECODE_BATCH = 64  # free-running rows decoded together (the same tokens as one by one, tested)
 
 
