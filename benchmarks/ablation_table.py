@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from pipeline.docblocks import has_block, replace_block
-from pipeline.evals.ablation import AblationConfig, finetune_rows, FRESH_SEED, long_form_rows, run_ablation, variant_named, VARIANTS
+from pipeline.evals.ablation import (AblationConfig, finetune_rows, FRESH_SEED, long_form_rows, run_ablation, variant_named,
+                                     VARIANTS)
 from pipeline.evals.cells import cell, grouped, kib
 from pipeline.evals.claims import claim_cells, claims, interval, reading, THRESHOLDS
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
