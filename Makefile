@@ -12,7 +12,7 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: docs screenshots install browser precompute-bench demo stop demo-generate teachers ablation ablation-sweep teachers-strong ablation-strong ablation-gate teachers-long ablation-long test test-fast bench gpu-check gpu-wheels clean
+.PHONY: docs screenshots install browser precompute-bench demo stop demo-generate teachers ablation ablation-sweep teachers-strong ablation-strong ablation-gate chooser-probe teachers-long ablation-long test test-fast bench gpu-check gpu-wheels clean
 
 install: $(STAMP)
 
@@ -152,6 +152,14 @@ ablation-strong: install
 	  --readme $(if $(STRONG_TAG),docs/results.md,README.md)
 	$(PY) -m benchmarks.window_chooser --teachers $(STRONG) --table benchmarks/results/ablation_table_strong$(subst -,_,$(STRONG_TAG)).json \
 	  --output benchmarks/results/window_chooser_strong.json --block chooser-strong$(STRONG_TAG) --schedule $(if $(STRONG_TAG),hold,paper)
+
+# The window chooser's fine-tune probe (pipeline/evals/window_probe.py: a 300-step full-attention control and a
+# 300-step WAND student per W of the sweep, far-KL gap against the control <= MAX_KL_GAP) on the stronger teachers,
+# set against the 1,200-step window sweep, into the results page's chooser-probe block (about 25 min on 2 cores).
+chooser-probe: install
+	$(PY) -m benchmarks.window_chooser --probe --teachers $(STRONG) --schedule hold \
+	  --table benchmarks/results/ablation_table_strong_1200.json --output benchmarks/results/window_chooser_probe.json \
+	  --block chooser-probe
 
 # WAND against the control on the CosyVoice 2 teacher that meets the teacher gate (GATE_TEACHER,
 # benchmarks/teachers/continued3: the stronger teacher continued three times, PER 0.0496 and 97.4% at

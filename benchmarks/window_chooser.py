@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -79,7 +80,7 @@ def verdict_cell(verdict: dict | None) -> str:
     return "fail (" + ", ".join(verdict["missed"]) + ")"
 
 
-def agreement(chosen: int | None, table_w: int | None, tried: int) -> str:
+def same_as_table(chosen: int | None, table_w: int | None, tried: int) -> str:
     """Whether a chooser's W (None: it found none) is the table's smallest passing W."""
     if table_w is not None:
         return "yes" if chosen == table_w else f"no (chooser {chosen or 'none'}, table {table_w})"
@@ -101,7 +102,7 @@ def side_by_side(chooser: dict, verdicts: dict, schedule: str = "paper") -> str:
         cells = " / ".join(verdict_cell(by_w.get(w)) for w in SWEEP_WINDOWS)
         agree = " / ".join(f"{agreement[w]:.3f}" if w in agreement else "n/a" for w in SWEEP_WINDOWS)
         tried = max(by_w)
-        same = agreement(c["window_target"], table_w, tried)
+        same = same_as_table(c["window_target"], table_w, tried)
         lines.append(f"| {FAMILY_NAMES.get(model, model)} | {c['window_target']}, {100 * c['kv_saving_at_target']:.0f}% | "
                      f"{agree} | {cells} | {table_w or f'none up to {tried}'} | {same} |")
     return "\n".join(lines)
@@ -128,7 +129,7 @@ def probe_side_by_side(chooser: dict, verdicts: dict, gaps: dict, schedule: str 
                      f"{' / '.join(cell(probe_gap, w) for w in SWEEP_WINDOWS)} | "
                      f"{' / '.join(cell(gaps.get(model, {}), w) for w in SWEEP_WINDOWS)} | "
                      f"{' / '.join(verdict_cell(by_w.get(w)) for w in SWEEP_WINDOWS)} | "
-                     f"{table_w or f'none up to {max(by_w)}'} | {agreement(probe['window_target'], table_w, max(by_w))} |")
+                     f"{table_w or f'none up to {max(by_w)}'} | {same_as_table(probe['window_target'], table_w, max(by_w))} |")
     return "\n".join(lines)
 
 
@@ -206,6 +207,7 @@ def main(argv=None) -> int:
         chooser = json.loads(args.from_json.read_text())
     else:
         torch.set_num_threads(2)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the probes' progress
         chooser = run_chooser(args.teachers, args.rows, args.windows)
         if args.probe:
             for name, probe in run_probe(args.teachers, list(SWEEP_WINDOWS), args.probe_steps, args.train_rows,

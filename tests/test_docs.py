@@ -96,6 +96,27 @@ def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
         == side_by_side(chooser, table_verdicts(results, SWEEPS["hold"]), "hold")
 
 
+def test_the_probe_against_the_table_is_rendered_from_its_run_and_the_sweep():
+    """The fine-tune probe's W beside the 1,200-step sweep (make chooser-probe), from the saved files; the
+    probe's choice is the smallest W whose saved gap is within the mark, and it covers every family."""
+    import json
+
+    from benchmarks.window_chooser import probe_side_by_side, SWEEPS, table_verdicts
+    from pipeline.docblocks import read_block
+    from pipeline.evals.common import FAMILIES
+    from pipeline.evals.window_probe import kl_gaps, MAX_KL_GAP
+
+    chooser = json.loads((ROOT / "benchmarks/results/window_chooser_probe.json").read_text())
+    assert sorted(m for m in chooser if "probe" in chooser[m]) == sorted(FAMILIES)
+    for c in chooser.values():
+        probe = c["probe"]
+        assert probe["max_kl_gap"] == MAX_KL_GAP and probe["windows"] == sorted(probe["windows"])
+        assert probe["window_target"] == next((w for w, g in zip(probe["windows"], probe["gap"]) if g <= MAX_KL_GAP), None)
+    results = json.loads((ROOT / "benchmarks/results/ablation_table_strong_1200.json").read_text())["results"]
+    table = probe_side_by_side(chooser, table_verdicts(results, SWEEPS["hold"]), kl_gaps(results, SWEEPS["hold"]))
+    assert read_block(ROOT / "docs/results.md", "<!-- chooser-probe:start -->", "<!-- chooser-probe:end -->") == table
+
+
 def test_the_teachers_table_is_rendered_from_their_records():
     """docs/results.md's teacher table is what `python -m jobs.train_teachers --table docs/results.md`
     renders from the committed teacher.json files (which test_teachers checks against the weights)."""
