@@ -205,6 +205,9 @@ def main(argv=None) -> int:
             parser.error(f"{path} has no {start} ... {end} block to write the table into (or pass --no-readme)")
     if args.from_json:
         chooser = json.loads(args.from_json.read_text())
+        if any("probe" in c for c in chooser.values()) and not (args.block or args.no_readme):
+            parser.error(f"--from-json {args.from_json} holds a probe run: its table goes into --block BLOCK "
+                         "(the bare-mask blocks are left alone); give --block or --no-readme")
     else:
         torch.set_num_threads(2)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the probes' progress

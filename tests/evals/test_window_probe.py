@@ -117,3 +117,22 @@ def test_a_chosen_window_that_saves_nothing_says_so(monkeypatch):
     assert choice.window_target == longest + 1 and choice.probes[0].kv_saving == 0.0
     assert choice.notes == [f"W = {longest + 1} saves only 0% of the KV cache at the median held-out row: "
                             "on utterances this short, full attention costs about as much"]
+
+
+def test_a_probe_run_is_never_rendered_into_the_bare_mask_blocks(tmp_path, capsys):
+    """`--probe` or a probe run's JSON without `--block` is refused before anything is written."""
+    from benchmarks.window_chooser import main
+
+    docs, readme = tmp_path / "results.md", tmp_path / "README.md"
+    docs.write_text((ROOT / "docs/results.md").read_text())
+    readme.write_text((ROOT / "README.md").read_text())
+    saved = ["--table", str(ROOT / "benchmarks/results/ablation_table_strong_1200.json"), "--schedule", "hold",
+             "--docs", str(docs), "--readme", str(readme)]
+    for args in (["--from-json", str(ROOT / "benchmarks/results/window_chooser_probe.json")], ["--probe"]):
+        with pytest.raises(SystemExit) as exit_:
+            main([*args, *saved])
+        assert exit_.value.code == 2 and "give --block or --no-readme" in capsys.readouterr().err
+    assert docs.read_text() == (ROOT / "docs/results.md").read_text()
+    assert readme.read_text() == (ROOT / "README.md").read_text()
+    main(["--from-json", str(ROOT / "benchmarks/results/window_chooser_probe.json"), *saved, "--block", "chooser-probe"])
+    assert docs.read_text() == (ROOT / "docs/results.md").read_text()  # rendered again: the committed block
