@@ -95,7 +95,7 @@ test-fast: install
 # `make ablation-sweep` wrote them. `make ablation-sweep` (after it): the window sweep (WAND at W = 64 and
 # 128) and the hold schedule, into runs/ablation-sweep/, the whole table rendered again, then the window
 # chooser set against the sweep. The table's part took 58 minutes on 2 cores (docs/results.md says
-# where they go), the sweep about 30.
+# where they go), the sweep 25.
 # TEACHERS: a folder of teachers/<model> (default the committed ones; `make ablation TEACHERS=runs/...`
 # for teachers trained with `jobs.train_teachers --width ...`). Killed, either continues when run again.
 ABLATION_VARIANTS ?= teacher control wand window_only kd_no_curriculum sinks streaming_llm mask_only wand_w8
