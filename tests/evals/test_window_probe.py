@@ -9,24 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-import wand
 from pipeline.evals.ablation import AblationConfig, teacher_targets, train_student, variant_named, wand_at
 from pipeline.evals.window_probe import kl_gaps, MAX_KL_GAP, probe_windows
 from pipeline.synthetic.law import synthetic_rows
-from test_ablation import brute_force_logits
-from wand.models import get_spec
+from test_ablation import brute_force_logits, setup  # the harness's tiny teacher and rows (W = 4)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIG = AblationConfig(window=4, window_start=16, steps=3, batch_size=2, lr=1e-2)
-
-
-def setup(name):
-    spec = get_spec(name, "tiny")
-    torch.manual_seed(0)
-    teacher = wand.enable_wand(spec.build().eval(), CONFIG.window)
-    rows = synthetic_rows(spec, 6, seed=0, min_text=6, max_text=10)
-    held = synthetic_rows(spec, 2, seed=1, min_text=14, max_text=18, split="heldout")
-    return spec, teacher, rows, held
 
 
 def brute_force_far_kl(spec, teacher, student, rows, window, far):
