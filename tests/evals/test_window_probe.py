@@ -125,3 +125,18 @@ def test_a_probe_run_is_never_rendered_into_the_bare_mask_blocks(tmp_path, capsy
     assert readme.read_text() == (ROOT / "README.md").read_text()
     main(["--from-json", str(ROOT / "benchmarks/results/window_chooser_probe.json"), *saved, "--block", "chooser-probe"])
     assert docs.read_text() == (ROOT / "docs/results.md").read_text()  # rendered again: the committed block
+
+
+def test_the_probe_trains_with_the_recipe_of_the_table_it_is_set_against():
+    """benchmarks.window_chooser's PROBE_CONFIG (kept by hand) equals the config every student of the
+    1,200-step sweep was trained with, but for the steps (the probe's are fewer) and the seed."""
+    from dataclasses import asdict
+
+    from benchmarks.window_chooser import PROBE_CONFIG
+
+    results = json.loads((ROOT / "benchmarks/results/ablation_table_strong_1200.json").read_text())["results"]
+    probe = {k: v for k, v in asdict(PROBE_CONFIG).items() if k not in ("steps", "seed")}
+    for row in results:
+        table = {k: v for k, v in row["config"].items() if k not in ("steps", "seed")}
+        table.setdefault("finetune_text", list(PROBE_CONFIG.finetune_text))  # recorded later than this run
+        assert {**probe, "finetune_text": list(probe["finetune_text"])} == table, (row["variant"], table)
