@@ -214,12 +214,15 @@ def test_a_teacher_trained_elsewhere_comes_back_on_the_cpu():
     assert {p.device for p in model.parameters()} == {torch.device("cpu")} and not model.training
 
 
-def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path):
+def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path, capsys):
     """`--table DOC [--longer RECORD] [--wider RECORD ...]`: a document without the markers (also a
     --long-block it lacks), or a record that is not a teacher.json, is refused naming the flag, and the
-    document is left as it was."""
+    document is left as it was. The first case as a user runs it (a subprocess in a clean environment),
+    the rest through the same ``main`` in this process (a subprocess each cost a minute in all)."""
     import subprocess
     import sys
+
+    from jobs.train_teachers import main
 
     doc = tmp_path / "results.md"
     doc.write_text((ROOT / "docs" / "results.md").read_text())
@@ -228,8 +231,10 @@ def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path)
     bad = tmp_path / "bad.json"
     bad.write_text("[1]")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "LANG": "C.UTF-8"}
-    for args, said in ((["--table", str(bare)], "needs a document holding the markers"),
-                       (["--table", str(doc), "--longer", str(bad)], "not a teacher.json record"),
+    run = subprocess.run([sys.executable, "-m", "jobs.train_teachers", "--table", str(bare)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "needs a document holding the markers" in run.stderr, run.stderr[-500:]
+    for args, said in ((["--table", str(doc), "--longer", str(bad)], "not a teacher.json record"),
                        (["--table", str(doc), "--longer", str(tmp_path / "none.json")], "not a teacher.json record"),
                        (["--table", str(doc), "--wider", str(tmp_path / "none.json")], "--wider"),
                        (["--table", str(doc), "--wider", str(bad)], "not a teacher.json record"),
@@ -242,9 +247,9 @@ def test_rendering_the_teacher_tables_checks_its_inputs_before_writing(tmp_path)
                        (["--table", str(doc), "--long-block", "teacher-long-rebuilt"], "give --continued"),
                        (["--table", str(doc), "--long-block", "no-such-block", "--continued",
                          str(ROOT / "benchmarks/results/teacher_long_rebuilt_sparktts.json")], "no-such-block:start")):
-        run = subprocess.run([sys.executable, "-m", "jobs.train_teachers", *args], cwd=ROOT, env=env,
-                             capture_output=True, text=True, timeout=120)
-        assert run.returncode == 2 and said in run.stderr, (args, run.stderr[-500:])
+        with pytest.raises(SystemExit) as exit_:
+            main(args)
+        assert exit_.value.code == 2 and said in capsys.readouterr().err, args
     assert doc.read_text() == (ROOT / "docs" / "results.md").read_text() and bare.read_text() == "no markers here\n"
 
 
