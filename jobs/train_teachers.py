@@ -45,7 +45,8 @@ from pipeline.evals.ablation import long_form_rows
 from pipeline.evals.common import FAMILIES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask
 from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_quality, MINI_BACKBONE, Phase, read_teacher_record,
-                                         Resume, SIZE, spoken_quality, teacher_spec, train_teacher)
+                                         learned_position_tables, POSITION_INITS, Resume, SIZE, spoken_quality,
+                                         teacher_spec, train_teacher)
 from pipeline.synthetic.teacher_tables import (committed_block, CURRICULUM_END, CURRICULUM_START, curriculum_block,
                                                long_block, long_markers, LONGER_END, LONGER_START, longer_block,
                                                TABLE_END, TABLE_START,
@@ -85,6 +86,7 @@ RECIPE_FLAGS = {
     "--length-groups": ("length_groups", lambda r: r["train"].get("length_groups", 1)),
     **{f"--{k}": (k, lambda r, k=k: (r.get("backbone") or MINI_BACKBONE)[k]) for k in ("width", "layers", "heads")},
     "--init-from": ("init_from", lambda r: Path(r["train"]["init_from"]["folder"]) if "init_from" in r["train"] else None),
+    "--position-init": ("position_init", lambda r: r["train"].get("position_init", "random")),
 }
 
 
@@ -214,6 +216,10 @@ def main(argv=None) -> int:
     parser.add_argument("--init-from", type=Path, metavar="FOLDER",
                         help="continue the teachers in FOLDER/<model> (their weights and backbone) on --phases "
                              "instead of training from random weights, e.g. a last phase of longer texts")
+    parser.add_argument("--position-init", choices=POSITION_INITS, default="random",
+                        help="how learned position tables start (IndexTTS's text and mel positions): random (the "
+                             "backbone's own init, the committed teachers') or sinusoidal (the Transformer's "
+                             "sinusoids, still trained); recorded in teacher.json")
     parser.add_argument("--recipe", type=Path, metavar="RECORD",
                         help="train the teacher a teacher.json record describes (its family, backbone, phases, lr, "
                              "rows, seed, length groups, the teacher it continued; not with those flags, but "
@@ -251,9 +257,13 @@ def main(argv=None) -> int:
                  for name in args.models}
     for name in args.models:  # every family's backbone checked before anything trains
         try:
-            teacher_spec(name, backbones[name])
+            built = teacher_spec(name, backbones[name])
         except ValueError as err:
             parser.error(f"--width/--layers/--heads for {name}: {err}")
+        if args.position_init != "random" and (args.init_from or not learned_position_tables(built.build())):
+            parser.error(f"--position-init {args.position_init}: " + (
+                "a continuation (--init-from) keeps its source's positions" if args.init_from else
+                f"{name} has no learned position tables (its positions are rotary); it applies to indextts"))
     for flag, value in (("--longer", args.longer), ("--wider", args.wider), ("--curriculum", args.curriculum),
                         ("--continued", args.continued)):
         if value and not args.table:
@@ -303,7 +313,8 @@ def main(argv=None) -> int:
     task = SyntheticTask()
     train = {"rows_per_phase": args.rows, "seed": TRAIN_SEED, "phases": [dataclasses.asdict(p) for p in args.phases],
              "steps": sum(p.steps for p in args.phases), "lr": args.lr, "init_seed": args.seed,
-             "length_groups": args.length_groups}
+             "length_groups": args.length_groups,
+             **({"position_init": args.position_init} if args.position_init != "random" else {})}
     # Everything a run's weights and curve depend on (a continuation's source by its files' sha256);
     # each family's checkpoint (left by a killed run) is checked before anything trains: one of
     # another recipe is refused, never continued.
@@ -337,7 +348,7 @@ def main(argv=None) -> int:
             directory.mkdir(parents=True, exist_ok=True)
             model, curve = train_teacher(
                 spec, phases, args.lr, args.seed, curve_every=args.curve_every, device=device,
-                length_groups=args.length_groups, resume=resume,
+                length_groups=args.length_groups, resume=resume, position_init=args.position_init,
                 start=spec.load(str(args.init_from / name)).state_dict() if name in sources else None,
                 curve=lambda m: {**{k: v for k, v in heldout_quality(spec, m, curve_rows).items() if k.startswith("accuracy")},
                                  **({"long_per": spoken_quality(spec, m, long_rows, task)["per"]} if long_rows else {})})

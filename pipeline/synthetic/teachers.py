@@ -31,7 +31,7 @@ from wand.models.presets import BUILDERS, widen
 from pipeline.synthetic.law import TEXT_LENGTHS
 
 __all__ = ["SIZE", "MINI_BACKBONE", "teacher_spec", "record_spec", "Phase", "CURRICULUM", "POSITION_EDGES", "Resume",
-           "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
+           "POSITION_INITS", "learned_position_tables", "sinusoidal_positions", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
            "file_sha256", "read_teacher_record"]
 
 log = logging.getLogger("wand.teachers")
@@ -83,6 +83,42 @@ class Phase:
 # 2,000 steps (measured), and each longer phase then extends it. The last phase is the corpus's own
 # lengths (pipeline.synthetic.law.TEXT_LENGTHS).
 CURRICULUM = (Phase(3000, 4, 12, 32), Phase(2000, 12, 40, 16), Phase(2500, *TEXT_LENGTHS, 8))
+
+
+# How a teacher's learned position tables start (IndexTTS's text and mel positions; the Qwen2
+# families' rotary positions have no table): "random", the backbone's own init (nn.Embedding's N(0, 1)),
+# or "sinusoidal", the Transformer's sinusoids (Vaswani et al., 2017) scaled to the random table's
+# standard deviation, still trained. Why: IndexTTS's teachers lose their place in the text more than the
+# rotary families at every position (docs/results.md, the slips table), and a learned table only
+# learns the positions the curriculum reaches often; sinusoids give every position a start where
+# nearby positions are alike and offsets are linear maps.
+POSITION_INITS = ("random", "sinusoidal")
+
+
+def learned_position_tables(model: torch.nn.Module) -> dict[str, torch.nn.Embedding]:
+    """The model's learned position tables by name (IndexTTS's ``text_pos_embedding.emb`` and
+    ``mel_pos_embedding.emb``); empty for a model whose positions are rotary."""
+    return {name: module for name, module in model.named_modules()
+            if name.endswith("pos_embedding.emb") and isinstance(module, torch.nn.Embedding)}
+
+
+def sinusoidal_positions(model: torch.nn.Module) -> list[str]:
+    """Overwrite each learned position table with sinusoids (row p, columns 2i / 2i + 1: sin / cos of
+    p / 10000^(2i / width)) times the table's standard deviation over a sinusoid's (1 / sqrt 2), in place;
+    returns the tables' names. ValueError for a model without learned position tables."""
+    tables = learned_position_tables(model)
+    if not tables:
+        raise ValueError(f"{type(model).__name__} has no learned position tables (its positions are rotary): "
+                         "nothing for a sinusoidal init to set")
+    with torch.no_grad():
+        for table in tables.values():
+            rows, width = table.weight.shape
+            angle = torch.arange(rows, dtype=torch.float32)[:, None] / 10000 ** (
+                torch.arange(0, width, 2, dtype=torch.float32) / width)
+            waves = torch.zeros(rows, width)
+            waves[:, 0::2], waves[:, 1::2] = torch.sin(angle), torch.cos(angle[:, : width // 2])
+            table.weight.copy_(waves * (table.weight.std() / math.sqrt(0.5)))
+    return list(tables)
 
 
 @dataclass
@@ -147,7 +183,8 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
                   log_every: int = 100, curve: Callable[[torch.nn.Module], dict] | None = None,
                   curve_every: int = 500, device: str | torch.device = "cpu",
                   length_groups: int = 1, resume: Resume | None = None,
-                  start: dict[str, torch.Tensor] | None = None) -> tuple[torch.nn.Module, list[dict]]:
+                  start: dict[str, torch.Tensor] | None = None,
+                  position_init: str = "random") -> tuple[torch.nn.Module, list[dict]]:
     """A model of ``spec`` trained from seeded random weights with full attention, on each phase's
     ``(rows, steps, batch_size)`` in turn (a length curriculum); one learning-rate schedule over all
     of them (warm-up, then cosine down to a tenth). Returns the model, on the CPU (where the
@@ -159,13 +196,20 @@ def train_teacher(spec, phases: Sequence[tuple[list[dict], int, int]], lr: float
     gradient up to rounding, less padding); 1, the committed teachers' single padded batch.
     ``resume``: checkpoint there and continue from it (see ``Resume``). ``start``: a state dict of
     ``spec``'s model (a trained teacher's) to begin from instead of the random weights: a continuation,
-    with its own schedule over ``phases`` (the batch order still comes from ``seed``)."""
+    with its own schedule over ``phases`` (the batch order still comes from ``seed``). ``position_init``:
+    one of ``POSITION_INITS``, how the learned position tables start (not with ``start``)."""
     if length_groups < 1:
         raise ValueError(f"length_groups must be >= 1, got {length_groups}")
     if resume is not None and resume.every < 1:
         raise ValueError(f"Resume.every must be >= 1, got {resume.every}")
+    if position_init not in POSITION_INITS:
+        raise ValueError(f"position_init must be one of {', '.join(POSITION_INITS)}, got {position_init!r}")
+    if position_init != "random" and start is not None:
+        raise ValueError("position_init sets the position tables of random weights; a continuation (start) has its own")
     torch.manual_seed(seed)
     model = wand.enable_wand(spec.build(), None)
+    if position_init == "sinusoidal":  # after the seeded random init: every other weight as without it
+        sinusoidal_positions(model)
     if start is not None:
         model.load_state_dict(start)  # strict: a teacher of another backbone or family is refused here
     model = model.to(device)
