@@ -3,16 +3,19 @@ says whether its weights are the record's to the bit (how `make teachers-strong`
 teachers the second results table was measured on)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
 from pipeline.evals.ablation import long_form_rows
 from pipeline.synthetic.law import SyntheticTask
-from pipeline.synthetic.teachers import spoken_quality, teacher_spec
+from pipeline.synthetic.teachers import (learned_position_tables, sinusoidal_positions, spoken_quality, teacher_spec,
+                                         train_teacher)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +29,7 @@ def test_a_record_trains_again_to_the_same_weights_and_other_flags_or_records_ar
 
     first = job("--models", "indextts", "--width", "48", "--layers", "2", "--heads", "2", "--phases", "12:4:8:2",
                 "20:6:10:3", "--rows", "8", "--lr", "0.002", "--seed", "3", "--length-groups", "2",
-                "--output", str(tmp_path / "a"))
+                "--position-init", "sinusoidal", "--output", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr[-2000:]
     record_path = tmp_path / "a" / "indextts" / "teacher.json"
     record = json.loads(record_path.read_text())
@@ -37,6 +40,7 @@ def test_a_record_trains_again_to_the_same_weights_and_other_flags_or_records_ar
     assert rebuilt["files"] == record["files"] and rebuilt["backbone"] == record["backbone"]
     assert rebuilt["train"]["phases"] == record["train"]["phases"] and rebuilt["heldout"] == record["heldout"]
     assert rebuilt["reproduces"] == {"record": str(record_path), "same_weights": True}
+    assert record["train"]["position_init"] == rebuilt["train"]["position_init"] == "sinusoidal"
 
     # A record whose weights this run does not reproduce is said so, loudly.
     other = tmp_path / "other.json"
@@ -47,6 +51,9 @@ def test_a_record_trains_again_to_the_same_weights_and_other_flags_or_records_ar
     for flags, said in ((["--recipe", str(record_path), "--lr", "0.01"], "leave out --lr"),
                         (["--recipe", str(record_path), "--models", "sparktts"], "leave out --models"),
                         (["--recipe", str(tmp_path / "missing.json")], "not a teacher.json record"),
+                        (["--models", "sparktts", "--position-init", "sinusoidal"], "sparktts has no learned position"),
+                        (["--init-from", str(tmp_path / "a"), "--models", "indextts", "--position-init", "sinusoidal"],
+                         "a continuation (--init-from) keeps its source's positions"),
                         (["--recipe", str(_with(tmp_path, record, task={**record["task"], "speakers": 3}))],
                          "another preset or corpus")):
         refused = job(*flags, "--output", str(tmp_path / "d"))
@@ -128,3 +135,37 @@ def test_a_rebuild_names_a_record_in_the_repository_as_the_repository_does(tmp_p
     assert repo_relative(inside) == "benchmarks/results/teacher_longer_wider_positions_indextts.json"
     assert (ROOT / repo_relative(inside)).is_file()
     assert repo_relative(tmp_path / "teacher.json") == str(tmp_path / "teacher.json")  # elsewhere: as given
+
+
+def test_a_sinusoidal_position_init_sets_only_the_learned_position_tables_to_scaled_sinusoids():
+    """Against the formula written out here (sin / cos of p / 10000^(2i / width), scaled to the random
+    table's standard deviation over 1 / sqrt 2), element by element; every other weight is the seeded
+    random init's; a model with rotary positions, or a continuation, is refused."""
+    spec = teacher_spec("indextts")
+    torch.manual_seed(0)
+    random_init = spec.build()
+    torch.manual_seed(0)
+    model = spec.build()
+    stds = {name: float(t.weight.std()) for name, t in learned_position_tables(model).items()}
+    names = sinusoidal_positions(model)
+    assert sorted(names) == ["mel_pos_embedding.emb", "text_pos_embedding.emb"]
+    after = model.state_dict()
+    for key, value in random_init.state_dict().items():
+        if not any(key.startswith(name) for name in names):
+            assert torch.equal(after[key], value), key
+    for name in names:
+        weight = after[name + ".weight"]
+        rows, width = weight.shape
+        for p in (0, 1, 7, rows - 1):
+            for i in range(0, width, 2):
+                angle = p / 10000 ** (i / width)
+                scale = stds[name] / math.sqrt(0.5)
+                # float32 angles: up to 3e-5 off at the last rows' angles of about 330 radians
+                assert math.isclose(weight[p, i].item(), scale * math.sin(angle), abs_tol=1e-4)
+                assert math.isclose(weight[p, i + 1].item(), scale * math.cos(angle), abs_tol=1e-4)
+    with pytest.raises(ValueError, match="no learned position tables"):
+        sinusoidal_positions(teacher_spec("cosyvoice2").build())
+    with pytest.raises(ValueError, match="a continuation"):
+        train_teacher(spec, [], position_init="sinusoidal", start=random_init.state_dict())
+    with pytest.raises(ValueError, match="position_init must be one of"):
+        train_teacher(spec, [], position_init="learned")
