@@ -48,6 +48,7 @@ from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_qualit
                                          learned_position_tables, POSITION_INITS, Resume, SIZE, spoken_quality,
                                          teacher_spec, train_teacher)
 from pipeline.synthetic.teacher_tables import (committed_block, CURRICULUM_END, CURRICULUM_START, curriculum_block,
+                                               POSITIONS_END, POSITIONS_START, positions_block,
                                                long_block, long_markers, LONGER_END, LONGER_START, longer_block,
                                                TABLE_END, TABLE_START,
                                                WIDER_END, WIDER_START, wider_block)
@@ -207,6 +208,10 @@ def main(argv=None) -> int:
     parser.add_argument("--curriculum", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers trained on another length curriculum (their "
                              "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
+    parser.add_argument("--positions", type=Path, nargs="+", metavar="RECORD",
+                        help="with --table: also render teachers of another --position-init beside the same recipe's "
+                             "random-init runs (teacher.json records, in the order given) between DOC's "
+                             "teacher-positions markers")
     parser.add_argument("--continued", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers continued on longer texts and their sources "
                              "(teacher.json records, in order) between DOC's --long-block markers")
@@ -265,6 +270,7 @@ def main(argv=None) -> int:
                 "a continuation (--init-from) keeps its source's positions" if args.init_from else
                 f"{name} has no learned position tables (its positions are rotary); it applies to indextts"))
     for flag, value in (("--longer", args.longer), ("--wider", args.wider), ("--curriculum", args.curriculum),
+                        ("--positions", args.positions),
                         ("--continued", args.continued)):
         if value and not args.table:
             parser.error(f"{flag} goes with --table (it renders into the same document)")
@@ -276,6 +282,7 @@ def main(argv=None) -> int:
         markers = ([TABLE_START, TABLE_END] + ([LONGER_START, LONGER_END] if args.longer else [])
                    + ([WIDER_START, WIDER_END] if args.wider else [])
                    + ([CURRICULUM_START, CURRICULUM_END] if args.curriculum else [])
+                   + ([POSITIONS_START, POSITIONS_END] if args.positions else [])
                    + (list(long_markers(args.long_block)) if args.continued else []))
         if not all(marker in text for marker in markers):
             parser.error(f"--table {args.table}: needs a document holding the markers {' '.join(markers)}")
@@ -297,6 +304,9 @@ def main(argv=None) -> int:
         if args.curriculum:
             blocks.append((CURRICULUM_START, CURRICULUM_END,
                            curriculum_block([experiment("--curriculum", p) for p in args.curriculum])))
+        if args.positions:
+            blocks.append((POSITIONS_START, POSITIONS_END,
+                           positions_block([experiment("--positions", p)[1] for p in args.positions])))
         if args.continued:
             blocks.append((*long_markers(args.long_block),
                            long_block([experiment("--continued", p)[1] for p in args.continued])))

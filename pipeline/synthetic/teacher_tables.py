@@ -1,5 +1,5 @@
 """The docs' blocks of teachers (docs/results.md): the committed teachers' table, and experiments
-(longer, wider, another length curriculum) beside them, and teachers continued on longer texts, each rendered from teacher.json records
+(longer, wider, another length curriculum, another position init) beside them, and teachers continued on longer texts, each rendered from teacher.json records
 (``python -m jobs.train_teachers --table ...``)."""
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from wand.models import get_spec
 
 __all__ = ["TABLE_START", "TABLE_END", "LONGER_START", "LONGER_END", "WIDER_START", "WIDER_END", "CURRICULUM_START",
            "CURRICULUM_END", "dimensions", "backbone_label", "teacher_table", "committed_block", "phases_text",
-           "longer_block", "curriculum_block", "wider_block", "LONG_START", "LONG_END", "long_block", "long_markers"]
+           "longer_block", "curriculum_block", "wider_block", "LONG_START", "LONG_END", "long_block", "long_markers",
+           "POSITIONS_START", "POSITIONS_END", "position_init", "positions_block"]
 
 
 def dimensions(record: dict) -> str:
@@ -130,6 +131,24 @@ def wider_block(pairs: list[tuple[dict, dict]]) -> str:
     lines += [position_line(f"{FAMILY_NAMES[record['model']]}, {dimensions(record)}", record)
               for pair in pairs for record in pair]
     return "\n".join(lines)
+
+
+POSITIONS_START, POSITIONS_END = "<!-- teacher-positions:start -->", "<!-- teacher-positions:end -->"
+
+
+def position_init(record: dict) -> str:
+    """How a teacher.json record's learned position tables started (``train.position_init``; random
+    where the record says nothing, as every run before the option did)."""
+    return record["train"].get("position_init", "random")
+
+
+def positions_block(records: list[dict]) -> str:
+    """Teachers in the order given, each labelled by its position init, phases and backbone (a random-init
+    run beside the same recipe with sinusoids): table rows, last-phase curves, phoneme starts by position."""
+    labelled = [(f"{FAMILY_NAMES[r['model']]}, {position_init(r)} positions, phases {phases_text(r)}, {dimensions(r)}", r)
+                for r in records]
+    return "\n".join([teacher_table(records), "", *(curve_line(name, r) for name, r in labelled),
+                      *(position_line(name, r) for name, r in labelled)])
 
 
 def long_markers(name: str = "teacher-long") -> tuple[str, str]:
