@@ -276,3 +276,29 @@ def test_the_curriculum_teacher_block_is_rendered_from_the_records():
         pairs.append((committed, record))
     assert pairs, "no benchmarks/results/teacher_curriculum_*.json"
     assert read_block(ROOT / "docs/results.md", CURRICULUM_START, CURRICULUM_END) == curriculum_block(pairs)
+
+
+def test_the_positions_teacher_block_is_rendered_from_the_records():
+    """docs/results.md's position-init block is what `python -m jobs.train_teachers --table docs/results.md
+    --positions <records>` renders, the records in pairs: each random-init run, found among
+    benchmarks/results/teacher_*.json by its recipe (the flags ``--recipe`` would replay), then the run of
+    the same recipe with sinusoidal positions (benchmarks/results/teacher_sinusoidal*_<family>.json)."""
+    import json
+
+    from jobs.train_teachers import recipe_of
+    from pipeline.docblocks import read_block
+    from pipeline.synthetic.teacher_tables import position_init, POSITIONS_END, POSITIONS_START, positions_block
+
+    results = ROOT / "benchmarks/results"
+    records = {path: json.loads(path.read_text()) for path in sorted(results.glob("teacher_*.json"))}
+    recipes = {path: recipe_of(r) for path, r in records.items() if "train" in r and "init_from" not in r["train"]}
+    ordered = []
+    for path in sorted(results.glob("teacher_sinusoidal*_*.json")):
+        record = records[path]
+        assert position_init(record) == "sinusoidal" and path.name.endswith(f"_{record['model']}.json")
+        same = [other for other, recipe in recipes.items()
+                if recipe == {**recipes[path], "position_init": "random"}]
+        assert len(same) == 1, (path.name, [p.name for p in same])  # exactly one run differs only in the init
+        ordered += [records[same[0]], record]
+    assert ordered, "no benchmarks/results/teacher_sinusoidal*_<family>.json"
+    assert read_block(ROOT / "docs/results.md", POSITIONS_START, POSITIONS_END) == positions_block(ordered)
