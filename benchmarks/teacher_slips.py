@@ -2,6 +2,8 @@
 
     python -m benchmarks.teacher_slips                      # the committed teachers; under a minute
     python -m benchmarks.teacher_slips teachers/indextts runs/teachers-wide-longer/indextts --no-docs
+    python -m benchmarks.teacher_slips benchmarks/teachers/sinusoidal/indextts --block teacher-slips-sinusoidal \
+        --output benchmarks/results/teacher_slips_sinusoidal.json   # an experiment's teachers, a block of their own
 
 For each teacher folder (a teacher.json beside its weights, as jobs/train_teachers.py writes it): the
 teacher-forced predictions at the phoneme starts of ``--rows`` held-out utterances (the seed its
@@ -28,7 +30,12 @@ from pipeline.synthetic.slips import KINDS, phoneme_start_slips
 from pipeline.synthetic.teachers import MINI_BACKBONE, POSITION_EDGES, read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-START, END = "<!-- teacher-slips:start -->", "<!-- teacher-slips:end -->"
+def markers(block: str = "teacher-slips") -> tuple[str, str]:
+    """The docs' markers of a slips table (the main one by default)."""
+    return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
+
+
+START, END = markers()
 
 
 def label(record: dict) -> str:
@@ -38,7 +45,9 @@ def label(record: dict) -> str:
     longest = text_limit(record_spec(record), SyntheticTask(**record["task"])) or math.inf  # IndexTTS: 58
     phases = ", ".join(f"{p['steps']:,} x {min(p['min_text'], longest)}-{min(p['max_text'], longest)}"
                        for p in record["train"]["phases"])
-    return f"{FAMILY_NAMES[record['model']]}, {backbone['width']} wide x {backbone['layers']}, {phases}"
+    init = record["train"].get("position_init", "random")  # jobs.train_teachers --position-init
+    return (f"{FAMILY_NAMES[record['model']]}, {backbone['width']} wide x {backbone['layers']}, {phases}"
+            + (f", {init} positions" if init != "random" else ""))
 
 
 def measure(directory: Path, rows: int) -> dict:
@@ -80,11 +89,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks/results/teacher_slips.json")
     parser.add_argument("--docs", type=Path, default=ROOT / "docs" / "results.md")
     parser.add_argument("--no-docs", action="store_true", help="write the JSON only, leave the docs alone")
+    parser.add_argument("--block", default="teacher-slips",
+                        help="the --docs markers the table goes between (default teacher-slips, the main table)")
     args = parser.parse_args(argv)
+    start, end = markers(args.block)
     if args.rows < 1:
         parser.error("--rows must be >= 1")
-    if not args.no_docs and not has_block(args.docs, START, END):
-        parser.error(f"--docs {args.docs}: needs the markers {START} {END} (or --no-docs)")
+    if not args.no_docs and not has_block(args.docs, start, end):
+        parser.error(f"--docs {args.docs}: needs the markers {start} {end} (or --no-docs)")
     for directory in args.teachers:  # every folder checked before anything is measured
         try:
             read_teacher_record(directory)
@@ -96,7 +108,7 @@ def main(argv=None) -> int:
         results.append(measure(directory, args.rows))
         print(f"{results[-1]['label']}: {results[-1]['all']}", flush=True)
     saved = {"device": f"{cpu_device(1)}, torch {torch.__version__}", "results": results}
-    write_result(args.output, saved, table(saved), None if args.no_docs else args.docs, START, END)
+    write_result(args.output, saved, table(saved), None if args.no_docs else args.docs, start, end)
     return 0
 
 

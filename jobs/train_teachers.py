@@ -6,6 +6,7 @@
         --wider benchmarks/results/teacher_wider_*.json --curriculum benchmarks/results/teacher_curriculum_*.json
     python -m jobs.train_teachers --models sparktts --width 128 --layers 4 --output runs/teachers-wide
     python -m jobs.train_teachers --recipe benchmarks/results/teacher_longer_wider_sparktts.json --output runs/teachers-strong
+    python -m jobs.train_teachers --recipe benchmarks/results/teacher_sinusoidal_wider_indextts.json --output runs/t  # sinusoidal positions
     python -m jobs.train_teachers --models sparktts --init-from runs/teachers-strong --phases 1200:40:240:8 \
         --lr 1e-3 --long-rows 16 --output runs/teachers-long   # continue a trained teacher on longer texts
 

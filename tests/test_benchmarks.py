@@ -125,10 +125,14 @@ def test_teacher_slips_benchmark_counts_every_phoneme_start_and_checks_its_input
         assert bad.returncode == 2 and said in bad.stderr and not (tmp_path / "bad.json").exists(), bad.stderr
 
 
-def test_the_teacher_slips_table_in_the_docs_is_rendered_from_its_results_file():
-    from benchmarks.teacher_slips import END, START, table
+def test_the_teacher_slips_tables_in_the_docs_are_rendered_from_their_results_files():
+    """The main table (the committed teachers among others) and the position-init experiment's own."""
+    from benchmarks.teacher_slips import markers, table
     from pipeline.docblocks import read_block
 
     saved = json.loads((ROOT / "benchmarks/results/teacher_slips.json").read_text())
     assert {r["teacher"] for r in saved["results"]} >= {f"teachers/{m}" for m in ("cosyvoice2", "indextts", "sparktts")}
-    assert read_block(ROOT / "docs/results.md", START, END) == table(saved)
+    assert read_block(ROOT / "docs/results.md", *markers()) == table(saved)
+    sinusoidal = json.loads((ROOT / "benchmarks/results/teacher_slips_sinusoidal.json").read_text())
+    assert all(r["label"].endswith(", sinusoidal positions") for r in sinusoidal["results"])
+    assert read_block(ROOT / "docs/results.md", *markers("teacher-slips-sinusoidal")) == table(sinusoidal)
