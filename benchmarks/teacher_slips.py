@@ -27,9 +27,12 @@ from pipeline.docblocks import has_block, write_result
 from pipeline.evals.common import FAMILIES, FAMILY_NAMES
 from pipeline.synthetic.law import synthetic_rows, SyntheticTask, text_limit
 from pipeline.synthetic.slips import KINDS, phoneme_start_slips
+from pipeline.synthetic.teacher_tables import position_init
 from pipeline.synthetic.teachers import MINI_BACKBONE, POSITION_EDGES, read_teacher_record, record_spec
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
 def markers(block: str = "teacher-slips") -> tuple[str, str]:
     """The docs' markers of a slips table (the main one by default)."""
     return f"<!-- {block}:start -->", f"<!-- {block}:end -->"
@@ -45,7 +48,7 @@ def label(record: dict) -> str:
     longest = text_limit(record_spec(record), SyntheticTask(**record["task"])) or math.inf  # IndexTTS: 58
     phases = ", ".join(f"{p['steps']:,} x {min(p['min_text'], longest)}-{min(p['max_text'], longest)}"
                        for p in record["train"]["phases"])
-    init = record["train"].get("position_init", "random")  # jobs.train_teachers --position-init
+    init = position_init(record)  # jobs.train_teachers --position-init
     return (f"{FAMILY_NAMES[record['model']]}, {backbone['width']} wide x {backbone['layers']}, {phases}"
             + (f", {init} positions" if init != "random" else ""))
 

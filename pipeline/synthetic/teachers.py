@@ -31,8 +31,8 @@ from wand.models.presets import BUILDERS, widen
 from pipeline.synthetic.law import TEXT_LENGTHS
 
 __all__ = ["SIZE", "MINI_BACKBONE", "teacher_spec", "record_spec", "Phase", "CURRICULUM", "POSITION_EDGES", "Resume",
-           "POSITION_INITS", "learned_position_tables", "sinusoidal_positions", "train_teacher", "teacher_forced_accuracy", "heldout_quality", "spoken_quality",
-           "file_sha256", "read_teacher_record"]
+           "POSITION_INITS", "learned_position_tables", "sinusoidal_positions", "train_teacher",
+           "teacher_forced_accuracy", "heldout_quality", "spoken_quality", "file_sha256", "read_teacher_record"]
 
 log = logging.getLogger("wand.teachers")
 
