@@ -6,7 +6,6 @@
         --wider benchmarks/results/teacher_wider_*.json --curriculum benchmarks/results/teacher_curriculum_*.json
     python -m jobs.train_teachers --models sparktts --width 128 --layers 4 --output runs/teachers-wide
     python -m jobs.train_teachers --recipe benchmarks/results/teacher_longer_wider_sparktts.json --output runs/teachers-strong
-    python -m jobs.train_teachers --recipe benchmarks/results/teacher_sinusoidal_wider_indextts.json --output runs/t  # sinusoidal positions
     python -m jobs.train_teachers --models sparktts --init-from runs/teachers-strong --phases 1200:40:240:8 \
         --lr 1e-3 --long-rows 16 --output runs/teachers-long   # continue a trained teacher on longer texts
 
@@ -49,9 +48,8 @@ from pipeline.synthetic.teachers import (CURRICULUM, file_sha256, heldout_qualit
                                          learned_position_tables, POSITION_INITS, Resume, SIZE, spoken_quality,
                                          teacher_spec, train_teacher)
 from pipeline.synthetic.teacher_tables import (committed_block, CURRICULUM_END, CURRICULUM_START, curriculum_block,
-                                               POSITIONS_END, POSITIONS_START, positions_block,
                                                long_block, long_markers, LONGER_END, LONGER_START, longer_block,
-                                               TABLE_END, TABLE_START,
+                                               POSITIONS_END, POSITIONS_START, positions_block, TABLE_END, TABLE_START,
                                                WIDER_END, WIDER_START, wider_block)
 from wand.models import CausalLMSpec
 from wand.profiling import cpu_device
@@ -210,9 +208,8 @@ def main(argv=None) -> int:
                         help="with --table: also render teachers trained on another length curriculum (their "
                              "teacher.json) beside the committed ones (between DOC's teacher-curriculum markers)")
     parser.add_argument("--positions", type=Path, nargs="+", metavar="RECORD",
-                        help="with --table: also render teachers of another --position-init beside the same recipe's "
-                             "random-init runs (teacher.json records, in the order given) between DOC's "
-                             "teacher-positions markers")
+                        help="with --table: also render runs of another --position-init and the same recipes' random-init "
+                             "runs (teacher.json records, in the order given) between DOC's teacher-positions markers")
     parser.add_argument("--continued", type=Path, nargs="+", metavar="RECORD",
                         help="with --table: also render teachers continued on longer texts and their sources "
                              "(teacher.json records, in order) between DOC's --long-block markers")
@@ -223,9 +220,8 @@ def main(argv=None) -> int:
                         help="continue the teachers in FOLDER/<model> (their weights and backbone) on --phases "
                              "instead of training from random weights, e.g. a last phase of longer texts")
     parser.add_argument("--position-init", choices=POSITION_INITS, default="random",
-                        help="how learned position tables start (IndexTTS's text and mel positions): random (the "
-                             "backbone's own init, the committed teachers') or sinusoidal (the Transformer's "
-                             "sinusoids, still trained); recorded in teacher.json")
+                        help="IndexTTS's learned text and mel position tables at init: random (the backbone's own, the "
+                             "committed teachers') or sinusoidal (scaled sinusoids, still trained); in teacher.json")
     parser.add_argument("--recipe", type=Path, metavar="RECORD",
                         help="train the teacher a teacher.json record describes (its family, backbone, phases, lr, "
                              "rows, seed, length groups, the teacher it continued; not with those flags, but "
@@ -267,12 +263,10 @@ def main(argv=None) -> int:
         except ValueError as err:
             parser.error(f"--width/--layers/--heads for {name}: {err}")
         if args.position_init != "random" and (args.init_from or not learned_position_tables(built.build())):
-            parser.error(f"--position-init {args.position_init}: " + (
-                "a continuation (--init-from) keeps its source's positions" if args.init_from else
-                f"{name} has no learned position tables (its positions are rotary); it applies to indextts"))
+            parser.error(f"--position-init {args.position_init}: " + ("a continuation (--init-from) keeps its source's "
+                         "positions" if args.init_from else f"{name} has no learned position tables (rotary positions)"))
     for flag, value in (("--longer", args.longer), ("--wider", args.wider), ("--curriculum", args.curriculum),
-                        ("--positions", args.positions),
-                        ("--continued", args.continued)):
+                        ("--positions", args.positions), ("--continued", args.continued)):
         if value and not args.table:
             parser.error(f"{flag} goes with --table (it renders into the same document)")
     if args.long_block != "teacher-long" and not args.continued:
