@@ -50,6 +50,7 @@ def test_the_readme_is_a_front_page_whose_links_lead_somewhere():
     ("ablation_table_strong_1200.json", "ablation-strong-1200", "docs/results.md"),  # a longer fine-tune
     ("ablation_table_strong_2400.json", "ablation-strong-2400", "docs/results.md"),  # and longer again
     ("ablation_table_gate.json", "ablation-gate", "docs/results.md"),  # on the CosyVoice 2 teacher that meets the gate
+    ("ablation_table_sinusoidal.json", "ablation-sinusoidal", "docs/results.md"),  # on the sinusoidal IndexTTS teacher
     ("ablation_table_long_sparktts.json", "ablation-long", "docs/results.md")])  # long form (no headline recipe)
 def test_the_results_tables_are_rendered_from_the_saved_results(saved_file, block, readme):
     """The docs' results tables and the README's headlines are what the harness renders from its own
