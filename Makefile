@@ -89,23 +89,23 @@ test-fast: install
 
 # The results table of docs/results.md and the README's headline, in two parts (issue 26, item 7: the
 # table in <= 45 minutes on 2 cores). `make ablation`: the table's variants (teacher, the full-attention
-# control, WAND, the ablations, the fine-tuned and training-free sinks, the bare mask; 3 student seeds,
-# 64 free-running rows, long form) on the committed teachers, one process per family side by side (logs
-# in runs/ablation/), each batch in two parts of neighbouring lengths (less padding), rendered as one
-# table with the sweep's rows where `make ablation-sweep` wrote them. `make ablation-sweep` (after it):
-# the window sweep (WAND at W = 8, the stress row, and at 64 and 128) and the hold schedule, into
-# runs/ablation-sweep/, the whole table rendered again, then the window chooser set against the sweep.
-# docs/results.md says how long each part takes and where the minutes go.
+# control, WAND, the ablations, the fine-tuned and training-free sinks, the bare mask, W = 8 as the
+# stress row; 3 student seeds, 64 free-running rows, long form) on the committed teachers, one process
+# per family side by side (logs in runs/ablation/), rendered as one table with the sweep's rows where
+# `make ablation-sweep` wrote them. `make ablation-sweep` (after it): the window sweep (WAND at W = 64 and
+# 128) and the hold schedule, into runs/ablation-sweep/, the whole table rendered again, then the window
+# chooser set against the sweep. The table's part took 58 minutes on 2 cores (docs/results.md says
+# where they go), the sweep 25.
 # TEACHERS: a folder of teachers/<model> (default the committed ones; `make ablation TEACHERS=runs/...`
 # for teachers trained with `jobs.train_teachers --width ...`). Killed, either continues when run again.
-ABLATION_VARIANTS ?= teacher control wand window_only kd_no_curriculum sinks streaming_llm mask_only
-SWEEP_VARIANTS ?= wand_w8 wand_hold wand_w64 wand_w128
+ABLATION_VARIANTS ?= teacher control wand window_only kd_no_curriculum sinks streaming_llm mask_only wand_w8
+SWEEP_VARIANTS ?= wand_hold wand_w64 wand_w128
 TEACHERS ?= teachers
 # $(1): the part's folder under runs/, $(2): its variants.
 define ablation_part
 	mkdir -p runs/$(1)
 	pids=""; for m in $(MODELS); do $(PY) -m benchmarks.ablation_table --models $$m --threads 1 --no-readme --teachers $(TEACHERS) \
-	  --length-groups 2 --variants $(2) --output runs/$(1)/$$m.json > runs/$(1)/$$m.log 2>&1 & pids="$$pids $$!"; done; \
+	  --variants $(2) --output runs/$(1)/$$m.json > runs/$(1)/$$m.log 2>&1 & pids="$$pids $$!"; done; \
 	for p in $$pids; do wait $$p || { echo "a family failed: see runs/$(1)/*.log"; exit 1; }; done
 endef
 SWEEP_PARTS = $(foreach m,$(MODELS),runs/ablation-sweep/$(m).json)

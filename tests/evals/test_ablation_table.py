@@ -304,3 +304,37 @@ def test_a_fine_tune_on_longer_texts_is_checked_trained_on_named_and_kept_apart(
     with pytest.raises(SystemExit, match=r"different settings \(finetune_text\)"):
         merged([saved({"sparktts": 1.0}, *results), saved({"sparktts": 1.0}, *other)])
     assert asdict(longer)["finetune_text"] == longer.finetune_text  # what the journal and the results record
+
+
+def test_two_length_groups_change_the_committed_table_only_by_rounding_as_the_results_page_says():
+    """The table's part run again with two length groups (benchmarks/results/ablation_table_lg2.json)
+    against the committed record: how many trained students score row for row the same, the largest
+    change of a student's PER and WAND's verdicts, derived here and checked against docs/results.md."""
+    import json
+    import re
+    from pathlib import Path
+
+    from pipeline.evals.claims import claims, interval
+
+    root = Path(__file__).resolve().parents[2]
+    old, new = (json.loads((root / "benchmarks/results" / name).read_text())["results"]
+                for name in ("ablation_table.json", "ablation_table_lg2.json"))
+    assert {r["config"].get("length_groups", 1) for r in old} == {1} and {r["config"]["length_groups"] for r in new} == {2}
+    committed = {(r["model"], r["variant"], r["seed"]): r for r in old}
+    trained = [(r, committed[r["model"], r["variant"], r["seed"]]) for r in new if r["seed"] is not None]
+    same = sum(r["per_row"] == c["per_row"] for r, c in trained)
+    largest = max(abs(r["per"] - c["per"]) for r, c in trained)
+    untrained = [(r, committed[r["model"], r["variant"], None]) for r in new if r["seed"] is None]
+    assert untrained and all(r["per_row"] == c["per_row"] for r, c in untrained)  # nothing trained: to the bit
+    text = " ".join((root / "docs/results.md").read_text().split())
+    assert f"**{same} of the {len(trained)} trained students score row for row as the committed ones**" in text
+    assert f"the other {len(trained) - same} differ by at most {largest:.3f} in a student's PER" in text
+    before, after = claims(old), claims(new)
+    assert before.keys() == after.keys() == set(FAMILIES)
+    for model in FAMILIES:
+        assert after[model]["checks"] == before[model]["checks"]
+    stated = re.search(r"CosyVoice 2's WAND - control (\S+ \[\S+ \S+\]) against \[(\S+ \S+\]); SparkTTS's "
+                       r"(\S+ \[\S+ \S+\]) against (\S+ \[\S+ \S+\])", text).groups()
+    assert stated == (interval(after["cosyvoice2"]["minus_control"]), interval(before["cosyvoice2"]["minus_control"])
+                      .split("[")[1], interval(after["sparktts"]["minus_control"]),
+                      interval(before["sparktts"]["minus_control"]))
