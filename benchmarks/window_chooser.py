@@ -5,6 +5,9 @@ smallest W whose fine-tuned WAND student passes the claims' thresholds?
     python -m benchmarks.window_chooser --from-json benchmarks/results/window_chooser.json   # render again
     python -m benchmarks.window_chooser --teachers runs/teachers-strong --table benchmarks/results/ablation_table_strong.json \
         --output benchmarks/results/window_chooser_strong.json --block chooser-strong   # other teachers, their own table
+    python -m benchmarks.window_chooser --teachers benchmarks/teachers/sinusoidal-continued3 --models indextts \
+        --table benchmarks/results/ablation_table_sinusoidal.json --output benchmarks/results/window_chooser_sinusoidal.json \
+        --block chooser-sinusoidal   # a folder with one family's teacher
     python -m benchmarks.window_chooser --probe --teachers benchmarks/teachers/strong --schedule hold \
         --table benchmarks/results/ablation_table_strong_1200.json --output benchmarks/results/window_chooser_probe.json \
         --block chooser-probe   # the fine-tune probe's W against the 1,200-step sweep (about 25 min on 2 cores)
@@ -133,11 +136,12 @@ def probe_side_by_side(chooser: dict, verdicts: dict, gaps: dict, schedule: str 
     return "\n".join(lines)
 
 
-def run_probe(teachers: Path, windows: list[int], steps: int, train_rows: int, heldout: int) -> dict:
+def run_probe(teachers: Path, windows: list[int], steps: int, train_rows: int, heldout: int,
+              models=FAMILIES) -> dict:
     """The fine-tune probe per family on the results table's rows (its fresh fine-tuning rows, its
     held-out rows) and recipe (``AblationConfig`` with 2 length groups, as the stronger teachers' table)."""
     out = {}
-    for name in FAMILIES:
+    for name in models:
         record = read_teacher_record(teachers / name)
         spec = record_spec(record)
         task = SyntheticTask(**record["task"])
@@ -151,9 +155,9 @@ def run_probe(teachers: Path, windows: list[int], steps: int, train_rows: int, h
     return out
 
 
-def run_chooser(teachers: Path, rows: int, windows: list[int]) -> dict:
+def run_chooser(teachers: Path, rows: int, windows: list[int], models=FAMILIES) -> dict:
     out = {}
-    for name in FAMILIES:
+    for name in models:
         record = read_teacher_record(teachers / name)
         spec = record_spec(record)
         teacher = spec.load(str(teachers / name))
@@ -172,6 +176,8 @@ def run_chooser(teachers: Path, rows: int, windows: list[int]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teachers", type=Path, default=ROOT / "teachers")
+    parser.add_argument("--models", nargs="+", choices=FAMILIES, default=list(FAMILIES),
+                        help="the families to choose for (a teachers folder may hold only some)")
     parser.add_argument("--rows", type=int, default=32, help="training utterances the chooser reads per family")
     parser.add_argument("--windows", type=int, nargs="+", default=[*SWEEP_WINDOWS, 256],
                         help="candidate W: the table's sweep and 256 (like for like; jobs.choose_window's default "
@@ -211,10 +217,10 @@ def main(argv=None) -> int:
     else:
         torch.set_num_threads(2)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")  # the probes' progress
-        chooser = run_chooser(args.teachers, args.rows, args.windows)
+        chooser = run_chooser(args.teachers, args.rows, args.windows, args.models)
         if args.probe:
             for name, probe in run_probe(args.teachers, list(SWEEP_WINDOWS), args.probe_steps, args.train_rows,
-                                         args.heldout).items():
+                                         args.heldout, args.models).items():
                 chooser[name]["probe"] = probe
         args.output.write_text(json.dumps(chooser, indent=2) + "\n")
     results = json.loads(args.table.read_text())["results"]

@@ -91,6 +91,12 @@ def test_the_chooser_against_the_table_is_rendered_from_both_results_files():
     results = json.loads((ROOT / "benchmarks/results/ablation_table_strong.json").read_text())["results"]
     assert read_block(ROOT / "docs/results.md", "<!-- chooser-strong:start -->", "<!-- chooser-strong:end -->") == \
         side_by_side(chooser, table_verdicts(results))
+    # On the sinusoidal IndexTTS teacher, beside its own table (--models indextts --block chooser-sinusoidal).
+    chooser_sinusoidal = json.loads((ROOT / "benchmarks/results/window_chooser_sinusoidal.json").read_text())
+    results = json.loads((ROOT / "benchmarks/results/ablation_table_sinusoidal.json").read_text())["results"]
+    assert list(chooser_sinusoidal) == ["indextts"]
+    assert read_block(ROOT / "docs/results.md", "<!-- chooser-sinusoidal:start -->", "<!-- chooser-sinusoidal:end -->") \
+        == side_by_side(chooser_sinusoidal, table_verdicts(results))
     # And beside the longer fine-tune's window sweep, the hold schedule (--schedule hold --block chooser-strong-1200).
     results = json.loads((ROOT / "benchmarks/results/ablation_table_strong_1200.json").read_text())["results"]
     assert read_block(ROOT / "docs/results.md", "<!-- chooser-strong-1200:start -->", "<!-- chooser-strong-1200:end -->") \

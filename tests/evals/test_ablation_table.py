@@ -256,6 +256,16 @@ def test_the_chooser_beside_a_second_table_goes_into_its_own_block(tmp_path):
     assert read_block(docs, "<!-- chooser-strong:start -->", "<!-- chooser-strong:end -->").startswith("| family | chooser")
     assert read_block(docs, "<!-- chooser-table:start -->", "<!-- chooser-table:end -->") == "main"
     assert readme.read_text() == "<!-- chooser-table:start -->\nmain\n<!-- chooser-table:end -->\n"
+    # --models: a teachers folder holding one family (the sinusoidal IndexTTS teacher's); the others are not read.
+    out = subprocess.run([sys.executable, "-m", "benchmarks.window_chooser", "--no-readme", "--models", "indextts",
+                          "--teachers", str(root / "benchmarks/teachers/sinusoidal-continued3"), "--rows", "8",
+                          "--table", str(root / "benchmarks/results/ablation_table_sinusoidal.json"),
+                          "--output", str(tmp_path / "chooser.json")], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+
+    assert list(json.loads((tmp_path / "chooser.json").read_text())) == ["indextts"]
+    assert "| IndexTTS 1.5 |" in out.stdout and "CosyVoice 2" not in out.stdout
 
 
 def test_a_fine_tune_on_longer_texts_is_checked_trained_on_named_and_kept_apart():
