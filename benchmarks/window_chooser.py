@@ -209,6 +209,10 @@ def main(argv=None) -> int:
     for path, start, end in [] if args.no_readme else places:  # checked before the chooser runs
         if not has_block(path, start, end):
             parser.error(f"{path} has no {start} ... {end} block to write the table into (or pass --no-readme)")
+    missing = [] if args.from_json else [m for m in args.models if not (args.teachers / m / "teacher.json").exists()]
+    if missing:  # before any family is read, with the way out
+        parser.error(f"--teachers {args.teachers} has no teacher.json for {', '.join(missing)}: train it with "
+                     "`python -m jobs.train_teachers`, or pass --models with the families the folder holds")
     if args.from_json:
         chooser = json.loads(args.from_json.read_text())
         if any("probe" in c for c in chooser.values()) and not (args.block or args.no_readme):

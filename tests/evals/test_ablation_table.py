@@ -257,10 +257,15 @@ def test_the_chooser_beside_a_second_table_goes_into_its_own_block(tmp_path):
     assert read_block(docs, "<!-- chooser-table:start -->", "<!-- chooser-table:end -->") == "main"
     assert readme.read_text() == "<!-- chooser-table:start -->\nmain\n<!-- chooser-table:end -->\n"
     # --models: a teachers folder holding one family (the sinusoidal IndexTTS teacher's); the others are not read.
-    out = subprocess.run([sys.executable, "-m", "benchmarks.window_chooser", "--no-readme", "--models", "indextts",
-                          "--teachers", str(root / "benchmarks/teachers/sinusoidal-continued3"), "--rows", "8",
-                          "--table", str(root / "benchmarks/results/ablation_table_sinusoidal.json"),
-                          "--output", str(tmp_path / "chooser.json")], capture_output=True, text=True, timeout=300)
+    one = lambda *models: subprocess.run([  # noqa: E731
+        sys.executable, "-m", "benchmarks.window_chooser", "--no-readme", *models, "--rows", "8",
+        "--teachers", str(root / "benchmarks/teachers/sinusoidal-continued3"),
+        "--table", str(root / "benchmarks/results/ablation_table_sinusoidal.json"),
+        "--output", str(tmp_path / "chooser.json")], capture_output=True, text=True, timeout=300)
+    out = one()  # every family asked of a one-family folder: refused up front, naming the way out
+    assert out.returncode == 2 and "no teacher.json for cosyvoice2, sparktts" in out.stderr and "--models" in out.stderr
+    assert not (tmp_path / "chooser.json").exists()
+    out = one("--models", "indextts")
     assert out.returncode == 0, out.stderr
     import json
 
