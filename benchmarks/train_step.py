@@ -7,9 +7,11 @@ The baseline is what a user trains full attention with: the model's own SDPA for
 mask), on CUDA pinned to the flash / memory-efficient kernels (wand.profiling.timing_conditions).
 WAND runs FlexAttention on CUDA (its BlockMask skips the blocks outside prefix + window; one compile
 per 128-token length bucket) and the dense-mask SDPA on CPU, where a mask changes which scores
-count, not how many are computed, so no speed-up is expected there. Tokens per step are equal at
-every length (batch = --tokens / length). Prefix 182 (CosyVoice 2's), W 32. Median of --repeats
-after one warm-up step (compilation). Targets (CUDA): WAND / full <= 0.9 at T = 2,048, <= 0.6 at
+count, not how many are computed, so no speed-up is expected there. WAND is timed in both forms a
+curriculum trains with: the hard mask (from tau >= wand.masks.HARD_TAU on, the last third of the
+schedule and its hold) and the soft form at --soft-tau (a score_mod on every causal element: on
+Flex it skips no block). Tokens per step are equal at every length (batch = --tokens / length).
+Prefix 182 (CosyVoice 2's), W 32. Median of --repeats after one warm-up step (compilation). Targets (CUDA): WAND / full <= 0.9 at T = 2,048, <= 0.6 at
 8,192. Writes benchmarks/results/train_step_<device>.json.
 """
 
@@ -27,6 +29,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 
 import wand
 from wand.losses import wand_loss
+from wand.masks import HARD_TAU
 from wand.profiling import cpu_device, timing_conditions
 from wand.topk import sparse_teacher_targets
 
@@ -41,8 +44,9 @@ SHAPES = {
 }
 
 
-def step_time(model, optimizer, batch, length, window, prefix, device, repeats) -> float:
-    """Median seconds of one training step; ``window=None`` is the model's own causal forward."""
+def step_time(model, optimizer, batch, length, window, prefix, device, repeats, tau=None) -> float:
+    """Median seconds of one training step; ``window=None`` is the model's own causal forward,
+    ``tau`` the soft form's penalty (None: the hard mask)."""
     gen = torch.Generator().manual_seed(length)
     ids = torch.randint(0, VOCAB, (batch, length), generator=gen).to(device)
     positions = torch.arange(prefix - 1, length - 1, device=device)
@@ -59,7 +63,7 @@ def step_time(model, optimizer, batch, length, window, prefix, device, repeats) 
             out = model(input_ids=ids, output_hidden_states=True, logits_to_keep=1)
         else:
             out = model(input_ids=ids, prefix_lengths=torch.full((batch,), prefix, device=device), window=window,
-                        output_hidden_states=True, logits_to_keep=1)
+                        tau=tau, output_hidden_states=True, logits_to_keep=1)
         hidden = out.hidden_states[-1][:, positions].reshape(-1, out.hidden_states[-1].shape[-1])
         targets = ids[:, positions + 1].reshape(-1)
         loss = wand_loss(hidden, model.lm_head, targets, values, index, rest).loss
@@ -81,11 +85,17 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=32)
     parser.add_argument("--prefix", type=int, default=182)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--soft-tau", type=float, default=8.0,
+                        help=f"tau of the soft form timed beside the hard mask (below HARD_TAU = {HARD_TAU:g}; 0: skip it)")
     args = parser.parse_args()
+    if not 0 <= args.soft_tau < HARD_TAU:
+        parser.error(f"--soft-tau must be in [0, {HARD_TAU:g}): from HARD_TAU on the soft form is the hard mask")
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     shape = args.shape or ("0.5b" if cuda else "small")
     lengths = [int(x) for x in (args.lengths or ("2048,8192" if cuda else "512,1024,2048")).split(",")]
+    if min(lengths) <= args.prefix:
+        parser.error(f"--lengths must all exceed --prefix ({args.prefix}): a step trains on the tokens after the prefix")
     tokens = args.tokens or max(lengths)
     dtype = torch.bfloat16 if cuda else torch.float32
     backend = "flex" if cuda else "sdpa"
@@ -104,24 +114,31 @@ def main() -> None:
         name = torch.cuda.get_device_name() if cuda else cpu_device(torch.get_num_threads())
         print(f"# {shape} shape, {dtype}, on {name}; full: model SDPA causal ({attention}); WAND: {backend}, "
               f"P={args.prefix}, W={args.window}; {tokens} tokens per step")
-        print("| length | batch | full ms | WAND ms | WAND / full |")
-        print("|---:|---:|---:|---:|---:|")
+        print("| length | batch | full ms | WAND ms | WAND / full | WAND soft ms | soft / full |")
+        print("|---:|---:|---:|---:|---:|---:|---:|")
         for length in lengths:
             batch = max(1, tokens // length)
             results = {}
-            for key, model, window in (("full", full_model, None), ("wand", wand_model, args.window)):
+            runs = [("full", full_model, None, None), ("wand", wand_model, args.window, None)]
+            if args.soft_tau:
+                runs.append(("wand_soft", wand_model, args.window, args.soft_tau))
+            for key, model, window, tau in runs:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-                results[key] = step_time(model, optimizer, batch, length, window, args.prefix, device, args.repeats)
+                results[key] = step_time(model, optimizer, batch, length, window, args.prefix, device, args.repeats, tau)
                 del optimizer
             ratio = results["wand"] / results["full"]
+            soft = results.get("wand_soft")
             rows.append({"length": length, "batch": batch, "full_s": results["full"], "wand_s": results["wand"],
-                         "ratio": ratio})
-            print(f"| {length} | {batch} | {1e3 * results['full']:.0f} | {1e3 * results['wand']:.0f} | {ratio:.2f} |",
-                  flush=True)
-    out = ROOT / "benchmarks" / "results" / f"train_step_{device.type}.json"
-    out.write_text(json.dumps({"device": name, "shape": shape, "dtype": str(dtype), "full_attention": attention,
-                               "wand_backend": backend, "prefix": args.prefix, "window": args.window,
-                               "tokens_per_step": tokens, "rows": rows}, indent=2))
+                         "ratio": ratio, **({"wand_soft_s": soft, "soft_ratio": soft / results["full"]} if soft else {})})
+            soft_cells = f"{1e3 * soft:.0f} | {soft / results['full']:.2f}" if soft else "- | -"
+            print(f"| {length} | {batch} | {1e3 * results['full']:.0f} | {1e3 * results['wand']:.0f} | {ratio:.2f} | "
+                  f"{soft_cells} |", flush=True)
+            # After every length: a run cut short by gpu-check's time limit keeps the rows it measured.
+            out = ROOT / "benchmarks" / "results" / f"train_step_{device.type}.json"
+            out.write_text(json.dumps({"device": name, "shape": shape, "dtype": str(dtype), "full_attention": attention,
+                                       "wand_backend": backend, "prefix": args.prefix, "window": args.window,
+                                       "soft_tau": args.soft_tau or None, "hard_tau": HARD_TAU,
+                                       "tokens_per_step": tokens, "lengths": lengths, "rows": rows}, indent=2))
     print(f"wrote {out}")
 
 

@@ -36,7 +36,17 @@ __all__ = [
     "wand_mask_mod",
     "wand_score_mod",
     "wand_block_mask",
+    "HARD_TAU",
+    "sparse_tau",
 ]
+
+# From this tau on the soft form is the hard mask in float32, so the FlexAttention path builds the
+# hard, sparse BlockMask instead of running a score_mod on every causal element (issue 29: the soft
+# path skipped no block). An out-of-window key's weight is exp(s - tau - m), m the row's largest
+# in-window score: exactly 0 in float32 (below 2**-149 = exp(-103.3)) whenever s - m < tau - 104,
+# about 900 at 1e3, and its gradient is then 0 too; scores 900 apart do not occur in a model that
+# trains. The curriculum's tau (0.5 -> 1e4 on a log scale) passes it after 68% of its schedule.
+HARD_TAU = 1e3
 
 
 def validate_window(window: int | None) -> int | None:
@@ -250,6 +260,14 @@ def wand_score_mod(prefix_lengths: torch.Tensor, window: int | None, tau: float 
         return score - tau_t * outside.to(score.dtype)
 
     return score_mod
+
+
+def sparse_tau(tau: float | torch.Tensor | None) -> float | torch.Tensor | None:
+    """``tau`` as the FlexAttention path uses it: None (the hard mask) from ``HARD_TAU`` on. A tensor
+    is read once on the host (the curriculum passes Python floats)."""
+    if tau is None:
+        return None
+    return None if float(tau) >= HARD_TAU else tau
 
 
 def wand_block_mask(

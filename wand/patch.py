@@ -26,7 +26,8 @@ from typing import Any
 import torch
 
 from .cache import WandCache
-from .masks import additive_mask, validate_prefix_lengths, validate_window, visibility, wand_mask_mod, wand_score_mod
+from .masks import (additive_mask, sparse_tau, validate_prefix_lengths, validate_window, visibility, wand_mask_mod,
+                    wand_score_mod)
 
 # Model classes whose attention takes the 4-D mask path (checked by tests). Keys are class names
 # so the list can be printed in errors without importing every architecture.
@@ -241,6 +242,7 @@ def _flex_mask(model, cache, prefix_lengths, length, window, tau, key_valid, dev
         # Right padding needs no key mask (padding comes after every real token), left padding does.
         if bool((key_valid[:, :-1] < key_valid[:, 1:]).any()):
             raise ValueError("FlexAttention training batches must be right-padded")
+    tau = sparse_tau(tau)  # from HARD_TAU on the soft form is the hard mask: its blocks are skipped
     hard_window = window if tau is None else None
     # The mask covers the length rounded up to a whole block (the attention pads q/k/v to it): a
     # compiled kernel then sees one shape per bucket, not one per batch length.

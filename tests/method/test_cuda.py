@@ -109,10 +109,11 @@ def test_a_decode_step_never_waits_for_the_device():
 
 @pytest.mark.skipif(DEVICE == "cpu", reason="FlexAttention has no CPU backward")
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-@pytest.mark.parametrize("tau", [None, 1.5])
+@pytest.mark.parametrize("tau", [None, 1.5, 1e3])
 def test_flex_gradients_equal_dense_mask_gradients(family, tau):
     """Training fwd+bwd: FlexAttention (compiled on CUDA, GQA through enable_gqa, length padded to
-    its bucket) gives the dense-mask SDPA gradients."""
+    its bucket) gives the dense-mask SDPA gradients; at tau 1e3 (wand.masks.HARD_TAU) Flex runs the
+    hard, sparse BlockMask while the dense path keeps the soft form's -tau."""
     ids = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     prefix = torch.tensor([20, 37], device=DEVICE)
     grads = {}

@@ -98,7 +98,7 @@ def test_bad_inputs_name_the_argument():
         wand.enable_wand(bert, 4)
 
 
-@pytest.mark.parametrize("tau", [None, 0.9])
+@pytest.mark.parametrize("tau", [None, 0.9, 1e3])  # 1e3: HARD_TAU, the Flex path's hard mask
 def test_flex_backend_matches_dense(family, tau):
     """The FlexAttention path (BlockMask + score_mod) gives the dense path's logits (CPU, unfused)."""
     ids = torch.randint(0, VOCAB, (2, 40))
@@ -109,6 +109,47 @@ def test_flex_backend_matches_dense(family, tau):
         assert flex_model.config._attn_implementation == "wand_flex"
         flex = flex_model(input_ids=ids, prefix_lengths=prefix, tau=tau).logits
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+def test_from_hard_tau_the_flex_path_skips_the_blocks_the_soft_form_zeroes():
+    """From HARD_TAU the soft form's out-of-window weights are exactly 0 in float32, so the Flex path
+    builds the hard, sparse BlockMask (no score_mod) there, and keeps the dense soft form below it."""
+    from wand.curriculum import Curriculum
+    from wand.masks import HARD_TAU
+    from wand.patch import _flex_mask
+
+    # 1. Float32 softmax: scores up to 800 apart, -HARD_TAU on the outside keys == those keys removed,
+    # bit for bit; a tenth of it still leaks weight onto them.
+    gen = torch.Generator().manual_seed(0)
+    scores = (torch.rand(256, 256, generator=gen) - 0.5) * 800
+    outside = torch.rand(256, 256, generator=gen) < 0.7
+    outside[:, 0] = False  # every row keeps a key
+    hard = torch.softmax(scores.masked_fill(outside, float("-inf")), -1)
+    assert torch.equal(torch.softmax(scores - HARD_TAU * outside, -1), hard)
+    assert not torch.equal(torch.softmax(scores - HARD_TAU / 10 * outside, -1), hard)
+
+    # 2. The block masks, against blocks counted from the rule itself (j <= i and (j < P or i - j < W)).
+    prefix, length, window, block = torch.tensor([8, 200]), 1024, 32, 128
+    valid = torch.ones(2, length, dtype=torch.bool)
+    i, j = torch.arange(length)[:, None], torch.arange(length)[None, :]
+    expected = 0
+    for p in prefix.tolist():
+        visible = (j <= i) & ((j < p) | (i - j < window))
+        expected += int(visible.view(length // block, block, length // block, block).any(3).any(1).sum())
+    causal = 2 * (length // block) * (length // block + 1) // 2
+
+    def blocks(mask) -> int:
+        return int(mask.kv_num_blocks.sum() + mask.full_kv_num_blocks.sum())
+
+    below = _flex_mask(None, None, prefix, length, window, HARD_TAU / 2, valid, torch.device("cpu"))
+    at = _flex_mask(None, None, prefix, length, window, torch.tensor(HARD_TAU), valid, torch.device("cpu"))
+    assert hasattr(below, "wand_score_mod") and blocks(below) == causal
+    assert not hasattr(at, "wand_score_mod") and blocks(at) == expected < causal, (blocks(at), expected, causal)
+
+    # 3. Where the curriculum (tau 0.5 -> 1e4, log scale) passes it: after 68% of its schedule.
+    schedule = Curriculum(total_steps=1000)
+    first = next(s for s in range(1000) if schedule.tau(s) >= HARD_TAU)
+    assert round(first / 1000, 2) == 0.68, first
 
 
 def test_a_deep_copied_wand_model_runs_its_own_weights():
