@@ -34,11 +34,13 @@ status=0
 timeout 80 "$PY" -m pytest -m cuda tests/method/test_cuda.py -q -p no:cacheprovider -o addopts="" \
   --junitxml="$results/gpu_check_tests_cuda.xml" || status=$?
 # 2. Decode per-step latency (eager path), CosyVoice 2 shape, batch 1, steps 100 .. 3,000.
-timeout 160 "$PY" -m benchmarks.decode_latency --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-3000}" \
+timeout 140 "$PY" -m benchmarks.decode_latency --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-3000}" \
   --points 100,500,1000,2000,3000 --half 25 || status=$?
 # 3. Training step, Qwen2.5-0.5B shape, T 2,048 and 8,192 at equal tokens: SDPA full vs WAND Flex.
 timeout 110 "$PY" -m benchmarks.train_step --device cuda --repeats 3 || status=$?
-# 4. Serving, one point: CosyVoice 2 at 60 s of speech, batch 1 (the per-step target). Each batch
+# 4. Building the training BlockMask at T 2,048 and 8,192: torch's dense pass vs WAND's tiles (cached).
+timeout 20 "$PY" -m benchmarks.block_mask --device cuda || status=$?
+# 5. Serving, one point: CosyVoice 2 at 60 s of speech, batch 1 (the per-step target). Each batch
 #    size compiles the full-attention baseline anew (about a minute for a 24-layer model), so the
 #    full grid (`benchmarks/serving.py --device cuda`) does not fit here.
 timeout 120 "$PY" -m benchmarks.serving --device cuda --models cosyvoice2 --seconds 60 --batches 1 \

@@ -47,12 +47,25 @@ def test_length_groups_benchmark_times_both_settings_and_the_students_agree(tmp_
         assert bad.returncode == 2 and said in bad.stderr and not (tmp_path / "bad.json").exists(), bad.stderr
 
 
+def test_block_mask_benchmark_checks_the_masks_agree_and_records_every_length(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "benchmarks.block_mask", "--device", "cpu", "--lengths", "256,640",
+                          "--tokens", "1280", "--repeats", "1", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "block_mask_cpu.json").read_text())["rows"]
+    assert [(r["length"], r["batch"]) for r in rows] == [(256, 5), (640, 2)]
+    assert all(r["dense_ms"] > 0 and r["tiles_ms"] > 0 and r["cached_ms"] > 0 for r in rows)
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.block_mask", "--lengths", "200", "--out-dir", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "multiples of 128" in bad.stderr
+
+
 def test_gpu_check_names_every_cuda_test_file_and_benchmark():
     script = (ROOT / "benchmarks/gpu_check.sh").read_text()
     cuda_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                         if p.name != Path(__file__).name and "pytest.mark.cuda" in p.read_text())
     assert cuda_files == ["tests/method/test_cuda.py"] and "-m cuda tests/method/test_cuda.py" in script
-    for bench in ("decode_latency", "train_step", "serving"):
+    for bench in ("decode_latency", "train_step", "block_mask", "serving"):
         assert f"-m benchmarks.{bench} " in script and "--device cuda" in script
 
 
@@ -136,3 +149,12 @@ def test_the_teacher_slips_tables_in_the_docs_are_rendered_from_their_results_fi
     sinusoidal = json.loads((ROOT / "benchmarks/results/teacher_slips_sinusoidal.json").read_text())
     assert all(r["label"].endswith(", sinusoidal positions") for r in sinusoidal["results"])
     assert read_block(ROOT / "docs/results.md", *markers("teacher-slips-sinusoidal")) == table(sinusoidal)
+
+
+def test_the_block_mask_figures_in_the_docs_are_the_committed_record():
+    record = json.loads((ROOT / "benchmarks/results/block_mask_cpu.json").read_text())
+    text = " ".join((ROOT / "docs/benchmarks.md").read_text().split())
+    for row in record["rows"]:
+        said = (f"T = {row['length']:,} (batch {row['batch']}) dense {row['dense_ms']:,.0f} ms, tiles "
+                f"{row['tiles_ms']:.1f} ms, cached {row['cached_ms']:.3f} ms")
+        assert said in text, said

@@ -17,6 +17,7 @@ batches keep absolute positions (RoPE / learned position embeddings at the true 
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -25,8 +26,9 @@ from typing import Any
 
 import torch
 
+from .blocks import wand_tile_block_mask
 from .cache import WandCache
-from .masks import (additive_mask, sparse_tau, validate_prefix_lengths, validate_window, visibility, wand_mask_mod,
+from .masks import (additive_mask, sparse_tau, validate_prefix_lengths, validate_window, visibility,
                     wand_score_mod)
 
 # Model classes whose attention takes the 4-D mask path (checked by tests). Keys are class names
@@ -234,8 +236,6 @@ def _model_dtype(model: torch.nn.Module) -> torch.dtype:
 
 def _flex_mask(model, cache, prefix_lengths, length, window, tau, key_valid, device):
     """BlockMask for a training forward (no cache) on the FlexAttention backend."""
-    from torch.nn.attention.flex_attention import create_block_mask
-
     if cache is not None and cache.get_seq_length() > 0:
         raise ValueError("the FlexAttention path is for training forwards; decode with sdpa/eager and a WandCache")
     if not bool(key_valid.all()):
@@ -245,16 +245,9 @@ def _flex_mask(model, cache, prefix_lengths, length, window, tau, key_valid, dev
     tau = sparse_tau(tau)  # from HARD_TAU on the soft form is the hard mask: its blocks are skipped
     hard_window = window if tau is None else None
     # The mask covers the length rounded up to a whole block (the attention pads q/k/v to it): a
-    # compiled kernel then sees one shape per bucket, not one per batch length.
-    padded = flex_bucket(length)
-    block_mask = create_block_mask(
-        wand_mask_mod(prefix_lengths, hard_window),
-        B=prefix_lengths.shape[0],
-        H=None,
-        Q_LEN=padded,
-        KV_LEN=padded,
-        device=device,
-    )
+    # compiled kernel then sees one shape per bucket, not one per batch length. Built from tiles and
+    # cached (wand.blocks); a shallow copy carries this forward's attributes, never the cached one.
+    block_mask = copy.copy(wand_tile_block_mask(prefix_lengths, hard_window, flex_bucket(length), device))
     # GPT-2's forward reads attention_mask.ndim before masking_utils sees it; a BlockMask has
     # .shape but no .ndim, so give it one (4, as its shape says).
     if not hasattr(block_mask, "ndim"):
