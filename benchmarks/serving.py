@@ -18,6 +18,9 @@ and CosyVoice 2. Both sides get the same per-step treatment:
 The cache a step reads has the same size whatever it holds, so each point prefills P (+ W) tokens
 and times --steps steps at a cache sized for the point's length; WAND's KV bytes are measured
 after a real prefill of P + length tokens (batch 1), full attention's are its allocated buffer.
+Each point also records what one step launched (torch profiler): host operators, and on CUDA the
+kernels, the CUDA-graph launches and whether the step replayed a graph (launched one, and inductor
+skipped none): a baseline that silently fell back to launching every kernel would be unfair to it.
 Real-time streams = the largest batch whose decode steps per second stay at or above the model's
 token rate (Orpheus 82/s, Llasa 50/s, CosyVoice 2 25/s) at the longest length.
 Writes benchmarks/results/serving_<device>.json and .png.
@@ -36,7 +39,7 @@ import torch
 import wand
 from wand.generation import cache_kwarg_name
 from wand.models import get_spec
-from wand.profiling import cache_nbytes, cpu_device, timing_conditions
+from wand.profiling import cache_nbytes, cpu_device, launches_per_step, timing_conditions
 from wand.static import StaticDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -73,25 +76,57 @@ def prompt_ids(spec, batch: int, length: int, device: torch.device) -> torch.Ten
     return torch.randint(lo, hi - len(spec.stop_token_ids), (batch, length), generator=gen).to(device)
 
 
+def full_step(model, cache, compile_mode):
+    """The baseline's decode step, ``step(token, position) -> logits``: a pure function of its inputs
+    (the StaticCache's buffers, static addresses, are its only writes). The caller advances the
+    position outside the compiled region: a non-static input mutated inside it (``position.add_(1)``)
+    makes torch's CUDA-graph trees skip the graph, and the baseline would run launch-bound."""
+    kw = {cache_kwarg_name(model): cache}
+
+    def step(token, position):
+        return model(input_ids=token.view(-1, 1), position_ids=position, use_cache=True, **kw).logits[:, -1]
+
+    return torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
+
+
 def full_point(model, spec, batch, prefix, length, steps, device, compile_mode):
     from transformers import StaticCache
 
-    cache = StaticCache(config=model.config, max_cache_len=prefix + length + steps + 2)
-    kw = {cache_kwarg_name(model): cache}
+    cache = StaticCache(config=model.config, max_cache_len=prefix + length + steps + 4)
     ids = prompt_ids(spec, batch, prefix, device)
     with torch.no_grad():
-        model(input_ids=ids, use_cache=True, **kw)
-    position = torch.full((batch, 1), prefix, dtype=torch.long, device=device)
+        model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
+    run = full_step(model, cache, compile_mode)
+    state = {"position": torch.full((batch, 1), prefix, dtype=torch.long, device=device)}
 
     def step(token):
-        out = model(input_ids=token.view(-1, 1), position_ids=position, use_cache=True, **kw)
-        position.add_(1)
-        return out.logits[:, -1]
+        logits = run(token, state["position"])
+        state["position"] = state["position"] + 1  # outside the compiled step (see full_step)
+        return logits
 
-    run = torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
+    skips = graph_skips()
     with torch.no_grad():
-        seconds = time_steps(run, ids[:, -1], steps, device)
-    return seconds, cache_nbytes(cache)
+        seconds = time_steps(step, ids[:, -1], steps, device)
+        launches = launches_per_step(step, ids[:, -1], device=device)
+    return seconds, cache_nbytes(cache), graph_record(device, compile_mode == "reduce-overhead", skips, launches)
+
+
+def graph_skips() -> int:
+    """Inductor's count of CUDA graphs it declined to record (a mutated non-static input, CPU ops...)."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def graph_record(device, expected: bool, skips_before: int, launches: dict) -> dict:
+    """Whether a step replayed a CUDA graph, from the profiler's graph launches and inductor's skips."""
+    record = dict(launches)
+    if device.type == "cuda":
+        record["graph_skips"] = graph_skips() - skips_before
+        record["graph_replayed"] = launches["graph_launches"] > 0 and record["graph_skips"] == 0
+        if expected and not record["graph_replayed"]:
+            print(f"warning: a step expected to replay a CUDA graph did not ({record})", flush=True)
+    return record
 
 
 def wand_point(model, spec, batch, prefix, window, steps, device, mode):
@@ -100,8 +135,10 @@ def wand_point(model, spec, batch, prefix, window, steps, device, mode):
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
     decoder = StaticDecoder(model, cache, mode)
+    skips = graph_skips()
     seconds = time_steps(decoder.step, ids[:, -1], steps, device)
-    return seconds, cache.nbytes()
+    launches = launches_per_step(decoder.step, ids[:, -1], device=device)
+    return seconds, cache.nbytes(), graph_record(device, mode == "graph", skips, launches)
 
 
 def wand_bytes_after(model, spec, prefix, length, window, device, chunk: int = 512) -> int:
@@ -152,8 +189,8 @@ def main() -> None:
             rows = []
             print(f"\n## {model_name} ({size}): P={prefix}, W={window}, {rate:g} tokens/s of speech")
             print("| speech | batch | full ms/step | WAND ms/step | full tok/s | WAND tok/s | full KV/stream | "
-                  "WAND KV/stream | peak GiB full / WAND |")
-            print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+                  "WAND KV/stream | peak GiB full / WAND | launched full / WAND |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
             for seconds in seconds_grid:
                 length = spec.tokens_for_seconds(seconds)
                 wand.disable_wand(model)
@@ -168,11 +205,14 @@ def main() -> None:
                         try:
                             if side == "full":
                                 wand.disable_wand(model)
-                                secs, kv = full_point(model, spec, batch, prefix, length, args.steps, device, full_compile)
+                                secs, kv, launches = full_point(model, spec, batch, prefix, length, args.steps,
+                                                                device, full_compile)
                                 row["full_kv_per_stream"] = kv // batch
                             else:
                                 wand.enable_wand(model, window)
-                                secs, _ = wand_point(model, spec, batch, prefix, window, args.steps, device, wand_mode)
+                                secs, _, launches = wand_point(model, spec, batch, prefix, window, args.steps,
+                                                               device, wand_mode)
+                            row[f"{side}_launches"] = launches
                             row[f"{side}_ms"] = 1e3 * secs
                             row[f"{side}_tokens_per_s"] = batch / secs
                         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
@@ -186,7 +226,8 @@ def main() -> None:
                     print(f"| {seconds:g} s | {batch} | {fmt(row.get('full_ms'))} | {fmt(row.get('wand_ms'))} | "
                           f"{fmt(row.get('full_tokens_per_s'), 0)} | {fmt(row.get('wand_tokens_per_s'), 0)} | "
                           f"{kib(row.get('full_kv_per_stream'))} | {kib(kv_wand)} | "
-                          f"{fmt(row.get('full_peak_gib'), 2, '-')} / {fmt(row.get('wand_peak_gib'), 2, '-')} |", flush=True)
+                          f"{fmt(row.get('full_peak_gib'), 2, '-')} / {fmt(row.get('wand_peak_gib'), 2, '-')} | "
+                          f"{launched(row.get('full_launches'))} / {launched(row.get('wand_launches'))} |", flush=True)
             longest = max(seconds_grid)
             streams = {side: max([r["batch"] for r in rows if r["seconds"] == longest and r.get(f"{side}_ms")
                                   and 1e3 / r[f"{side}_ms"] >= rate], default=0) for side in ("full", "wand")}
@@ -205,6 +246,15 @@ def main() -> None:
 
 def fmt(value, digits: int = 2, missing: str = "OOM") -> str:
     return missing if value is None else f"{value:,.{digits}f}"
+
+
+def launched(record: dict | None) -> str:
+    """One step's launches for the table: kernels and whether a CUDA graph replayed, or host ops (CPU)."""
+    if record is None:
+        return "-"
+    if "kernels" in record:
+        return f"{record['kernels']} kernels, graph {'yes' if record['graph_replayed'] else 'NO'}"
+    return f"{record['aten_ops']} ops"
 
 
 def kib(value) -> str:

@@ -158,3 +158,43 @@ def test_the_block_mask_figures_in_the_docs_are_the_committed_record():
         said = (f"T = {row['length']:,} (batch {row['batch']}) dense {row['dense_ms']:,.0f} ms, tiles "
                 f"{row['tiles_ms']:.1f} ms, cached {row['cached_ms']:.3f} ms")
         assert said in text, said
+
+
+def test_the_full_attention_baseline_step_leaves_its_inputs_alone_and_decodes_as_the_model_does():
+    """The baseline's step writes only the StaticCache (static addresses): a position mutated inside
+    it made torch's CUDA-graph trees skip the graph. Its greedy tokens equal the model's own decode
+    with a DynamicCache, and the profiler record counts the host operators it dispatched."""
+    import torch
+    from transformers import DynamicCache, StaticCache
+
+    from benchmarks.serving import full_step, prompt_ids
+    from wand.models import get_spec
+    from wand.profiling import launches_per_step
+
+    spec = get_spec("cosyvoice2", "tiny")
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    model.set_attn_implementation("sdpa")
+    with torch.no_grad():  # peaked attention, so positions (RoPE) change the logits visibly
+        for name, param in model.named_parameters():
+            if name.endswith(("q_proj.weight", "k_proj.weight")):
+                param.mul_(8)
+    ids = prompt_ids(spec, 2, 12, torch.device("cpu"))
+    static, dynamic = StaticCache(config=model.config, max_cache_len=24), DynamicCache()
+    ours = []
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True, cache=static).logits[:, -1]
+        expected = model(input_ids=ids, use_cache=True, cache=dynamic).logits[:, -1]
+        step, position = full_step(model, static, None), torch.full((2, 1), 12)
+        for _ in range(6):
+            torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
+            token = out.argmax(-1)
+            ours.append(token)
+            before = (token.clone(), position.clone())
+            out = step(token, position)
+            assert torch.equal(token, before[0]) and torch.equal(position, before[1])
+            position = position + 1
+            expected = model(input_ids=token.view(-1, 1), use_cache=True, cache=dynamic).logits[:, -1]
+        assert len({tuple(t.tolist()) for t in ours}) > 1  # the decode moves: not one token repeated
+        counts = launches_per_step(step, token, position, device=torch.device("cpu"))
+    assert counts["aten_ops"] > 4 * model.config.num_hidden_layers  # eager: every layer's operators

@@ -164,3 +164,23 @@ def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return cpu_device(torch.get_num_threads(), cores=True)
+
+
+def launches_per_step(step, *args, device: torch.device) -> dict:
+    """What one call of ``step(*args)`` launches, from the torch profiler: ``aten_ops`` (operators
+    dispatched on the host; 0 for a step replayed from a CUDA graph), and on CUDA ``kernels`` (device
+    kernels, graph-replayed ones included where the profiler sees them) and ``graph_launches``
+    (``cudaGraphLaunch`` calls). Run the step once before, so compilation and capture are not counted."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step(*args)
+        _sync(device)
+    events = prof.events()
+    counts = {"aten_ops": sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)}
+    if device.type == "cuda":
+        counts["kernels"] = sum(1 for e in events if e.device_type == DeviceType.CUDA)
+        counts["graph_launches"] = sum(1 for e in events if e.name == "cudaGraphLaunch")
+    return counts
