@@ -231,14 +231,18 @@ gpu-check:
 
 # Wheels of this venv's transformers (and the tokenizers / safetensors it needs; the box's huggingface-hub
 # 1.x satisfies it, and hub 2.x would need packages the box lacks) for a GPU box with an
-# older one (Python 3.12, x86_64); benchmarks/gpu_check.sh installs whatever is in .whl/.
+# older one (Python 3.12, x86_64), and of deepspeed with the needs the box lacks (hjson, pydantic);
+# benchmarks/gpu_check.sh installs whatever is in .whl/.
 gpu-wheels: install
 	rm -rf .whl && mkdir -p .whl
-	for pkg in transformers tokenizers safetensors; do \
+	for pkg in transformers tokenizers safetensors hjson pydantic pydantic_core annotated-types typing-inspection typing_extensions; do \
 	  $(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 	    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
 	    -d .whl "$$pkg==$$($(PY) -c "import importlib.metadata as m; print(m.version('$$pkg'))")" || exit 1; \
 	done
+	# DeepSpeed publishes no wheel: build its pure-Python one (no ops; gpu-check uses torch's AdamW).
+	DS_BUILD_OPS=0 $(PY) -m pip wheel -q --no-deps --no-build-isolation -w .whl \
+	  "deepspeed==$$($(PY) -c "import importlib.metadata as m; print(m.version('deepspeed'))")"
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU check (`make gpu-check`): the cuda-marked tests and the GPU benchmarks, on one GPU, in about
-# 8 minutes. Needs only torch and transformers (a bare GPU box has no ray, mlflow or deepspeed):
+# 8 minutes. Needs torch and transformers, and for its DeepSpeed stage deepspeed (a bare GPU box has
+# no ray, mlflow or deepspeed: `make gpu-wheels` carries deepspeed and what it needs):
 #
 #   make gpu-check                                  # here, with .venv and a CUDA build of torch
 #   PYTHON=python3 bash benchmarks/gpu_check.sh     # on a GPU box whose python3 has torch
@@ -28,22 +29,25 @@ PY
 results=benchmarks/results
 mkdir -p "$results"
 status=0
-# Each stage has its own time limit (7 min 50 s in all); a stage that runs out fails the check and
+# Each stage has its own time limit (7 min 55 s in all); a stage that runs out fails the check and
 # the next one still runs.
 # 1. Correctness on the GPU (FlexAttention compiles per length bucket; CUDA graphs of the static step).
 timeout 80 "$PY" -m pytest -m cuda tests/method/test_cuda.py -q -p no:cacheprovider -o addopts="" \
   --junitxml="$results/gpu_check_tests_cuda.xml" || status=$?
-# 2. Decode per-step latency (eager path), CosyVoice 2 shape, batch 1, steps 100 .. 3,000.
-timeout 140 "$PY" -m benchmarks.decode_latency --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-3000}" \
-  --points 100,500,1000,2000,3000 --half 25 || status=$?
+# 2. Decode per-step latency (eager path), CosyVoice 2 shape, batch 1, steps 100 .. 2,000.
+timeout 110 "$PY" -m benchmarks.decode_latency --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-2000}" \
+  --points 100,500,1000,2000 --half 25 || status=$?
 # 3. Training step, Qwen2.5-0.5B shape, T 2,048 and 8,192 at equal tokens: SDPA full vs WAND Flex.
-timeout 110 "$PY" -m benchmarks.train_step --device cuda --repeats 3 || status=$?
+timeout 105 "$PY" -m benchmarks.train_step --device cuda --repeats 3 || status=$?
 # 4. Building the training BlockMask at T 2,048 and 8,192: torch's dense pass vs WAND's tiles (cached).
 timeout 20 "$PY" -m benchmarks.block_mask --device cuda || status=$?
-# 5. Serving, one point: CosyVoice 2 at 60 s of speech, batch 1 (the per-step target). Each batch
+# 5. DeepSpeed ZeRO-2, bf16, torch AdamW, one GPU, no Ray: distill steps against plain torch steps
+#    (needs the deepspeed wheel and its pure-Python needs from `make gpu-wheels`).
+timeout 45 "$PY" -m benchmarks.deepspeed_step --device cuda || status=$?
+# 6. Serving, one point: CosyVoice 2 at 60 s of speech, batch 1 (the per-step target). Each batch
 #    size compiles the full-attention baseline anew (about a minute for a 24-layer model), so the
 #    full grid (`benchmarks/serving.py --device cuda`) does not fit here.
-timeout 120 "$PY" -m benchmarks.serving --device cuda --models cosyvoice2 --seconds 60 --batches 1 \
+timeout 115 "$PY" -m benchmarks.serving --device cuda --models cosyvoice2 --seconds 60 --batches 1 \
   --steps 10 || status=$?
 if [ -n "${OUT:-}" ]; then cp "$results"/*_cuda.* "$OUT"/ 2>/dev/null || true; fi
 exit $status

@@ -65,7 +65,7 @@ def test_gpu_check_names_every_cuda_test_file_and_benchmark():
     cuda_files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                         if p.name != Path(__file__).name and "pytest.mark.cuda" in p.read_text())
     assert cuda_files == ["tests/method/test_cuda.py"] and "-m cuda tests/method/test_cuda.py" in script
-    for bench in ("decode_latency", "train_step", "block_mask", "serving"):
+    for bench in ("decode_latency", "train_step", "block_mask", "deepspeed_step", "serving"):
         assert f"-m benchmarks.{bench} " in script and "--device cuda" in script
 
 
@@ -198,3 +198,25 @@ def test_the_full_attention_baseline_step_leaves_its_inputs_alone_and_decodes_as
         assert len({tuple(t.tolist()) for t in ours}) > 1  # the decode moves: not one token repeated
         counts = launches_per_step(step, token, position, device=torch.device("cpu"))
     assert counts["aten_ops"] > 4 * model.config.num_hidden_layers  # eager: every layer's operators
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("dtype,tolerance", [("float32", 1e-5), ("bfloat16", 1e-2)])
+def test_deepspeed_zero2_steps_equal_the_plain_steps_on_one_process(tmp_path, dtype, tolerance):
+    """The worker's DeepSpeed configuration (ZeRO-2, torch AdamW) on one process without Ray, as gpu-check
+    runs it on a GPU: each step's loss against plain torch steps, recomputed here from the record."""
+    out = subprocess.run([sys.executable, "-m", "benchmarks.deepspeed_step", "--device", "cpu", "--dtype", dtype,
+                          "--steps", "3", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=360)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    record = json.loads((tmp_path / "deepspeed_step_cpu.json").read_text())
+    plain, ds = record["plain_losses"], record["deepspeed_losses"]
+    assert record["zero_stage"] == 2 and record["dtype"] == dtype and len(plain) == len(ds) == 3
+    assert all(abs(a - b) <= tolerance * abs(a) for a, b in zip(plain, ds))
+    assert plain[-1] < plain[0]  # the steps train
+
+
+def test_the_deepspeed_check_refuses_a_single_step():
+    bad = subprocess.run([sys.executable, "-m", "benchmarks.deepspeed_step", "--steps", "1"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--steps" in bad.stderr

@@ -27,6 +27,7 @@ from pipeline.config import TrainConfig
 from pipeline.data.row_order import RowOrder, ShardRows
 from pipeline.data.shards import read_shard, shard_topk
 from pipeline.train import checkpoints
+from pipeline.train.ds_config import deepspeed_config
 from pipeline.train.progress import Progress
 
 # ----------------------------------------------------------------------------- worker side
@@ -89,16 +90,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     wand.enable_wand(model, config.window_start, backend=config.resolved_attention())
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    ds_config = {
-        "train_micro_batch_size_per_gpu": config.batch_size,
-        "gradient_accumulation_steps": 1,
-        "gradient_clipping": config.gradient_clipping,
-        "zero_optimization": {"stage": config.zero_stage,
-                              "stage3_gather_16bit_weights_on_model_save": True},
-        "zero_allow_untested_optimizer": True,  # torch's AdamW: DeepSpeed's own ones JIT-compile
-        "bf16": {"enabled": config.use_gpu},
-        "steps_per_print": 10**9,
-    }
+    ds_config = deepspeed_config(config.batch_size, config.zero_stage, config.gradient_clipping, config.use_gpu)
     deepspeed.init_distributed(dist_backend="nccl" if config.use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
