@@ -131,20 +131,30 @@ class StaticDecoder:
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.valid = torch.ones(self.batch, dtype=torch.bool, device=self.device)
         self._compiled = None
-        self._graph = None
-        self._graph_out: torch.Tensor | None = None
+        self._graphs: dict[bool, tuple] = {}  # masked -> (CUDA graph, its output buffer)
+        # Read once here, never in a step: does every prefix slot hold a valid key of a full prefix?
+        self._prefix_full = bool((self.prefix_lengths == self.num_prefix).all()
+                                 and self.key_valid[:, :self.num_prefix].all())
+        self._clean_steps = 0  # consecutive steps whose every column was valid
+        # The unmasked form's mask: zeros, built once. (A None mask would have transformers build its
+        # own causal mask every step, more kernels than ours, not fewer.)
+        self._open_mask = torch.zeros(self.batch, 1, 1, self.num_prefix + self.window, dtype=self.dtype,
+                                      device=self.device)
 
     # ------------------------------------------------------------------ the step
-    def _step(self) -> torch.Tensor:
-        """One decode step on ``self.tokens``; every shape and index lives on the device."""
+    def _step(self, masked: bool = True) -> torch.Tensor:
+        """One decode step on ``self.tokens``; every shape and index lives on the device. ``masked``
+        False: every slot is visible (see ``_all_visible``), so no mask is built: a zero mask made once."""
         # As the eager step (WandCache._plan_decode): a sample whose column is not valid (masked out)
         # does not advance, and its slot is marked invalid for every later query.
         step = self.valid.long()
         positions = (self.next_position + step - 1).clamp(min=0).view(-1, 1)
         self.key_positions.index_copy_(1, self.slot, positions)
         self.key_valid.index_copy_(1, self.slot, self.valid.view(-1, 1))
-        visible, _ = visibility(positions, self.key_positions, self.prefix_lengths, self.window, self.key_valid)
-        mask = additive_mask(visible, None, self.dtype)
+        mask = self._open_mask  # all zeros, made once: no mask kernels in this step
+        if masked:
+            visible, _ = visibility(positions, self.key_positions, self.prefix_lengths, self.window, self.key_valid)
+            mask = additive_mask(visible, None, self.dtype)
         out = original_forward(self.model)(
             input_ids=self.tokens.view(-1, 1), attention_mask=mask, position_ids=positions, use_cache=True,
             **{self.cache_kw: self.static_cache}, **self.extra)
@@ -162,18 +172,28 @@ class StaticDecoder:
         else:
             self.valid.copy_(valid.view(-1))
         self.steps += 1
+        self._clean_steps = self._clean_steps + 1 if valid is None else 0
+        masked = not self._all_visible()
         if self.mode == "eager":
             with torch.no_grad():
-                return self._step()
+                return self._step(masked)
         if self.mode == "compile":
             if self._compiled is None:
                 self._compiled = torch.compile(self._step, dynamic=False)
             with torch.no_grad():
-                return self._compiled()
-        if self._graph is None:
-            self._capture()
-        self._graph.replay()
-        return self._graph_out
+                return self._compiled(masked)  # one graph per form (dynamo guards on the bool)
+        if masked not in self._graphs:
+            self._capture(masked)
+        graph, out = self._graphs[masked]
+        graph.replay()
+        return out
+
+    def _all_visible(self) -> bool:
+        """Whether the step's query sees every slot, decided on the host: every prefix slot holds a
+        valid prefix key (checked once), and the last W steps were all valid (no ``valid`` given), so
+        the ring holds the W most recent columns, all inside the window. Then the mask is all zeros:
+        the step skips building it (about a dozen small kernels) and passes zeros made once."""
+        return self._prefix_full and self._clean_steps >= self.window
 
     def sync_cache(self) -> WandCache:
         """Write the steps' bookkeeping back into the WandCache (its K/V buffers, slot positions and
@@ -186,8 +206,9 @@ class StaticDecoder:
         self.steps = 0
         return cache
 
-    def _capture(self) -> None:
-        """Warm up on a side stream (as CUDA graph capture requires), then capture one step.
+    def _capture(self, masked: bool) -> None:
+        """Warm up on a side stream (as CUDA graph capture requires), then capture one step (of the
+        masked or the unmasked form; each is captured the first time it is needed).
 
         The warm-up step is a real step: its state changes are undone before capture, so the first
         replay is the first step."""
@@ -197,7 +218,7 @@ class StaticDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
-            self._step()
+            self._step(masked)
         torch.cuda.current_stream().wait_stream(stream)
 
         def restore():
@@ -208,6 +229,6 @@ class StaticDecoder:
                 layer.values.copy_(values)
 
         restore()
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph), torch.no_grad():  # records the kernels, runs none
-            self._graph_out = self._step()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.no_grad():  # records the kernels, runs none
+            self._graphs[masked] = (graph, self._step(masked))

@@ -154,6 +154,21 @@ def test_static_decoding_on_device_equals_cpu(name):
     assert torch.equal(got.cpu(), expected)
 
 
+@pytest.mark.parametrize("name", ["qwen2", "gpt2", "cosyvoice2", "indextts"])
+def test_maskless_static_decoding_on_device_equals_cpu(name):
+    """Full prefixes, no padding: from the W-th step the captured graph is the maskless form (a second
+    CUDA graph, captured mid-decode); tokens equal the CPU's default path."""
+    from test_static import full_prefix_pair
+
+    model, ids, prefix, kwargs = full_prefix_pair(name)
+    window = 4
+    expected = wand.generate(model, ids, prefix, window, 20, prefill_kwargs=kwargs)
+    model = model.to(DEVICE)
+    got = wand.generate(model, ids.to(DEVICE), prefix, window, 20, compile=True,
+                        prefill_kwargs={k: v.to(DEVICE) for k, v in kwargs.items()})
+    assert torch.equal(got.cpu(), expected)
+
+
 def test_static_decoding_at_batch_256_equals_the_default_path():
     gen = torch.Generator().manual_seed(5)
     lengths = torch.randint(3, 12, (256,), generator=gen)

@@ -169,3 +169,61 @@ def test_a_static_step_with_a_masked_sample_advances_only_the_valid_ones():
     for field in BOOKKEEPING:
         a, b = getattr(caches[0], field), getattr(caches[1], field)
         assert (torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b), (field, a, b)
+
+
+def full_prefix_pair(name):
+    """Two samples with the same full prefix and no padding (the shared batch's first row, twice)."""
+    model, ids, mask, prefix, kwargs = batch_of_three(name)
+    assert bool(mask[0].all())
+    ids = ids[:1].repeat(2, 1)
+    ids[1, -1] = ids[0, -2]
+    kwargs = {k: v[:1].repeat(2, *[1] * (v.dim() - 1)) for k, v in kwargs.items()}
+    return model, ids, prefix[:1].repeat(2), kwargs
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_once_the_ring_is_full_the_step_builds_no_mask_and_decodes_the_same(name):
+    """Full prefixes, every column valid: from the W-th step on every slot is visible, so the step
+    builds no mask (a zero mask made once), with the default path's tokens, greedy and sampled."""
+    model, ids, prefix, kwargs = full_prefix_pair(name)
+    for sampling in ({}, {"do_sample": True, "temperature": 0.9, "top_k": 30}):
+        runs = [wand.generate(model, ids, prefix, WINDOW, STEPS, prefill_kwargs=kwargs, compile=mode,
+                              generator=torch.Generator().manual_seed(5), **sampling) for mode in (False, "eager")]
+        assert torch.equal(runs[0], runs[1])
+
+
+def test_the_maskless_step_starts_after_w_clean_steps_and_launches_fewer_operators():
+    from wand.profiling import launches_per_step
+
+    model, ids, prefix, _ = full_prefix_pair("qwen2")
+    cache = wand.WandCache(prefix, WINDOW)
+    with torch.no_grad():
+        logits = model(input_ids=ids, prefix_lengths=prefix, use_cache=True, cache=cache).logits[:, -1]
+    decoder = StaticDecoder(model, cache, "eager")
+    forms, ops, out = [], {}, {}
+
+    def step(token, valid):
+        out["logits"] = decoder.step(token, valid)
+
+    for index in range(3 * WINDOW):
+        valid = torch.tensor([True, True]) if index == WINDOW else None  # a given valid restarts the count
+        count = launches_per_step(step, logits.argmax(-1), valid, device=torch.device("cpu"))["aten_ops"]
+        logits = out["logits"]
+        forms.append(decoder._all_visible())
+        ops.setdefault(forms[-1], set()).add(count)
+    assert forms == [False] * (WINDOW - 1) + [True] + [False] * WINDOW + [True] * WINDOW
+    assert len(ops[True]) == 1 and max(ops[True]) + 10 <= min(ops[False]), ops  # the mask's ~17 operators gone
+    # A left-padded batch with three prefix lengths always builds its mask.
+    model, ids, mask, prefix, _ = batch_of_three("qwen2")
+    cache = wand.WandCache(prefix, WINDOW)
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, use_cache=True, cache=cache)
+    assert not StaticDecoder(model, cache, "eager")._prefix_full
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_compiled_maskless_step_decodes_the_same():
+    model, ids, prefix, kwargs = full_prefix_pair("qwen2")
+    expected = wand.generate(model, ids, prefix, WINDOW, STEPS, prefill_kwargs=kwargs)
+    assert torch.equal(wand.generate(model, ids, prefix, WINDOW, STEPS, prefill_kwargs=kwargs, compile=True), expected)
