@@ -44,6 +44,7 @@ from wand.static import StaticDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
+RECOMPILE_LIMIT = 64  # compiled variants per step function: a full default grid with --per-point-compile is 36
 DEFAULT_PREFIX = 114  # Llasa / Orpheus publish no prefix length: a short text + reference prompt (ours)
 
 
@@ -76,31 +77,37 @@ def prompt_ids(spec, batch: int, length: int, device: torch.device) -> torch.Ten
     return torch.randint(lo, hi - len(spec.stop_token_ids), (batch, length), generator=gen).to(device)
 
 
-def full_step(model, cache, compile_mode):
-    """The baseline's decode step, ``step(token, position) -> logits``: a pure function of its inputs
-    (the StaticCache's buffers, static addresses, are its only writes). The caller advances the
+def full_step(model, compile_mode, shared: bool = True):
+    """The baseline's decode step, ``step(token, position, cache) -> logits``: a pure function of its
+    inputs (the StaticCache's buffers, static addresses, are its only writes). The caller advances the
     position outside the compiled region: a non-static input mutated inside it (``position.add_(1)``)
-    makes torch's CUDA-graph trees skip the graph, and the baseline would run launch-bound."""
-    kw = {cache_kwarg_name(model): cache}
+    makes torch's CUDA-graph trees skip the graph, and the baseline would run launch-bound.
 
-    def step(token, position):
-        return model(input_ids=token.view(-1, 1), position_ids=position, use_cache=True, **kw).logits[:, -1]
+    ``shared``: one compiled function for every point of a model (the cache is an argument; torch makes
+    a shape dynamic once it changes): measured on CPU with the tiny preset, two compilations per length
+    (batch 1, then one graph for every larger batch) instead of one per (batch, length) point, each
+    about a minute for the real shapes on a GPU. Else static shapes, compiled per point."""
+    name = cache_kwarg_name(model)
 
-    return torch.compile(step, mode=compile_mode, dynamic=False) if compile_mode else step
+    def step(token, position, cache):
+        return model(input_ids=token.view(-1, 1), position_ids=position, use_cache=True, **{name: cache}).logits[:, -1]
+
+    if not compile_mode:
+        return step
+    return torch.compile(step, mode=compile_mode, dynamic=None if shared else False)
 
 
-def full_point(model, spec, batch, prefix, length, steps, device, compile_mode):
+def full_point(model, spec, batch, prefix, length, steps, device, run):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prefix + length + steps + 4)
     ids = prompt_ids(spec, batch, prefix, device)
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
-    run = full_step(model, cache, compile_mode)
     state = {"position": torch.full((batch, 1), prefix, dtype=torch.long, device=device)}
 
     def step(token):
-        logits = run(token, state["position"])
+        logits = run(token, state["position"], cache)
         state["position"] = state["position"] + 1  # outside the compiled step (see full_step)
         return logits
 
@@ -108,7 +115,15 @@ def full_point(model, spec, batch, prefix, length, steps, device, compile_mode):
     with torch.no_grad():
         seconds = time_steps(step, ids[:, -1], steps, device)
         launches = launches_per_step(step, ids[:, -1], device=device)
-    return seconds, cache_nbytes(cache), graph_record(device, compile_mode == "reduce-overhead", skips, launches)
+    return seconds, cache_nbytes(cache), graph_record(device, device.type == "cuda", skips, launches)
+
+
+def compiled_graphs() -> int:
+    """Dynamo's count of graphs compiled so far in this process (a compiled step with a graph break
+    counts two)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
 
 
 def graph_skips() -> int:
@@ -160,6 +175,9 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="default: 1,8,32,64,128,256 on CUDA, 1,4,16 on CPU")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--per-point-compile", action="store_true",
+                        help="compile the baseline anew, with static shapes, for every (batch, length) point "
+                             "(default: one compiled step per model, shapes dynamic)")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -172,13 +190,21 @@ def main() -> None:
     name = torch.cuda.get_device_name() if cuda else cpu_device(torch.get_num_threads())
     torch.set_float32_matmul_precision("high")
     results = {"device": name, "dtype": str(dtype), "size": size, "steps": args.steps,
-               "full": f"StaticCache + torch.compile({full_compile})", "wand": f"StaticDecoder ({wand_mode})",
+               "full": f"StaticCache + torch.compile({full_compile}, "
+                       f"{'per point, static shapes' if args.per_point_compile else 'one per model, dynamic shapes'})", "wand": f"StaticDecoder ({wand_mode})",
                "models": {}}
-    with timing_conditions(device) as attention:
+    # Past dynamo's recompile limit (8 per code object) a compiled step would silently run eager: every
+    # point's step shares one code object, so a grid of more than 8 points (or a second model) once fell
+    # back without a word. Here the limit is raised and hitting it is an error.
+    import torch._dynamo.config as dynamo_config
+
+    with timing_conditions(device) as attention, dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT,
+                                                                     fail_on_recompile_limit_hit=True):
         results["attention"] = attention
         print(f"# {name}, {dtype}, presets '{size}'; full: {results['full']}; WAND: {results['wand']}; "
               f"attention: {attention}", flush=True)
         for model_name in args.models.split(","):
+            torch._dynamo.reset()  # each model compiles afresh: no cache entries of the last one count
             spec = get_spec(model_name, size)
             torch.manual_seed(0)
             model = spec.build().to(device=device, dtype=dtype).eval()
@@ -187,6 +213,8 @@ def main() -> None:
             window = spec.target_window
             rate = spec.token_rate_hz
             rows = []
+            full_graphs = 0
+            shared_run = None if args.per_point_compile else full_step(model, full_compile)
             print(f"\n## {model_name} ({size}): P={prefix}, W={window}, {rate:g} tokens/s of speech")
             print("| speech | batch | full ms/step | WAND ms/step | full tok/s | WAND tok/s | full KV/stream | "
                   "WAND KV/stream | peak GiB full / WAND | launched full / WAND |")
@@ -205,8 +233,11 @@ def main() -> None:
                         try:
                             if side == "full":
                                 wand.disable_wand(model)
+                                run = shared_run or full_step(model, full_compile, shared=False)
+                                before = compiled_graphs()
                                 secs, kv, launches = full_point(model, spec, batch, prefix, length, args.steps,
-                                                                device, full_compile)
+                                                                device, run)
+                                full_graphs += compiled_graphs() - before
                                 row["full_kv_per_stream"] = kv // batch
                             else:
                                 wand.enable_wand(model, window)
@@ -233,8 +264,10 @@ def main() -> None:
                                   and 1e3 / r[f"{side}_ms"] >= rate], default=0) for side in ("full", "wand")}
             print(f"real-time streams at {longest:g} s (steps/s >= {rate:g}): full {streams['full']}, "
                   f"WAND {streams['wand']} (largest batch tried: {max(batches)})")
+            print(f"graphs compiled for the full-attention baseline of {model_name}: {full_graphs}")
             results["models"][model_name] = {"prefix": prefix, "window": window, "token_rate": rate, "rows": rows,
-                                             "realtime_streams": streams, "at_seconds": longest}
+                                             "realtime_streams": streams, "at_seconds": longest,
+                                             "full_graphs_compiled": full_graphs}
             del model
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

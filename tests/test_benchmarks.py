@@ -14,18 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.timeout(600)
 def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--device", "cpu",
-                          "--models", "cosyvoice2,llasa-3b", "--seconds", "10,60", "--batches", "1,2", "--steps", "3",
+                          "--models", "cosyvoice2,llasa-3b", "--seconds", "10,60", "--batches", "1,2,3", "--steps", "3",
                           "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=540)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "serving_cpu.json").read_text())
     assert (tmp_path / "serving_cpu.png").stat().st_size > 1000
     for name in ("cosyvoice2", "llasa-3b"):
         rows = result["models"][name]["rows"]
-        assert [(r["seconds"], r["batch"]) for r in rows] == [(10, 1), (10, 2), (60, 1), (60, 2)]
+        assert [(r["seconds"], r["batch"]) for r in rows] == [(s, b) for s in (10, 60) for b in (1, 2, 3)]
+        # One compiled baseline step per model: batch 3 reuses batch 2's dynamic graph at each length.
+        points = len(rows)
+        assert 0 < result["models"][name]["full_graphs_compiled"] < 2 * points  # (2 graphs per compile)
+        assert all(r["full_launches"]["aten_ops"] >= 0 and r["wand_launches"]["aten_ops"] >= 0 for r in rows)
         assert all(r["full_ms"] > 0 and r["wand_ms"] > 0 for r in rows)
         # WAND's measured KV per stream is the same at 10 and 60 s; full attention's grows.
         assert len({r["wand_kv_per_stream"] for r in rows}) == 1
-        assert rows[2]["full_kv_per_stream"] > rows[0]["full_kv_per_stream"] > rows[0]["wand_kv_per_stream"]
+        assert rows[3]["full_kv_per_stream"] > rows[0]["full_kv_per_stream"] > rows[0]["wand_kv_per_stream"]
 
 
 @pytest.mark.slow
@@ -164,6 +168,8 @@ def test_the_full_attention_baseline_step_leaves_its_inputs_alone_and_decodes_as
     """The baseline's step writes only the StaticCache (static addresses): a position mutated inside
     it made torch's CUDA-graph trees skip the graph. Its greedy tokens equal the model's own decode
     with a DynamicCache, and the profiler record counts the host operators it dispatched."""
+    import functools
+
     import torch
     from transformers import DynamicCache, StaticCache
 
@@ -185,7 +191,7 @@ def test_the_full_attention_baseline_step_leaves_its_inputs_alone_and_decodes_as
     with torch.no_grad():
         out = model(input_ids=ids, use_cache=True, cache=static).logits[:, -1]
         expected = model(input_ids=ids, use_cache=True, cache=dynamic).logits[:, -1]
-        step, position = full_step(model, static, None), torch.full((2, 1), 12)
+        step, position = functools.partial(full_step(model, None), cache=static), torch.full((2, 1), 12)
         for _ in range(6):
             torch.testing.assert_close(out, expected, atol=1e-5, rtol=0)
             token = out.argmax(-1)
