@@ -73,6 +73,52 @@ def test_gpu_check_names_every_cuda_test_file_and_benchmark():
         assert f"-m benchmarks.{bench} " in script and "--device cuda" in script
 
 
+def gpu_check_stages() -> list[tuple[int, str, list[str]]]:
+    """(time limit, benchmark module, its arguments) of every benchmark stage of gpu_check.sh, read
+    from the script (continuation lines joined, ``${VAR:-default}`` read as its default)."""
+    import re
+    import shlex
+
+    script = (ROOT / "benchmarks/gpu_check.sh").read_text().replace("\\\n", " ")
+    script = re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", script)
+    stages = []
+    for line in script.splitlines():
+        if line.startswith("timeout ") and " -m benchmarks." in line:
+            words = shlex.split(line.split("||")[0])
+            module = words[words.index("-m") + 1]
+            stages.append((int(words[1]), module, words[words.index("-m") + 2:]))
+    return stages
+
+
+def test_every_gpu_check_stage_passes_its_benchmark_arguments_parsing(monkeypatch):
+    """A device call is scarce: each stage's command line must parse with its benchmark's own parser
+    (a renamed flag would cost the whole call), and the stages with the test stage fit the 8 minutes."""
+    import argparse
+    import importlib
+    import re
+
+    class Parsed(Exception):
+        pass
+
+    parse = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self, args=None, namespace=None):
+        raise Parsed(parse(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    stages = gpu_check_stages()
+    assert [m for _, m, _ in stages] == [f"benchmarks.{b}" for b in
+                                         ("decode_latency", "train_step", "block_mask", "deepspeed_step", "serving")]
+    for _, module, args in stages:
+        monkeypatch.setattr(sys, "argv", [module, *args])
+        with pytest.raises(Parsed) as parsed:
+            importlib.import_module(module).main()
+        assert parsed.value.args[0].device == "cuda", module
+    script = (ROOT / "benchmarks/gpu_check.sh").read_text()
+    limits = [int(n) for n in re.findall(r"^timeout (\d+) ", script, re.M)]
+    assert len(limits) == len(stages) + 1 and sum(limits) <= 8 * 60, limits
+
+
 def test_the_readme_counts_the_cuda_tests_that_exist():
     import re
 

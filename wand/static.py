@@ -15,7 +15,8 @@ step is the same sequence of kernels every time, with no host-device synchronisa
   (~34 ms of launches for a 0.5B model on an H100 against ~0.3 ms of weight reads). Compiled
   CUDA-graph trees would also need every in-place state tensor marked as a static address.
 * ``mode="compile"`` runs the step through ``torch.compile`` (inductor; CPU and GPU), which is how CI
-  checks the static step compiled;
+  checks the static step compiled; its graphs are shared by every decoder of the process, the sizes
+  made dynamic from the second shape on (``_run_compiled``);
 * ``mode="eager"`` runs it as it is.
 
 Sampling (temperature / top-k / top-p) runs on the device after each step, outside the graph.
@@ -35,6 +36,7 @@ from .patch import is_enabled, original_forward
 __all__ = ["StaticDecoder", "STATIC_MODES"]
 
 STATIC_MODES = ("eager", "compile", "graph")
+STATIC_RECOMPILE_LIMIT = 64  # compiled step graphs a process may hold (mode="compile"); see _run_compiled
 
 
 class _StaticLayer:
@@ -178,15 +180,36 @@ class StaticDecoder:
             with torch.no_grad():
                 return self._step(masked)
         if self.mode == "compile":
-            if self._compiled is None:
-                self._compiled = torch.compile(self._step, dynamic=False)
-            with torch.no_grad():
-                return self._compiled(masked)  # one graph per form (dynamo guards on the bool)
+            return self._run_compiled(masked)
         if masked not in self._graphs:
             self._capture(masked)
         graph, out = self._graphs[masked]
         graph.replay()
         return out
+
+    def _run_compiled(self, masked: bool) -> torch.Tensor:
+        """The step through ``torch.compile``: one graph per form (dynamo guards on the bool).
+
+        Every decoder's ``_step`` is the same code, so dynamo's graphs and its recompile limit are
+        shared by all decoders of a process. With static shapes each new batch size or prefix length
+        was a new graph, and past the limit (8 by default: four shapes, two forms) the step silently
+        ran eager. So shapes are left to torch: the second shape seen compiles a graph with dynamic
+        sizes that serves every later one; the limit is raised (``STATIC_RECOMPILE_LIMIT``) and
+        reaching it is an error, never a silent fall back to eager."""
+        import torch._dynamo.config as dynamo_config
+        from torch._dynamo.exc import FailOnRecompileLimitHit
+
+        if self._compiled is None:
+            self._compiled = torch.compile(self._step)
+        limit = max(STATIC_RECOMPILE_LIMIT, dynamo_config.recompile_limit)
+        try:
+            with torch.no_grad(), dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
+                return self._compiled(masked)
+        except FailOnRecompileLimitHit as err:
+            raise RuntimeError(
+                f"the compiled static decode step reached its recompile limit ({limit} graphs in this process: "
+                "one per model class, form and the first shapes); rather than decode uncompiled, this stops. "
+                "Raise wand.static.STATIC_RECOMPILE_LIMIT, or decode with compile='eager'") from err
 
     def _all_visible(self) -> bool:
         """Whether the step's query sees every slot, decided on the host: every prefix slot holds a
