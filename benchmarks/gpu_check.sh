@@ -37,7 +37,8 @@ timeout 80 "$PY" -m pytest -m cuda tests/method/test_cuda.py -q -p no:cacheprovi
 # 2. Decode per-step latency (eager path), CosyVoice 2 shape, batch 1, steps 100 .. 2,000.
 timeout 110 "$PY" -m benchmarks.decode_latency --config cosyvoice2 --device cuda --steps "${DECODE_STEPS:-2000}" \
   --points 100,500,1000,2000 --half 25 || status=$?
-# 3. Training step, Qwen2.5-0.5B shape, T 2,048 and 8,192 at equal tokens: SDPA full vs WAND Flex.
+# 3. Training step, Qwen2.5-0.5B shape, T 2,048 and 8,192 at equal tokens: SDPA full vs WAND Flex
+#    (hard and soft), the whole step and the attention op alone.
 timeout 105 "$PY" -m benchmarks.train_step --device cuda --repeats 3 || status=$?
 # 4. Building the training BlockMask at T 2,048 and 8,192: torch's dense pass vs WAND's tiles (cached).
 timeout 20 "$PY" -m benchmarks.block_mask --device cuda || status=$?

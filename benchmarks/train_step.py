@@ -11,8 +11,16 @@ count, not how many are computed, so no speed-up is expected there. WAND is time
 curriculum trains with: the hard mask (from tau >= wand.masks.HARD_TAU on, the last third of the
 schedule and its hold) and the soft form at --soft-tau (a score_mod on every causal element: on
 Flex it skips no block). Tokens per step are equal at every length (batch = --tokens / length).
-Prefix 182 (CosyVoice 2's), W 32. Median of --repeats after one warm-up step (compilation). Targets (CUDA): WAND / full <= 0.9 at T = 2,048, <= 0.6 at
-8,192. Writes benchmarks/results/train_step_<device>.json.
+Prefix 182 (CosyVoice 2's), W 32. Median of --repeats after one warm-up step (compilation).
+
+The attention op alone (forward + backward of the first layer's attention call) is timed too, on the
+very tensors and mask the step gave it (recorded from a training forward), so on CUDA it runs the
+step's own compiled Flex kernel. --gqa repeat runs the whole benchmark with WAND_FLEX_GQA=repeat (K/V
+heads repeated per query head before Flex, see wand.patch.flex_gqa) to compare with the default.
+
+Goals (CUDA, issue 29): WAND soft / full <= 1.0 at T = 2,048 and <= 0.9 at 8,192 for the whole step;
+the attention op alone <= 0.35 x full attention's at 8,192.
+Writes benchmarks/results/train_step_<device>.json.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -30,6 +39,7 @@ from transformers import Qwen2Config, Qwen2ForCausalLM
 import wand
 from wand.losses import wand_loss
 from wand.masks import HARD_TAU
+from wand.patch import FLEX_GQA_MODES, flex_gqa
 from wand.profiling import cpu_device, timing_conditions
 from wand.topk import sparse_teacher_targets
 
@@ -76,6 +86,71 @@ def step_time(model, optimizer, batch, length, window, prefix, device, repeats, 
     return statistics.median(times[1:])  # the first includes warm-up / compilation
 
 
+HEADER = ("| length | batch | full ms | WAND ms | WAND / full | WAND soft ms | soft / full | op full ms "
+          "| op WAND / full | op soft / full |\n|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+
+
+def row_line(row: dict) -> str:
+    """One length's table line: step times (ms) and ratios, then the attention op's."""
+    soft = row.get("wand_soft_s")
+    soft_cells = f"{1e3 * soft:.0f} | {row['soft_ratio']:.2f}" if soft else "- | -"
+    op_soft = f"{row['op_soft_ratio']:.2f}" if soft else "-"
+    return (f"| {row['length']:,} | {row['batch']} | {1e3 * row['full_s']:.0f} | {1e3 * row['wand_s']:.0f} | "
+            f"{row['ratio']:.2f} | {soft_cells} | {1e3 * row['op_full_s']:.1f} | {row['op_ratio']:.2f} | {op_soft} |")
+
+
+def table(record: dict) -> str:
+    """The markdown table of a results file (what the script printed as it ran)."""
+    return "\n".join([HEADER, *(row_line(row) for row in record["rows"])])
+
+
+def recorded_attention(model, batch, length, window, prefix, device, tau=None) -> tuple:
+    """(function, module, query, key, value, mask, kwargs) of the first attention call of one training
+    forward of ``model``, recorded as it happened: q/k/v cloned with their strides (leaves that
+    require grad), the mask object itself (a soft form's score_mod rides on it)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    impl = model.config._attn_implementation
+    function = AttentionInterface._global_mapping[impl]
+    seen = []
+
+    def record(module, query, key, value, mask, **kwargs):
+        if not seen:
+            seen.append((module, *(t.detach().clone().requires_grad_() for t in (query, key, value)), mask, kwargs))
+        return function(module, query, key, value, mask, **kwargs)
+
+    ids = torch.randint(0, VOCAB, (batch, length), generator=torch.Generator().manual_seed(length)).to(device)
+    AttentionInterface.register(impl, record)
+    try:
+        if window is None:
+            model(input_ids=ids, logits_to_keep=1)  # grad enabled, like a training forward
+        else:
+            model(input_ids=ids, prefix_lengths=torch.full((batch,), prefix, device=device), window=window, tau=tau,
+                  logits_to_keep=1)
+    finally:
+        AttentionInterface.register(impl, function)
+    return (function, *seen[0])
+
+
+def op_time(recorded: tuple, device, repeats: int) -> float:
+    """Median seconds of the recorded attention call's forward + backward (after one warm-up)."""
+    function, module, query, key, value, mask, kwargs = recorded
+    times, grad = [], None
+    for _ in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = function(module, query, key, value, mask, **kwargs)[0]
+        if grad is None:
+            grad = torch.randn_like(out)
+        out.backward(grad)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        query.grad = key.grad = value.grad = None
+    return statistics.median(times[1:])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +162,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--soft-tau", type=float, default=8.0,
                         help=f"tau of the soft form timed beside the hard mask (below HARD_TAU = {HARD_TAU:g}; 0: skip it)")
+    parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--gqa", choices=FLEX_GQA_MODES, default=None,
+                        help="how WAND's Flex takes grouped K/V heads (sets WAND_FLEX_GQA; default: its setting, native)")
     args = parser.parse_args()
+    if args.gqa:
+        os.environ["WAND_FLEX_GQA"] = args.gqa
+    gqa = flex_gqa()  # validates a WAND_FLEX_GQA from the environment before anything runs
     if not 0 <= args.soft_tau < HARD_TAU:
         parser.error(f"--soft-tau must be in [0, {HARD_TAU:g}): from HARD_TAU on the soft form is the hard mask")
     device = torch.device(args.device)
@@ -112,31 +193,39 @@ def main() -> None:
     rows = []
     with timing_conditions(device) as attention:
         name = torch.cuda.get_device_name() if cuda else cpu_device(torch.get_num_threads())
-        print(f"# {shape} shape, {dtype}, on {name}; full: model SDPA causal ({attention}); WAND: {backend}, "
-              f"P={args.prefix}, W={args.window}; {tokens} tokens per step")
-        print("| length | batch | full ms | WAND ms | WAND / full | WAND soft ms | soft / full |")
-        print("|---:|---:|---:|---:|---:|---:|---:|")
+        print(f"# {shape} shape, {dtype}, on {name}; full: model SDPA causal ({attention}); WAND: {backend}"
+              f"{f' (K/V heads: {gqa})' if backend == 'flex' else ''}, P={args.prefix}, W={args.window}; "
+              f"{tokens} tokens per step; op: one attention call, forward + backward")
+        print(HEADER)
         for length in lengths:
             batch = max(1, tokens // length)
             results = {}
             runs = [("full", full_model, None, None), ("wand", wand_model, args.window, None)]
             if args.soft_tau:
                 runs.append(("wand_soft", wand_model, args.window, args.soft_tau))
+            ops = {}
             for key, model, window, tau in runs:
                 optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
                 results[key] = step_time(model, optimizer, batch, length, window, args.prefix, device, args.repeats, tau)
                 del optimizer
+                model.zero_grad(set_to_none=True)
+                ops[key] = op_time(recorded_attention(model, batch, length, window, args.prefix, device, tau),
+                                   device, args.repeats)
             ratio = results["wand"] / results["full"]
             soft = results.get("wand_soft")
-            rows.append({"length": length, "batch": batch, "full_s": results["full"], "wand_s": results["wand"],
-                         "ratio": ratio, **({"wand_soft_s": soft, "soft_ratio": soft / results["full"]} if soft else {})})
-            soft_cells = f"{1e3 * soft:.0f} | {soft / results['full']:.2f}" if soft else "- | -"
-            print(f"| {length} | {batch} | {1e3 * results['full']:.0f} | {1e3 * results['wand']:.0f} | {ratio:.2f} | "
-                  f"{soft_cells} |", flush=True)
+            row = {"length": length, "batch": batch, "full_s": results["full"], "wand_s": results["wand"],
+                   "ratio": ratio, **({"wand_soft_s": soft, "soft_ratio": soft / results["full"]} if soft else {}),
+                   "op_full_s": ops["full"], "op_wand_s": ops["wand"], "op_ratio": ops["wand"] / ops["full"]}
+            if soft:
+                row |= {"op_wand_soft_s": ops["wand_soft"], "op_soft_ratio": ops["wand_soft"] / ops["full"]}
+            rows.append(row)
+            print(row_line(row), flush=True)
             # After every length: a run cut short by gpu-check's time limit keeps the rows it measured.
-            out = ROOT / "benchmarks" / "results" / f"train_step_{device.type}.json"
+            args.out_dir.mkdir(parents=True, exist_ok=True)
+            out = args.out_dir / f"train_step_{device.type}.json"
             out.write_text(json.dumps({"device": name, "shape": shape, "dtype": str(dtype), "full_attention": attention,
-                                       "wand_backend": backend, "prefix": args.prefix, "window": args.window,
+                                       "wand_backend": backend, "flex_gqa": gqa if backend == "flex" else None,
+                                       "prefix": args.prefix, "window": args.window,
                                        "soft_tau": args.soft_tau or None, "hard_tau": HARD_TAU,
                                        "tokens_per_step": tokens, "lengths": lengths, "rows": rows}, indent=2))
     print(f"wrote {out}")

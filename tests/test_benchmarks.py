@@ -1,11 +1,13 @@
 """The benchmark scripts run (small shapes on CPU) and write what the docs' tables are read from."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,6 +75,57 @@ def test_gpu_check_names_every_cuda_test_file_and_benchmark():
         assert f"-m benchmarks.{bench} " in script and "--device cuda" in script
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_step_benchmark_times_the_step_and_the_attention_op_on_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "benchmarks.train_step", "--device", "cpu", "--lengths", "256,512", "--tokens", "512",
+           "--repeats", "1", "--out-dir", str(tmp_path)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=240)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "train_step_cpu.json").read_text())
+    assert [(r["length"], r["batch"]) for r in record["rows"]] == [(256, 2), (512, 1)]
+    for r in record["rows"]:
+        for kind in ("", "_soft"):
+            assert r[f"op_wand{kind}_s"] > 0 and r[f"op{kind}_ratio"] == r[f"op_wand{kind}_s"] / r["op_full_s"]
+        assert r["op_full_s"] < r["full_s"]  # one layer's attention, not the step
+    from benchmarks.train_step import table
+
+    assert table(record) in out.stdout
+    for bad, said in ((["--gqa", "tiled"], "invalid choice"), ([], "WAND_FLEX_GQA")):
+        env = {**os.environ, "WAND_FLEX_GQA": "tiled"} if not bad else None
+        refused = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=120, env=env)
+        assert refused.returncode != 0 and said in refused.stderr, refused.stderr[-2000:]
+    assert json.loads((tmp_path / "train_step_cpu.json").read_text()) == record  # nothing written by a refusal
+
+
+def test_the_recorded_attention_call_is_the_one_the_model_makes():
+    """The op timed alone is the model's own first attention call: replayed on the recorded tensors
+    and mask it gives what the layer handed its output projection (hard and soft WAND, full)."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    import wand
+    from benchmarks.train_step import VOCAB, recorded_attention
+
+    torch.manual_seed(0)
+    config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)
+    cases = [(Qwen2ForCausalLM(config).eval(), None, None)]
+    wand_model = wand.enable_wand(Qwen2ForCausalLM(config).eval(), 8)
+    cases += [(wand_model, 8, None), (wand_model, 8, 2.0)]
+    for model, window, tau in cases:
+        seen = []
+        hook = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        try:
+            function, module, query, key, value, mask, kwargs = recorded_attention(
+                model, 2, 48, window, 10, torch.device("cpu"), tau)
+        finally:
+            hook.remove()
+        assert query.requires_grad and query.shape == (2, 4, 48, 16) and key.shape == (2, 2, 48, 16)
+        with torch.no_grad():
+            replay = function(module, query, key, value, mask, **kwargs)[0]
+        torch.testing.assert_close(replay.reshape(2, 48, -1), seen[0].detach(), atol=1e-6, rtol=0)
+
+
 def gpu_check_stages() -> list[tuple[int, str, list[str]]]:
     """(time limit, benchmark module, its arguments) of every benchmark stage of gpu_check.sh, read
     from the script (continuation lines joined, ``${VAR:-default}`` read as its default)."""
@@ -128,6 +181,16 @@ def test_the_readme_counts_the_cuda_tests_that_exist():
     said = {int(n) for n in re.findall(r"(\d+) (?:tests\)|`cuda` tests|tests marked\s+`cuda`)",
                                        "\n".join(p.read_text() for p in (ROOT / "docs").glob("*.md")))}
     assert collected > 20 and said == {collected}, (collected, said)
+
+
+def test_the_train_step_table_in_the_docs_is_rendered_from_its_results_file():
+    from benchmarks.train_step import table
+
+    record = json.loads((ROOT / "benchmarks/results/train_step_cpu.json").read_text())
+    assert record["device"].startswith("CPU") and len(record["rows"]) == 3
+    for r in record["rows"]:  # the ratios are the file's own times divided
+        assert r["ratio"] == r["wand_s"] / r["full_s"] and r["op_ratio"] == r["op_wand_s"] / r["op_full_s"]
+    assert table(record) in (ROOT / "docs/benchmarks.md").read_text()
 
 
 def test_the_corpus_scale_table_in_the_docs_is_rendered_from_its_results_file():

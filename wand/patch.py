@@ -266,6 +266,9 @@ def wand_flex_attention_forward(module, query, key, value, attention_mask, scali
     padded = attention_mask.seq_lengths[0]
     if padded != length:  # to the mask's bucket; the padded keys come after every real query (causal)
         query, key, value = (torch.nn.functional.pad(t, (0, 0, 0, padded - length)) for t in (query, key, value))
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and flex_gqa() == "repeat":  # each query head its own K/V copy (see flex_gqa)
+        key, value = (t.repeat_interleave(groups, dim=1) for t in (key, value))
     args = dict(score_mod=score_mod, block_mask=attention_mask, scale=scaling,
                 enable_gqa=key.shape[1] != query.shape[1])  # grouped-query KV heads, not expanded
     if _compile_flex(query.device):
@@ -273,6 +276,24 @@ def wand_flex_attention_forward(module, query, key, value, attention_mask, scali
     else:
         out = flex_attention(query, key, value, **args)
     return out[:, :, :length].transpose(1, 2).contiguous(), None
+
+
+FLEX_GQA_MODES = ("native", "repeat")
+
+
+def flex_gqa() -> str:
+    """How FlexAttention takes grouped-query K/V heads (WAND_FLEX_GQA): ``native`` (default) passes
+    them as they are (``enable_gqa``); ``repeat`` repeats each K/V head for its query heads first.
+    Why the choice: in Flex's backward one program per K/V block loops over every query block that
+    sees it, times the query heads of its group, and the prefix blocks are seen by every query, so
+    at 8K their programs run ~7 x 64 iterations in series (Qwen2.5-0.5B: 14 heads on 2 K/V heads)
+    where a window block runs a few; repeated K/V splits that work over 7x more programs, at the cost
+    of the copies and their gradients' sum. The same output either way (tested); which is faster is
+    for a GPU to say (``benchmarks/train_step.py --gqa``)."""
+    setting = os.environ.get("WAND_FLEX_GQA", "native")
+    if setting not in FLEX_GQA_MODES:
+        raise ValueError(f"WAND_FLEX_GQA must be one of {', '.join(FLEX_GQA_MODES)}, got {setting!r}")
+    return setting
 
 
 def flex_recompile_limit() -> int:

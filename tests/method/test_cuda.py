@@ -1,5 +1,5 @@
 """WAND on a GPU equals WAND on the CPU: forwards, greedy decoding (ours, transformers', and the static
-path captured as a CUDA graph), FlexAttention gradients, one compile per length bucket, and a decode
+path captured as a CUDA graph), FlexAttention gradients (K/V heads grouped or repeated), one compile per length bucket, and a decode
 step that never waits for the device.
 
     make gpu-check                                   # these tests + the GPU benchmarks, on one GPU
@@ -107,13 +107,7 @@ def test_a_decode_step_never_waits_for_the_device():
             torch.cuda.set_sync_debug_mode("default")
 
 
-@pytest.mark.skipif(DEVICE == "cpu", reason="FlexAttention has no CPU backward")
-@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
-@pytest.mark.parametrize("tau", [None, 1.5, 1e3])
-def test_flex_gradients_equal_dense_mask_gradients(family, tau):
-    """Training fwd+bwd: FlexAttention (compiled on CUDA, GQA through enable_gqa, length padded to
-    its bucket) gives the dense-mask SDPA gradients; at tau 1e3 (wand.masks.HARD_TAU) Flex runs the
-    hard, sparse BlockMask while the dense path keeps the soft form's -tau."""
+def assert_flex_gradients_equal_dense_ones(family: str, tau: float | None) -> None:
     ids = torch.randint(0, VOCAB, (2, 150), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     prefix = torch.tensor([20, 37], device=DEVICE)
     grads = {}
@@ -128,6 +122,25 @@ def test_flex_gradients_equal_dense_mask_gradients(family, tau):
     assert grads["flex"].keys() == grads["sdpa"].keys() and len(grads["sdpa"]) > 10
     for name, grad in grads["sdpa"].items():
         torch.testing.assert_close(grads["flex"][name], grad, atol=1e-4, rtol=1e-3, msg=name)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="FlexAttention has no CPU backward")
+@pytest.mark.parametrize("family", ["qwen2", "gpt2"])
+@pytest.mark.parametrize("tau", [None, 1.5, 1e3])
+def test_flex_gradients_equal_dense_mask_gradients(family, tau):
+    """Training fwd+bwd: FlexAttention (compiled on CUDA, GQA through enable_gqa, length padded to
+    its bucket) gives the dense-mask SDPA gradients; at tau 1e3 (wand.masks.HARD_TAU) Flex runs the
+    hard, sparse BlockMask while the dense path keeps the soft form's -tau."""
+    assert_flex_gradients_equal_dense_ones(family, tau)
+
+
+@pytest.mark.skipif(DEVICE == "cpu", reason="FlexAttention has no CPU backward")
+@pytest.mark.parametrize("tau", [None, 1.5])
+def test_flex_gradients_with_repeated_kv_heads_equal_dense_mask_gradients(tau, monkeypatch):
+    """WAND_FLEX_GQA=repeat (K/V repeated per query head before Flex): the same gradients; the
+    repeated K/V's gradients are summed back onto the K/V projections by autograd."""
+    monkeypatch.setenv("WAND_FLEX_GQA", "repeat")
+    assert_flex_gradients_equal_dense_ones("qwen2", tau)
 
 
 @pytest.mark.parametrize("family", ["qwen2", "gpt2"])

@@ -98,9 +98,11 @@ def test_bad_inputs_name_the_argument():
         wand.enable_wand(bert, 4)
 
 
+@pytest.mark.parametrize("gqa", ["native", "repeat"])  # WAND_FLEX_GQA: K/V heads grouped or repeated
 @pytest.mark.parametrize("tau", [None, 0.9, 1e3])  # 1e3: HARD_TAU, the Flex path's hard mask
-def test_flex_backend_matches_dense(family, tau):
+def test_flex_backend_matches_dense(family, tau, gqa, monkeypatch):
     """The FlexAttention path (BlockMask + score_mod) gives the dense path's logits (CPU, unfused)."""
+    monkeypatch.setenv("WAND_FLEX_GQA", gqa)
     ids = torch.randint(0, VOCAB, (2, 40))
     prefix = torch.tensor([5, 12])
     with torch.no_grad():  # FlexAttention has no CPU backward
@@ -109,6 +111,32 @@ def test_flex_backend_matches_dense(family, tau):
         assert flex_model.config._attn_implementation == "wand_flex"
         flex = flex_model(input_ids=ids, prefix_lengths=prefix, tau=tau).logits
     torch.testing.assert_close(flex, dense, atol=1e-5, rtol=0)
+
+
+def test_repeated_kv_heads_reach_flex_as_one_per_query_head(monkeypatch):
+    """WAND_FLEX_GQA=repeat really repeats (so the test above compares two different calls), native
+    passes the grouped heads; any other setting is refused by name."""
+    import torch.nn.attention.flex_attention as flex_module
+
+    seen = []
+    real = flex_module.flex_attention
+
+    def spy(query, key, value, **kwargs):
+        seen.append((query.shape[1], key.shape[1], value.shape[1], kwargs["enable_gqa"]))
+        return real(query, key, value, **kwargs)
+
+    monkeypatch.setattr(flex_module, "flex_attention", spy)
+    model = wand.enable_wand(tiny_model("qwen2", "sdpa"), 6, backend="flex")  # 4 query heads, 2 K/V heads
+    ids, prefix = torch.randint(0, VOCAB, (2, 20)), torch.tensor([5, 7])
+    for setting, expected in (("native", (4, 2, 2, True)), ("repeat", (4, 4, 4, False))):
+        monkeypatch.setenv("WAND_FLEX_GQA", setting)
+        seen.clear()
+        with torch.no_grad():
+            model(input_ids=ids, prefix_lengths=prefix)
+        assert seen and set(seen) == {expected}, (setting, seen)
+    monkeypatch.setenv("WAND_FLEX_GQA", "tiled")
+    with pytest.raises(ValueError, match="WAND_FLEX_GQA"), torch.no_grad():
+        model(input_ids=ids, prefix_lengths=prefix)
 
 
 def test_from_hard_tau_the_flex_path_skips_the_blocks_the_soft_form_zeroes():
