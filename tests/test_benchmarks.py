@@ -32,6 +32,12 @@ def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
         # WAND's measured KV per stream is the same at 10 and 60 s; full attention's grows.
         assert len({r["wand_kv_per_stream"] for r in rows}) == 1
         assert rows[3]["full_kv_per_stream"] > rows[0]["full_kv_per_stream"] > rows[0]["wand_kv_per_stream"]
+    assert result["wand"] == "StaticDecoder (compile)"
+    for mode in ("graph", "compile-graph"):  # a CUDA graph on the CPU is refused before anything runs
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--device", "cpu", "--wand-mode", mode,
+                              "--out-dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
+        assert bad.returncode == 2 and f"--wand-mode {mode} captures a CUDA graph" in bad.stderr, bad.stderr
+        assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.slow

@@ -17,6 +17,10 @@ step is the same sequence of kernels every time, with no host-device synchronisa
 * ``mode="compile"`` runs the step through ``torch.compile`` (inductor; CPU and GPU), which is how CI
   checks the static step compiled; its graphs are shared by every decoder of the process, the sizes
   made dynamic from the second shape on (``_run_compiled``);
+* ``mode="compile-graph"`` (CUDA) captures the ``torch.compile``d step as the CUDA graph: inductor's
+  fused kernels (norms, RoPE, the mask's elementwise ops) replayed without launch overhead, as the
+  full-attention baseline of ``benchmarks/serving.py`` is (compiled with CUDA graphs). It compiles in
+  the warm-up step before the capture (tens of seconds for a 24-layer model), so it is opt-in;
 * ``mode="eager"`` runs it as it is.
 
 Sampling (temperature / top-k / top-p) runs on the device after each step, outside the graph.
@@ -35,7 +39,8 @@ from .patch import is_enabled, original_forward
 
 __all__ = ["StaticDecoder", "STATIC_MODES"]
 
-STATIC_MODES = ("eager", "compile", "graph")
+STATIC_MODES = ("eager", "compile", "graph", "compile-graph")
+GRAPH_MODES = ("graph", "compile-graph")  # captured as CUDA graphs (CUDA only)
 STATIC_RECOMPILE_LIMIT = 64  # compiled step graphs a process may hold (mode="compile"); see _run_compiled
 
 
@@ -82,7 +87,8 @@ class StaticDecoder:
     Args:
         model: a model patched with ``wand.enable_wand`` (dense ``sdpa``/``eager`` attention).
         cache: the WandCache after the prefill (it is taken over: the decoder writes its buffers).
-        mode: ``"eager"``, ``"compile"`` (torch.compile) or ``"graph"`` (CUDA graph; CUDA only).
+        mode: ``"eager"``, ``"compile"`` (torch.compile), ``"graph"`` (CUDA graph of the eager step) or
+            ``"compile-graph"`` (CUDA graph of the compiled step); the graph modes need CUDA.
         model_kwargs: extra keyword arguments for every step (rarely needed).
 
     ``step(tokens)`` takes LongTensor[B] (the previous step's tokens, on the cache's device) and
@@ -104,8 +110,8 @@ class StaticDecoder:
             raise ValueError("StaticDecoder needs a WandCache after a prefill that covered every prefix")
         keys = cache.layers[0].keys
         self.device = keys.device
-        if mode == "graph" and self.device.type != "cuda":
-            raise ValueError(f"mode='graph' captures a CUDA graph; the cache is on {self.device}")
+        if mode in GRAPH_MODES and self.device.type != "cuda":
+            raise ValueError(f"mode={mode!r} captures a CUDA graph; the cache is on {self.device}")
         self.model = model
         self.cache = cache
         self.steps = 0  # steps since the last sync_cache (a host count: no device read)
@@ -234,14 +240,16 @@ class StaticDecoder:
         masked or the unmasked form; each is captured the first time it is needed).
 
         The warm-up step is a real step: its state changes are undone before capture, so the first
-        replay is the first step."""
+        replay is the first step. In ``"compile-graph"`` mode the warm-up also compiles the form, so
+        the capture records inductor's kernels and nothing is compiled while capturing."""
+        run = self._run_compiled if self.mode == "compile-graph" else self._step
         saved = [t.clone() for t in (self.next_position, self.slot, self.key_positions, self.key_valid)]
         # (self.steps counts the step being captured once: the capture runs no kernel, the replay does.)
         saved_kv = [(layer.keys.clone(), layer.values.clone()) for layer in self.static_cache.layers]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.no_grad():
-            self._step(masked)
+            run(masked)
         torch.cuda.current_stream().wait_stream(stream)
 
         def restore():
@@ -254,4 +262,4 @@ class StaticDecoder:
         restore()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.no_grad():  # records the kernels, runs none
-            self._graphs[masked] = (graph, self._step(masked))
+            self._graphs[masked] = (graph, run(masked))

@@ -167,6 +167,22 @@ def test_static_decoding_on_device_equals_cpu(name):
     assert torch.equal(got.cpu(), expected)
 
 
+@pytest.mark.skipif(DEVICE == "cpu", reason="a CUDA graph needs CUDA")
+def test_compiled_and_captured_static_decoding_on_device_equals_cpu():
+    """compile="compile-graph": the torch.compile'd step captured as the CUDA graph (inductor's
+    kernels, compiled in the warm-up step); full prefixes, so both forms (masked, then maskless from
+    the W-th step) are compiled and captured; tokens equal the CPU's default path."""
+    from test_static import full_prefix_pair
+
+    model, ids, prefix, kwargs = full_prefix_pair("cosyvoice2")
+    window, steps = 4, 20
+    expected = wand.generate(model, ids, prefix, window, steps, prefill_kwargs=kwargs)
+    kwargs_d = {k: v.to(DEVICE) for k, v in kwargs.items()}
+    got = wand.generate(model.to(DEVICE), ids.to(DEVICE), prefix, window, steps, prefill_kwargs=kwargs_d,
+                        compile="compile-graph")
+    assert torch.equal(got.cpu(), expected)
+
+
 @pytest.mark.parametrize("name", ["qwen2", "gpt2", "cosyvoice2", "indextts"])
 def test_maskless_static_decoding_on_device_equals_cpu(name):
     """Full prefixes, no padding: from the W-th step the captured graph is the maskless form (a second
