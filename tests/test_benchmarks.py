@@ -174,7 +174,8 @@ def test_every_gpu_check_stage_passes_its_benchmark_arguments_parsing(monkeypatc
             importlib.import_module(module).main()
         assert parsed.value.args[0].device == "cuda", module
     script = (ROOT / "benchmarks/gpu_check.sh").read_text()
-    limits = [int(n) for n in re.findall(r"^timeout (\d+) ", script, re.M)]
+    limits = [int(kill or 0) + int(n) for kill, n in
+              re.findall(r"^timeout (?:--signal=\w+ )?(?:--kill-after=(\d+) )?(\d+) ", script, re.M)]
     assert len(limits) == len(stages) + 1 and sum(limits) <= 8 * 60, limits
 
 
