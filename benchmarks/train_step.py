@@ -168,7 +168,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.gqa:
         os.environ["WAND_FLEX_GQA"] = args.gqa
-    gqa = flex_gqa()  # validates a WAND_FLEX_GQA from the environment before anything runs
+    try:
+        gqa = flex_gqa()  # a WAND_FLEX_GQA from the environment, checked before anything runs
+    except ValueError as err:
+        parser.error(str(err))
     if not 0 <= args.soft_tau < HARD_TAU:
         parser.error(f"--soft-tau must be in [0, {HARD_TAU:g}): from HARD_TAU on the soft form is the hard mask")
     device = torch.device(args.device)

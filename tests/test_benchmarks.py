@@ -100,7 +100,7 @@ def test_train_step_benchmark_times_the_step_and_the_attention_op_on_cpu(tmp_pat
     for bad, said in ((["--gqa", "tiled"], "invalid choice"), ([], "WAND_FLEX_GQA")):
         env = {**os.environ, "WAND_FLEX_GQA": "tiled"} if not bad else None
         refused = subprocess.run(cmd + bad, capture_output=True, text=True, timeout=120, env=env)
-        assert refused.returncode != 0 and said in refused.stderr, refused.stderr[-2000:]
+        assert refused.returncode == 2 and said in refused.stderr, refused.stderr[-2000:]
     assert json.loads((tmp_path / "train_step_cpu.json").read_text()) == record  # nothing written by a refusal
 
 
