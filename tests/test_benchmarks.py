@@ -106,7 +106,10 @@ def test_train_step_benchmark_times_the_step_and_the_attention_op_on_cpu(tmp_pat
 
 def test_the_recorded_attention_call_is_the_one_the_model_makes():
     """The op timed alone is the model's own first attention call: replayed on the recorded tensors
-    and mask it gives what the layer handed its output projection (hard and soft WAND, full)."""
+    and mask it gives what the layer handed its output projection (full; hard and soft WAND, dense
+    mask and FlexAttention's BlockMask with its score_mod)."""
+    import copy
+
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     import wand
@@ -116,16 +119,22 @@ def test_the_recorded_attention_call_is_the_one_the_model_makes():
     config = Qwen2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2)
     cases = [(Qwen2ForCausalLM(config).eval(), None, None)]
-    wand_model = wand.enable_wand(Qwen2ForCausalLM(config).eval(), 8)
-    cases += [(wand_model, 8, None), (wand_model, 8, 2.0)]
+    for backend in ("sdpa", "flex"):  # (the CPU has no Flex backward: its forward is recorded without grad)
+        # Its own config: enable_wand sets the attention on the config, which a shared one would
+        # switch for the full-attention model too.
+        wand_model = wand.enable_wand(Qwen2ForCausalLM(copy.deepcopy(config)).eval(), 8, backend=backend)
+        cases += [(wand_model, 8, None), (wand_model, 8, 2.0)]
     for model, window, tau in cases:
         seen = []
         hook = model.model.layers[0].self_attn.o_proj.register_forward_pre_hook(lambda m, a: seen.append(a[0]))
+        flex = model.config._attn_implementation == "wand_flex"
         try:
-            function, module, query, key, value, mask, kwargs = recorded_attention(
-                model, 2, 48, window, 10, torch.device("cpu"), tau)
+            with torch.set_grad_enabled(not flex):
+                function, module, query, key, value, mask, kwargs = recorded_attention(
+                    model, 2, 48, window, 10, torch.device("cpu"), tau)
         finally:
             hook.remove()
+        assert (type(mask).__name__ == "BlockMask") == flex
         assert query.requires_grad and query.shape == (2, 4, 48, 16) and key.shape == (2, 2, 48, 16)
         with torch.no_grad():
             replay = function(module, query, key, value, mask, **kwargs)[0]
