@@ -47,10 +47,10 @@ timeout 20 "$PY" -m benchmarks.block_mask --device cuda || status=$?
 # 5. DeepSpeed ZeRO-2, bf16, torch AdamW, one GPU, no Ray: distill steps against plain torch steps
 #    (needs the deepspeed wheel and its pure-Python needs from `make gpu-wheels`).
 timeout 45 "$PY" -m benchmarks.deepspeed_step --device cuda || status=$?
-# 6. Serving, one point: CosyVoice 2 at 60 s of speech, batch 1 (the per-step target). Each batch
-#    size compiles the full-attention baseline anew (about a minute for a 24-layer model), so the
-#    full grid (`benchmarks/serving.py --device cuda`) does not fit here.
-timeout 115 "$PY" -m benchmarks.serving --device cuda --models cosyvoice2 --seconds 60 --batches 1 \
-  --steps 10 || status=$?
+# 6. Serving at 60 s of speech, the grid: CosyVoice 2 and Llasa-3B shapes, batch 1 .. 512 (real-time
+#    streams), both sides' eager steps captured as CUDA graphs per point (one step each, where
+#    compiling the baseline takes about a minute per model); results written after every point.
+timeout 115 "$PY" -m benchmarks.serving --device cuda --models cosyvoice2,llasa-3b --seconds 60 \
+  --batches 1,16,64,256,512 --steps 5 --full-mode graph || status=$?
 if [ -n "${OUT:-}" ]; then cp "$results"/*_cuda.* "$OUT"/ 2>/dev/null || true; fi
 exit $status

@@ -45,6 +45,7 @@ from wand.static import GRAPH_MODES, STATIC_MODES, StaticDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
+FULL_MODES = ("compile", "graph")
 RECOMPILE_LIMIT = 64  # compiled variants per step function: a full default grid with --per-point-compile is 36
 DEFAULT_PREFIX = 114  # Llasa / Orpheus publish no prefix length: a short text + reference prompt (ours)
 
@@ -98,7 +99,39 @@ def full_step(model, compile_mode, shared: bool = True):
     return torch.compile(step, mode=compile_mode, dynamic=None if shared else False)
 
 
-def full_point(model, spec, batch, prefix, length, steps, device, run):
+def captured_step(run, token: torch.Tensor, position: torch.Tensor, cache):
+    """The baseline's eager step captured as one CUDA graph, as WAND's StaticDecoder captures its own
+    (``--full-mode graph``): token and position are copied into static buffers, the graph replayed.
+    Captures in one step where torch.compile takes about a minute per model, so a whole batch grid
+    fits a short GPU run. The capture is checked first: its replay's logits against an eager step's
+    from the same cache state (the same slot is written again); ``replay.max_diff`` keeps the largest
+    difference, and one beyond bf16 rounding is printed as a warning."""
+    static_token, static_position = token.clone(), position.clone()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream), torch.no_grad():
+        eager = run(static_token, static_position, cache).clone()  # warm-up, and the check's reference
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph), torch.no_grad():  # records the kernels, runs none
+        out = run(static_token, static_position, cache)
+    graph.replay()
+    max_diff = float((out.float() - eager.float()).abs().max())
+    if max_diff > 1e-2 * float(eager.float().abs().max()):
+        print(f"warning: the captured full-attention step differs from the eager one (max |diff| {max_diff:.3g})",
+              flush=True)
+
+    def replay(token, position, cache_):
+        static_token.copy_(token)
+        static_position.copy_(position)
+        graph.replay()
+        return out
+
+    replay.max_diff = max_diff
+    return replay
+
+
+def full_point(model, spec, batch, prefix, length, steps, device, run, capture: bool = False):
     from transformers import StaticCache
 
     cache = StaticCache(config=model.config, max_cache_len=prefix + length + steps + 4)
@@ -106,6 +139,8 @@ def full_point(model, spec, batch, prefix, length, steps, device, run):
     with torch.no_grad():
         model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
     state = {"position": torch.full((batch, 1), prefix, dtype=torch.long, device=device)}
+    if capture:
+        run = captured_step(run, ids[:, -1], state["position"], cache)
 
     def step(token):
         logits = run(token, state["position"], cache)
@@ -116,7 +151,10 @@ def full_point(model, spec, batch, prefix, length, steps, device, run):
     with torch.no_grad():
         seconds = time_steps(step, ids[:, -1], steps, device)
         launches = launches_per_step(step, ids[:, -1], device=device)
-    return seconds, cache_nbytes(cache), graph_record(device, device.type == "cuda", skips, launches)
+    record = graph_record(device, device.type == "cuda", skips, launches)
+    if capture:
+        record["capture_max_diff"] = run.max_diff  # the captured step against an eager one
+    return seconds, cache_nbytes(cache), record
 
 
 def compiled_graphs() -> int:
@@ -176,6 +214,9 @@ def main() -> None:
     parser.add_argument("--batches", default=None, help="default: 1,8,32,64,128,256 on CUDA, 1,4,16 on CPU")
     parser.add_argument("--steps", type=int, default=20, help="timed decode steps per point")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--full-mode", choices=FULL_MODES, default="compile",
+                        help="the baseline's step: compile (torch.compile; on CUDA reduce-overhead, CUDA graphs) "
+                             "or graph (its eager step captured as a CUDA graph per point, as WAND's; CUDA only)")
     parser.add_argument("--wand-mode", choices=STATIC_MODES, default=None,
                         help="StaticDecoder mode for WAND (default: graph on CUDA, compile on CPU)")
     parser.add_argument("--per-point-compile", action="store_true",
@@ -192,12 +233,21 @@ def main() -> None:
     wand_mode = args.wand_mode or ("graph" if cuda else "compile")
     if wand_mode in GRAPH_MODES and not cuda:
         parser.error(f"--wand-mode {wand_mode} captures a CUDA graph: it needs --device cuda")
+    if args.full_mode == "graph" and not cuda:
+        parser.error("--full-mode graph captures a CUDA graph: it needs --device cuda")
+    capture = args.full_mode == "graph"
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"serving_{device.type}.json"
     name = torch.cuda.get_device_name() if cuda else cpu_device(torch.get_num_threads())
     torch.set_float32_matmul_precision("high")
-    results = {"device": name, "dtype": str(dtype), "size": size, "steps": args.steps,
-               "full": f"StaticCache + torch.compile({full_compile}, "
-                       f"{'per point, static shapes' if args.per_point_compile else 'one per model, dynamic shapes'})", "wand": f"StaticDecoder ({wand_mode})",
-               "models": {}}
+    if capture:
+        full_how = "StaticCache, eager step captured as a CUDA graph per point"
+    else:
+        full_how = (f"StaticCache + torch.compile({full_compile}, "
+                    f"{'per point, static shapes' if args.per_point_compile else 'one per model, dynamic shapes'})")
+    results = {"device": name, "dtype": str(dtype), "size": size, "steps": args.steps, "full": full_how,
+               "wand": f"StaticDecoder ({wand_mode})", "models": {}}
     # Past dynamo's recompile limit (8 per code object) a compiled step would silently run eager: every
     # point's step shares one code object, so a grid of more than 8 points (or a second model) once fell
     # back without a word. Here the limit is raised and hitting it is an error.
@@ -212,14 +262,16 @@ def main() -> None:
             torch._dynamo.reset()  # each model compiles afresh: no cache entries of the last one count
             spec = get_spec(model_name, size)
             torch.manual_seed(0)
-            model = spec.build().to(device=device, dtype=dtype).eval()
+            with torch.device(device):  # random init on the device: a 3B model's on the CPU takes a while
+                model = spec.build(dtype).eval()
             model.set_attn_implementation("sdpa")
             prefix = spec.paper_prefix_length or DEFAULT_PREFIX
             window = spec.target_window
             rate = spec.token_rate_hz
             rows = []
+            results["models"][model_name] = {"prefix": prefix, "window": window, "token_rate": rate, "rows": rows}
             full_graphs = 0
-            shared_run = None if args.per_point_compile else full_step(model, full_compile)
+            shared_run = None if args.per_point_compile or capture else full_step(model, full_compile)
             print(f"\n## {model_name} ({size}): P={prefix}, W={window}, {rate:g} tokens/s of speech")
             print("| speech | batch | full ms/step | WAND ms/step | full tok/s | WAND tok/s | full KV/stream | "
                   "WAND KV/stream | peak GiB full / WAND | launched full / WAND |")
@@ -238,10 +290,10 @@ def main() -> None:
                         try:
                             if side == "full":
                                 wand.disable_wand(model)
-                                run = shared_run or full_step(model, full_compile, shared=False)
+                                run = shared_run or full_step(model, None if capture else full_compile, shared=False)
                                 before = compiled_graphs()
                                 secs, kv, launches = full_point(model, spec, batch, prefix, length, args.steps,
-                                                                device, run)
+                                                                device, run, capture)
                                 full_graphs += compiled_graphs() - before
                                 row["full_kv_per_stream"] = kv // batch
                             else:
@@ -259,6 +311,8 @@ def main() -> None:
                         if cuda:
                             row[f"{side}_peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
                     rows.append(row)
+                    # After every point: a run cut short (gpu-check's time limit) keeps what it measured.
+                    path.write_text(json.dumps(results, indent=2))
                     print(f"| {seconds:g} s | {batch} | {fmt(row.get('full_ms'))} | {fmt(row.get('wand_ms'))} | "
                           f"{fmt(row.get('full_tokens_per_s'), 0)} | {fmt(row.get('wand_tokens_per_s'), 0)} | "
                           f"{kib(row.get('full_kv_per_stream'))} | {kib(kv_wand)} | "
@@ -270,13 +324,9 @@ def main() -> None:
             print(f"real-time streams at {longest:g} s (steps/s >= {rate:g}): full {streams['full']}, "
                   f"WAND {streams['wand']} (largest batch tried: {max(batches)})")
             print(f"graphs compiled for the full-attention baseline of {model_name}: {full_graphs}")
-            results["models"][model_name] = {"prefix": prefix, "window": window, "token_rate": rate, "rows": rows,
-                                             "realtime_streams": streams, "at_seconds": longest,
-                                             "full_graphs_compiled": full_graphs}
+            results["models"][model_name] |= {"realtime_streams": streams, "at_seconds": longest,
+                                              "full_graphs_compiled": full_graphs}
             del model
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"serving_{device.type}.json"
     path.write_text(json.dumps(results, indent=2))
     plot(results, out / f"serving_{device.type}.png")
     print(f"\nwrote {path} and .png")

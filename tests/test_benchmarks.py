@@ -33,10 +33,11 @@ def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
         assert len({r["wand_kv_per_stream"] for r in rows}) == 1
         assert rows[3]["full_kv_per_stream"] > rows[0]["full_kv_per_stream"] > rows[0]["wand_kv_per_stream"]
     assert result["wand"] == "StaticDecoder (compile)"
-    for mode in ("graph", "compile-graph"):  # a CUDA graph on the CPU is refused before anything runs
-        bad = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--device", "cpu", "--wand-mode", mode,
+    # A CUDA graph on the CPU is refused before anything runs.
+    for flag, mode in (("--wand-mode", "graph"), ("--wand-mode", "compile-graph"), ("--full-mode", "graph")):
+        bad = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--device", "cpu", flag, mode,
                               "--out-dir", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
-        assert bad.returncode == 2 and f"--wand-mode {mode} captures a CUDA graph" in bad.stderr, bad.stderr
+        assert bad.returncode == 2 and f"{flag} {mode} captures a CUDA graph" in bad.stderr, bad.stderr
         assert not (tmp_path / "bad").exists()
 
 
@@ -139,6 +140,33 @@ def test_the_recorded_attention_call_is_the_one_the_model_makes():
         with torch.no_grad():
             replay = function(module, query, key, value, mask, **kwargs)[0]
         torch.testing.assert_close(replay.reshape(2, 48, -1), seen[0].detach(), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["cosyvoice2", "llasa-3b", "orpheus-3b"])
+def test_the_baseline_step_that_full_mode_graph_captures_reads_nothing_back(name):
+    """`serving.py --full-mode graph` captures the baseline's eager step as a CUDA graph: that step
+    must not read a device value back (a capture would fail, a replay would skip it). Checked on the
+    CPU by dispatch, the wrappers' one-token id checks on the device as on CUDA, over a few steps."""
+    from transformers import StaticCache
+
+    from benchmarks.serving import full_step, prompt_ids
+    from wand.generation import cache_kwarg_name
+    from wand.models import get_spec
+    from wand.models.spec import device_side_id_checks
+    from wand.profiling import host_reads
+
+    spec = get_spec(name, "tiny")
+    torch.manual_seed(0)
+    model = spec.build().eval()
+    model.set_attn_implementation("sdpa")
+    cache = StaticCache(config=model.config, max_cache_len=40)
+    ids = prompt_ids(spec, 2, 20, torch.device("cpu"))
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
+    step, token = full_step(model, None), ids[:, -1]
+    with device_side_id_checks():
+        for position in range(20, 24):
+            assert host_reads(step, token, torch.full((2, 1), position), cache) == {}
 
 
 def gpu_check_stages() -> list[tuple[int, str, list[str]]]:

@@ -184,3 +184,36 @@ def launches_per_step(step, *args, device: torch.device) -> dict:
         counts["kernels"] = sum(1 for e in events if e.device_type == DeviceType.CUDA)
         counts["graph_launches"] = sum(1 for e in events if e.name == "cudaGraphLaunch")
     return counts
+
+
+# Operators whose result needs a device value on the host (a scalar read, or an output whose size
+# depends on the data): on CUDA each waits for the device, and none may run inside a CUDA graph
+# capture. A name without an overload counts every overload of it.
+HOST_READ_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_unique2", "unique_consecutive",
+                           "unique_dim", "equal", "repeat_interleave.Tensor"})
+
+
+def host_reads(step, *args) -> dict[str, int]:
+    """How many times one call of ``step(*args)`` (under no_grad) ran each operator of
+    ``HOST_READ_OPS``, and each indexing by a boolean mask. Found by dispatch, so it works on the CPU too: CI checks there that a step a
+    CUDA graph will capture reads nothing back. Not seen this way: an explicit ``.cpu()`` of a CPU
+    tensor, which dispatches nothing on the CPU (on CUDA ``torch.cuda.set_sync_debug_mode`` sees it)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    found: dict[str, int] = {}
+
+    class Reads(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            base = func._schema.name.split("::", 1)[-1]
+            name = base if func._overloadname == "default" else f"{base}.{func._overloadname}"
+            if base in ("index", "index_put", "index_put_", "_index_put_impl_") and any(
+                    isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ())):
+                name = f"{name} (boolean mask)"  # its nonzero runs below the dispatcher
+            elif not (base in HOST_READ_OPS or name in HOST_READ_OPS):
+                return func(*args, **(kwargs or {}))
+            found[name] = found.get(name, 0) + 1
+            return func(*args, **(kwargs or {}))
+
+    with torch.no_grad(), Reads():
+        step(*args)
+    return found

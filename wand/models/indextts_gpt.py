@@ -10,7 +10,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2Model
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
-from .spec import check_id_range
+from .spec import check_id_range, checks_on_device
 
 __all__ = ["IndexTTSGPT"]
 
@@ -73,7 +73,7 @@ class IndexTTSGPT(nn.Module):
             # A decode step past the learned mel positions: upstream stops at max_mel_tokens; clamping
             # would silently reuse the last position. (Training rows are checked by the row checks.)
             past = f"IndexTTSGPT: generated past max_mel_tokens (mel position > {last}); stop generation there"
-            if input_ids.device.type == "cuda" or torch.compiler.is_compiling():
+            if checks_on_device(input_ids) or torch.compiler.is_compiling():
                 torch._assert_async(~(mel_pos > last).any(), past)
             elif bool((mel_pos > last).any()):
                 raise ValueError(past)
@@ -82,7 +82,7 @@ class IndexTTSGPT(nn.Module):
         text = self.text_embedding((input_ids - self.text_offset).clamp(min=0)) + self.text_pos_embedding.emb(text_pos)
         emb = torch.where(is_mel, mel, text)
         no_latents = "IndexTTSGPT: the input has conditioning-latent slots; pass conditioning_latents=[B, 32, dim]"
-        if input_ids.shape[1] == 1 and input_ids.device.type == "cuda" and conditioning_latents is None:
+        if checks_on_device(input_ids) and conditioning_latents is None:
             # A decode step on a GPU: checked on the device, never read back (see check_id_range).
             torch._assert_async(~is_latent.any(), no_latents)
         elif bool(is_latent.any()):

@@ -13,6 +13,7 @@ input ids) and text after; see their modules.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TYPE_CHECKING
@@ -26,7 +27,29 @@ from ..kv import kv_bytes_per_token as _kv_bytes_per_token
 if TYPE_CHECKING:  # annotations only: torch is imported where tensors are made
     import torch
 
-__all__ = ["ModelSpec", "check_id_range"]
+__all__ = ["ModelSpec", "check_id_range", "checks_on_device", "device_side_id_checks"]
+
+
+_device_side_checks = [False]  # set by device_side_id_checks()
+
+
+@contextlib.contextmanager
+def device_side_id_checks():
+    """Within it, one-token steps check their ids on the device on every device, as they do on CUDA:
+    a CPU test then sees a decode step exactly as a CUDA graph captures it (``wand.profiling.host_reads``)."""
+    saved = _device_side_checks[0]
+    _device_side_checks[0] = True
+    try:
+        yield
+    finally:
+        _device_side_checks[0] = saved
+
+
+def checks_on_device(input_ids: torch.Tensor) -> bool:
+    """Whether a step's input checks run on the device (``torch._assert_async``) rather than reading a
+    flag back: a one-token step (a decode step) on CUDA, or on any device within
+    ``device_side_id_checks()``."""
+    return input_ids.shape[-1] == 1 and (input_ids.device.type == "cuda" or _device_side_checks[0])
 
 
 def check_id_range(input_ids: torch.Tensor, upper: int, who: str) -> None:
@@ -39,7 +62,7 @@ def check_id_range(input_ids: torch.Tensor, upper: int, who: str) -> None:
     import torch
 
     message = f"{who}: token ids must be in [0, {upper})"
-    if (input_ids.shape[-1] == 1 and input_ids.device.type == "cuda") or torch.compiler.is_compiling():
+    if checks_on_device(input_ids) or torch.compiler.is_compiling():
         torch._assert_async(~bad.any(), message)  # also inside a compiled step: no graph break
     elif bool(bad.any()):
         raise ValueError(message)
