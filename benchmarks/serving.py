@@ -40,7 +40,8 @@ import torch
 import wand
 from wand.generation import cache_kwarg_name
 from wand.models import get_spec
-from wand.profiling import cache_nbytes, cpu_device, launches_per_step, timing_conditions
+from wand.profiling import (cache_nbytes, copy_bandwidth, cpu_device, launches_per_step, timing_conditions,
+                            weight_read_bytes)
 from wand.static import GRAPH_MODES, STATIC_MODES, StaticDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -256,8 +257,10 @@ def main() -> None:
     with timing_conditions(device) as attention, dynamo_config.patch(recompile_limit=RECOMPILE_LIMIT,
                                                                      fail_on_recompile_limit_hit=True):
         results["attention"] = attention
+        bandwidth = copy_bandwidth(device)  # the weight-read floor's denominator, measured here
+        results["copy_bandwidth_gb_s"] = bandwidth / 1e9
         print(f"# {name}, {dtype}, presets '{size}'; full: {results['full']}; WAND: {results['wand']}; "
-              f"attention: {attention}", flush=True)
+              f"attention: {attention}; copy bandwidth {bandwidth / 1e9:,.0f} GB/s", flush=True)
         for model_name in args.models.split(","):
             torch._dynamo.reset()  # each model compiles afresh: no cache entries of the last one count
             spec = get_spec(model_name, size)
@@ -269,13 +272,17 @@ def main() -> None:
             window = spec.target_window
             rate = spec.token_rate_hz
             rows = []
-            results["models"][model_name] = {"prefix": prefix, "window": window, "token_rate": rate, "rows": rows}
+            weights = weight_read_bytes(model)
+            floor_ms = 1e3 * weights / bandwidth  # a step can be no faster than reading its weights once
+            results["models"][model_name] = {"prefix": prefix, "window": window, "token_rate": rate, "rows": rows,
+                                             "weight_read_bytes": weights, "floor_ms": floor_ms}
             full_graphs = 0
             shared_run = None if args.per_point_compile or capture else full_step(model, full_compile)
-            print(f"\n## {model_name} ({size}): P={prefix}, W={window}, {rate:g} tokens/s of speech")
-            print("| speech | batch | full ms/step | WAND ms/step | full tok/s | WAND tok/s | full KV/stream | "
-                  "WAND KV/stream | peak GiB full / WAND | launched full / WAND |")
-            print("|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
+            print(f"\n## {model_name} ({size}): P={prefix}, W={window}, {rate:g} tokens/s of speech; weights "
+                  f"{weights / 2**30:.2f} GiB, read in {floor_ms:.3f} ms at that bandwidth (the step's floor)")
+            print("| speech | batch | full ms/step | WAND ms/step | WAND / floor | full tok/s | WAND tok/s | "
+                  "full KV/stream | WAND KV/stream | peak GiB full / WAND | launched full / WAND |")
+            print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---|")
             for seconds in seconds_grid:
                 length = spec.tokens_for_seconds(seconds)
                 wand.disable_wand(model)
@@ -303,6 +310,7 @@ def main() -> None:
                             row[f"{side}_launches"] = launches
                             row[f"{side}_ms"] = 1e3 * secs
                             row[f"{side}_tokens_per_s"] = batch / secs
+                            row[f"{side}_over_floor"] = row[f"{side}_ms"] / floor_ms
                         except (RuntimeError, torch.cuda.OutOfMemoryError) as err:
                             if not is_oom(err):
                                 raise
@@ -314,7 +322,7 @@ def main() -> None:
                     # After every point: a run cut short (gpu-check's time limit) keeps what it measured.
                     path.write_text(json.dumps(results, indent=2))
                     print(f"| {seconds:g} s | {batch} | {fmt(row.get('full_ms'))} | {fmt(row.get('wand_ms'))} | "
-                          f"{fmt(row.get('full_tokens_per_s'), 0)} | {fmt(row.get('wand_tokens_per_s'), 0)} | "
+                          f"{fmt(row.get('wand_over_floor'), 1)} | {fmt(row.get('full_tokens_per_s'), 0)} | {fmt(row.get('wand_tokens_per_s'), 0)} | "
                           f"{kib(row.get('full_kv_per_stream'))} | {kib(kv_wand)} | "
                           f"{fmt(row.get('full_peak_gib'), 2, '-')} / {fmt(row.get('wand_peak_gib'), 2, '-')} | "
                           f"{launched(row.get('full_launches'))} / {launched(row.get('wand_launches'))} |", flush=True)

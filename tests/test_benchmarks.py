@@ -33,6 +33,11 @@ def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
         assert len({r["wand_kv_per_stream"] for r in rows}) == 1
         assert rows[3]["full_kv_per_stream"] > rows[0]["full_kv_per_stream"] > rows[0]["wand_kv_per_stream"]
     assert result["wand"] == "StaticDecoder (compile)"
+    for name, data in result["models"].items():  # the floor: the model's weight bytes at the measured bandwidth
+        assert data["floor_ms"] == pytest.approx(1e3 * data["weight_read_bytes"] / (result["copy_bandwidth_gb_s"] * 1e9),
+                                                 rel=1e-12)
+        assert all(r[f"{side}_over_floor"] == r[f"{side}_ms"] / data["floor_ms"] for r in data["rows"]
+                   for side in ("full", "wand"))
     # A CUDA graph on the CPU is refused before anything runs.
     for flag, mode in (("--wand-mode", "graph"), ("--wand-mode", "compile-graph"), ("--full-mode", "graph")):
         bad = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--device", "cpu", flag, mode,

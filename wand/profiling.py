@@ -195,9 +195,10 @@ HOST_READ_OPS = frozenset({"_local_scalar_dense", "nonzero", "masked_select", "_
 
 def host_reads(step, *args) -> dict[str, int]:
     """How many times one call of ``step(*args)`` (under no_grad) ran each operator of
-    ``HOST_READ_OPS``, and each indexing by a boolean mask. Found by dispatch, so it works on the CPU too: CI checks there that a step a
-    CUDA graph will capture reads nothing back. Not seen this way: an explicit ``.cpu()`` of a CPU
-    tensor, which dispatches nothing on the CPU (on CUDA ``torch.cuda.set_sync_debug_mode`` sees it)."""
+    ``HOST_READ_OPS``, and each indexing by a boolean mask. Found by dispatch, so it works on the CPU
+    too: CI checks there that a step a CUDA graph will capture reads nothing back. Not seen this way:
+    an explicit ``.cpu()`` of a CPU tensor, which dispatches nothing on the CPU (on CUDA
+    ``torch.cuda.set_sync_debug_mode`` sees it)."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     found: dict[str, int] = {}
@@ -217,3 +218,36 @@ def host_reads(step, *args) -> dict[str, int]:
     with torch.no_grad(), Reads():
         step(*args)
     return found
+
+
+def weight_read_bytes(model: torch.nn.Module) -> int:
+    """Bytes of weights one decode step must read: every parameter once (tied ones once), except
+    embedding tables that only look rows up (an ``nn.Embedding`` whose weight no ``nn.Linear`` also
+    uses as its head). Divided by the device's bandwidth, the step's weight-read floor."""
+    heads = {m.weight.data_ptr() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    counted: set[int] = set()
+    total = 0
+    for module in model.modules():
+        for param in module.parameters(recurse=False):
+            key = param.data_ptr()
+            if key in counted or (isinstance(module, torch.nn.Embedding) and key not in heads):
+                continue
+            counted.add(key)
+            total += param.numel() * param.element_size()
+    return total
+
+
+def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int = 5) -> float:
+    """Bytes per second one device-to-device copy moves (read + write; median of ``repeats``): the
+    memory bandwidth a step can reach, measured rather than taken from a data sheet."""
+    nbytes = nbytes or (1 << 30 if device.type == "cuda" else 1 << 26)
+    source = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    target = torch.empty_like(source)
+    times = []
+    for _ in range(repeats + 1):
+        _sync(device)
+        start = time.perf_counter()
+        target.copy_(source)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * nbytes / statistics.median(times[1:])

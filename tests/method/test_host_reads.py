@@ -1,15 +1,18 @@
-"""A decode step that a CUDA graph captures must read nothing back from the device. Checked here on
-the CPU by dispatch (``wand.profiling.host_reads``), with the TTS wrappers' one-token id checks on the
-device as they are on CUDA (``wand.models.spec.device_side_id_checks``); the CUDA-side check is
-``tests/method/test_cuda.py::test_a_decode_step_never_waits_for_the_device``."""
+"""What a decode step costs at least, and what stops it being captured: a step that a CUDA graph
+captures must read nothing back from the device. Checked here on the CPU by dispatch
+(``wand.profiling.host_reads``), with the TTS wrappers' one-token id checks on the device as they are
+on CUDA (``wand.models.spec.device_side_id_checks``); the CUDA-side check is
+``tests/method/test_cuda.py::test_a_decode_step_never_waits_for_the_device``. And the weight bytes a
+step must read (``wand.profiling.weight_read_bytes``), the serving benchmark's floor."""
 
 import pytest
 import torch
 
 import wand
+from conftest import tiny_model
 from helpers import batch_of_three
 from wand.models.spec import device_side_id_checks
-from wand.profiling import host_reads
+from wand.profiling import copy_bandwidth, host_reads, weight_read_bytes
 from wand.static import StaticDecoder
 
 WINDOW = 4
@@ -44,3 +47,23 @@ def test_a_static_decode_step_reads_nothing_back(name):
     # detector sees what the model's own path does.
     reads = host_reads(decoder.step, token)
     assert set(reads) == ({"_local_scalar_dense"} if name in ("cosyvoice2", "indextts") else set()), reads
+
+
+@pytest.mark.parametrize("family, looked_up", [("qwen2", ["model.embed_tokens"]), ("llama", []),
+                                               ("gpt2", ["transformer.wpe"])])
+def test_weight_read_bytes_counts_every_weight_once_but_lookup_tables(family, looked_up):
+    """Qwen2 (untied): all but its input embedding; Llama (tied: the table is the head): everything;
+    GPT-2 (tied token table, learned positions): all but the position table. Against the parameter
+    count, which already counts a tied weight once."""
+    model = tiny_model(family)
+    if family == "llama":
+        model.lm_head.weight = model.model.embed_tokens.weight
+    modules = dict(model.named_modules())
+    skipped = sum(modules[name].weight.numel() for name in looked_up)
+    assert weight_read_bytes(model) == 4 * (sum(p.numel() for p in model.parameters()) - skipped)
+    assert weight_read_bytes(model.to(torch.bfloat16)) == 2 * (sum(p.numel() for p in model.parameters()) - skipped)
+
+
+def test_copy_bandwidth_is_measured():
+    bandwidth = copy_bandwidth(torch.device("cpu"), nbytes=1 << 22, repeats=3)
+    assert 1e8 < bandwidth < 1e13  # bytes/s: any real memory system
