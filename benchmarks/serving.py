@@ -4,6 +4,7 @@ streams per device, full attention vs WAND, at 10 / 30 / 60 s of speech.
     .venv/bin/python -m benchmarks.serving                          # CPU: the tiny presets (exercises the script)
     .venv/bin/python -m benchmarks.serving --device cuda            # GPU: real shapes, bf16, random weights
     .venv/bin/python -m benchmarks.serving --device cuda --models orpheus-3b --seconds 60 --batches 64,256
+    .venv/bin/python -m benchmarks.serving --device cuda --full-mode graph --seconds 60   # both sides captured
 
 Shapes come from the project's presets (`wand.models.get_spec(name, size)`): Llasa-3B, Orpheus-3B
 and CosyVoice 2. Both sides get the same per-step treatment:
@@ -12,6 +13,8 @@ and CosyVoice 2. Both sides get the same per-step treatment:
   whole with a mask: its step cost is set by that size) and the model's own forward, through
   `torch.compile` (on CUDA `mode="reduce-overhead"`, i.e. CUDA graphs) with SDPA pinned to flash /
   memory-efficient (wand.profiling.timing_conditions): the best full attention transformers offers.
+  `--full-mode graph` instead captures its eager step as a CUDA graph per point, as WAND's is
+  (`make gpu-check` runs the grid so: a capture takes one step, a compilation about a minute).
 * WAND: `wand.static.StaticDecoder` over a WandCache of P + W slots, captured as a CUDA graph on
   CUDA, `torch.compile`d on CPU. `--wand-mode compile-graph` captures the compiled step instead
   (inductor's fused kernels in the graph, as the baseline has; compiles for tens of seconds).

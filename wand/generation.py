@@ -83,8 +83,8 @@ def generate(
         compile: the static decode path (``wand.static.StaticDecoder``): after an eager prefill,
             every step has one shape and no host-device synchronisation. ``True`` captures the
             step as a CUDA graph on CUDA and compiles it with ``torch.compile`` elsewhere; or name
-            the mode (``"graph"``, ``"compile-graph"``, ``"compile"``, ``"eager"``). WAND only (``window`` set), dense
-            attention. Same tokens as the default path.
+            the mode (``"graph"``, ``"compile-graph"``, ``"compile"``, ``"eager"``). WAND only
+            (``window`` set), dense attention. Same tokens as the default path.
 
     Returns:
         LongTensor[B, T + n]: prompt and generated tokens, as ``model.generate`` returns them

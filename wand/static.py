@@ -37,7 +37,7 @@ from .cache import WandCache
 from .masks import additive_mask, visibility
 from .patch import is_enabled, original_forward
 
-__all__ = ["StaticDecoder", "STATIC_MODES"]
+__all__ = ["StaticDecoder", "STATIC_MODES", "GRAPH_MODES", "STATIC_RECOMPILE_LIMIT"]
 
 STATIC_MODES = ("eager", "compile", "graph", "compile-graph")
 GRAPH_MODES = ("graph", "compile-graph")  # captured as CUDA graphs (CUDA only)
