@@ -52,9 +52,14 @@ def test_new_batch_sizes_and_prefix_lengths_reuse_the_compiled_step(fresh_dynamo
 def test_reaching_the_recompile_limit_is_an_error_not_an_eager_step(fresh_dynamo, monkeypatch):
     """With the limit at 1 graph, the second form (maskless, after W clean steps) would be a second
     graph: the decode stops with an error that names the setting."""
+    import torch._dynamo.config as dynamo_config
+
     monkeypatch.setattr(wand.static, "STATIC_RECOMPILE_LIMIT", 1)
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    before = dynamo_config.recompile_limit
     model = wand.enable_wand(tiny_model("qwen2"), WINDOW)
     ids, lengths = request(2, 5, seed=0)
-    with pytest.raises(RuntimeError, match="STATIC_RECOMPILE_LIMIT"):
+    # dynamo's own patch, not monkeypatch: undoing a monkeypatch on dynamo's config module deletes the
+    # setting for the rest of the process (a later FlexAttention call then failed).
+    with dynamo_config.patch(recompile_limit=1), pytest.raises(RuntimeError, match="STATIC_RECOMPILE_LIMIT"):
         wand.generate(model, ids, lengths, WINDOW, STEPS, compile="compile")
+    assert dynamo_config.recompile_limit == before
