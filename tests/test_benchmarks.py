@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from wand.models import get_spec
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -17,12 +19,14 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
     out = subprocess.run([sys.executable, "-m", "benchmarks.serving", "--device", "cpu",
                           "--models", "cosyvoice2,llasa-3b", "--seconds", "10,60", "--batches", "1,2,3", "--steps", "3",
-                          "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=540)
+                          "--fuse", "--out-dir", str(tmp_path)], capture_output=True, text=True, timeout=540)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads((tmp_path / "serving_cpu.json").read_text())
     assert (tmp_path / "serving_cpu.png").stat().st_size > 1000
     for name in ("cosyvoice2", "llasa-3b"):
         rows = result["models"][name]["rows"]
+        # --fuse: Q/K/V and gate/up fused in every layer of the preset (2 groups per layer).
+        assert result["models"][name]["fused_groups"] == 2 * get_spec(name, "tiny").config["num_hidden_layers"]
         assert [(r["seconds"], r["batch"]) for r in rows] == [(s, b) for s in (10, 60) for b in (1, 2, 3)]
         # One compiled baseline step per model: batch 3 reuses batch 2's dynamic graph at each length.
         points = len(rows)

@@ -1,0 +1,169 @@
+"""wand.fuse_projections: Q/K/V and gate/up as one matmul each for decoding. Checked against an
+unfused copy of the same model (logits, greedy and sampled tokens, gradients), against each member's
+own F.linear whatever order the members are called in, and by counting the matmuls one static decode
+step dispatches (three fewer per layer, the number derived from the model's layers)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import wand
+from helpers import batch_of_three
+from wand.fuse import FUSED_GROUPS, is_fused
+from wand.generation import cache_kwarg_name
+from wand.static import StaticDecoder
+
+WINDOW = 4
+STEPS = 12
+FUSABLE = ["qwen2", "llama", "cosyvoice2", "sparktts"]
+
+
+def models(name):
+    """(unfused model, fused copy, ids, mask, prefix, kwargs), both with WAND at WINDOW."""
+    build, ids, mask, prefix, kwargs = batch_of_three(name)
+    plain = wand.enable_wand(build(), WINDOW)
+    fused = copy.deepcopy(plain)
+    return plain, fused, ids, mask, prefix, kwargs
+
+
+def layers_of(model) -> int:
+    return sum(1 for m in model.modules() if hasattr(m, "q_proj") and hasattr(m, "k_proj"))
+
+
+@pytest.mark.parametrize("name", FUSABLE)
+def test_fused_model_decodes_the_unfused_tokens(name):
+    plain, fused, ids, mask, prefix, kwargs = models(name)
+    assert wand.fuse_projections(fused) == len(FUSED_GROUPS) * layers_of(plain) > 0
+    assert is_fused(fused) and not is_fused(plain)
+    assert wand.fuse_projections(fused) == 0  # fused already: nothing more to do
+    with torch.no_grad():
+        run = dict(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, window=WINDOW, **kwargs)
+        torch.testing.assert_close(fused(**run).logits, plain(**run).logits, rtol=1e-5, atol=1e-5)
+    expected = wand.generate(plain, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs)
+    for mode in (False, "eager"):
+        got = wand.generate(fused, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs,
+                            compile=mode)
+        assert torch.equal(got, expected), mode
+    sampled = [wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs,
+                             do_sample=True, temperature=0.9, top_k=30, generator=torch.Generator().manual_seed(5),
+                             compile="eager") for model in (plain, fused)]
+    assert torch.equal(sampled[0], sampled[1])
+    # The model keeps its parameter names and values, and no second copy of the weights.
+    assert list(fused.state_dict()) == list(plain.state_dict())
+    for (key, a), b in zip(fused.state_dict().items(), plain.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert sum(p.numel() for p in fused.parameters()) == sum(p.numel() for p in plain.parameters())
+
+
+def test_gpt2_is_fused_already_and_left_alone():
+    plain, fused, *_ = models("gpt2")
+    assert wand.fuse_projections(fused) == 0 and not is_fused(fused)
+
+
+class _Matmuls(TorchDispatchMode):
+    NAMES = {"mm", "addmm", "bmm", "baddbmm", "matmul", "linear"}
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func.__name__.split(".")[0] in self.NAMES
+        return func(*args, **(kwargs or {}))
+
+
+def _step_matmuls(model, ids, mask, prefix, kwargs) -> int:
+    cache = wand.WandCache(prefix, WINDOW)
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, window=WINDOW, use_cache=True,
+                    **{cache_kwarg_name(model): cache}, **kwargs)
+    decoder = StaticDecoder(model, cache, "eager")
+    with _Matmuls() as counter:
+        decoder.step(out.logits[:, -1].argmax(-1))
+    return counter.count
+
+
+@pytest.mark.parametrize("name", ["qwen2", "llama"])
+def test_a_fused_step_runs_three_fewer_matmuls_per_layer(name):
+    plain, fused, ids, mask, prefix, kwargs = models(name)
+    wand.fuse_projections(fused)
+    before, after = _step_matmuls(plain, ids, mask, prefix, kwargs), _step_matmuls(fused, ids, mask, prefix, kwargs)
+    # Q/K/V: three matmuls become one; gate/up: two become one.
+    assert before - after == 3 * layers_of(plain), (before, after)
+
+
+def test_members_called_in_any_order_on_any_inputs_return_their_own_projection():
+    plain, fused, *_ = models("qwen2")
+    wand.fuse_projections(fused)
+    attn = fused.model.layers[0].self_attn
+    x, y = torch.randn(2, 3, attn.q_proj.in_features), torch.randn(1, 1, attn.q_proj.in_features)
+    calls = [(attn.k_proj, x), (attn.q_proj, y), (attn.q_proj, x), (attn.v_proj, x), (attn.v_proj, y),
+             (attn.k_proj, x), (attn.k_proj, y)]
+    with torch.no_grad():
+        for member, inp in calls:
+            torch.testing.assert_close(member(inp), F.linear(inp, member.weight, member.bias))
+        attn.q_proj(x)
+        assert attn.q_proj._wand_group.memo[0] is x  # kept for k_proj and v_proj
+        x.add_(1.0)  # the same tensor changed in place: the fused output of its old values is not reused
+        torch.testing.assert_close(attn.k_proj(x), F.linear(x, attn.k_proj.weight, attn.k_proj.bias))
+        attn.v_proj(x), attn.q_proj(x)
+    assert attn.q_proj._wand_group.memo is None  # every member read it: nothing held between steps
+
+
+def test_training_loaded_weights_and_a_moved_model_stay_exact():
+    plain, fused, ids, mask, prefix, _ = models("llama")
+    wand.fuse_projections(fused)
+    run = dict(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, window=WINDOW)
+    # Gradients: the members' own parameters get the unfused gradients.
+    for model in (plain, fused):
+        model.zero_grad()
+        model(**run).logits.square().mean().backward()
+    for (key, a), b in zip(fused.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, msg=key)
+    # An optimizer step and a load_state_dict write the members in place: the fused weights follow.
+    for model in (plain, fused):
+        torch.optim.SGD(model.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        torch.testing.assert_close(fused(**run).logits, plain(**run).logits)
+        other = {k: torch.randn_like(v) for k, v in plain.state_dict().items()}
+        plain.load_state_dict(other)
+        fused.load_state_dict(other)
+        attn = fused.model.layers[1].self_attn
+        assert torch.equal(attn.q_proj._wand_group.weight, torch.cat([attn.q_proj.weight, attn.k_proj.weight,
+                                                                     attn.v_proj.weight]))
+        # (randn weights: one matmul of three summed in another blocking differs by ~1e-5; stale is O(1))
+        torch.testing.assert_close(fused(**run).logits, plain(**run).logits, rtol=1e-4, atol=1e-4)
+        # Moved to another dtype, the members no longer alias the fused tensor: each runs its own matmul.
+        plain.double(), fused.double()
+        torch.testing.assert_close(fused(**run).logits, plain(**run).logits)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_the_compiled_static_step_keeps_the_fused_matmuls():
+    """torch.compile traces the shared fused output (dynamo follows the identity check): same tokens,
+    and the traced graph holds three fewer linear calls per layer than the unfused model's."""
+    plain, fused, ids, mask, prefix, kwargs = models("qwen2")
+    wand.fuse_projections(fused)
+    counts = {}
+    for label, model in (("plain", plain), ("fused", fused)):
+        linears = []
+
+        def backend(gm, example_inputs, linears=linears):
+            linears.append(sum(node.target in (F.linear, torch._C._nn.linear) for node in gm.graph.nodes))
+            return gm.forward
+
+        torch._dynamo.reset()
+        cache = wand.WandCache(prefix, WINDOW)
+        with torch.no_grad():
+            model(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, window=WINDOW, use_cache=True,
+                  **{cache_kwarg_name(model): cache})
+        decoder = StaticDecoder(model, cache, "eager")  # its step on its zero tokens, traced
+        with torch.no_grad():
+            logits = torch.compile(decoder._step, backend=backend)(True)
+        counts[label] = (max(linears), logits)
+    assert counts["plain"][0] - counts["fused"][0] == 3 * layers_of(plain), counts
+    torch.testing.assert_close(counts["fused"][1], counts["plain"][1])
