@@ -49,7 +49,7 @@ timeout 20 "$PY" -m benchmarks.block_mask --device cuda || status=$?
 timeout 45 "$PY" -m benchmarks.deepspeed_step --device cuda || status=$?
 # 6. Serving at 60 s of speech, the grid: CosyVoice 2 and Llasa-3B shapes, batch 1 .. 512 (real-time
 #    streams), both sides' eager steps captured as CUDA graphs per point (one step each, where
-#    compiling the baseline takes about a minute per model), Q/K/V and gate/up fused on both sides;
+#    compiling the baseline takes about a minute per model), Q/K/V, gate/up and norms fused on both sides;
 #    results written after every point.
 timeout 115 "$PY" -m benchmarks.serving --device cuda --models cosyvoice2,llasa-3b --seconds 60 \
   --batches 1,16,64,256,512 --steps 5 --full-mode graph --fuse || status=$?

@@ -5,7 +5,7 @@ streams per device, full attention vs WAND, at 10 / 30 / 60 s of speech.
     .venv/bin/python -m benchmarks.serving --device cuda            # GPU: real shapes, bf16, random weights
     .venv/bin/python -m benchmarks.serving --device cuda --models orpheus-3b --seconds 60 --batches 64,256
     .venv/bin/python -m benchmarks.serving --device cuda --full-mode graph --seconds 60   # both sides captured
-    .venv/bin/python -m benchmarks.serving --device cuda --full-mode graph --fuse         # and Q/K/V, gate/up fused
+    .venv/bin/python -m benchmarks.serving --device cuda --full-mode graph --fuse         # and projections, norms fused
 
 Shapes come from the project's presets (`wand.models.get_spec(name, size)`): Llasa-3B, Orpheus-3B
 and CosyVoice 2. Both sides get the same per-step treatment:
@@ -19,8 +19,9 @@ and CosyVoice 2. Both sides get the same per-step treatment:
 * WAND: `wand.static.StaticDecoder` over a WandCache of P + W slots, captured as a CUDA graph on
   CUDA, `torch.compile`d on CPU. `--wand-mode compile-graph` captures the compiled step instead
   (inductor's fused kernels in the graph, as the baseline has; compiles for tens of seconds).
-* `--fuse`: `wand.fuse_projections` on the model, so both sides run Q/K/V and gate/up as one matmul
-  each (the model's own modules, views of one fused weight; `make gpu-check` runs the grid so).
+* `--fuse`: `wand.fuse_projections` and `wand.fuse_norms` on the model, so both sides run Q/K/V and
+  gate/up as one matmul each (the model's own modules, views of one fused weight) and each RMSNorm
+  through `torch.rms_norm`; `make gpu-check` runs the grid so.
 
 The cache a step reads has the same size whatever it holds, so each point prefills P (+ W) tokens
 and times --steps steps at a cache sized for the point's length; WAND's KV bytes are measured
@@ -227,7 +228,8 @@ def main() -> None:
     parser.add_argument("--wand-mode", choices=STATIC_MODES, default=None,
                         help="StaticDecoder mode for WAND (default: graph on CUDA, compile on CPU)")
     parser.add_argument("--fuse", action="store_true",
-                        help="wand.fuse_projections on each model (Q/K/V and gate/up as one matmul each), both sides")
+                        help="wand.fuse_projections and fuse_norms on each model (Q/K/V and gate/up as one matmul "
+                             "each, RMSNorm through torch.rms_norm), both sides")
     parser.add_argument("--per-point-compile", action="store_true",
                         help="compile the baseline anew, with static shapes, for every (batch, length) point "
                              "(default: one compiled step per model, shapes dynamic)")
@@ -276,7 +278,8 @@ def main() -> None:
             with torch.device(device):  # random init on the device: a 3B model's on the CPU takes a while
                 model = spec.build(dtype).eval()
             model.set_attn_implementation("sdpa")
-            fused = wand.fuse_projections(model) if args.fuse else 0  # on the device: a later move un-fuses it
+            # On the device: a later move would un-fuse the projections.
+            fused = (wand.fuse_projections(model), wand.fuse_norms(model)) if args.fuse else (0, 0)
             prefix = spec.paper_prefix_length or DEFAULT_PREFIX
             window = spec.target_window
             rate = spec.token_rate_hz
@@ -285,11 +288,11 @@ def main() -> None:
             floor_ms = 1e3 * weights / bandwidth  # a step can be no faster than reading its weights once
             results["models"][model_name] = {"prefix": prefix, "window": window, "token_rate": rate, "rows": rows,
                                              "weight_read_bytes": weights, "floor_ms": floor_ms,
-                                             "fused_groups": fused}
+                                             "fused_groups": fused[0], "fused_norms": fused[1]}
             full_graphs = 0
             shared_run = None if args.per_point_compile or capture else full_step(model, full_compile)
             print(f"\n## {model_name} ({size}): P={prefix}, W={window}, {rate:g} tokens/s of speech; "
-                  f"{fused} projection groups fused; weights "
+                  f"fused: {fused[0]} projection groups, {fused[1]} norms; weights "
                   f"{weights / 2**30:.2f} GiB, read in {floor_ms:.3f} ms at that bandwidth (the step's floor)")
             print("| speech | batch | full ms/step | WAND ms/step | WAND / floor | full tok/s | WAND tok/s | "
                   "full KV/stream | WAND KV/stream | peak GiB full / WAND | launched full / WAND |")

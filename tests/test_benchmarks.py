@@ -25,8 +25,11 @@ def test_serving_benchmark_runs_on_cpu_and_reports_every_point(tmp_path):
     assert (tmp_path / "serving_cpu.png").stat().st_size > 1000
     for name in ("cosyvoice2", "llasa-3b"):
         rows = result["models"][name]["rows"]
-        # --fuse: Q/K/V and gate/up fused in every layer of the preset (2 groups per layer).
-        assert result["models"][name]["fused_groups"] == 2 * get_spec(name, "tiny").config["num_hidden_layers"]
+        # --fuse: Q/K/V and gate/up fused in every layer of the preset (2 groups per layer), and its
+        # norms (2 per layer and the final one).
+        layers = get_spec(name, "tiny").config["num_hidden_layers"]
+        assert (result["models"][name]["fused_groups"], result["models"][name]["fused_norms"]) == (2 * layers,
+                                                                                                   2 * layers + 1)
         assert [(r["seconds"], r["batch"]) for r in rows] == [(s, b) for s in (10, 60) for b in (1, 2, 3)]
         # One compiled baseline step per model: batch 3 reuses batch 2's dynamic graph at each length.
         points = len(rows)

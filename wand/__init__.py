@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["WandCache", "disable_wand", "enable_wand", "fuse_projections", "generate", "is_enabled", "wand_mask"]
+__all__ = ["WandCache", "disable_wand", "enable_wand", "fuse_norms", "fuse_projections", "generate", "is_enabled", "wand_mask"]
 __version__ = "0.1.0"
 
 _HOME = {"WandCache": "cache", "generate": "generation", "wand_mask": "masks", "disable_wand": "patch",
-         "enable_wand": "patch", "is_enabled": "patch", "fuse_projections": "fuse"}
+         "enable_wand": "patch", "is_enabled": "patch", "fuse_projections": "fuse",
+         "fuse_norms": "fuse"}
 
 
 def __getattr__(name: str):

@@ -1,4 +1,5 @@
-"""Fused projections for decoding: a layer's Q, K and V projections as one matmul, gate and up as one.
+"""Fused projections and norms for decoding: a layer's Q, K and V projections as one matmul, gate and
+up as one, each RMSNorm through torch's fused ``rms_norm``.
 
 A decode step at small batch is bound by its kernels, not its arithmetic: each projection is a thin
 matrix-vector product reading its weight once. Llama- and Qwen2-family layers (CosyVoice 2, SparkTTS,
@@ -14,6 +15,9 @@ runs the fused matmul and every member returns its slice of it; the others reuse
 the same tensor, unchanged. With gradients enabled, or once a member's weight no longer aliases the
 fused tensor (``model.to(...)`` to another device or dtype replaces parameters), each member runs its
 own matmul: the results are the unfused ones, only the speed differs.
+
+:func:`fuse_norms` runs Llama / Qwen2 RMSNorms through ``torch.rms_norm`` (one kernel on CUDA for
+the six of the normalisation), with the original's casts around it.
 """
 
 from __future__ import annotations
@@ -22,10 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["fuse_projections", "FUSED_GROUPS", "is_fused"]
+__all__ = ["fuse_projections", "fuse_norms", "FUSED_GROUPS", "FUSED_NORMS", "is_fused"]
 
 # Sibling projections applied to one input in Llama / Qwen2 layers (transformers' module names).
 FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+# RMSNorm classes whose forward is exactly "normalise in fp32, cast back, times weight" (not Gemma's
+# 1 + weight): what fuse_norms may replace. Named, not guessed from a class name.
+FUSED_NORMS = ("LlamaRMSNorm", "Qwen2RMSNorm")
 
 
 class _Group:
@@ -71,9 +78,38 @@ class _FusedLinear(nn.Linear):
                 and self.weight.dtype == group.weight.dtype)
 
 
+class _FusedRMSNorm(nn.Module):
+    """A Llama / Qwen2 RMSNorm (class swapped in place) through ``torch.rms_norm``: on CUDA one fused
+    kernel for the fp32 normalisation where transformers' forward launches six (pow, mean, add,
+    rsqrt, mul and a cast). The casts and the weight product are the original's, in its order, so
+    the result is the same: bit for bit on the CPU (where torch composes the same ops; tested)."""
+
+    weight: torch.Tensor
+    variance_epsilon: float
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        normed = torch.rms_norm(hidden_states.to(torch.float32), self.weight.shape, None, self.variance_epsilon)
+        return self.weight * normed.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, fused"
+
+
+def fuse_norms(model: nn.Module) -> int:
+    """Swap every RMSNorm of a class in ``FUSED_NORMS`` for the ``torch.rms_norm`` form (in place; the
+    module keeps its weight, name and ``state_dict``); returns how many were swapped."""
+    swapped = 0
+    for module in model.modules():
+        if type(module).__name__ in FUSED_NORMS and hasattr(module, "variance_epsilon"):
+            module.__class__ = _FusedRMSNorm
+            swapped += 1
+    return swapped
+
+
 def is_fused(model: nn.Module) -> bool:
-    """Whether ``fuse_projections`` has fused any group of ``model``."""
-    return any(isinstance(module, _FusedLinear) for module in model.modules())
+    """Whether ``fuse_projections`` or ``fuse_norms`` has changed any module of ``model``."""
+    return any(isinstance(module, (_FusedLinear, _FusedRMSNorm)) for module in model.modules())
 
 
 def fuse_projections(model: nn.Module) -> int:

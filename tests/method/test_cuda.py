@@ -1,5 +1,5 @@
 """WAND on a GPU equals WAND on the CPU: forwards, greedy decoding (ours, transformers', and the static
-path captured as a CUDA graph, fused projections too), FlexAttention gradients (K/V heads grouped or repeated), one compile per length bucket, and a decode
+path captured as a CUDA graph, fused projections and norms too), FlexAttention gradients (K/V heads grouped or repeated), one compile per length bucket, and a decode
 step that never waits for the device.
 
     make gpu-check                                   # these tests + the GPU benchmarks, on one GPU
@@ -200,15 +200,15 @@ def test_maskless_static_decoding_on_device_equals_cpu(name):
 
 @pytest.mark.parametrize("name", ["cosyvoice2", "llama"])
 def test_fused_projections_in_the_captured_step_decode_the_cpu_tokens(name):
-    """wand.fuse_projections (Q/K/V and gate/up as one matmul each; Qwen2 with biases, Llama without),
-    fused on the device, then both graph forms (masked, maskless from the W-th step): tokens equal the
-    CPU's unfused default path."""
+    """wand.fuse_projections (Q/K/V and gate/up as one matmul each; Qwen2 with biases, Llama without)
+    and wand.fuse_norms (torch.rms_norm: its CUDA kernel), fused on the device, then both graph forms
+    (masked, maskless from the W-th step): tokens equal the CPU's unfused default path."""
     from test_static import full_prefix_pair
 
     model, ids, prefix, kwargs = full_prefix_pair(name)
     expected = wand.generate(model, ids, prefix, 4, 20, prefill_kwargs=kwargs)
     model = model.to(DEVICE)
-    assert wand.fuse_projections(model) > 0
+    assert wand.fuse_projections(model) > 0 and wand.fuse_norms(model) > 0
     got = wand.generate(model, ids.to(DEVICE), prefix, 4, 20, compile=True,
                         prefill_kwargs={k: v.to(DEVICE) for k, v in kwargs.items()})
     assert torch.equal(got.cpu(), expected)

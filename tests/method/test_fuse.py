@@ -1,4 +1,5 @@
-"""wand.fuse_projections: Q/K/V and gate/up as one matmul each for decoding. Checked against an
+"""wand.fuse_projections: Q/K/V and gate/up as one matmul each for decoding (and wand.fuse_norms:
+RMSNorm through torch.rms_norm, bit for bit on the CPU). Checked against an
 unfused copy of the same model (logits, greedy and sampled tokens, gradients), against each member's
 own F.linear whatever order the members are called in, and by counting the matmuls one static decode
 step dispatches (three fewer per layer, the number derived from the model's layers)."""
@@ -12,7 +13,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import wand
 from helpers import batch_of_three
-from wand.fuse import FUSED_GROUPS, is_fused
+from wand.fuse import FUSED_GROUPS, FUSED_NORMS, is_fused
 from wand.generation import cache_kwarg_name
 from wand.static import StaticDecoder
 
@@ -60,7 +61,40 @@ def test_fused_model_decodes_the_unfused_tokens(name):
 
 def test_gpt2_is_fused_already_and_left_alone():
     plain, fused, *_ = models("gpt2")
-    assert wand.fuse_projections(fused) == 0 and not is_fused(fused)
+    assert wand.fuse_projections(fused) == 0 and wand.fuse_norms(fused) == 0 and not is_fused(fused)
+
+
+def norms_per_step(model, config) -> int:
+    return 2 * config.num_hidden_layers + 1  # two per layer and the final one
+
+
+@pytest.mark.parametrize("name", FUSABLE)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norms_equal_transformers_norms_bit_for_bit(name, dtype):
+    """torch.rms_norm with the original's casts: on the CPU the same ops, so the same bits; each
+    step's norms go through aten::_fused_rms_norm (one kernel on CUDA), as many as the layers give."""
+    from torch.profiler import profile
+
+    plain, _, ids, mask, prefix, kwargs = models(name)
+    torch.manual_seed(1)
+    for module in plain.modules():  # norm weights away from their ones, so the weight product's rounding counts
+        if type(module).__name__ in FUSED_NORMS:
+            module.weight.data.uniform_(0.5, 1.5)
+    plain = plain.to(dtype)
+    fused = copy.deepcopy(plain)
+    config = getattr(plain, "backbone", plain).config
+    assert wand.fuse_norms(fused) == norms_per_step(plain, config)
+    assert wand.fuse_norms(fused) == 0 and is_fused(fused)
+    kwargs = {k: v.to(dtype) for k, v in kwargs.items()}
+    with torch.no_grad():
+        run = dict(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, window=WINDOW, **kwargs)
+        assert torch.equal(fused(**run).logits, plain(**run).logits)
+    expected = wand.generate(plain, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs)
+    got = wand.generate(fused, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs, compile="eager")
+    assert torch.equal(got, expected)
+    with profile() as prof, torch.no_grad():
+        fused(input_ids=ids[:, :1], prefix_lengths=torch.ones(3, dtype=torch.long), window=WINDOW)
+    assert sum(e.name == "aten::_fused_rms_norm" for e in prof.events()) == norms_per_step(plain, config)
 
 
 class _Matmuls(TorchDispatchMode):
