@@ -12,15 +12,18 @@ original ``nn.Linear`` parameters views into it, so the model keeps its modules,
 ``state_dict`` and memory; an in-place update of a member's weight (``load_state_dict``, an optimizer
 step) is an update of the fused tensor. Under ``torch.no_grad`` the first member called on an input
 runs the fused matmul and every member returns its slice of it; the others reuse it while the input is
-the same tensor, unchanged. With gradients enabled, or once a member's weight no longer aliases the
-fused tensor (``model.to(...)`` to another device or dtype replaces parameters), each member runs its
-own matmul: the results are the unfused ones, only the speed differs.
+the same tensor, unchanged. With gradients enabled each member runs its own matmul; a member whose
+parameters are replaced (``model.to(...)`` to another device or dtype, ``load_state_dict(...,
+assign=True)``) becomes a plain ``nn.Linear`` again. Either way the results are the unfused ones,
+only the speed differs.
 
 :func:`fuse_norms` runs Llama / Qwen2 RMSNorms through ``torch.rms_norm`` (one kernel on CUDA for
 the six of the normalisation), with the original's casts around it.
 """
 
 from __future__ import annotations
+
+import copy
 
 import torch
 import torch.nn.functional as F
@@ -62,20 +65,52 @@ class _FusedLinear(nn.Linear):
 
     _wand_group: _Group
     _wand_index: int
-    _wand_pointers: tuple[int, int]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() or not self._aliased():
             return F.linear(x, self.weight, self.bias)
         return self._wand_group.output(x, self._wand_index)
 
+    # A move (to / cuda / half ...) or load_state_dict(assign=True) replaces the parameters: then the
+    # member is a plain Linear again, so no path (eager, compiled or captured) can use a stale fused weight.
+    def _apply(self, fn, recurse: bool = True):
+        result = super()._apply(fn, recurse)
+        self._unfuse_if_replaced()
+        return result
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._unfuse_if_replaced()
+
+    def __deepcopy__(self, memo):
+        """A plain ``nn.Linear`` copy: deepcopy clones each parameter on its own, so the copies could
+        not be views of one fused tensor (fuse the copied model again)."""
+        clone = nn.Linear.__new__(nn.Linear)
+        memo[id(self)] = clone
+        for key, value in self.__dict__.items():
+            if not key.startswith("_wand_"):
+                clone.__dict__[key] = copy.deepcopy(value, memo)
+        return clone
+
+    def _unfuse_if_replaced(self) -> None:
+        if not self._aliased():
+            self.__class__ = nn.Linear
+            del self._wand_group, self._wand_index
+
     def _aliased(self) -> bool:
+        """Whether the weight (and bias) are still this member's rows of the group's fused tensors."""
         if torch.compiler.is_compiling():  # checked on the host when the step runs eagerly or is captured
             return True
         group = self._wand_group
-        pointers = (self.weight.data_ptr(), 0 if self.bias is None else self.bias.data_ptr())
-        return (pointers == self._wand_pointers and self.weight.device == group.weight.device
-                and self.weight.dtype == group.weight.dtype)
+        start = group.bounds[self._wand_index][0]
+        return _rows_of(self.weight, group.weight, start * self.in_features) and (
+            self.bias is None or _rows_of(self.bias, group.bias, start))
+
+
+def _rows_of(part: torch.Tensor, whole: torch.Tensor | None, offset: int) -> bool:
+    return (whole is not None and part.device == whole.device and part.dtype == whole.dtype
+            and part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+            and part.storage_offset() == whole.storage_offset() + offset)
 
 
 class _FusedRMSNorm(nn.Module):
@@ -151,4 +186,3 @@ def _fuse(members: list[nn.Linear]) -> None:
         m.__class__ = _FusedLinear
         m._wand_group = group
         m._wand_index = index
-        m._wand_pointers = (m.weight.data_ptr(), 0 if m.bias is None else m.bias.data_ptr())

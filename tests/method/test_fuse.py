@@ -127,6 +127,12 @@ def test_a_fused_step_runs_three_fewer_matmuls_per_layer(name):
     before, after = _step_matmuls(plain, ids, mask, prefix, kwargs), _step_matmuls(fused, ids, mask, prefix, kwargs)
     # Q/K/V: three matmuls become one; gate/up: two become one.
     assert before - after == 3 * layers_of(plain), (before, after)
+    # A deepcopy clones each parameter on its own: the copy is plain (no stale fused weight), and
+    # fusing it again fuses it.
+    clone = copy.deepcopy(fused)
+    assert not is_fused(clone) and _step_matmuls(clone, ids, mask, prefix, kwargs) == before
+    wand.fuse_projections(clone)
+    assert _step_matmuls(clone, ids, mask, prefix, kwargs) == after
 
 
 def test_members_called_in_any_order_on_any_inputs_return_their_own_projection():
@@ -170,9 +176,18 @@ def test_training_loaded_weights_and_a_moved_model_stay_exact():
                                                                      attn.v_proj.weight]))
         # (randn weights: one matmul of three summed in another blocking differs by ~1e-5; stale is O(1))
         torch.testing.assert_close(fused(**run).logits, plain(**run).logits, rtol=1e-4, atol=1e-4)
-        # Moved to another dtype, the members no longer alias the fused tensor: each runs its own matmul.
+        # Moved to another dtype, the members no longer alias the fused tensor: plain Linears again (so
+        # not even a compiled step can read the old fused weight), the unfused results.
         plain.double(), fused.double()
+        assert not is_fused(fused) and type(fused.model.layers[0].self_attn.q_proj) is torch.nn.Linear
         torch.testing.assert_close(fused(**run).logits, plain(**run).logits)
+    # Loaded with assign=True (parameters replaced, not written): unfused too; in place: still fused.
+    refused = copy.deepcopy(plain).float()
+    wand.fuse_projections(refused)
+    refused.load_state_dict(plain.float().state_dict())
+    assert is_fused(refused)
+    refused.load_state_dict({k: v.clone() for k, v in plain.state_dict().items()}, assign=True)
+    assert not is_fused(refused)
 
 
 @pytest.mark.slow
