@@ -18,7 +18,7 @@ assign=True)``) becomes a plain ``nn.Linear`` again. Either way the results are 
 only the speed differs.
 
 :func:`fuse_norms` runs Llama / Qwen2 RMSNorms through ``torch.rms_norm`` (one kernel on CUDA for
-the six of the normalisation), with the original's casts around it.
+the five of the normalisation), with the original's casts around it.
 """
 
 from __future__ import annotations
@@ -115,8 +115,8 @@ def _rows_of(part: torch.Tensor, whole: torch.Tensor | None, offset: int) -> boo
 
 class _FusedRMSNorm(nn.Module):
     """A Llama / Qwen2 RMSNorm (class swapped in place) through ``torch.rms_norm``: on CUDA one fused
-    kernel for the fp32 normalisation where transformers' forward launches six (pow, mean, add,
-    rsqrt, mul and a cast). The casts and the weight product are the original's, in its order, so
+    kernel for the fp32 normalisation where transformers' forward launches five (pow, mean, add,
+    rsqrt, mul). The casts and the weight product are the original's, in its order, so
     the result is the same: bit for bit on the CPU (where torch composes the same ops; tested)."""
 
     weight: torch.Tensor
