@@ -318,3 +318,18 @@ def test_the_positions_teacher_block_is_rendered_from_the_records():
         ordered += [records[same[0]], record]
     assert ordered, "no benchmarks/results/teacher_sinusoidal*_<family>.json"
     assert read_block(ROOT / "docs/results.md", POSITIONS_START, POSITIONS_END) == positions_block(ordered)
+
+
+def test_the_testing_page_counts_the_tests_that_exist():
+    """docs/testing.md's "N tests: M pass and the K `cuda` tests skip": N and K as pytest collects them,
+    M the rest (CI runs every test; only the cuda ones skip without a GPU)."""
+    def collected(*marker):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                              *marker, "tests"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+        return len([line for line in out.stdout.splitlines() if "::" in line])
+
+    said = re.search(r"\((\d+) tests: (\d+) pass and the (\d+) `cuda` tests skip",
+                     (ROOT / "docs" / "testing.md").read_text())
+    assert said, "docs/testing.md no longer states the suite's count"
+    total, cuda = collected(), collected("-m", "cuda")
+    assert total > 500 and tuple(map(int, said.groups())) == (total, total - cuda, cuda)
