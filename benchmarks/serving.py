@@ -19,6 +19,8 @@ and CosyVoice 2. Both sides get the same per-step treatment:
 * WAND: `wand.static.StaticDecoder` over a WandCache of P + W slots, captured as a CUDA graph on
   CUDA, `torch.compile`d on CPU. `--wand-mode compile-graph` captures the compiled step instead
   (inductor's fused kernels in the graph, as the baseline has; compiles for tens of seconds).
+* Each side picks its next token (argmax) inside its step: WAND's decoder with `sampling=`, the
+  baseline's compiled or captured step ending in the argmax, so a replay is token to token.
 * `--fuse`: `wand.fuse_projections` and `wand.fuse_norms` on the model, so both sides run Q/K/V and
   gate/up as one matmul each (the model's own modules, views of one fused weight) and each RMSNorm
   through `torch.rms_norm`; `make gpu-check` runs the grid so.
@@ -43,12 +45,14 @@ import time
 from pathlib import Path
 
 import torch
+from torch._dynamo.utils import counters
 
 import wand
 from wand.generation import cache_kwarg_name
 from wand.models import get_spec
 from wand.profiling import (cache_nbytes, copy_bandwidth, cpu_device, launches_per_step, timing_conditions,
                             weight_read_bytes)
+from wand.sampling import Sampling
 from wand.static import GRAPH_MODES, STATIC_MODES, StaticDecoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,13 +72,13 @@ def sync(device: torch.device) -> None:
 
 
 def time_steps(step, token: torch.Tensor, steps: int, device: torch.device) -> float:
-    """Median seconds per step after two warm-up steps (compilation, capture)."""
+    """Median seconds per step (``step(token) -> next token``, greedy, picked inside the step on both
+    sides) after two warm-up steps (compilation, capture)."""
     times = []
     for i in range(steps + 2):
         sync(device)
         start = time.perf_counter()
-        logits = step(token)
-        token = logits.argmax(-1)
+        token = step(token)
         sync(device)
         if i >= 2:
             times.append(time.perf_counter() - start)
@@ -88,8 +92,8 @@ def prompt_ids(spec, batch: int, length: int, device: torch.device) -> torch.Ten
 
 
 def full_step(model, compile_mode, shared: bool = True):
-    """The baseline's decode step, ``step(token, position, cache) -> logits``: a pure function of its
-    inputs (the StaticCache's buffers, static addresses, are its only writes). The caller advances the
+    """The baseline's decode step ``step(token, position, cache)`` (logits; compiled: the next token), pure
+    in its inputs (the StaticCache's buffers, static addresses, are its only writes). The caller advances the
     position outside the compiled region: a non-static input mutated inside it (``position.add_(1)``)
     makes torch's CUDA-graph trees skip the graph, and the baseline would run launch-bound.
 
@@ -102,9 +106,10 @@ def full_step(model, compile_mode, shared: bool = True):
     def step(token, position, cache):
         return model(input_ids=token.view(-1, 1), position_ids=position, use_cache=True, **{name: cache}).logits[:, -1]
 
-    if not compile_mode:
+    if not compile_mode:  # logits: captured_step compares them, and captures their argmax with the step
         return step
-    return torch.compile(step, mode=compile_mode, dynamic=None if shared else False)
+    return torch.compile(lambda token, position, cache: step(token, position, cache).argmax(-1), mode=compile_mode,
+                         dynamic=None if shared else False)
 
 
 def captured_step(run, token: torch.Tensor, position: torch.Tensor, cache):
@@ -123,6 +128,7 @@ def captured_step(run, token: torch.Tensor, position: torch.Tensor, cache):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph), torch.no_grad():  # records the kernels, runs none
         out = run(static_token, static_position, cache)
+        picked = out.argmax(-1)  # the next token inside the graph, as WAND's step picks its own
     graph.replay()
     max_diff = float((out.float() - eager.float()).abs().max())
     if max_diff > 1e-2 * float(eager.float().abs().max()):
@@ -133,7 +139,7 @@ def captured_step(run, token: torch.Tensor, position: torch.Tensor, cache):
         static_token.copy_(token)
         static_position.copy_(position)
         graph.replay()
-        return out
+        return picked
 
     replay.max_diff = max_diff
     return replay
@@ -151,9 +157,9 @@ def full_point(model, spec, batch, prefix, length, steps, device, run, capture: 
         run = captured_step(run, ids[:, -1], state["position"], cache)
 
     def step(token):
-        logits = run(token, state["position"], cache)
+        token = run(token, state["position"], cache)  # the next token, picked inside the step
         state["position"] = state["position"] + 1  # outside the compiled step (see full_step)
-        return logits
+        return token
 
     skips = graph_skips()
     with torch.no_grad():
@@ -168,15 +174,11 @@ def full_point(model, spec, batch, prefix, length, steps, device, run, capture: 
 def compiled_graphs() -> int:
     """Dynamo's count of graphs compiled so far in this process (a compiled step with a graph break
     counts two)."""
-    from torch._dynamo.utils import counters
-
     return counters["stats"]["unique_graphs"]
 
 
 def graph_skips() -> int:
     """Inductor's count of CUDA graphs it declined to record (a mutated non-static input, CPU ops...)."""
-    from torch._dynamo.utils import counters
-
     return counters["inductor"]["cudagraph_skips"]
 
 
@@ -195,11 +197,12 @@ def wand_point(model, spec, batch, prefix, window, steps, device, mode):
     cache = wand.WandCache(torch.full((batch,), prefix), window)
     ids = prompt_ids(spec, batch, prefix + window, device)
     with torch.no_grad():
-        model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache})
-    decoder = StaticDecoder(model, cache, mode)
+        logits = model(input_ids=ids, use_cache=True, **{cache_kwarg_name(model): cache}).logits[:, -1]
+    decoder = StaticDecoder(model, cache, mode, sampling=Sampling())  # greedy, picked inside the step (graph)
+    decoder.pick(logits)
     skips = graph_skips()
-    seconds = time_steps(decoder.step, ids[:, -1], steps, device)
-    launches = launches_per_step(decoder.step, ids[:, -1], device=device)
+    seconds = time_steps(lambda _: decoder.step(), ids[:, -1], steps, device)  # each step decodes its own pick
+    launches = launches_per_step(lambda _: decoder.step(), ids[:, -1], device=device)
     return seconds, cache.nbytes(), graph_record(device, mode in GRAPH_MODES, skips, launches)
 
 
@@ -228,8 +231,7 @@ def main() -> None:
     parser.add_argument("--wand-mode", choices=STATIC_MODES, default=None,
                         help="StaticDecoder mode for WAND (default: graph on CUDA, compile on CPU)")
     parser.add_argument("--fuse", action="store_true",
-                        help="wand.fuse_projections and fuse_norms on each model (Q/K/V and gate/up as one matmul "
-                             "each, RMSNorm through torch.rms_norm), both sides")
+                        help="wand.fuse_projections and fuse_norms, both sides (Q/K/V and gate/up one matmul each)")
     parser.add_argument("--per-point-compile", action="store_true",
                         help="compile the baseline anew, with static shapes, for every (batch, length) point "
                              "(default: one compiled step per model, shapes dynamic)")
@@ -388,8 +390,7 @@ def plot(results: dict, path: Path) -> None:
                 ax.plot(*zip(*points), marker="o", label=f"{side}")
         ax.set(xscale="log", yscale="log", xlabel="batch (streams)", ylabel="tokens/s",
                title=f"{model_name} at {longest:g} s of speech")
-        ax.grid(alpha=0.3)
-        ax.legend()
+        ax.grid(alpha=0.3), ax.legend()
     fig.suptitle(f"{results['device']} ({results['dtype']})")
     fig.tight_layout()
     fig.savefig(path, dpi=110)

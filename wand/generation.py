@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
@@ -11,6 +10,7 @@ from transformers.cache_utils import DynamicCache
 from .cache import WandCache
 from .masks import validate_prefix_lengths, validate_window
 from .patch import enable_wand, is_enabled, original_forward
+from .sampling import Sampling, sample_next_token
 from .static import STATIC_MODES, StaticDecoder
 
 __all__ = ["generate", "cache_kwarg_name", "sample_next_token"]
@@ -20,33 +20,6 @@ def cache_kwarg_name(model: torch.nn.Module) -> str:
     """transformers 5.x renames ``past_key_values`` to ``cache``; use whichever forward takes."""
     forward = original_forward(model)
     return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
-
-
-def sample_next_token(
-    logits: torch.Tensor,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Pick one token per row of ``logits`` [B, V]: argmax, or sampling with temperature/top-k/top-p."""
-    if not do_sample:
-        return logits.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when do_sample=True, got {temperature}")
-    logits = logits.float() / temperature
-    if top_k is not None and top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
-        cumulative = torch.softmax(sorted_logits, -1).cumsum(-1)
-        drop = cumulative - torch.softmax(sorted_logits, -1) > top_p  # keep the token that crosses top_p
-        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
-    probs = torch.softmax(logits, -1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 @torch.no_grad()
@@ -104,6 +77,7 @@ def generate(
     if bool((attention_mask[:, 1:] < attention_mask[:, :-1]).any()):
         raise ValueError("attention_mask must be left-padded for generation (padding first, then tokens)")
     prefix_lengths = validate_prefix_lengths(prefix_lengths, attention_mask.sum(-1), batch_size=batch)
+    sample = Sampling(do_sample, temperature, top_k, top_p, generator)  # checked before anything is changed
 
     if not is_enabled(model):
         enable_wand(model, window)
@@ -114,8 +88,6 @@ def generate(
 
     mode = _static_mode(compile, window, input_ids.device, model)
     cache = WandCache(prefix_lengths, window) if window is not None else DynamicCache()
-    sample = functools.partial(sample_next_token, do_sample=do_sample, temperature=temperature, top_k=top_k,
-                               top_p=top_p, generator=generator)
     if mode is not None and max_new_tokens > 0:
         tokens = _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache,
                                   mode, sample, eos_ids, eos, pad_token_id, prefill_kwargs,
@@ -174,30 +146,28 @@ STOP_CHECK_EVERY = 32
 
 def _generate_static(model, input_ids, attention_mask, prefix_lengths, window, max_new_tokens, cache, mode,
                      sample, eos_ids, eos, pad_token_id, prefill_kwargs, check_every: int = STOP_CHECK_EVERY):
-    """Eager prefill, then static steps. Tokens equal the default path's: the step that finished the
-    last sample is found on the device and the columns after it are cut off at the end. The cache's
-    bookkeeping is written back at the end (``StaticDecoder.sync_cache``)."""
-    device = input_ids.device
+    """Eager prefill, then static steps that pick their tokens themselves (inside the CUDA graph), each
+    continuing from the last. Tokens equal the default path's: the columns after the one that finished
+    the last sample are found on the device and cut off at the end. The cache's bookkeeping is written
+    back at the end (``StaticDecoder.sync_cache``)."""
     out = model(input_ids=input_ids, attention_mask=attention_mask, prefix_lengths=prefix_lengths, window=window,
                 use_cache=True, **{cache_kwarg_name(model): cache}, **dict(prefill_kwargs or {}))
-    decoder = StaticDecoder(model, cache, mode)
-    pad = torch.tensor(pad_token_id, dtype=torch.long, device=device)
-    finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
-    keep = torch.tensor(max_new_tokens, dtype=torch.long, device=device)  # columns to keep, found on device
-    columns = []
-    logits = out.logits[:, -1]
-    for step in range(max_new_tokens):
-        token = torch.where(finished, pad, sample(logits))
-        columns.append(token)
-        if eos_ids:
-            finished |= torch.isin(token, eos)
-            keep = torch.where(finished.all() & (keep == max_new_tokens), step + 1, keep)
-            if (step + 1) % check_every == 0 and bool(finished.all()):
-                break
-        if step + 1 < max_new_tokens:
-            logits = decoder.step(token)
+    decoder = StaticDecoder(model, cache, mode, sampling=sample, stop_ids=eos, pad_token_id=pad_token_id)
+    columns = [decoder.pick(out.logits[:, -1]).clone()]  # the prompt's next token, picked eagerly
+    for step in range(1, max_new_tokens):
+        if eos_ids and step % check_every == 0 and bool(decoder.finished.all()):
+            break
+        columns.append(decoder.step().clone())  # the step's token buffer is written again by the next step
     decoder.sync_cache()
     generated = torch.stack(columns, -1)
     if eos_ids:
-        generated = generated[:, : int(keep)]
+        generated = generated[:, :stopped_columns(generated, eos)]
     return torch.cat([input_ids, generated], -1)
+
+
+def stopped_columns(generated: torch.Tensor, eos: torch.Tensor) -> int:
+    """Columns of ``generated`` [B, n] up to the one where the last sample met a stop id (n if some
+    sample never did): what the default path returns, which stops there."""
+    done = torch.isin(generated, eos).cummax(-1).values.all(0)  # [n]: every sample has stopped by then
+    first = torch.where(done, torch.arange(done.numel(), device=done.device), done.numel()).min()
+    return min(int(first) + 1, generated.shape[1])

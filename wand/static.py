@@ -23,7 +23,11 @@ step is the same sequence of kernels every time, with no host-device synchronisa
   the warm-up step before the capture (tens of seconds for a 24-layer model), so it is opt-in;
 * ``mode="eager"`` runs it as it is.
 
-Sampling (temperature / top-k / top-p) runs on the device after each step, outside the graph.
+Given a :class:`wand.sampling.Sampling`, a step also picks its token (argmax or a draw, the finished
+samples padded, stop ids noted) and the next step continues from it: the graph holds the whole step,
+token to token, and the host only replays it (``step()``) and keeps the tokens it returns. The pick
+runs outside ``torch.compile`` (inductor would swap the draw's random stream for its own) but inside
+the CUDA graph, whose replays draw from the registered generator as the eager step would.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ from transformers.cache_utils import Cache
 from .cache import WandCache
 from .masks import additive_mask, visibility
 from .patch import is_enabled, original_forward
+from .sampling import Sampling
 
 __all__ = ["StaticDecoder", "STATIC_MODES", "GRAPH_MODES", "STATIC_RECOMPILE_LIMIT"]
 
@@ -90,16 +95,27 @@ class StaticDecoder:
         mode: ``"eager"``, ``"compile"`` (torch.compile), ``"graph"`` (CUDA graph of the eager step) or
             ``"compile-graph"`` (CUDA graph of the compiled step); the graph modes need CUDA.
         model_kwargs: extra keyword arguments for every step (rarely needed).
+        sampling: the step picks its own token with it (see below); ``None``: it returns logits.
+        stop_ids: with ``sampling``, LongTensor of stop ids: a sample that picked one is finished, and
+            every later pick of it is ``pad_token_id``.
 
     ``step(tokens)`` takes LongTensor[B] (the previous step's tokens, on the cache's device) and
     returns the logits of the next position, FloatTensor[B, V]. The returned tensor is the graph's
     output buffer in ``"graph"`` mode: read it before the next step. ``sync_cache()`` writes the
     steps' bookkeeping back into the WandCache before anything else decodes from it.
+
+    With ``sampling``: ``pick(logits)`` picks the first tokens (from the prefill's logits), and each
+    ``step()`` decodes them and returns the next ones, LongTensor[B] (the decoder's buffer: clone it
+    to keep it), continuing from its own last pick; ``finished`` (BoolTensor[B]) marks the samples
+    that met a stop id.
     """
 
-    def __init__(self, model: torch.nn.Module, cache: WandCache, mode: str = "eager", model_kwargs: dict | None = None):
+    def __init__(self, model: torch.nn.Module, cache: WandCache, mode: str = "eager", model_kwargs: dict | None = None,
+                 sampling: Sampling | None = None, stop_ids: torch.Tensor | None = None, pad_token_id: int = 0):
         if mode not in STATIC_MODES:
             raise ValueError(f"mode must be one of {', '.join(STATIC_MODES)}, got {mode!r}")
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise TypeError(f"sampling must be a wand.sampling.Sampling, got {type(sampling).__name__}")
         if not is_enabled(model):
             raise ValueError("StaticDecoder needs a model patched with wand.enable_wand(model, window)")
         impl = model.config._attn_implementation
@@ -138,6 +154,10 @@ class StaticDecoder:
                                          self.slot, self.num_prefix + self.window)
         self.tokens = torch.zeros(self.batch, dtype=torch.long, device=self.device)
         self.valid = torch.ones(self.batch, dtype=torch.bool, device=self.device)
+        self.sampling = sampling
+        self.finished = torch.zeros(self.batch, dtype=torch.bool, device=self.device)
+        self._stop_ids = torch.as_tensor([] if stop_ids is None else stop_ids, dtype=torch.long).to(self.device)
+        self._pad = torch.tensor(pad_token_id, dtype=torch.long, device=self.device)
         self._compiled = None
         self._graphs: dict[bool, tuple] = {}  # masked -> (CUDA graph, its output buffer)
         # Read once here, never in a step: does every prefix slot hold a valid key of a full prefix?
@@ -171,10 +191,29 @@ class StaticDecoder:
         self.slot.sub_(self._ring_start).add_(1).remainder_(self.window).add_(self._ring_start)
         return out.logits[:, -1]
 
-    def step(self, tokens: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def pick(self, logits: torch.Tensor) -> torch.Tensor:
+        """The next tokens from ``logits`` [B, V] (device ops only): sampled, ``pad_token_id`` for a
+        finished sample, a stop id finishing its sample. Written into the decoder's token buffer, which
+        the next step decodes, and returned."""
+        token = torch.where(self.finished, self._pad, self.sampling(logits))
+        if self._stop_ids.numel():
+            self.finished |= torch.isin(token, self._stop_ids)
+        self.tokens.copy_(token)
+        return self.tokens
+
+    def _token_step(self, masked: bool) -> torch.Tensor:
+        """A step that picks its token: the whole of what a graph mode captures."""
+        logits = self._run_compiled(masked) if self.mode in ("compile", "compile-graph") else self._step(masked)
+        return self.pick(logits)
+
+    def step(self, tokens: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """One step on ``tokens`` (LongTensor[B]); ``valid`` (BoolTensor[B], default all) marks the
-        samples whose column is real, as the last column of an eager step's ``attention_mask`` does."""
-        self.tokens.copy_(tokens.view(-1))
+        samples whose column is real, as the last column of an eager step's ``attention_mask`` does.
+        With ``sampling``, ``tokens`` may be left out: the step decodes its own last pick."""
+        if tokens is not None:
+            self.tokens.copy_(tokens.view(-1))
+        elif self.sampling is None:
+            raise ValueError("step() needs the previous tokens (a decoder without sampling= picks none itself)")
         if valid is None:
             self.valid.fill_(True)
         else:
@@ -182,9 +221,9 @@ class StaticDecoder:
         self.steps += 1
         self._clean_steps = self._clean_steps + 1 if valid is None else 0
         masked = not self._all_visible()
-        if self.mode == "eager":
+        if self.mode == "eager" or (self.mode == "compile" and self.sampling is not None):
             with torch.no_grad():
-                return self._step(masked)
+                return self._token_step(masked) if self.sampling is not None else self._step(masked)
         if self.mode == "compile":
             return self._run_compiled(masked)
         if masked not in self._graphs:
@@ -239,11 +278,20 @@ class StaticDecoder:
         """Warm up on a side stream (as CUDA graph capture requires), then capture one step (of the
         masked or the unmasked form; each is captured the first time it is needed).
 
-        The warm-up step is a real step: its state changes are undone before capture, so the first
-        replay is the first step. In ``"compile-graph"`` mode the warm-up also compiles the form, so
-        the capture records inductor's kernels and nothing is compiled while capturing."""
+        The warm-up step is a real step: its state changes (the random stream's included) are undone
+        before capture, so the first replay is the first step. In ``"compile-graph"`` mode the warm-up
+        also compiles the form, so the capture records inductor's kernels and nothing is compiled while
+        capturing."""
         run = self._run_compiled if self.mode == "compile-graph" else self._step
-        saved = [t.clone() for t in (self.next_position, self.slot, self.key_positions, self.key_valid)]
+        state = [self.next_position, self.slot, self.key_positions, self.key_valid]
+        generator = None
+        if self.sampling is not None:
+            run = self._token_step
+            state += [self.tokens, self.finished]
+            if self.sampling.do_sample:
+                generator = self.sampling.generator or torch.cuda.default_generators[self.device.index or 0]
+        saved = [t.clone() for t in state]
+        rng = generator.get_state() if generator is not None else None
         # (self.steps counts the step being captured once: the capture runs no kernel, the replay does.)
         saved_kv = [(layer.keys.clone(), layer.values.clone()) for layer in self.static_cache.layers]
         stream = torch.cuda.Stream()
@@ -253,13 +301,19 @@ class StaticDecoder:
         torch.cuda.current_stream().wait_stream(stream)
 
         def restore():
-            for target, value in zip((self.next_position, self.slot, self.key_positions, self.key_valid), saved):
+            for target, value in zip(state, saved):
                 target.copy_(value)
             for layer, (keys, values) in zip(self.static_cache.layers, saved_kv):
                 layer.keys.copy_(keys)
                 layer.values.copy_(values)
+            if generator is not None:
+                generator.set_state(rng)
 
         restore()
         graph = torch.cuda.CUDAGraph()
+        if generator is not None and self.sampling.generator is not None:
+            # A generator of one's own must be registered: each replay then draws the numbers an eager
+            # step would and moves the generator on (the default one is registered by torch itself).
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph), torch.no_grad():  # records the kernels, runs none
             self._graphs[masked] = (graph, run(masked))

@@ -1,5 +1,6 @@
 """WAND on a GPU equals WAND on the CPU: forwards, greedy decoding (ours, transformers', and the static
-path captured as a CUDA graph, fused projections and norms too), FlexAttention gradients (K/V heads grouped or repeated), one compile per length bucket, and a decode
+path captured as a CUDA graph, fused projections and norms too; sampling inside the graph equals the
+eager step's), FlexAttention gradients (K/V heads grouped or repeated), one compile per length bucket, and a decode
 step that never waits for the device.
 
     make gpu-check                                   # these tests + the GPU benchmarks, on one GPU
@@ -212,6 +213,45 @@ def test_fused_projections_in_the_captured_step_decode_the_cpu_tokens(name):
     got = wand.generate(model, ids.to(DEVICE), prefix, 4, 20, compile=True,
                         prefill_kwargs={k: v.to(DEVICE) for k, v in kwargs.items()})
     assert torch.equal(got.cpu(), expected)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a CUDA graph needs CUDA")
+def test_sampling_inside_the_captured_step_draws_the_eager_steps_tokens_without_a_sync():
+    """The draw (temperature, top-k, top-p) and the stop ids inside the CUDA graph, both forms: with a
+    CUDA generator of one seed (registered with the graph), or the default one seeded, the captured
+    path samples the eager static path's tokens; and the eager picking step runs under
+    set_sync_debug_mode('error'), where torch.multinomial's host-side check would raise."""
+    from test_static import full_prefix_pair
+    from wand.sampling import Sampling
+    from wand.static import StaticDecoder
+
+    model, ids, prefix, kwargs = full_prefix_pair("cosyvoice2")
+    model, ids, kwargs = model.to("cuda"), ids.cuda(), {k: v.cuda() for k, v in kwargs.items()}
+    settings = dict(do_sample=True, temperature=0.9, top_k=30, top_p=0.95, prefill_kwargs=kwargs)
+
+    def run(mode, own_generator, **stop):
+        torch.manual_seed(7)
+        generator = torch.Generator("cuda").manual_seed(7) if own_generator else None
+        return wand.generate(model, ids, prefix, 4, 20, compile=mode, generator=generator, **settings, **stop)
+
+    for own in (True, False):
+        free = run("eager", own)
+        assert torch.equal(run("graph", own), free)
+        stop = {"eos_token_id": int(free[1, ids.shape[1] + 6]), "pad_token_id": 0}  # sample 1 stops at step 6
+        assert torch.equal(run("graph", own, **stop), run("eager", own, **stop))
+    cache = wand.WandCache(prefix.cuda(), 4)
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=True, cache=cache, **kwargs).logits[:, -1]
+    decoder = StaticDecoder(model, cache, "eager", sampling=Sampling(True, 0.9, 30, 0.95),
+                            stop_ids=torch.tensor([5]), pad_token_id=0)
+    decoder.pick(logits)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(12):  # both forms: masked, then maskless from the W-th step
+            decoder.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 def test_static_decoding_at_batch_256_equals_the_default_path():

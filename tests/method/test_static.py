@@ -42,8 +42,8 @@ def test_static_steps_equal_the_default_path(name):
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize("name", MODELS)
 def test_compiled_static_steps_equal_the_default_path(name):
-    """torch.compile of the static step (inductor, CPU): same greedy tokens; the graphs compiled for
-    the first two steps are all that the next 18 need (no recompilation per step)."""
+    """torch.compile of the static step (inductor, CPU): same greedy and seeded sampled tokens; the
+    graphs compiled for the first two steps are all that the next 18 need (no recompilation per step)."""
     import torch._dynamo.utils as dynamo_utils
 
     model, ids, mask, prefix, kwargs = batch_of_three(name)
@@ -56,6 +56,11 @@ def test_compiled_static_steps_equal_the_default_path(name):
         graphs.append(dynamo_utils.counters["stats"]["unique_graphs"])
     assert torch.equal(got, expected)
     assert graphs[0] >= 1 and graphs[1] == graphs[0], graphs
+    # Seeded sampling too: the pick runs after the compiled step, from the same random stream.
+    sampled = [wand.generate(model, ids, prefix, WINDOW, STEPS, attention_mask=mask, prefill_kwargs=kwargs,
+                             do_sample=True, temperature=0.9, top_k=30, top_p=0.95, compile=mode,
+                             generator=torch.Generator().manual_seed(11)) for mode in (False, True)]
+    assert torch.equal(sampled[0], sampled[1])
 
 
 def test_per_sample_stop_ids_match_the_default_path():
