@@ -25,9 +25,10 @@ step is the same sequence of kernels every time, with no host-device synchronisa
 
 Given a :class:`wand.sampling.Sampling`, a step also picks its token (argmax or a draw, the finished
 samples padded, stop ids noted) and the next step continues from it: the graph holds the whole step,
-token to token, and the host only replays it (``step()``) and keeps the tokens it returns. The pick
-runs outside ``torch.compile`` (inductor would swap the draw's random stream for its own) but inside
-the CUDA graph, whose replays draw from the registered generator as the eager step would.
+token to token, and the host only replays it (``step()``) and keeps the tokens it returns. An argmax
+pick is compiled with the step; a draw runs after ``torch.compile``'s part (inductor would swap its
+random stream for its own) but inside the CUDA graph, whose replays draw from the registered
+generator as the eager step would.
 """
 
 from __future__ import annotations
@@ -202,9 +203,18 @@ class StaticDecoder:
         return self.tokens
 
     def _token_step(self, masked: bool) -> torch.Tensor:
-        """A step that picks its token: the whole of what a graph mode captures."""
-        logits = self._run_compiled(masked) if self.mode in ("compile", "compile-graph") else self._step(masked)
-        return self.pick(logits)
+        """A step that picks its token: the whole of what a graph mode captures. Compiled, an argmax
+        pick is compiled with the step; a draw runs after it (inductor would swap its random stream)."""
+        if self.mode not in ("compile", "compile-graph"):
+            return self.pick(self._step(masked))
+        if self.sampling.do_sample:
+            return self.pick(self._run_compiled(masked))
+        return self._run_compiled(masked, picked=True)
+
+    def _compiled_body(self, masked: bool, picked: bool) -> torch.Tensor:
+        """What ``torch.compile`` compiles: the step, and with ``picked`` its argmax pick."""
+        logits = self._step(masked)
+        return self.pick(logits) if picked else logits
 
     def step(self, tokens: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
         """One step on ``tokens`` (LongTensor[B]); ``valid`` (BoolTensor[B], default all) marks the
@@ -232,10 +242,10 @@ class StaticDecoder:
         graph.replay()
         return out
 
-    def _run_compiled(self, masked: bool) -> torch.Tensor:
-        """The step through ``torch.compile``: one graph per form (dynamo guards on the bool).
+    def _run_compiled(self, masked: bool, picked: bool = False) -> torch.Tensor:
+        """The step through ``torch.compile``: one graph per form and pick (dynamo guards on the bools).
 
-        Every decoder's ``_step`` is the same code, so dynamo's graphs and its recompile limit are
+        Every decoder's ``_compiled_body`` is the same code, so dynamo's graphs and its recompile limit are
         shared by all decoders of a process. With static shapes each new batch size or prefix length
         was a new graph, and past the limit (8 by default: four shapes, two forms) the step silently
         ran eager. So shapes are left to torch: the second shape seen compiles a graph with dynamic
@@ -245,11 +255,11 @@ class StaticDecoder:
         from torch._dynamo.exc import FailOnRecompileLimitHit
 
         if self._compiled is None:
-            self._compiled = torch.compile(self._step)
+            self._compiled = torch.compile(self._compiled_body)
         limit = max(STATIC_RECOMPILE_LIMIT, dynamo_config.recompile_limit)
         try:
             with torch.no_grad(), dynamo_config.patch(recompile_limit=limit, fail_on_recompile_limit_hit=True):
-                return self._compiled(masked)
+                return self._compiled(masked, picked)
         except FailOnRecompileLimitHit as err:
             raise RuntimeError(
                 f"the compiled static decode step reached its recompile limit ({limit} graphs in this process: "

@@ -87,13 +87,13 @@ def test_stopped_columns_cut_where_the_eager_loop_stops():
         assert stopped_columns(generated, eos) == expected
 
 
-def prefilled_decoder(sampling, **kwargs):
+def prefilled_decoder(sampling, mode="eager", **kwargs):
     build, ids, mask, prefix, prefill = batch_of_three("qwen2")
     model = wand.enable_wand(build(), WINDOW)
     cache = wand.WandCache(prefix, WINDOW)
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask, prefix_lengths=prefix, use_cache=True, cache=cache, **prefill)
-    return StaticDecoder(model, cache, "eager", sampling=sampling, **kwargs), out.logits[:, -1]
+    return StaticDecoder(model, cache, mode, sampling=sampling, **kwargs), out.logits[:, -1]
 
 
 def test_a_picking_step_equals_a_logits_step_and_the_pick_and_reads_nothing_back():
@@ -122,3 +122,20 @@ def test_a_step_without_tokens_needs_a_decoder_that_picks():
         plain.step()
     with pytest.raises(TypeError, match="Sampling"):
         prefilled_decoder({"do_sample": True})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_compiled_greedy_step_picks_inside_the_compiled_graph():
+    """Under torch.compile an argmax pick is part of the compiled step: one host operator per step
+    (the compiled call; the profiler's count), where a draw adds its own eager operators after it."""
+    from wand.profiling import launches_per_step
+
+    ops = {}
+    for sampling in (Sampling(), Sampling(True, 0.9, 20)):
+        decoder, logits = prefilled_decoder(sampling, "compile")
+        decoder.pick(logits)
+        for _ in range(WINDOW + 2):  # compiled, past the ring's first wrap
+            decoder.step()
+        ops[sampling.do_sample] = launches_per_step(decoder.step, device=torch.device("cpu"))["aten_ops"]
+    assert ops[False] == 1 and ops[True] > 5, ops
