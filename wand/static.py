@@ -196,6 +196,8 @@ class StaticDecoder:
         """The next tokens from ``logits`` [B, V] (device ops only): sampled, ``pad_token_id`` for a
         finished sample, a stop id finishing its sample. Written into the decoder's token buffer, which
         the next step decodes, and returned."""
+        if self.sampling is None:
+            raise ValueError("pick() needs a decoder made with sampling=wand.sampling.Sampling(...)")
         token = torch.where(self.finished, self._pad, self.sampling(logits))
         if self._stop_ids.numel():
             self.finished |= torch.isin(token, self._stop_ids)

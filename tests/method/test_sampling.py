@@ -120,6 +120,8 @@ def test_a_step_without_tokens_needs_a_decoder_that_picks():
     plain, _ = prefilled_decoder(None)
     with pytest.raises(ValueError, match="previous tokens"):
         plain.step()
+    with pytest.raises(ValueError, match="sampling="):
+        plain.pick(torch.zeros(3, 8))
     with pytest.raises(TypeError, match="Sampling"):
         prefilled_decoder({"do_sample": True})
 
